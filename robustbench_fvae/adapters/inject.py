@@ -1,0 +1,279 @@
+"""Putting adapters into a timm Vision Transformer, and reading them back out.
+
+timm ViTs compute q, k, v with one fused ``qkv`` Linear of output size 3·d. Targets ``q``, ``k``,
+``v`` adapt one slice each (each slice its own adapter, added to its part of the fused output);
+any other target names an ``nn.Linear`` by its qualified name or a dotted suffix of it
+(``proj``, ``attn.proj``, ``mlp.fc1`` …). A target that matches nothing is an error, never a
+silent no-op. The model keeps the adapters inside :class:`AdaptedLinear` wrappers, PEFT style:
+the frozen base layer plus a ``ModuleDict`` of adapters keyed by target name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..config import FVAE_FAMILY, AdapterConfig, validate_adapter_config
+from .fvae import LOSS_PARTS, FVAEAdapter, FVAEObjective
+from .lora import LoRAAdapter
+
+QKV_SLICES = {"q": 0, "k": 1, "v": 2}
+WHOLE_LAYER = "all"  # adapter key of a target that adapts a Linear's whole output
+
+
+class AdapterError(ValueError):
+    """A target is unknown or unmatched, or an adapter operation is not possible."""
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus adapters, each adding its delta to a slice of the output."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.slices: dict[str, tuple[int, int]] = {}
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def add_adapter(self, name: str, adapter: nn.Module, start: int, stop: int) -> None:
+        for other, (s, e) in self.slices.items():
+            if start < e and s < stop:
+                raise AdapterError(f"targets {other!r} and {name!r} overlap in the same layer")
+        self.adapters[name] = adapter
+        self.slices[name] = (start, stop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        for name, adapter in self.adapters.items():
+            start, stop = self.slices[name]
+            if start == 0 and stop == out.shape[-1]:
+                out = out + adapter(x)
+            else:
+                # In place on a fresh output is safe: linear's backward does not need its output.
+                out[..., start:stop] += adapter(x)
+        return out
+
+    def merge(self) -> None:
+        """Fold every adapter's dense delta into the base weight (LoRA only)."""
+        if self.merged:
+            return
+        with torch.no_grad():
+            deltas = {name: a.delta_weight() for name, a in self.adapters.items()}
+            for name, delta in deltas.items():
+                start, stop = self.slices[name]
+                self.base.weight[start:stop] += delta.to(self.base.weight.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        with torch.no_grad():
+            for name, adapter in self.adapters.items():
+                start, stop = self.slices[name]
+                self.base.weight[start:stop] -= adapter.delta_weight().to(self.base.weight.dtype)
+        self.merged = False
+
+
+def _make_adapter(method: str, cfg: AdapterConfig, in_features: int, out_features: int
+                  ) -> nn.Module:
+    if method == "lora":
+        return LoRAAdapter(in_features, out_features, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
+    objective = FVAEObjective.for_method(method, cfg.alpha, cfg.beta, cfg.delta)
+    return FVAEAdapter(
+        in_features, out_features, cfg.rank, objective=objective,
+        encoder_hidden=cfg.encoder_hidden, decoder_hidden=cfg.decoder_hidden,
+        decoder_layers=cfg.decoder_layers, dropout=cfg.fvae_dropout, mu_p2=cfg.mu_p2,
+        b_init_std=cfg.b_init_std, output_scale=cfg.output_scale, logvar_clamp=cfg.logvar_clamp,
+    )
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _resolve_targets(model: nn.Module, targets: Sequence[str]
+                     ) -> list[tuple[str, str, int, int]]:
+    """(module name, adapter key, slice start, slice stop) for every slice to adapt; the key is
+    ``q``/``k``/``v`` for a slice of a fused qkv layer and ``all`` for a whole Linear."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    plan: list[tuple[str, str, int, int]] = []
+    for target in targets:
+        if target in QKV_SLICES:
+            matched = [n for n in linears if n == "qkv" or n.endswith(".qkv")]
+            if not matched:
+                raise AdapterError(
+                    f"target {target!r} needs fused 'qkv' Linear layers, and this model has none; "
+                    f"name a Linear instead (available: {_suffix_summary(linears)})"
+                )
+            for name in matched:
+                out = linears[name].out_features
+                if out % 3:
+                    raise AdapterError(f"{name} has {out} outputs, not divisible into q, k, v")
+                width = out // 3
+                i = QKV_SLICES[target]
+                plan.append((name, target, i * width, (i + 1) * width))
+        else:
+            matched = [n for n in linears if n == target or n.endswith("." + target)]
+            if not matched:
+                raise AdapterError(
+                    f"target {target!r} matches no nn.Linear; accepted: q, k, v or a Linear name "
+                    f"suffix such as {_suffix_summary(linears)}"
+                )
+            plan.extend((n, WHOLE_LAYER, 0, linears[n].out_features) for n in matched)
+    return plan
+
+
+def _suffix_summary(linears: dict[str, nn.Module] | list[str]) -> str:
+    names = sorted({".".join(n.split(".")[-2:]) for n in linears if n and "." in n})
+    return ", ".join(names[:12]) or "none"
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject_adapters(model: nn.Module, method: str, cfg: AdapterConfig,
+                    num_classes: int | None = None) -> list[str]:
+    """Freeze ``model``, wrap every target slice with a new adapter, give it a trainable head.
+
+    ``method`` is ``lora``, ``fvae``, ``vae2lat`` or ``bvae2lat``. With ``num_classes`` the
+    classifier head is replaced (``reset_classifier``); the head is trainable in every method.
+    Returns the adapted layer names ``"<module>:<key>"`` (key ``q``/``k``/``v`` or ``all``),
+    target by target.
+    """
+    if method not in ("lora", *FVAE_FAMILY):
+        raise AdapterError(
+            f"method {method!r} has no adapters; expected lora, fvae, vae2lat, bvae2lat")
+    validate_adapter_config(method, cfg)
+    if len(set(cfg.targets)) != len(cfg.targets):
+        raise AdapterError(f"targets repeat a name: {list(cfg.targets)}")
+    if num_classes is not None:
+        model.reset_classifier(num_classes)
+    head = model.get_classifier()
+    head_ids = {id(m) for m in head.modules()}
+    plan = _resolve_targets(model, cfg.targets)
+    for name, _, _, _ in plan:
+        if id(model.get_submodule(name)) in head_ids:
+            raise AdapterError(f"a target matches the classifier head {name!r}, which is "
+                               "trained in full anyway; remove it from the targets")
+    model.requires_grad_(False)
+    names = []
+    for module_name, key, start, stop in plan:
+        layer = model.get_submodule(module_name)
+        if not isinstance(layer, AdaptedLinear):
+            layer = AdaptedLinear(layer)
+            _set_submodule(model, module_name, layer)
+        adapter = _make_adapter(method, cfg, layer.in_features, stop - start)
+        adapter.to(device=layer.base.weight.device, dtype=layer.base.weight.dtype)
+        layer.add_adapter(key, adapter, start, stop)
+        names.append(f"{module_name}:{key}")
+    head.requires_grad_(True)
+    return names
+
+
+def adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every adapter in the model, keyed ``"<module>:<key>"`` as returned by
+    :func:`inject_adapters`, in model order."""
+    found = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            for target, adapter in module.adapters.items():
+                found[f"{module_name}:{target}"] = adapter
+    return found
+
+
+def collect_aux_loss(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The auxiliary loss of the last training forward pass: mean over adapted FVAE layers of
+    their per-layer loss ``ℓ``, and the means of its parts R, K1, K2, G (for logging).
+
+    Returns ``(None, {})`` when the model has no FVAE adapters or none ran in training mode.
+    Each layer's stored loss is cleared, so a stale value is never counted twice.
+    """
+    losses, parts = [], {k: [] for k in LOSS_PARTS}
+    for adapter in adapted_layers(model).values():
+        if isinstance(adapter, FVAEAdapter) and adapter.loss is not None:
+            losses.append(adapter.loss)
+            for k in LOSS_PARTS:
+                parts[k].append(adapter.loss_parts[k])
+            adapter.loss, adapter.loss_parts = None, None
+    if not losses:
+        return None, {}
+    return torch.stack(losses).mean(), {k: torch.stack(v).mean() for k, v in parts.items()}
+
+
+@contextlib.contextmanager
+def record_latents(model: nn.Module, layers: Sequence[str] | None = None
+                   ) -> Iterator[dict[str, dict[str, list[torch.Tensor]]]]:
+    """Record per-token latents of chosen adapted layers during forward passes.
+
+    Yields ``store[layer][latent] -> list of tensors`` (one per forward call, each (B, T, r),
+    detached, on CPU), where ``latent`` is ``z1``/``z2`` (posterior means, FVAE family) or
+    ``lora`` (``A x``). ``layers=None`` records every adapted layer. Unknown layer names raise.
+    """
+    available = adapted_layers(model)
+    chosen = list(available) if layers is None else list(layers)
+    unknown = [n for n in chosen if n not in available]
+    if unknown:
+        raise AdapterError(f"unknown adapted layer(s) {unknown}; available: {list(available)}")
+    store: dict[str, dict[str, list[torch.Tensor]]] = {n: {} for n in chosen}
+    handles = []
+    for name in chosen:
+        def hook(module, inputs, output, name=name):
+            with torch.no_grad():
+                for key, value in module.latents(inputs[0]).items():
+                    store[name].setdefault(key, []).append(value.detach().float().cpu())
+        handles.append(available[name].register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Merge every LoRA delta into its base weight; FVAE adapters refuse with a clear error."""
+    wrappers = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+    for w in wrappers:
+        for name, adapter in w.adapters.items():
+            if not isinstance(adapter, LoRAAdapter):
+                raise AdapterError(
+                    f"cannot merge adapter {name!r} ({type(adapter).__name__}): z1 = μ1(x) is a "
+                    "non-linear function of x, so no dense update equals it; only LoRA merges"
+                )
+    for w in wrappers:
+        w.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, AdaptedLinear):
+            module.unmerge()
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter counts: ``trainable`` (requires_grad now), ``inference`` (added parameters the
+    eval path uses: the head plus each adapter's inference parameters; every trainable parameter
+    when the backbone itself is trained), and ``frozen`` (frozen backbone parameters)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    adapters = adapted_layers(model)
+    adapter_params = {id(p) for a in adapters.values() for p in a.parameters()}
+    other_trainable = sum(p.numel() for p in model.parameters()
+                          if p.requires_grad and id(p) not in adapter_params)
+    inference = other_trainable + sum(a.inference_parameters() for a in adapters.values())
+    return {"trainable": trainable, "inference": inference, "frozen": frozen}

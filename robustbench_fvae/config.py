@@ -1,0 +1,158 @@
+"""The one typed configuration of a run, its validation, and its hash.
+
+Every setting a run depends on lives here and is written to ``config.json`` of the run. The run
+directory is named by :func:`config_hash`, a hash of the canonical config (DomainBed style), so the
+same settings always land in the same directory and a finished run is never redone by accident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("lora", "fvae", "vae2lat", "bvae2lat", "full", "linear")
+ADAPTER_METHODS = ("lora", "fvae", "vae2lat", "bvae2lat")
+FVAE_FAMILY = ("fvae", "vae2lat", "bvae2lat")
+SELECTION_RULES = ("val_wg", "val_avg")
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, out of range, or makes the objective meaningless."""
+
+
+@dataclass
+class AdapterConfig:
+    """Settings of the adapted layers (DESIGN §3). Ignored fields are kept for the record.
+
+    ``alpha``/``beta``/``delta`` weigh reconstruction, KL(q1‖p1) and the repulsive term G in the
+    per-layer loss ``ℓ = α·R + β·K1 (+ β·K2 for the VAE2LAT family) − δ·G (FVAE-LoRA only)``.
+    ``beta=None`` means the method's default: 1 for fvae/vae2lat, 10 for bvae2lat.
+    """
+
+    rank: int = 16
+    targets: tuple[str, ...] = ("q", "k")
+    # LoRA
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    # FVAE family
+    alpha: float = 1.0
+    beta: float | None = None
+    delta: float = 1.0
+    mu_p2: float = 1.5
+    encoder_hidden: int = 16
+    decoder_hidden: int = 128
+    decoder_layers: int = 3
+    fvae_dropout: float = 0.1
+    b_init_std: float = 0.02
+    output_scale: float = 0.5
+    logvar_clamp: float = 20.0
+    lambda_task: float = 1000.0
+    lambda_fvae: float = 1.0
+
+    def resolved_beta(self, method: str) -> float:
+        if self.beta is not None:
+            return float(self.beta)
+        return 10.0 if method == "bvae2lat" else 1.0
+
+
+def validate_adapter_config(method: str, cfg: AdapterConfig) -> None:
+    """Refuse settings that are out of range or make the FVAE objective unbounded below.
+
+    With the closed forms, the z1 part of ``β·K1 − δ·G`` per dimension is
+    ``(β/2 − δ/r)·E[z1²] + …``; it is bounded below only when ``β > 2δ/r``.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if cfg.rank < 1:
+        raise ConfigError(f"rank must be >= 1, got {cfg.rank}")
+    if not cfg.targets:
+        raise ConfigError("targets must name at least one layer (e.g. q,k)")
+    for name in ("lora_alpha", "alpha", "delta", "lambda_task", "lambda_fvae", "output_scale",
+                 "b_init_std"):
+        value = getattr(cfg, name)
+        if not value >= 0:  # also catches NaN
+            raise ConfigError(f"{name} must be a non-negative number, got {value}")
+    if not 0.0 <= cfg.lora_dropout < 1.0 or not 0.0 <= cfg.fvae_dropout < 1.0:
+        raise ConfigError("dropout probabilities must be in [0, 1)")
+    for name in ("encoder_hidden", "decoder_hidden", "decoder_layers"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.logvar_clamp <= 0:
+        raise ConfigError(f"logvar_clamp must be > 0, got {cfg.logvar_clamp}")
+    beta = cfg.resolved_beta(method)
+    if not beta >= 0:
+        raise ConfigError(f"beta must be a non-negative number, got {beta}")
+    if method == "fvae" and not beta > 2.0 * cfg.delta / cfg.rank:
+        raise ConfigError(
+            f"beta={beta} <= 2*delta/rank={2.0 * cfg.delta / cfg.rank:g}: the FVAE-LoRA objective "
+            "is unbounded below (the repulsive term outgrows KL(q1||p1)); raise beta or lower delta"
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and evaluation settings. ``None`` means: the dataset's default (see run.py)."""
+
+    epochs: int | None = None
+    batch_size: int | None = None
+    eval_batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    grad_clip: float = 1.0
+    patience: int = 5
+    select: str = "val_wg"
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    """Everything one run depends on. Paths and the device are recorded but not hashed."""
+
+    method: str = "fvae"
+    dataset: str = "synth-waterbirds"
+    backbone: str | None = None
+    weights: str | None = None
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data_root: str = "data"
+    out: str = "runs/out"
+    device: str = "auto"
+    num_workers: int = 0
+
+    # Fields that say *where* or *on what* a run happens, not *what* it computes.
+    UNHASHED = ("data_root", "out", "device", "num_workers")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        data = dict(data)
+        adapter = AdapterConfig(**_known(AdapterConfig, data.pop("adapter", {}), "adapter"))
+        adapter.targets = tuple(adapter.targets)
+        train = TrainConfig(**_known(TrainConfig, data.pop("train", {}), "train"))
+        return cls(adapter=adapter, train=train, **_known(cls, data, "run"))
+
+
+def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown {where} setting(s) {unknown}; accepted: {sorted(names)}")
+    return data
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Hash of everything that changes what the run computes (seed included), 12 hex chars."""
+    data = cfg.to_dict()
+    for name in RunConfig.UNHASHED:
+        data.pop(name, None)
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:12]

@@ -1,0 +1,375 @@
+"""Adapters against their definitions (DESIGN §3), against PEFT, and inside real timm ViTs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from robustbench_fvae.adapters import (
+    AdapterError,
+    FVAEAdapter,
+    FVAEObjective,
+    LoRAAdapter,
+    adapted_layers,
+    collect_aux_loss,
+    count_parameters,
+    inject_adapters,
+    merge_adapters,
+    record_latents,
+    unmerge_adapters,
+)
+from robustbench_fvae.config import AdapterConfig, ConfigError
+
+
+def tiny_vit(num_classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                             depth=2, num_classes=num_classes)
+
+
+def randomize_(module: nn.Module, std: float = 0.3, seed: int = 1) -> None:
+    """Move every parameter off its init so zero-initialised heads and B matter in the tests."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def fvae_layer(d: int = 12, r: int = 4, objective: FVAEObjective | None = None) -> FVAEAdapter:
+    torch.manual_seed(0)
+    layer = FVAEAdapter(d, 10, r, objective=objective, encoder_hidden=8, decoder_hidden=16,
+                        dropout=0.0)
+    randomize_(layer)
+    return layer
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def test_lora_model_equals_base_at_init():
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    before = model(x)
+    inject_adapters(model, "lora", AdapterConfig(rank=4, targets=("q", "k", "v", "fc1")))
+    model.eval()
+    assert torch.equal(model(x), before)
+
+
+def test_lora_merge_unmerge_matches_unmerged_logits():
+    model = tiny_vit()
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    base = model(x)
+    inject_adapters(model, "lora", AdapterConfig(rank=4, targets=("q", "v", "proj")))
+    randomize_(nn.ModuleList(adapted_layers(model).values()), std=0.2)
+    model.eval()
+    unmerged = model(x)
+    assert not torch.allclose(unmerged, base, atol=1e-3)
+    weights_before = {n: p.clone() for n, p in model.named_parameters()}
+    merge_adapters(model)
+    merged = model(x)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    unmerge_adapters(model)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, weights_before[n], rtol=0, atol=1e-6)
+
+
+def test_lora_matches_peft_on_the_same_linear():
+    peft = pytest.importorskip("peft", reason="peft is a dev dependency (pip install -e '.[dev]')")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(24, 18))
+    peft_model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["0"]))
+    peft_layer = peft_model.base_model.model[0]
+    ours = LoRAAdapter(24, 18, rank=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        peft_layer.lora_B["default"].weight.normal_()
+        ours.lora_A.copy_(peft_layer.lora_A["default"].weight)
+        ours.lora_B.copy_(peft_layer.lora_B["default"].weight)
+    x = torch.randn(5, 7, 24)
+    expected = peft_model(x)
+    got = peft_layer.base_layer(x) + ours(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.delta_weight(), peft_layer.get_delta_weight("default"))
+
+
+# ---------------------------------------------------------------- FVAE math
+
+
+def test_closed_form_kl_and_repulsive_term_equal_monte_carlo():
+    layer = fvae_layer()
+    layer.train()
+    x = torch.randn(3, 5, 12)
+    with torch.no_grad():
+        m1, lv1 = layer.encoder1(x)
+        m2, lv2 = layer.encoder2(x)
+        _, parts = layer.sample_and_score(x)
+        n = 40_000
+        s1, s2 = (0.5 * lv1).exp(), (0.5 * lv2).exp()
+        z1 = m1 + s1 * torch.randn((n, *m1.shape))
+        z2 = m2 + s2 * torch.randn((n, *m2.shape))
+        q1 = torch.distributions.Normal(m1, s1)
+        q2 = torch.distributions.Normal(m2, s2)
+        p1 = torch.distributions.Normal(torch.zeros_like(m1), 1.0)
+        p2 = torch.distributions.Normal(torch.full_like(m2, layer.mu_p2), 1.0)
+        k1_mc = (q1.log_prob(z1) - p1.log_prob(z1)).sum(-1).mean()
+        k2_mc = (q2.log_prob(z2) - p2.log_prob(z2)).sum(-1).mean()
+        # The released code's one-sample estimate, averaged over many samples.
+        g_mc = z1.square().mean() - (z2 - layer.mu_p2).square().mean()
+    assert parts["K1"].item() > 0.05 and parts["K2"].item() > 0.05
+    torch.testing.assert_close(parts["K1"], k1_mc, rtol=0.02, atol=0.01)
+    torch.testing.assert_close(parts["K2"], k2_mc, rtol=0.02, atol=0.01)
+    torch.testing.assert_close(parts["G"], g_mc, rtol=0.02, atol=0.01)
+
+
+def test_reconstruction_term_is_the_gaussian_negative_log_density():
+    layer = fvae_layer()
+    x = torch.randn(2, 6, 12)
+    z = torch.randn(2, 6, 8)
+    with torch.no_grad():
+        ours = layer.decoder.negative_log_likelihood(x, z)
+        scale = layer.decoder.log_scale.exp()
+        direct = -torch.distributions.Normal(layer.decoder(z), scale).log_prob(x).sum(-1)
+        # The released formulation: a dense MultivariateNormal with a diagonal scale_tril.
+        dense = -torch.distributions.MultivariateNormal(
+            loc=x, scale_tril=torch.diag(scale)).log_prob(layer.decoder(z))
+    torch.testing.assert_close(ours, direct, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours, dense, rtol=1e-5, atol=1e-4)
+
+
+def test_per_layer_loss_equals_released_formula_in_expectation():
+    """α = β = δ = 1: ℓ = NLL + mean((z2 − 1.5)²) − mean(z1²) + KL1, the released objective."""
+    layer = fvae_layer(objective=FVAEObjective(1.0, 1.0, 0.0, 1.0))
+    layer.train()
+    x = torch.randn(2, 4, 12)
+    torch.manual_seed(3)
+    ours, released = [], []
+    with torch.no_grad():
+        m1, lv1 = layer.encoder1(x)
+        m2, lv2 = layer.encoder2(x)
+        kl1 = (0.5 * (m1.square() + lv1.exp() - 1 - lv1).sum(-1)).mean()
+        for _ in range(4000):
+            layer(x)
+            ours.append(layer.loss)
+            z1 = m1 + (0.5 * lv1).exp() * torch.randn_like(m1)
+            z2 = m2 + (0.5 * lv2).exp() * torch.randn_like(m2)
+            nll = -torch.distributions.Normal(layer.decoder(torch.cat([z1, z2], -1)),
+                                              layer.decoder.log_scale.exp()).log_prob(x).sum(-1)
+            released.append(nll.mean() + (z2 - 1.5).square().mean() - z1.square().mean() + kl1)
+    ours_mean, released_mean = torch.stack(ours).mean(), torch.stack(released).mean()
+    spread = torch.stack(released).std() / math.sqrt(len(released))
+    assert abs(ours_mean - released_mean) < 5 * spread + 1e-3, (ours_mean, released_mean, spread)
+
+
+def test_objectives_of_the_three_methods():
+    parts = {"R": torch.tensor(2.0), "K1": torch.tensor(3.0), "K2": torch.tensor(5.0),
+             "G": torch.tensor(7.0)}
+    assert FVAEObjective.for_method("fvae")(parts).item() == pytest.approx(2 + 3 - 7)
+    assert FVAEObjective.for_method("vae2lat")(parts).item() == pytest.approx(2 + 3 + 5)
+    assert FVAEObjective.for_method("bvae2lat")(parts).item() == pytest.approx(2 + 10 * (3 + 5))
+    assert FVAEObjective.for_method("fvae", alpha=0.1, beta=10, delta=2)(parts).item() == \
+        pytest.approx(0.2 + 30 - 14)
+
+
+@pytest.mark.parametrize("method", ["vae2lat", "bvae2lat"])
+def test_ablations_differ_from_fvae_only_in_the_objective(method):
+    cfg = AdapterConfig(rank=4, targets=("q",))
+    models = {}
+    for m in ("fvae", method):
+        models[m] = tiny_vit()
+        inject_adapters(models[m], m, cfg)
+    shapes = {m: [(n, p.shape) for n, p in model.named_parameters()] for m, model in models.items()}
+    assert shapes["fvae"] == shapes[method]
+    for m, model in models.items():
+        torch.manual_seed(5)
+        model.train()
+        model(torch.randn(2, 3, 32, 32))
+        models[m] = collect_aux_loss(model)
+    (loss_f, parts_f), (loss_a, parts_a) = models["fvae"], models[method]
+    for k in parts_f:
+        torch.testing.assert_close(parts_f[k], parts_a[k])
+    objective = FVAEObjective.for_method(method)
+    torch.testing.assert_close(loss_a, objective(parts_a))
+    assert not torch.allclose(loss_f, loss_a)
+
+
+def test_eval_path_runs_only_encoder1_mean_and_B_and_is_deterministic():
+    model = tiny_vit()
+    inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")))
+    randomize_(nn.ModuleList(adapted_layers(model).values()), std=0.2)
+    called: list[str] = []
+    for name, adapter in adapted_layers(model).items():
+        for part in ("encoder2", "decoder", "encoder1.logvar"):
+            adapter.get_submodule(part).register_forward_hook(
+                lambda *_, n=f"{name}.{part}": called.append(n))
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        first, second = model(x), model(x)
+    assert called == []
+    assert torch.equal(first, second)
+    model.train()
+    model(x)
+    assert len(called) == 3 * len(adapted_layers(model)), "hooks must fire in training"
+
+
+def test_gradients_reach_every_trainable_part_and_never_the_frozen_base():
+    model = tiny_vit()
+    inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")), num_classes=3)
+    # The heads start at zero (released init), which zeroes the trunks' first gradient.
+    randomize_(nn.ModuleList(adapted_layers(model).values()), std=0.2)
+    model.train()
+    logits = model(torch.randn(4, 3, 32, 32))
+    aux, _ = collect_aux_loss(model)
+    (nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0])) + aux).backward()
+    adapter = adapted_layers(model)["blocks.1.attn.qkv:k"]
+    for part in ("encoder1.trunk.0.weight", "encoder1.mean.weight", "encoder1.logvar.weight",
+                 "encoder2.trunk.0.weight", "encoder2.mean.weight", "encoder2.logvar.weight",
+                 "decoder.net.0.weight", "decoder.net.9.weight", "decoder.log_scale", "lora_B"):
+        grad = adapter.get_parameter(part).grad
+        assert grad is not None and grad.abs().sum() > 0, part
+    assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        if ".adapters." not in name and not name.startswith("head."):
+            assert not p.requires_grad and p.grad is None, name
+
+
+def test_collect_aux_loss_is_the_mean_over_layers_and_clears():
+    model = tiny_vit()
+    names = inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")))
+    assert len(names) == 4
+    model.train()
+    model(torch.randn(2, 3, 32, 32))
+    layers = list(adapted_layers(model).values())
+    expected = torch.stack([a.loss for a in layers]).mean()
+    expected_r = torch.stack([a.loss_parts["R"] for a in layers]).mean()
+    loss, parts = collect_aux_loss(model)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(parts["R"], expected_r)
+    assert collect_aux_loss(model) == (None, {})
+
+
+def test_fvae_refuses_to_merge():
+    model = tiny_vit()
+    inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q",)))
+    with pytest.raises(AdapterError, match="only LoRA merges"):
+        merge_adapters(model)
+
+
+# ---------------------------------------------------------------- injection
+
+
+@pytest.mark.parametrize("target", ["q", "k", "v"])
+def test_adapting_one_qkv_slice_leaves_the_others_bit_identical(target):
+    model = tiny_vit()
+    qkv = model.blocks[0].attn.qkv
+    x = torch.randn(2, 17, qkv.in_features)
+    with torch.no_grad():
+        before = qkv(x)
+    inject_adapters(model, "lora", AdapterConfig(rank=4, targets=(target,)))
+    randomize_(nn.ModuleList(adapted_layers(model).values()))
+    model.eval()
+    with torch.no_grad():
+        after = model.blocks[0].attn.qkv(x)
+    d = qkv.in_features
+    for i, name in enumerate("qkv"):
+        part_before, part_after = before[..., i * d:(i + 1) * d], after[..., i * d:(i + 1) * d]
+        if name == target:
+            assert not torch.equal(part_before, part_after)
+        else:
+            assert torch.equal(part_before, part_after)
+
+
+def test_unknown_or_unmatched_targets_are_errors():
+    with pytest.raises(AdapterError, match="matches no nn.Linear"):
+        inject_adapters(tiny_vit(), "lora", AdapterConfig(targets=("query",)))
+    with pytest.raises(AdapterError, match="classifier head"):
+        inject_adapters(tiny_vit(), "lora", AdapterConfig(targets=("head",)))
+    with pytest.raises(AdapterError, match="overlap"):
+        inject_adapters(tiny_vit(), "lora", AdapterConfig(targets=("q", "qkv")))
+    with pytest.raises(AdapterError, match="no adapters"):
+        inject_adapters(tiny_vit(), "full", AdapterConfig())
+
+
+@pytest.mark.parametrize("cfg, method, message", [
+    (AdapterConfig(rank=0), "fvae", "rank must be >= 1"),
+    (AdapterConfig(beta=0.1, delta=1.0, rank=16), "fvae", "unbounded below"),
+    (AdapterConfig(alpha=-1.0), "fvae", "alpha must be a non-negative"),
+    (AdapterConfig(delta=float("nan")), "fvae", "delta must be a non-negative"),
+    (AdapterConfig(targets=()), "lora", "at least one layer"),
+])
+def test_bad_settings_are_refused(cfg, method, message):
+    with pytest.raises(ConfigError, match=message):
+        inject_adapters(tiny_vit(), method, cfg)
+
+
+def test_linear_targets_by_name_suffix():
+    model = tiny_vit()
+    names = inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("mlp.fc2", "v")))
+    assert names == ["blocks.0.mlp.fc2:all", "blocks.1.mlp.fc2:all",
+                     "blocks.0.attn.qkv:v", "blocks.1.attn.qkv:v"]
+    assert set(adapted_layers(model)) == set(names)
+
+
+@pytest.mark.parametrize("method", ["lora", "fvae", "vae2lat", "bvae2lat"])
+def test_tiny_vit_trains_and_evaluates(method):
+    model = tiny_vit()
+    inject_adapters(model, method, AdapterConfig(rank=4, targets=("q", "k")), num_classes=2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    y = (x[:, 0].mean((1, 2)) > 0).long()
+    losses = []
+    model.train()
+    for _ in range(25):
+        logits = model(x)
+        ce = nn.functional.cross_entropy(logits, y)
+        aux, _ = collect_aux_loss(model)
+        loss = ce if aux is None else ce + 1e-3 * aux
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(ce.item())
+    assert math.isfinite(losses[-1]) and losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (8, 2)
+
+
+def test_record_latents_shapes_and_unknown_layer():
+    model = tiny_vit()
+    inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q",)))
+    model.eval()
+    with record_latents(model, ["blocks.1.attn.qkv:q"]) as store, torch.no_grad():
+        model(torch.randn(3, 3, 32, 32))
+    latents = store["blocks.1.attn.qkv:q"]
+    assert set(latents) == {"z1", "z2"}
+    assert latents["z1"][0].shape == (3, 17, 4)
+    with pytest.raises(AdapterError, match="unknown adapted layer"), record_latents(model, ["x"]):
+        pass
+
+
+def test_vit_b16_parameter_counts_match_the_reference_arithmetic():
+    """Reference (released code, ViT-B/16, 24 adapted modules): FVAE trainable 175,088 per layer
+    including an unused 16-value ``lora_E`` we do not have; inference path: encoder-1 trunk and
+    mean head (12,576) + B (12,288). LoRA r=16: 24,576 per layer."""
+    counts = {}
+    for method in ("lora", "fvae"):
+        with torch.device("meta"):
+            model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=2)
+        inject_adapters(model, method, AdapterConfig(rank=16, targets=("q", "v")))
+        counts[method] = count_parameters(model)
+    head = 768 * 2 + 2
+    assert counts["lora"]["trainable"] == 24 * 24_576 + head
+    assert counts["lora"]["inference"] == 24 * 24_576 + head
+    assert counts["fvae"]["trainable"] == 24 * (175_088 - 16) + head
+    assert counts["fvae"]["inference"] == 24 * (12_304 + 272 + 12_288) + head
+    assert counts["fvae"]["frozen"] == counts["lora"]["frozen"] == 85_798_656
+    ratio = counts["fvae"]["inference"] / counts["lora"]["inference"]
+    assert 1.0 < ratio < 1.02
