@@ -1,0 +1,46 @@
+"""Check a dataset folder: layout, CSV columns, images, and group counts per split.
+
+    python data_prep/verify.py NAME [--root DIR] [--sample N]
+
+Prints a table of group counts (rows: groups; columns: train/val/test) and exits 0 when every
+check passes; otherwise prints one line per problem and exits 1. NAME is one of waterbirds,
+celeba, animals, synth-waterbirds, synth-celeba, synth-animals. Real datasets are expected under
+DIR, replicas under DIR/synth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    import robustbench_fvae  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from robustbench_fvae.data import DatasetError, dataset_names, verify_dataset
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Check a dataset folder and print its group counts per split.",
+        epilog=f"datasets: {', '.join(dataset_names())}",
+    )
+    parser.add_argument("name", metavar="NAME", help="dataset name")
+    parser.add_argument("--root", default="data", help="data root (default: ./data)")
+    parser.add_argument(
+        "--sample", type=int, default=16, help="images per split to decode fully (default: 16)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        report = verify_dataset(args.name, args.root, sample_per_split=args.sample)
+    except (DatasetError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
