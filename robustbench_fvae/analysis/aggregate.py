@@ -1,0 +1,437 @@
+"""Collect finished runs and aggregate their selected-epoch metrics over seeds (DESIGN §6–§7).
+
+Pipeline: :func:`collect_runs` (read every run record under a folder; finished, unfinished and
+unreadable runs are told apart) → :func:`run_results` (one :class:`RunResult` per finished run:
+the metrics of the epoch chosen by a selection rule) → :func:`aggregate` (one
+:class:`GroupRow` per dataset × method × differing settings, statistics over seeds).
+
+Conventions:
+
+* Accuracies and ECE are fractions in [0, 1] here; tables turn them into percent.
+* Rows are formed *within* a dataset/method: the run settings that differ between its runs
+  (other than the seed and the unhashed where/how fields: data root, output folder, device, …)
+  name the row, e.g. ``fvae (beta=10)``. Settings shared by all its runs are not shown.
+* ``std`` is the sample standard deviation (``ddof=1``); ``ci95`` is the half-width of the 95 %
+  confidence interval of the mean under a t-distribution with ``n − 1`` degrees of freedom,
+  ``t_{0.975, n−1} · std / √n``. Both are NaN for a single seed (undefined, not zero).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from robustbench_fvae.config import FVAE_FAMILY, METHODS, RunConfig
+from robustbench_fvae.records import RecordNotFoundError, RunRecord, iter_runs
+from robustbench_fvae.selection import RULES, get_rule, select_epoch
+
+# The scalar metrics of one evaluated split, in table order (see metrics.py for definitions).
+METRICS = ("worst_group_acc", "avg_acc", "adj_avg_acc", "mean_group_acc", "disparity",
+           "adj_disparity", "ece")
+METRIC_LABELS = {
+    "worst_group_acc": "WG",
+    "avg_acc": "Avg",
+    "adj_avg_acc": "Adj. avg",
+    "mean_group_acc": "Mean-group",
+    "disparity": "Disparity",
+    "adj_disparity": "Adj. disparity",
+    "ece": "ECE",
+}
+# Whether larger is better (used to bold the best entry of a column).
+HIGHER_IS_BETTER = {"worst_group_acc": True, "avg_acc": True, "adj_avg_acc": True,
+                    "mean_group_acc": True, "disparity": False, "adj_disparity": False,
+                    "ece": False}
+SPLITS = ("test", "val")
+# Dataset order of the paper's Table 5 (Animals, Waterbirds, CelebA), real before replicas.
+DATASET_ORDER = ("animals", "waterbirds", "celeba", "synth-animals", "synth-waterbirds",
+                 "synth-celeba")
+# Config fields that never name a row: where/how a run happens, and the seed (averaged over).
+_IGNORED_SETTINGS = frozenset({*RunConfig.UNHASHED, "train.seed", "method", "dataset"})
+
+
+class ReportError(ValueError):
+    """The runs cannot be reported (no finished run, bad option)."""
+
+
+class RunsDirNotFoundError(RecordNotFoundError):
+    """The runs folder given to the report does not exist."""
+
+
+# --------------------------------------------------------------------------- collecting
+
+
+@dataclass
+class Collection:
+    """What was found under a runs folder."""
+
+    root: Path
+    finished: list[RunRecord] = field(default_factory=list)
+    unfinished: list[RunRecord] = field(default_factory=list)
+    # (run directory, reason) of runs whose files could not be read or lack required content
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _metrics_problem(metrics: Any) -> str | None:
+    """Why a finished run's ``metrics.json`` cannot be reported, or None when it can."""
+    if not isinstance(metrics, Mapping):
+        return "metrics.json is missing although the run is marked done"
+    for split in SPLITS:
+        m = metrics.get(split)
+        if not isinstance(m, Mapping):
+            return f"metrics.json has no {split!r} object"
+        missing = [k for k in (*METRICS, "groups") if k not in m]
+        if missing:
+            return f"metrics.json {split!r} lacks {missing}"
+    if "selection" not in metrics:
+        return "metrics.json has no 'selection'"
+    return None
+
+
+def collect_runs(runs_dir: str | Path) -> Collection:
+    """Read every run directory under ``runs_dir`` and sort them into finished / unfinished /
+    unreadable. Each unreadable run is also reported with a ``UserWarning`` naming it."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        what = "runs folder is a file" if root.exists() else "runs folder not found"
+        raise RunsDirNotFoundError(
+            f"{what}: {root} (expected the --out folder of "
+            "`python -m robustbench_fvae.run`/`sweep`, holding <dataset>/<method>/<hash>/ runs)")
+    found = Collection(root=root)
+    seen: dict[str, Path] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = list(iter_runs(root))
+    prefix = "skipping unreadable run "
+    for w in caught:
+        text = str(w.message)
+        if not text.startswith(prefix):  # not ours to interpret: pass it on unchanged
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        # iter_runs says "skipping unreadable run <dir>: <reason>"
+        head, _, reason = text.partition(": ")
+        found.unreadable.append((Path(head.removeprefix(prefix).strip()), reason or text))
+    for rec in records:
+        if not rec.done:
+            found.unfinished.append(rec)
+            continue
+        problem = _metrics_problem(rec.metrics)
+        if problem is None and (not rec.dataset or not rec.method):
+            problem = "config.json lacks config.dataset or config.method"
+        if problem is None and rec.config_hash in seen:
+            problem = f"same config hash {rec.config_hash} as {seen[rec.config_hash]} (a copy?)"
+        if problem is not None:
+            found.unreadable.append((rec.path, problem))
+            continue
+        seen[str(rec.config_hash)] = rec.path
+        found.finished.append(rec)
+    for path, reason in found.unreadable:
+        warnings.warn(f"skipping unreadable run {path}: {reason}", UserWarning, stacklevel=2)
+    return found
+
+
+def resume_command(rec: RunRecord) -> str:
+    """The ``python -m robustbench_fvae.run`` command that resumes (or re-creates) run ``rec``:
+    its stored, resolved settings as flags (only those that differ from the defaults)."""
+    cfg = rec.config.get("config", {})
+    # JSON round trip so that tuples in the defaults compare equal to the lists read from disk
+    default = json.loads(json.dumps(RunConfig().to_dict()))
+    flags: list[str] = []
+    sections = [(cfg, default)]
+    sections += [(cfg.get(k, {}), default.get(k, {})) for k in ("adapter", "train")]
+    for values, defaults in sections:
+        for key, value in values.items():
+            if key in ("adapter", "train") or value is None or value == defaults.get(key):
+                continue
+            if isinstance(value, (list, tuple)):
+                value = ",".join(map(str, value))
+            flags.append(f"--{key.replace('_', '-')} {value}")
+    base = f"--method {cfg.get('method')} --dataset {cfg.get('dataset')}"
+    rest = [f for f in flags if not f.startswith(("--method ", "--dataset "))]
+    return " ".join(["python -m robustbench_fvae.run", base, *rest])
+
+
+# --------------------------------------------------------------------------- per-run results
+
+
+@dataclass
+class RunResult:
+    """The metrics one finished run reports under a selection rule (fractions in [0, 1])."""
+
+    path: Path
+    dataset: str
+    method: str
+    seed: int | None
+    config_hash: str
+    selection: str
+    selected_epoch: int | None
+    split: str
+    metrics: dict[str, float]
+    groups: list[dict[str, Any]]
+    params: dict[str, int]
+    settings: dict[str, Any]
+    alarms: list[str] = field(default_factory=list)
+    label: str = ""  # set by :func:`assign_labels`
+    row_settings: dict[str, str] = field(default_factory=dict)
+
+
+def _flatten(prefix: str, obj: Mapping[str, Any], out: dict[str, Any]) -> None:
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            _flatten(f"{name}.", value, out)
+        else:
+            out[name] = tuple(value) if isinstance(value, list) else value
+
+
+def run_settings(rec: RunRecord) -> dict[str, Any]:
+    """The settings of a run that could name its row: flat ``{"adapter.beta": 10.0, …}``.
+
+    The seed and where/how fields are left out; ``adapter.beta`` of the FVAE family is resolved
+    (None → the method's default) so that an explicit default and an omitted one compare equal.
+    """
+    cfg = rec.config.get("config", {})
+    flat: dict[str, Any] = {}
+    _flatten("", cfg, flat)
+    method = cfg.get("method")
+    if method in FVAE_FAMILY and flat.get("adapter.beta") is None:
+        flat["adapter.beta"] = 10.0 if method == "bvae2lat" else 1.0
+    return {k: v for k, v in flat.items() if k not in _IGNORED_SETTINGS}
+
+
+def _float(value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return out
+
+
+def _selected(rec: RunRecord, select: str | None) -> tuple[str, int | None, Mapping, Mapping]:
+    """(rule, epoch, val M, test M) of ``rec`` under ``select`` (None: the run's own rule)."""
+    metrics = rec.metrics or {}
+    own = str(metrics.get("selection"))
+    if select is None or select == own:
+        return own, metrics.get("selected_epoch"), metrics["val"], metrics["test"]
+    other = (metrics.get("other_selections") or {}).get(select)
+    if isinstance(other, Mapping) and isinstance(other.get("test"), Mapping) \
+            and isinstance(other.get("val"), Mapping):
+        return select, other.get("selected_epoch"), other["val"], other["test"]
+    chosen = select_epoch(rec.history, select)  # ValueError when the history cannot serve it
+    for split in SPLITS:
+        if not isinstance(chosen.get(split), Mapping):
+            raise ValueError(f"the history record of epoch {chosen.get('epoch')} has no "
+                             f"{split} metrics")
+    return select, chosen.get("epoch"), chosen["val"], chosen["test"]
+
+
+def _alarms(rec: RunRecord, epoch: int | None) -> list[str]:
+    """Sanity alarms (e.g. "constant predictor on test") raised at the reported epoch."""
+    for record in rec.history:
+        if record.get("epoch") == epoch and "alarms" in record:
+            return [str(a) for a in record.get("alarms") or []]
+    metrics = rec.metrics or {}
+    if epoch == metrics.get("selected_epoch"):
+        return [str(a) for a in metrics.get("alarms") or []]
+    return []
+
+
+def run_results(
+    runs: Iterable[RunRecord], select: str | None = None, split: str = "test"
+) -> tuple[list[RunResult], list[tuple[Path, str]]]:
+    """The reported metrics of each finished run, and (run, reason) of runs that cannot serve
+    ``select``.
+
+    ``select`` None keeps each run's own selection (``metrics.json``); ``"val_wg"``/``"val_avg"``
+    re-selects: from ``metrics.json``'s ``other_selections`` when it holds the rule, otherwise from
+    ``history.jsonl``. ``split`` is the evaluated split shown ("test" by default; "val" shows the
+    numbers the selection itself looked at).
+    """
+    if select is not None:
+        get_rule(select)  # unknown names → ValueError listing the rules
+    if split not in SPLITS:
+        raise ReportError(f"unknown split {split!r}; accepted: {', '.join(SPLITS)}")
+    results: list[RunResult] = []
+    skipped: list[tuple[Path, str]] = []
+    for rec in runs:
+        try:
+            rule, epoch, val, test = _selected(rec, select)
+        except (ValueError, KeyError) as err:
+            skipped.append((rec.path, f"cannot select by {select}: {err}"))
+            continue
+        m = test if split == "test" else val
+        missing = [k for k in (*METRICS, "groups") if k not in m]
+        if missing:
+            skipped.append((rec.path, f"{split} metrics lack {missing}"))
+            continue
+        params = (rec.metrics or {}).get("params") or {}
+        results.append(RunResult(
+            path=rec.path, dataset=str(rec.dataset), method=str(rec.method), seed=rec.seed,
+            config_hash=str(rec.config_hash), selection=rule,
+            selected_epoch=None if epoch is None else int(epoch), split=split,
+            metrics={k: _float(m[k]) for k in METRICS},
+            groups=[dict(gr) for gr in m["groups"]],
+            params={k: int(v) for k, v in params.items() if isinstance(v, (int, float))},
+            settings=run_settings(rec),
+            alarms=_alarms(rec, epoch),
+        ))
+    return results, skipped
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def assign_labels(results: Sequence[RunResult]) -> None:
+    """Set ``row_settings`` and ``label`` of every result (in place).
+
+    Within each dataset/method, the settings whose values differ between its runs name the row:
+    ``label = "fvae (beta=10, lr=0.001)"``; a setting is shown by its last name component unless
+    two differing settings share it (then by its dotted name).
+    """
+    by_dm: dict[tuple[str, str], list[RunResult]] = {}
+    for r in results:
+        by_dm.setdefault((r.dataset, r.method), []).append(r)
+    for runs in by_dm.values():
+        keys = sorted({k for r in runs for k in r.settings})
+        differing = [k for k in keys
+                     if len({repr(r.settings.get(k, "<unset>")) for r in runs}) > 1]
+        short = {k: k.rsplit(".", 1)[-1] for k in differing}
+        clashes = {s for s in short.values() if list(short.values()).count(s) > 1}
+        names = {k: (k if short[k] in clashes else short[k]) for k in differing}
+        for r in runs:
+            r.row_settings = {names[k]: _show(r.settings.get(k, "unset")) for k in differing}
+            inner = ", ".join(f"{k}={v}" for k, v in r.row_settings.items())
+            r.label = f"{r.method} ({inner})" if inner else r.method
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample std (ddof=1), 95 % t-interval half-width and count of a set of values."""
+
+    mean: float
+    std: float
+    ci95: float
+    n: int
+
+
+def summarize(values: Iterable[float]) -> Stat:
+    """:class:`Stat` of the finite ``values``; std and ci95 are NaN when fewer than two."""
+    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    n = int(arr.size)
+    if n == 0:
+        return Stat(math.nan, math.nan, math.nan, 0)
+    mean = float(arr.mean())
+    if n == 1:
+        return Stat(mean, math.nan, math.nan, 1)
+    std = float(arr.std(ddof=1))
+    ci = float(scipy_stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
+    return Stat(mean, std, ci, n)
+
+
+@dataclass
+class GroupStat:
+    """Accuracy of one dataset group over seeds; ``n_samples`` is its evaluated-split size."""
+
+    g: int
+    name: str
+    n_samples: int
+    acc: Stat
+
+
+@dataclass
+class GroupRow:
+    """One table row: a dataset × method × differing-settings cell, aggregated over seeds."""
+
+    dataset: str
+    method: str
+    label: str
+    settings: dict[str, str]
+    selection: str
+    split: str
+    seeds: list[int | None]
+    stats: dict[str, Stat]
+    groups: list[GroupStat]
+    params: dict[str, int]
+    runs: list[RunResult]
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+
+def _dataset_key(name: str) -> tuple[int, str]:
+    return (DATASET_ORDER.index(name) if name in DATASET_ORDER else len(DATASET_ORDER), name)
+
+
+def _method_key(name: str) -> tuple[int, str]:
+    return (METHODS.index(name) if name in METHODS else len(METHODS), name)
+
+
+def sort_key(dataset: str, method: str, label: str) -> tuple:
+    """Table order: datasets as in the paper, methods as in config.METHODS, then label."""
+    return (_dataset_key(dataset), _method_key(method), label)
+
+
+def aggregate(results: Sequence[RunResult]) -> list[GroupRow]:
+    """Group ``results`` into rows (labels assigned here) and aggregate each metric over seeds.
+
+    Per-group accuracies are aggregated by group index ``g``; a group empty in a run
+    (``acc`` None) does not count for that run. Parameter counts come from the first run and are
+    expected to be identical across seeds (a warning says otherwise).
+    """
+    assign_labels(results)
+    buckets: dict[tuple[str, str, str], list[RunResult]] = {}
+    for r in results:
+        buckets.setdefault((r.dataset, r.method, r.label), []).append(r)
+    rows: list[GroupRow] = []
+    for (dataset, method, label), runs in sorted(buckets.items(),
+                                                  key=lambda kv: sort_key(*kv[0])):
+        runs = sorted(runs, key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0))
+        rules = sorted({r.selection for r in runs})
+        group_meta: dict[int, tuple[str, int]] = {}
+        group_vals: dict[int, list[float]] = {}
+        for r in runs:
+            for gr in r.groups:
+                g = int(gr["g"])
+                group_meta.setdefault(g, (str(gr.get("name", g)), int(gr.get("n") or 0)))
+                acc = gr.get("acc")
+                group_vals.setdefault(g, [])
+                if acc is not None:
+                    group_vals[g].append(float(acc))
+        params = dict(runs[0].params)
+        if any(r.params != runs[0].params for r in runs[1:]):
+            warnings.warn(f"{label} on {dataset}: parameter counts differ between seeds; "
+                          "showing the first run's", UserWarning, stacklevel=2)
+        rows.append(GroupRow(
+            dataset=dataset, method=method, label=label, settings=dict(runs[0].row_settings),
+            selection="/".join(rules), split=runs[0].split, seeds=[r.seed for r in runs],
+            stats={k: summarize(r.metrics[k] for r in runs) for k in METRICS},
+            groups=[GroupStat(g, group_meta[g][0], group_meta[g][1], summarize(group_vals[g]))
+                    for g in sorted(group_meta)],
+            params=params, runs=runs,
+        ))
+    return rows
+
+
+def selection_description(rule: str) -> str:
+    """Human description of a selection rule name (or of several joined by '/')."""
+    parts = []
+    for name in rule.split("/"):
+        spec = RULES.get(name)
+        parts.append(f"{name}: {spec.description}" if spec else name)
+    return "; ".join(parts)

@@ -1,0 +1,368 @@
+"""Report tables: CSV (fractions), Markdown and LaTeX (percent), from aggregated rows.
+
+Human tables show ``mean ± std`` in percent (sample std over seeds, ``ddof=1``; one seed shows
+the mean alone) and carry notes that name the selection rule, the evaluated split and which
+average each column is. CSV files keep fractions in [0, 1] and full precision; undefined values
+(std/CI of a single seed) are empty cells.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from robustbench_fvae.analysis.aggregate import (
+    HIGHER_IS_BETTER,
+    METRIC_LABELS,
+    METRICS,
+    GroupRow,
+    RunResult,
+    Stat,
+    selection_description,
+    sort_key,
+)
+
+# Columns of the main human table (adj_disparity stays in the CSV only, to keep it readable).
+TABLE_METRICS = ("worst_group_acc", "avg_acc", "adj_avg_acc", "mean_group_acc", "disparity",
+                 "ece")
+METHOD_NAMES = {"lora": "LoRA", "fvae": "FVAE-LoRA", "vae2lat": "VAE2LAT",
+                "bvae2lat": r"$\beta$-VAE2LAT", "full": "Full fine-tuning",
+                "linear": "Linear probe"}
+DATASET_NAMES = {"waterbirds": "Waterbirds", "celeba": "CelebA", "animals": "Animals",
+                 "synth-waterbirds": "Waterbirds (synthetic)",
+                 "synth-celeba": "CelebA (synthetic)", "synth-animals": "Animals (synthetic)"}
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    """A fraction as percent text (``0.8512 → "85.1"``); empty for missing/NaN."""
+    return f"{100 * x:.{digits}f}" if _finite(x) else ""
+
+
+def mean_std(stat: Stat, digits: int = 1) -> str:
+    """``"85.1 ± 1.2"`` in percent; the mean alone for one seed; ``"–"`` when there is no value."""
+    if not _finite(stat.mean):
+        return "–"
+    if not _finite(stat.std):
+        return pct(stat.mean, digits)
+    return f"{pct(stat.mean, digits)} ± {pct(stat.std, digits)}"
+
+
+def ci_interval(stat: Stat, digits: int = 1) -> str:
+    """``"[83.0, 87.2]"``: the 95 % t-interval of the mean in percent, clipped to [0, 100];
+    empty when undefined (one seed)."""
+    if not (_finite(stat.mean) and _finite(stat.ci95)):
+        return ""
+    # accuracies live in [0, 1]: a t-interval reaching past them is shown clipped
+    low, high = max(0.0, stat.mean - stat.ci95), min(1.0, stat.mean + stat.ci95)
+    return f"[{pct(low, digits)}, {pct(high, digits)}]"
+
+
+def count(n: int | None) -> str:
+    return f"{n:,}" if isinstance(n, int) else ""
+
+
+def settings_text(settings: dict[str, str]) -> str:
+    return "; ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def split_rules(rows: Sequence[GroupRow]) -> tuple[str, str]:
+    """(selection rule(s), split(s)) shown by ``rows``, each joined by '/' when mixed."""
+    rules = sorted({part for r in rows for part in r.selection.split("/")})
+    splits = sorted({r.split for r in rows})
+    return "/".join(rules), "/".join(splits)
+
+
+def table_notes(rows: Sequence[GroupRow]) -> list[str]:
+    """The notes every human table carries: selection rule, split, averages, statistics."""
+    rule, split = split_rules(rows)
+    return [
+        f"Metrics on the {split} split at the epoch selected by {selection_description(rule)}.",
+        "WG = worst-group accuracy. Avg = avg_acc, the plain sample-mean accuracy over the split. "
+        "Adj. avg = adj_avg_acc, group accuracies weighted by the training split's group counts "
+        "(WILDS convention). Mean-group = mean_group_acc, the unweighted mean of the group "
+        "accuracies. Disparity = |WG − Avg| (plain average). ECE = top-label expected "
+        "calibration error (15 equal-width bins).",
+        "All values in percent: mean ± sample standard deviation (ddof = 1) over seeds; a single "
+        "seed shows the mean alone. WG 95 % CI = t-interval of the mean (n − 1 degrees of "
+        "freedom) clipped to [0, 100], undefined for one seed. 95 % CI half-widths of every "
+        "metric are in table.csv.",
+    ]
+
+
+# --------------------------------------------------------------------------- neutral table
+
+
+@dataclass
+class Table:
+    """A rendered-agnostic table: text cells plus which cells are the best of their column."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+    bold: set[tuple[int, int]] = field(default_factory=set)  # (row, column)
+    numeric: set[int] = field(default_factory=set)  # right-aligned columns
+
+
+def _best_cells(values: list[float | None], higher: bool, digits: int = 1) -> list[int]:
+    """Indices holding the best value *as displayed* (ties all count); none when fewer than two
+    values or when all are equal."""
+    shown = [(i, round(100 * v, digits)) for i, v in enumerate(values) if _finite(v)]
+    if len(shown) < 2:
+        return []
+    best = max(s for _, s in shown) if higher else min(s for _, s in shown)
+    winners = [i for i, s in shown if s == best]
+    return [] if len(winners) == len(shown) else winners  # all equal: nothing stands out
+
+
+def summary_table(rows: Sequence[GroupRow]) -> Table:
+    """Main table: one line per row, metrics as mean ± std (%), best per dataset in bold."""
+    header = ["Dataset", "Method", "Seeds", *(METRIC_LABELS[m] for m in TABLE_METRICS),
+              "WG 95% CI", "Trainable params", "Inference params"]
+    body, bold = [], set()
+    for r in rows:
+        body.append([r.dataset, r.label, str(r.n),
+                     *(mean_std(r.stats[m]) for m in TABLE_METRICS),
+                     ci_interval(r.stats["worst_group_acc"]),
+                     count(r.params.get("trainable")), count(r.params.get("inference"))])
+    for dataset in dict.fromkeys(r.dataset for r in rows):
+        idx = [i for i, r in enumerate(rows) if r.dataset == dataset]
+        for j, m in enumerate(TABLE_METRICS):
+            for k in _best_cells([rows[i].stats[m].mean for i in idx], HIGHER_IS_BETTER[m]):
+                bold.add((idx[k], 3 + j))
+    return Table(title="Group robustness: worst-group and average accuracy", header=header,
+                 rows=body, notes=table_notes(rows), bold=bold,
+                 numeric=set(range(2, len(header))))
+
+
+def group_table(rows: Sequence[GroupRow], dataset: str) -> Table:
+    """Per-group accuracies (mean ± std, %) of one dataset: methods × groups, plus WG."""
+    rows = [r for r in rows if r.dataset == dataset]
+    groups: dict[int, tuple[str, int]] = {}
+    for r in rows:
+        for gs in r.groups:
+            groups.setdefault(gs.g, (gs.name, gs.n_samples))
+    order = sorted(groups)
+    header = ["Method", "Seeds", *(f"{groups[g][0]} (g={g}, n={groups[g][1]:,})" for g in order),
+              "WG"]
+    body = []
+    for r in rows:
+        by_g = {gs.g: gs.acc for gs in r.groups}
+        body.append([r.label, str(r.n),
+                     *(mean_std(by_g[g]) if g in by_g else "–" for g in order),
+                     mean_std(r.stats["worst_group_acc"])])
+    bold = set()
+    for j, g in enumerate(order):
+        vals = [next((gs.acc.mean for gs in r.groups if gs.g == g), None) for r in rows]
+        bold.update((i, 2 + j) for i in _best_cells(vals, True))
+    bold.update((i, len(header) - 1) for i in
+                _best_cells([r.stats["worst_group_acc"].mean for r in rows], True))
+    notes = [*table_notes(rows)[:1],
+             "Accuracy of each (class, attribute) group in percent, mean ± sample std over seeds; "
+             "n = the group's size in the evaluated split; WG = the lowest group accuracy of each "
+             "run, averaged over seeds (so it can be below every group's mean)."]
+    return Table(title=f"Per-group accuracy: {dataset}", header=header, rows=body, notes=notes,
+                 bold=bold, numeric=set(range(1, len(header))))
+
+
+def runs_table(results: Sequence[RunResult]) -> Table:
+    """One line per run: where it lives, its seed, selected epoch and headline numbers (%)."""
+    header = ["Dataset", "Method", "Seed", "Rule", "Epoch", "WG", "Avg", "Adj. avg", "Alarms",
+              "Run directory"]
+    body = []
+    for r in sorted(results, key=lambda r: (*sort_key(r.dataset, r.method, r.label),
+                                            r.seed if r.seed is not None else -1)):
+        epoch = "" if r.selected_epoch is None else str(r.selected_epoch + 1)
+        body.append([r.dataset, r.label, "" if r.seed is None else str(r.seed), r.selection,
+                     epoch, pct(r.metrics["worst_group_acc"]), pct(r.metrics["avg_acc"]),
+                     pct(r.metrics["adj_avg_acc"]), "; ".join(r.alarms), str(r.path)])
+    notes = ["Epochs are counted from 1. Values in percent on the "
+             f"{'/'.join(sorted({r.split for r in results}))} split."]
+    return Table(title="Runs", header=header, rows=body, notes=notes, numeric={2, 4, 5, 6, 7})
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(table: Table, level: int = 2) -> str:
+    """GitHub-flavoured Markdown: a heading, the table (best cells in bold), notes as a list."""
+    lines = [f"{'#' * level} {table.title}", ""]
+    lines.append("| " + " | ".join(_md_cell(h) for h in table.header) + " |")
+    lines.append("|" + "|".join("---:" if j in table.numeric else ":---"
+                                for j in range(len(table.header))) + "|")
+    for i, row in enumerate(table.rows):
+        cells = [f"**{_md_cell(c)}**" if (i, j) in table.bold and c else _md_cell(c)
+                 for j, c in enumerate(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if table.notes:
+        lines.append("")
+        lines.extend(f"- {n}" for n in table.notes)
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def summary_records(rows: Sequence[GroupRow]) -> list[dict[str, object]]:
+    """The rows of ``table.csv``: fractions, with mean/std/ci95 of every metric."""
+    out = []
+    for r in rows:
+        rec: dict[str, object] = {
+            "dataset": r.dataset, "method": r.method, "settings": settings_text(r.settings),
+            "label": r.label, "selection": r.selection, "split": r.split, "n_seeds": r.n,
+            "seeds": " ".join("" if s is None else str(s) for s in r.seeds),
+        }
+        for m in METRICS:
+            s = r.stats[m]
+            rec[f"{m}_mean"], rec[f"{m}_std"], rec[f"{m}_ci95"] = s.mean, s.std, s.ci95
+        for k in ("trainable", "inference", "frozen"):
+            rec[f"{k}_params"] = r.params.get(k)
+        out.append(rec)
+    return out
+
+
+def group_records(rows: Sequence[GroupRow]) -> list[dict[str, object]]:
+    """The rows of ``groups.csv``: per-group accuracy (fractions) of every row."""
+    return [{"dataset": r.dataset, "method": r.method, "settings": settings_text(r.settings),
+             "label": r.label, "selection": r.selection, "split": r.split, "g": gs.g,
+             "group": gs.name, "n_samples": gs.n_samples, "n_seeds": gs.acc.n,
+             "acc_mean": gs.acc.mean, "acc_std": gs.acc.std, "acc_ci95": gs.acc.ci95}
+            for r in rows for gs in r.groups]
+
+
+def run_records(results: Sequence[RunResult]) -> list[dict[str, object]]:
+    """The rows of ``runs.csv``: one per run, its metrics as fractions."""
+    out = []
+    for r in results:
+        rec: dict[str, object] = {
+            "dataset": r.dataset, "method": r.method, "settings": settings_text(r.row_settings),
+            "label": r.label, "seed": r.seed, "selection": r.selection,
+            "selected_epoch": r.selected_epoch, "split": r.split, **r.metrics,
+            "trainable_params": r.params.get("trainable"),
+            "inference_params": r.params.get("inference"),
+            "alarms": "; ".join(r.alarms), "config_hash": r.config_hash, "run_dir": str(r.path),
+        }
+        out.append(rec)
+    return out
+
+
+def to_csv(records: Sequence[dict[str, object]]) -> str:
+    """CSV text; floats with full (round-trip) precision, NaN/None as empty cells."""
+    if not records:
+        return ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    for rec in records:
+        writer.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v))
+                             else repr(v) if isinstance(v, float) else v)
+                         for k, v in rec.items()})
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- LaTeX
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
+
+
+def latex_method_name(row: GroupRow) -> str:
+    """Paper-style method name plus the row's differing settings, LaTeX-safe."""
+    name = METHOD_NAMES.get(row.method, latex_escape(row.method))
+    if row.settings:
+        name += " (" + latex_escape(", ".join(f"{k}={v}" for k, v in row.settings.items())) + ")"
+    return name
+
+
+def _latex_cell(stat: Stat, bold: bool) -> str:
+    if not _finite(stat.mean):
+        return "--"
+    mean = pct(stat.mean)
+    if bold:
+        mean = rf"\mathbf{{{mean}}}"
+    if _finite(stat.std):
+        return f"${mean} \\pm {pct(stat.std)}$"
+    return f"${mean}$"
+
+
+LATEX_METRICS = (("worst_group_acc", r"WG $\uparrow$"), ("avg_acc", r"AVG $\uparrow$"),
+                 ("disparity", r"Disparity $\downarrow$"))
+
+
+def to_latex(rows: Sequence[GroupRow], label: str = "tab:group-robustness") -> str:
+    """A booktabs table in the shape of the paper's Table 5: datasets as column groups of
+    (WG, AVG, Disparity), methods as rows, ``mean ± std`` in percent, best per column in bold."""
+    datasets = list(dict.fromkeys(r.dataset for r in rows))
+    methods: dict[tuple, GroupRow] = {}
+    for r in sorted(rows, key=lambda r: sort_key("", r.method, r.label)):
+        methods.setdefault((r.method, r.label), r)
+    cell = {(r.dataset, r.method, r.label): r for r in rows}
+    method_keys = list(methods)
+    # best per (dataset, metric) column, by displayed value
+    bold: set[tuple[str, tuple, str]] = set()
+    for d in datasets:
+        for m, _ in LATEX_METRICS:
+            vals = [cell[(d, *k)].stats[m].mean if (d, *k) in cell else None for k in method_keys]
+            for i in _best_cells(vals, HIGHER_IS_BETTER[m]):
+                bold.add((d, method_keys[i], m))
+    rule, split = split_rules(rows)
+    seeds = sorted({r.n for r in rows})
+    seeds_text = (f"{seeds[0]} seed{'s' if seeds[0] > 1 else ''}" if len(seeds) == 1 else
+                  f"{seeds[0]}--{seeds[-1]} seeds per cell (a cell with one seed shows the mean "
+                  "alone)")
+    wide = len(datasets) > 2
+    caption = (
+        f"Worst-group accuracy (WG), average accuracy (AVG) and accuracy disparity "
+        f"$|\\mathrm{{WG}}-\\mathrm{{AVG}}|$ on the {latex_escape(split)} split, in \\%, "
+        f"mean $\\pm$ sample standard deviation over {seeds_text}. "
+        f"AVG is the plain sample-mean accuracy (avg\\_acc), not the train-weighted or "
+        f"group-mean average. Epoch selected by {latex_escape(selection_description(rule))}. "
+        f"Best per column in bold."
+    )
+    lines = [
+        "% Requires \\usepackage{booktabs} (and graphicx for \\resizebox). Written by "
+        "python -m robustbench_fvae.report.",
+        "\\begin{table}[t]",
+        "\\centering",
+        f"\\caption{{{caption}}}",
+        f"\\label{{{label}}}",
+        f"\\begin{{tabular}}{{l{'ccc' * len(datasets)}}}",
+        "\\toprule",
+        " & " + " & ".join(f"\\multicolumn{{3}}{{c}}{{{latex_escape(DATASET_NAMES.get(d, d))}}}"
+                           for d in datasets) + " \\\\",
+        " ".join(f"\\cmidrule(lr){{{2 + 3 * i}-{4 + 3 * i}}}" for i in range(len(datasets))),
+        "Method & " + " & ".join(h for _ in datasets for _, h in LATEX_METRICS) + " \\\\",
+        "\\midrule",
+    ]
+    for key in method_keys:
+        cells = [latex_method_name(methods[key])]
+        for d in datasets:
+            r = cell.get((d, *key))
+            for m, _ in LATEX_METRICS:
+                cells.append("--" if r is None else _latex_cell(r.stats[m], (d, key, m) in bold))
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if wide:  # three datasets × 3 columns overflow a text column: scale to its width
+        lines = [*lines[:5], "\\resizebox{\\linewidth}{!}{%", *lines[5:-1], lines[-1] + "%", "}"]
+    lines.append("\\end{table}")
+    return "\n".join(lines) + "\n"

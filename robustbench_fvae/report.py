@@ -1,0 +1,218 @@
+"""``python -m robustbench_fvae.report RUNS_DIR [--out DIR] [--select RULE] [--split SPLIT]``.
+
+Collects every finished run under RUNS_DIR, groups them by dataset × method × the settings that
+differ between runs of that dataset/method (other than the seed), aggregates over seeds and writes
+``table.md``, ``table.csv``, ``table.tex``, ``groups.csv``, ``runs.csv``, per-group bar plots,
+a WG-vs-average scatter and a self-contained ``report.html`` to ``--out`` (default
+``RUNS_DIR/report``). Unfinished runs are skipped and listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import robustbench_fvae
+from robustbench_fvae.analysis import tables
+from robustbench_fvae.analysis.aggregate import (
+    SPLITS,
+    Collection,
+    GroupRow,
+    ReportError,
+    RunResult,
+    aggregate,
+    collect_runs,
+    resume_command,
+    run_results,
+)
+from robustbench_fvae.records import write_text_atomic
+from robustbench_fvae.selection import RULES
+
+REPORT_DIRNAME = "report"
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` read and wrote."""
+
+    out: Path
+    collection: Collection
+    results: list[RunResult]
+    rows: list[GroupRow]
+    files: dict[str, Path] = field(default_factory=dict)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _no_finished_message(found: Collection) -> str:
+    root = found.root
+    if found.unfinished:
+        first = found.unfinished[0]
+        shown = ", ".join(str(r.path) for r in found.unfinished[:3])
+        more = f" and {len(found.unfinished) - 3} more" if len(found.unfinished) > 3 else ""
+        return (f"no finished runs under {root}: found {len(found.unfinished)} unfinished "
+                f"run(s) ({shown}{more}); finish them by rerunning the command that started "
+                f"each (a killed run resumes from its checkpoint), e.g. "
+                f"`{resume_command(first)}`, or relaunch the sweep spec")
+    extra = f" ({len(found.unreadable)} unreadable, see the warnings)" if found.unreadable else ""
+    return (f"no runs under {root}{extra}: expected <dataset>/<method>/<hash>/ run directories; "
+            "make some with `python -m robustbench_fvae.run --method lora --dataset "
+            "synth-waterbirds --out DIR` or `python -m robustbench_fvae.sweep SPEC`")
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _status_lines(found: Collection, skipped: Sequence[tuple[Path, str]],
+                  results: Sequence[RunResult]) -> list[str]:
+    lines = []
+    alarmed = [r for r in results if r.alarms]
+    if alarmed:
+        lines.append(f"{len(alarmed)} reported run(s) raised alarms at the reported epoch (see "
+                     f"the Runs table), e.g. {alarmed[0].path}: {'; '.join(alarmed[0].alarms)}")
+    if found.unfinished:
+        lines.append(f"{len(found.unfinished)} unfinished run(s) not reported (rerun their "
+                     "command to finish them):")
+        lines += [f"  {r.path}" for r in found.unfinished]
+    for path, reason in [*found.unreadable, *skipped]:
+        lines.append(f"skipped {path}: {reason}")
+    return lines
+
+
+def build_report(
+    runs_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    select: str | None = None,
+    split: str = "test",
+    log: Callable[[str], None] = lambda _msg: None,
+) -> Report:
+    """Collect, aggregate and write the report of ``runs_dir`` into ``out``.
+
+    ``select`` None reports each run at its own selected epoch; ``"val_wg"``/``"val_avg"``
+    re-selects every run by that rule. ``split`` is the evaluated split shown (test by default).
+    Raises :class:`ReportError` when nothing can be reported.
+    """
+    found = collect_runs(runs_dir)
+    if not found.finished:
+        raise ReportError(_no_finished_message(found))
+    results, skipped = run_results(found.finished, select=select, split=split)
+    for path, reason in skipped:
+        warnings.warn(f"skipping run {path}: {reason}", UserWarning, stacklevel=2)
+    if not results:
+        raise ReportError(f"none of the {len(found.finished)} finished run(s) under {found.root} "
+                          f"can be reported with --select {select}: {skipped[0][1]}")
+    rows = aggregate(results)
+    out_dir = Path(out) if out is not None else found.root / REPORT_DIRNAME
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = Report(out=out_dir, collection=found, results=results, rows=rows, skipped=skipped)
+
+    from robustbench_fvae.analysis import html, plots  # plotting stack only when writing
+
+    main_table = tables.summary_table(rows)
+    datasets = list(dict.fromkeys(r.dataset for r in rows))
+    group_tables = [tables.group_table(rows, d) for d in datasets]
+    runs_table = tables.runs_table(results)
+    status = _status_lines(found, skipped, results)
+    latex = tables.to_latex(rows)
+
+    md = [f"# Group-robustness report: {found.root}", "",
+          *(tables.to_markdown(t) + "\n" for t in [main_table, *group_tables, runs_table])]
+    if status:
+        md += ["## Run status", "", "```", *status, "```", ""]
+    files = report.files
+    files["table.md"] = out_dir / "table.md"
+    write_text_atomic(files["table.md"], "\n".join(md))
+    for name, records in (("table.csv", tables.summary_records(rows)),
+                          ("groups.csv", tables.group_records(rows)),
+                          ("runs.csv", tables.run_records(results))):
+        files[name] = out_dir / name
+        write_text_atomic(files[name], tables.to_csv(records))
+    files["table.tex"] = out_dir / "table.tex"
+    write_text_atomic(files["table.tex"], latex)
+
+    labels = list(dict.fromkeys(r.label for r in rows))  # one colour per label in all figures
+    figures = []
+    for d in datasets:
+        name = f"groups_{_safe_name(d)}.png"
+        files[name] = plots.per_group_plot(rows, d, out_dir / name, labels=labels)
+        figures.append(html.FigureItem(files[name], f"Per-group {split} accuracy on {d} (%): "
+                                       "bars are means over seeds, error bars ±1 sample std."))
+    files["wg_vs_avg.png"] = plots.wg_vs_avg_plot(results, out_dir / "wg_vs_avg.png",
+                                                  labels=labels)
+    figures.append(html.FigureItem(files["wg_vs_avg.png"],
+                                   f"Worst-group vs plain average {split} accuracy (%), one point "
+                                   "per run; colour = method row, marker = dataset."))
+    n_unfinished, n_bad = len(found.unfinished), len(found.unreadable) + len(skipped)
+    intro = [
+        f"Runs folder: {found.root}. Reported: {len(results)} finished run(s) in {len(rows)} "
+        f"row(s) over {len(datasets)} dataset(s); not reported: {n_unfinished} unfinished, "
+        f"{n_bad} unreadable or unselectable.",
+        f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by "
+        f"robustbench_fvae {robustbench_fvae.__version__}. Files next to this page: "
+        "table.md, table.csv (fractions, with std and 95 % CI half-widths), groups.csv, "
+        "runs.csv, table.tex.",
+    ]
+    page = html.render_page(title=f"Group-robustness report: {found.root.name or found.root}",
+                            intro=intro, tables=[main_table, *group_tables], figures=figures,
+                            appendix_tables=[runs_table], warnings=status, latex=latex)
+    files["report.html"] = out_dir / "report.html"
+    write_text_atomic(files["report.html"], page)
+    log(tables.to_markdown(main_table))
+    # unreadable and unselectable runs were already reported as warnings
+    for line in status:
+        if not line.startswith("skipped "):
+            log(line)
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m robustbench_fvae.report",
+        description=__doc__.split("\n\n")[1].replace("``", ""))
+    parser.add_argument("runs_dir", metavar="RUNS_DIR",
+                        help="folder holding run records (the --out of run/sweep)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="where to write the report (default: RUNS_DIR/report)")
+    parser.add_argument("--select", choices=tuple(RULES), default=None,
+                        help="re-select every run's epoch by this rule (default: each run's own "
+                             "rule, as in its metrics.json); val_wg uses validation group labels, "
+                             "val_avg does not")
+    parser.add_argument("--split", choices=SPLITS, default="test",
+                        help="evaluated split whose metrics are reported (default: test)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            report = build_report(args.runs_dir, args.out, select=args.select, split=args.split,
+                                  log=print)
+        except (ValueError, FileNotFoundError) as err:
+            if os.environ.get("RBF_TRACEBACK"):
+                raise
+            _print_warnings(caught)
+            print(f"error: {err}  (set RBF_TRACEBACK=1 for the traceback)", file=sys.stderr)
+            return 1
+    _print_warnings(caught)
+    print("wrote " + ", ".join(sorted(report.files)) + f" to {report.out}")
+    print(report.files["report.html"])
+    return 0
+
+
+def _print_warnings(caught: Sequence[warnings.WarningMessage]) -> None:
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,675 @@
+"""Tests of the group-accuracy report: aggregation, grouping, tables, figures, HTML, CLI.
+
+Run records are written with the real writers of records.py into tmp dirs (real files in the
+real layout); their metrics come from metrics.evaluate_split on predictions built so that every
+group's accuracy is known exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from robustbench_fvae import report as report_cli  # noqa: E402
+from robustbench_fvae.analysis import tables  # noqa: E402
+from robustbench_fvae.analysis.aggregate import (  # noqa: E402
+    aggregate,
+    collect_runs,
+    run_results,
+    summarize,
+)
+from robustbench_fvae.config import AdapterConfig, RunConfig, TrainConfig  # noqa: E402
+from robustbench_fvae.metrics import evaluate_split  # noqa: E402
+from robustbench_fvae.records import (  # noqa: E402
+    append_jsonl,
+    config_record,
+    environment_info,
+    mark_done,
+    run_dir,
+    write_json_atomic,
+    write_predictions_csv,
+)
+
+GROUPS = [
+    {"g": 0, "y": 0, "a": 0, "name": "landbird/land"},
+    {"g": 1, "y": 0, "a": 1, "name": "landbird/water"},
+    {"g": 2, "y": 1, "a": 0, "name": "waterbird/land"},
+    {"g": 3, "y": 1, "a": 1, "name": "waterbird/water"},
+]
+TRAIN_COUNTS = [3498, 184, 56, 1057]
+# Unequal group sizes so that the plain, train-weighted and group-mean averages all differ.
+SIZES = [40, 10, 10, 20]
+T_975_2 = 4.302653  # t_{0.975} with 2 degrees of freedom, from a printed t-table
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def dataset_info() -> dict:
+    return {
+        "dataset": "synth-waterbirds",
+        "class_names": ["landbird", "waterbird"],
+        "attribute_names": ["land", "water"],
+        "groups": GROUPS,
+        "n_groups": 4,
+        "train_group_counts": TRAIN_COUNTS,
+    }
+
+
+def split_with_accuracies(accs: list[float], seed: int = 0) -> dict[str, np.ndarray]:
+    """Predictions of a 2-class split whose group ``g`` has accuracy exactly ``accs[g]``."""
+    rng = np.random.default_rng(seed)
+    cols: dict[str, list] = {"y": [], "a": [], "g": [], "pred": []}
+    for grp, n, acc in zip(GROUPS, SIZES, accs):
+        k = round(acc * n)
+        assert abs(k / n - acc) < 1e-12, "pick accuracies that the group size can realise"
+        correct = np.array([True] * k + [False] * (n - k))
+        rng.shuffle(correct)
+        cols["y"] += [grp["y"]] * n
+        cols["a"] += [grp["a"]] * n
+        cols["g"] += [grp["g"]] * n
+        cols["pred"] += [grp["y"] if c else 1 - grp["y"] for c in correct]
+    out = {k: np.array(v) for k, v in cols.items()}
+    conf = rng.uniform(0.55, 0.95, len(out["y"]))
+    prob = np.zeros((len(conf), 2))
+    prob[np.arange(len(conf)), out["pred"]] = conf
+    prob[np.arange(len(conf)), 1 - out["pred"]] = 1 - conf
+    out["prob"], out["index"] = prob, np.arange(len(conf))
+    return out
+
+
+def evaluated(accs: list[float], seed: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+    arrays = split_with_accuracies(accs, seed)
+    m = evaluate_split(
+        arrays["y"], arrays["a"], arrays["g"], arrays["pred"], arrays["prob"], GROUPS, TRAIN_COUNTS
+    )
+    return m, arrays
+
+
+def write_run(
+    out: Path,
+    *,
+    method: str = "lora",
+    seed: int = 0,
+    test_accs: tuple[list[float], ...] = ([0.9, 0.6, 0.6, 0.9],),
+    val_accs: tuple[list[float], ...] | None = None,
+    done: bool = True,
+    selection: str = "val_wg",
+    selected: int | None = None,
+    other_selections: bool = True,
+    adapter: AdapterConfig | None = None,
+    lr: float | None = None,
+    params: dict | None = None,
+    dataset: str = "synth-waterbirds",
+    alarms: list[str] | None = None,
+) -> Path:
+    """A run record with one history line per epoch (``test_accs[e]`` = group accuracies of
+    epoch e); metrics.json reports the epoch chosen by ``selection`` (or ``selected``)."""
+    cfg = RunConfig(
+        method=method,
+        dataset=dataset,
+        adapter=adapter or AdapterConfig(),
+        train=TrainConfig(seed=seed, lr=lr, select=selection),
+        out=str(out),
+    )
+    rd = run_dir(out, cfg)
+    info = {**dataset_info(), "dataset": dataset}
+    write_json_atomic(rd / "config.json", config_record(cfg, info, environment_info("cpu")))
+    val_accs = val_accs or test_accs
+    history = []
+    for epoch, (ta, va) in enumerate(zip(test_accs, val_accs)):
+        tm, vm = evaluated(ta, seed + 10 * epoch)[0], evaluated(va, seed + 1)[0]
+        history.append(
+            {
+                "epoch": epoch,
+                "step": 5 * (epoch + 1),
+                "train": {"ce": 0.5},
+                "val": vm,
+                "test": tm,
+                "alarms": list(alarms or []),
+            }
+        )
+        append_jsonl(rd / "history.jsonl", history[-1])
+    if not done:
+        return rd
+
+    def best(rule: str) -> int:
+        key = "worst_group_acc" if rule == "val_wg" else "avg_acc"
+        vals = [h["val"][key] for h in history]
+        return vals.index(max(vals))
+
+    chosen = best(selection) if selected is None else selected
+    for split in ("val", "test"):
+        accs = (val_accs if split == "val" else test_accs)[chosen]
+        arr = split_with_accuracies(accs, seed + 10 * chosen if split == "test" else seed + 1)
+        write_predictions_csv(rd / f"predictions_{split}.csv", **arr)
+    other = "val_avg" if selection == "val_wg" else "val_wg"
+    metrics = {
+        "selection": selection,
+        "selection_description": "test rule",
+        "selected_epoch": chosen,
+        "val": history[chosen]["val"],
+        "test": history[chosen]["test"],
+        "params": params or {"trainable": 1234, "inference": 1000, "frozen": 500000},
+        "alarms": list(alarms or []),
+        "epochs_run": len(history),
+        "train_time_s": 1.0,
+    }
+    if other_selections:
+        o = best(other)
+        metrics["other_selections"] = {
+            other: {"selected_epoch": o, "val": history[o]["val"], "test": history[o]["test"]}
+        }
+    write_json_atomic(rd / "metrics.json", metrics)
+    mark_done(rd)
+    return rd
+
+
+def three_seed_runs(out: Path) -> list[Path]:
+    """lora with WG 0.6/0.7/0.8 over seeds 0-2, fvae with one seed (WG 0.8)."""
+    dirs = [
+        write_run(out, method="lora", seed=s, test_accs=([0.9, wg, wg + 0.1, 0.95],))
+        for s, wg in enumerate([0.6, 0.7, 0.8])
+    ]
+    dirs.append(write_run(out, method="fvae", seed=0, test_accs=([0.9, 0.8, 0.9, 0.9],)))
+    return dirs
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_summarize_matches_hand_computation_and_single_seed_is_undefined():
+    s = summarize([0.6, 0.7, 0.8])
+    assert s.n == 3 and s.mean == pytest.approx(0.7)
+    assert s.std == pytest.approx(0.1)  # sample std: sqrt((0.01 + 0 + 0.01) / 2)
+    assert s.ci95 == pytest.approx(T_975_2 * 0.1 / math.sqrt(3), rel=1e-5)  # 0.248413
+    one = summarize([0.42])
+    assert one.n == 1 and one.mean == 0.42 and math.isnan(one.std) and math.isnan(one.ci95)
+    none = summarize([float("nan")])
+    assert none.n == 0 and math.isnan(none.mean)
+    # population std (ddof=0) would be 0.0816: make sure the sample std is what is reported
+    assert summarize([0.6, 0.8]).std == pytest.approx(math.sqrt(0.02))
+
+
+def test_aggregate_over_seeds_from_real_records(tmp_path):
+    out = tmp_path / "out"
+    three_seed_runs(out)
+    found = collect_runs(out)
+    assert len(found.finished) == 4 and not found.unfinished and not found.unreadable
+    results, skipped = run_results(found.finished)
+    assert not skipped
+    rows = aggregate(results)
+    assert [(r.dataset, r.label, r.n) for r in rows] == [
+        ("synth-waterbirds", "lora", 3),
+        ("synth-waterbirds", "fvae", 1),
+    ]
+    lora, fvae = rows
+    wg = lora.stats["worst_group_acc"]
+    assert (wg.mean, wg.std, wg.n) == (pytest.approx(0.7), pytest.approx(0.1), 3)
+    assert wg.ci95 == pytest.approx(T_975_2 * 0.1 / math.sqrt(3), rel=1e-5)
+    assert lora.seeds == [0, 1, 2] and lora.selection == "val_wg" and lora.split == "test"
+    # plain average of seed 0: (0.9*40 + 0.6*10 + 0.7*10 + 0.95*20) / 80
+    plain = [(36 + 10 * w + 10 * (w + 0.1) + 19) / 80 for w in (0.6, 0.7, 0.8)]
+    assert lora.stats["avg_acc"].mean == pytest.approx(np.mean(plain))
+    assert lora.stats["avg_acc"].std == pytest.approx(np.std(plain, ddof=1))
+    adj = [
+        (0.9 * 3498 + w * 184 + (w + 0.1) * 56 + 0.95 * 1057) / sum(TRAIN_COUNTS)
+        for w in (0.6, 0.7, 0.8)
+    ]
+    assert lora.stats["adj_avg_acc"].mean == pytest.approx(np.mean(adj))
+    assert lora.stats["mean_group_acc"].mean == pytest.approx(
+        np.mean([(0.9 + w + w + 0.1 + 0.95) / 4 for w in (0.6, 0.7, 0.8)])
+    )
+    assert lora.stats["disparity"].mean == pytest.approx(
+        np.mean([p - w for p, w in zip(plain, (0.6, 0.7, 0.8))])
+    )
+    groups = {gs.g: gs for gs in lora.groups}
+    assert groups[1].acc.mean == pytest.approx(0.7) and groups[1].acc.std == pytest.approx(0.1)
+    assert groups[0].acc.std == pytest.approx(0.0) and groups[1].n_samples == 10
+    assert groups[3].name == "waterbird/water"
+    assert lora.params == {"trainable": 1234, "inference": 1000, "frozen": 500000}
+    # one seed: the mean is the value, std and CI are undefined (NaN), not zero, not a crash
+    assert fvae.stats["worst_group_acc"].mean == pytest.approx(0.8)
+    assert math.isnan(fvae.stats["worst_group_acc"].std)
+    assert math.isnan(fvae.stats["worst_group_acc"].ci95)
+
+
+def test_rows_are_named_by_the_settings_that_differ(tmp_path):
+    out = tmp_path / "out"
+    for seed in (0, 1):
+        write_run(out, method="fvae", seed=seed, adapter=AdapterConfig(beta=10.0))
+    write_run(out, method="fvae", seed=0)  # beta=None: the method default, 1
+    write_run(out, method="fvae", seed=1, adapter=AdapterConfig(beta=1.0))  # explicit default
+    write_run(out, method="lora", seed=0, lr=1e-3)
+    write_run(out, method="lora", seed=1, lr=1e-3)
+    write_run(out, method="lora", seed=0, lr=1e-2, dataset="synth-celeba")
+    rows = aggregate(run_results(collect_runs(out).finished)[0])
+    got = {(r.dataset, r.label): (r.n, r.settings, sorted(r.seeds)) for r in rows}
+    assert got == {
+        ("synth-waterbirds", "fvae (beta=1)"): (2, {"beta": "1"}, [0, 1]),
+        ("synth-waterbirds", "fvae (beta=10)"): (2, {"beta": "10"}, [0, 1]),
+        # lora runs share every setting but the seed within their dataset: one plain row each
+        ("synth-waterbirds", "lora"): (2, {}, [0, 1]),
+        ("synth-celeba", "lora"): (1, {}, [0]),
+    }
+    # paper order: waterbirds before celeba; lora before fvae
+    assert [(r.dataset, r.method) for r in rows][0] == ("synth-waterbirds", "lora")
+    assert rows[-1].dataset == "synth-celeba"
+    # several settings differing at once are all named
+    out2 = tmp_path / "out2"
+    write_run(out2, method="fvae", adapter=AdapterConfig(beta=10.0, delta=2.0), lr=1e-3)
+    write_run(out2, method="fvae", adapter=AdapterConfig(beta=1.0, delta=1.0), lr=1e-3)
+    labels = sorted(r.label for r in aggregate(run_results(collect_runs(out2).finished)[0]))
+    assert labels == ["fvae (beta=1, delta=1)", "fvae (beta=10, delta=2)"]
+
+
+# --------------------------------------------------------------------------- collection
+
+
+def test_unfinished_and_unreadable_runs_are_skipped_counted_and_named(tmp_path):
+    out = tmp_path / "out"
+    write_run(out, method="lora", seed=0)
+    write_run(out, method="lora", seed=1)
+    unfinished = write_run(out, method="fvae", seed=0, done=False)
+    corrupt = out / "synth-waterbirds" / "lora" / "badc0ffee000"
+    corrupt.mkdir(parents=True)
+    (corrupt / "config.json").write_text("{oops")
+    no_metrics = write_run(out, method="lora", seed=5)
+    (no_metrics / "metrics.json").unlink()  # done marker but no metrics
+    with pytest.warns(UserWarning) as caught:
+        found = collect_runs(out)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "badc0ffee000" in messages and no_metrics.name in messages
+    assert len(found.finished) == 2
+    assert [r.path for r in found.unfinished] == [unfinished]
+    assert sorted(p.name for p, _ in found.unreadable) == sorted(["badc0ffee000", no_metrics.name])
+    with pytest.warns(UserWarning):
+        rep = report_cli.build_report(out, tmp_path / "rep")
+    assert [r.n for r in rep.rows] == [2]
+    md = (tmp_path / "rep" / "table.md").read_text()
+    assert "1 unfinished run(s) not reported" in md and str(unfinished) in md
+    assert "badc0ffee000" in md
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert str(unfinished) in html and "0 unfinished" not in html
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert report_cli.main([str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "runs folder not found: " in err and "nope" in err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report_cli.main([str(empty)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no runs under" in err and "robustbench_fvae.run" in err
+
+    out = tmp_path / "out"
+    a = write_run(out, method="lora", seed=0, done=False, lr=1e-3)
+    write_run(out, method="fvae", seed=3, done=False, adapter=AdapterConfig(beta=10.0))
+    assert report_cli.main([str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "found 2 unfinished" in err and str(a) in err
+    cmd = re.search(r"`(python -m robustbench_fvae\.run [^`]*)`", err).group(1)
+    assert "--method fvae" in cmd or "--method lora" in cmd
+    assert f"--out {out}" in cmd
+    assert not (out / "report").exists()  # nothing written on error
+
+
+def test_suggested_resume_command_recreates_the_run(tmp_path):
+    """The command the no-finished-runs error suggests parses with run's own parser into the
+    very config of the unfinished run (same hash, hence same folder: it resumes there)."""
+    run_cli = pytest.importorskip("robustbench_fvae.run", exc_type=ImportError)
+    from robustbench_fvae.analysis.aggregate import resume_command
+    from robustbench_fvae.config import config_hash
+    from robustbench_fvae.records import load_run
+
+    out = tmp_path / "out"
+    for rd in (
+        write_run(out, method="lora", seed=3, done=False, lr=1e-3),
+        write_run(
+            out,
+            method="fvae",
+            seed=0,
+            done=False,
+            adapter=AdapterConfig(beta=10.0, targets=("q", "v")),
+        ),
+    ):
+        cmd = resume_command(load_run(rd))
+        args = run_cli.build_parser().parse_args(cmd.split()[3:])
+        cfg = run_cli.config_from_args(args)
+        assert config_hash(cfg) == rd.name, cmd
+        assert Path(cfg.out) == out
+
+
+def test_select_override_reads_other_selections_or_the_history(tmp_path):
+    out = tmp_path / "out"
+    # epoch 0: best val WG (0.7), epoch 1: best val average (lots of majority, WG 0.3)
+    val = ([0.8, 0.7, 0.7, 0.8], [1.0, 0.3, 0.3, 1.0])
+    test = ([0.8, 0.7, 0.7, 0.8], [1.0, 0.2, 0.3, 0.95])
+    with_other = write_run(out, method="lora", seed=0, val_accs=val, test_accs=test)
+    write_run(out, method="lora", seed=1, val_accs=val, test_accs=test, other_selections=False)
+    found = collect_runs(out)
+    own = {r.seed: r for r in run_results(found.finished)[0]}
+    assert {s: (r.selection, r.selected_epoch) for s, r in own.items()} == {
+        0: ("val_wg", 0),
+        1: ("val_wg", 0),
+    }
+    assert own[0].metrics["worst_group_acc"] == pytest.approx(0.7)
+    avg = {r.seed: r for r in run_results(found.finished, select="val_avg")[0]}
+    # seed 0 from metrics.json's other_selections, seed 1 re-selected from history.jsonl
+    assert {s: (r.selection, r.selected_epoch) for s, r in avg.items()} == {
+        0: ("val_avg", 1),
+        1: ("val_avg", 1),
+    }
+    assert avg[0].metrics["worst_group_acc"] == pytest.approx(0.2)
+    same = [k for k in avg[0].metrics if k != "ece"]  # ECE depends on each seed's random probs
+    assert [avg[1].metrics[k] for k in same] == [avg[0].metrics[k] for k in same]
+    # the val split shows the numbers the rule looked at
+    val_rows = run_results(found.finished, select="val_avg", split="val")[0]
+    assert val_rows[0].metrics["worst_group_acc"] == pytest.approx(0.3)
+    # end to end: the tables say which rule they show
+    report_cli.main([str(out), "--select", "val_avg", "--out", str(tmp_path / "rep")])
+    assert "selected by val_avg" in (tmp_path / "rep" / "table.md").read_text()
+    assert {r["selection"] for r in read_csv(tmp_path / "rep" / "table.csv")} == {"val_avg"}
+    (with_other / "history.jsonl").write_text("")  # nothing to select from any more...
+    (with_other / "metrics.json").write_text(
+        json.dumps(
+            {
+                k: v
+                for k, v in json.loads((with_other / "metrics.json").read_text()).items()
+                if k != "other_selections"
+            }
+        )
+    )
+    results, skipped = run_results(collect_runs(out).finished, select="val_avg")
+    assert [r.seed for r in results] == [1] and skipped[0][0] == with_other  # ...so it is skipped
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@pytest.fixture(scope="module")
+def built_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    three_seed_runs(tmp / "out")
+    write_run(
+        tmp / "out",
+        method="lora",
+        seed=0,
+        dataset="synth-celeba",
+        test_accs=([0.95, 0.5, 0.6, 0.9],),
+    )
+    rep = report_cli.build_report(tmp / "out")  # default --out: RUNS_DIR/report
+    return rep
+
+
+def test_report_writes_every_file_into_the_default_folder(built_report):
+    out = built_report.out
+    assert out == built_report.collection.root / "report"
+    expected = {
+        "table.md",
+        "table.csv",
+        "groups.csv",
+        "runs.csv",
+        "table.tex",
+        "report.html",
+        "groups_synth-waterbirds.png",
+        "groups_synth-celeba.png",
+        "wg_vs_avg.png",
+    }
+    assert set(built_report.files) == expected
+    assert {p.name for p in out.iterdir()} == expected  # and no temp files left behind
+    # a second report over the same folder does not mistake the report for a run
+    again = report_cli.build_report(built_report.collection.root)
+    assert len(again.results) == 5
+
+
+def test_csv_has_fractions_mean_std_ci_and_params(built_report):
+    rows = read_csv(built_report.out / "table.csv")
+    metric_cols = [
+        f"{m}_{s}"
+        for m in (
+            "worst_group_acc",
+            "avg_acc",
+            "adj_avg_acc",
+            "mean_group_acc",
+            "disparity",
+            "adj_disparity",
+            "ece",
+        )
+        for s in ("mean", "std", "ci95")
+    ]
+    assert list(rows[0]) == [
+        "dataset",
+        "method",
+        "settings",
+        "label",
+        "selection",
+        "split",
+        "n_seeds",
+        "seeds",
+        *metric_cols,
+        "trainable_params",
+        "inference_params",
+        "frozen_params",
+    ]
+    by = {(r["dataset"], r["method"]): r for r in rows}
+    lora = by[("synth-waterbirds", "lora")]
+    assert lora["n_seeds"] == "3" and lora["seeds"] == "0 1 2" and lora["selection"] == "val_wg"
+    assert float(lora["worst_group_acc_mean"]) == pytest.approx(0.7)  # a fraction, not 70
+    assert float(lora["worst_group_acc_std"]) == pytest.approx(0.1)
+    assert float(lora["worst_group_acc_ci95"]) == pytest.approx(0.248413, rel=1e-4)
+    assert lora["trainable_params"] == "1234" and lora["inference_params"] == "1000"
+    single = by[("synth-waterbirds", "fvae")]
+    assert single["worst_group_acc_std"] == "" and single["worst_group_acc_ci95"] == ""
+    for r in rows:
+        for col in metric_cols:
+            assert r[col] == "" or 0.0 <= float(r[col]) <= 1.0
+    groups = read_csv(built_report.out / "groups.csv")
+    g1 = next(
+        g
+        for g in groups
+        if g["label"] == "lora" and g["dataset"] == "synth-waterbirds" and g["g"] == "1"
+    )
+    assert g1["group"] == "landbird/water" and float(g1["acc_mean"]) == pytest.approx(0.7)
+    runs = read_csv(built_report.out / "runs.csv")
+    assert len(runs) == 5 and all(Path(r["run_dir"]).is_dir() for r in runs)
+
+
+def test_markdown_states_rule_and_averages_in_percent(built_report):
+    md = (built_report.out / "table.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Dataset"))
+    assert header.startswith("| Dataset | Method | Seeds | WG | Avg | Adj. avg | Mean-group |")
+    lora = next(line for line in md.splitlines() if line.startswith("| synth-waterbirds | lora |"))
+    assert "| 3 |" in lora and "70.0 ± 10.0" in lora and "[45.2, 94.8]" in lora
+    fvae = next(line for line in md.splitlines() if line.startswith("| synth-waterbirds | fvae |"))
+    assert "| **80.0** |" in fvae  # one seed: mean alone; best WG of its dataset in bold
+    assert "1,234" in lora
+    for phrase in (
+        "selected by val_wg",
+        "avg_acc, the plain sample-mean accuracy",
+        "adj_avg_acc, group accuracies weighted by the training split's group counts",
+        "mean_group_acc, the unweighted mean",
+        "sample standard deviation (ddof = 1)",
+        "on the test split",
+    ):
+        assert phrase in md, phrase
+    assert "## Per-group accuracy: synth-celeba" in md
+    assert "landbird/water (g=1, n=10)" in md
+
+
+def test_latex_table_has_the_paper_shape(built_report):
+    tex = (built_report.out / "table.tex").read_text()
+    assert "\\begin{tabular}{lcccccc}" in tex  # 2 datasets × (WG, AVG, Disparity)
+    assert tex.index("{Waterbirds (synthetic)}") < tex.index("{CelebA (synthetic)}")
+    assert "\\cmidrule(lr){2-4} \\cmidrule(lr){5-7}" in tex
+    lines = tex.splitlines()
+    lora = next(line for line in lines if line.startswith("LoRA &"))
+    fvae = next(line for line in lines if line.startswith("FVAE-LoRA &"))
+    cells = [c.strip().rstrip("\\").strip() for c in lora.split("&")]
+    assert cells[1] == "$70.0 \\pm 10.0$"  # WG, not best: fvae has 80.0
+    assert fvae.split("&")[1].strip() == "$\\mathbf{80.0}$"
+    assert fvae.split("&")[4].strip().rstrip("\\").strip() == "--"  # no fvae run on celeba
+    assert "\\mathbf" not in cells[4]  # a lone entry in a column is not "best"
+    assert "selected by val\\_wg" in tex and "plain sample-mean accuracy (avg\\_acc)" in tex
+    assert tex.count("&") == 2 + 6 + 2 * 6  # dataset row, metric row, 2 method rows
+    assert "\\toprule" in tex and "\\bottomrule" in tex and "\\end{table}" in tex
+
+
+def test_figures_are_valid_non_trivial_pngs(built_report):
+    for name in ("groups_synth-waterbirds.png", "groups_synth-celeba.png", "wg_vs_avg.png"):
+        path = built_report.out / name
+        data = path.read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 15_000, name
+        with Image.open(path) as img:
+            img.load()
+            w, h = img.size
+            assert w >= 600 and h >= 400, (name, img.size)
+            # not a blank canvas: many distinct colours (bars, text, markers)
+            assert len(img.convert("RGB").getcolors(maxcolors=1 << 20)) > 50
+
+
+def test_html_is_self_contained_with_tables_and_images(built_report):
+    html = (built_report.out / "report.html").read_text()
+    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(uris) == 3
+    for uri in uris:
+        assert base64.b64decode(uri).startswith(PNG_SIGNATURE)
+    assert base64.b64decode(uris[-1]) == (built_report.out / "wg_vs_avg.png").read_bytes()
+    assert not re.search(r'(src|href)="(https?:)?//', html)  # nothing fetched from elsewhere
+    assert html.count("<table>") == 4  # summary, two per-group tables, runs
+    assert "70.0 ± 10.0" in html and "<strong>80.0</strong>" in html
+    assert "selected by val_wg" in html and "avg_acc, the plain sample-mean accuracy" in html
+    assert "\\begin{tabular}" in html  # LaTeX source included
+    assert html.rstrip().endswith("</html>")
+
+
+def test_alarms_are_surfaced_and_equal_columns_are_not_bolded(tmp_path):
+    out = tmp_path / "out"
+    write_run(out, method="lora", seed=0, alarms=["constant predictor on test"])
+    write_run(out, method="fvae", seed=0)  # same group accuracies as lora: every column ties
+    rep = report_cli.build_report(out)
+    md = (rep.out / "table.md").read_text()
+    assert "1 reported run(s) raised alarms" in md and "constant predictor on test" in md
+    runs = {r["method"]: r for r in read_csv(rep.out / "runs.csv")}
+    assert runs["lora"]["alarms"] == "constant predictor on test" and runs["fvae"]["alarms"] == ""
+    wg_col = 3
+    assert not any(j == wg_col for _, j in tables.summary_table(rep.rows).bold)
+    assert "\\mathbf" not in (rep.out / "table.tex").read_text().split("\\midrule")[1].split(
+        "\\bottomrule")[0].replace("ECE", "")  # WG, AVG, Disparity all tie
+
+
+def test_cli_prints_the_table_and_the_html_path(tmp_path, capsys):
+    out = tmp_path / "out"
+    three_seed_runs(out)
+    assert report_cli.main([str(out), "--out", str(tmp_path / "r")]) == 0
+    stdout = capsys.readouterr().out
+    assert "70.0 ± 10.0" in stdout
+    assert stdout.strip().splitlines()[-1] == str(tmp_path / "r" / "report.html")
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+TINY_VIT = "rbf_report_test_vit"
+
+
+def register_tiny_vit() -> str:
+    """A timm ViT name for a 32 px, depth-2, width-32 model, registered with a pretrained config
+    (input size, mean/std) so that timm's local-file weight loading works for it as for any
+    timm name. Idempotent."""
+    import types
+
+    import timm
+    from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if TINY_VIT in timm.list_models(TINY_VIT):
+        return TINY_VIT
+
+    def factory(pretrained: bool = False, **kwargs):
+        args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+        return build_model_with_cfg(VisionTransformer, TINY_VIT, pretrained,
+                                    pretrained_filter_fn=checkpoint_filter_fn,
+                                    **{**args, **kwargs})
+
+    # timm's registry reads the default configs from the factory's module
+    module = types.ModuleType(f"{__name__}_tiny_vit")
+    module.default_cfgs = generate_default_cfgs({f"{TINY_VIT}.test": {
+        "url": "", "input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+        "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head"}})
+    sys.modules[module.__name__] = module
+    factory.__name__ = factory.__qualname__ = TINY_VIT
+    factory.__module__ = module.__name__
+    register_model(factory)
+    return TINY_VIT
+
+
+def test_report_on_real_runs_made_by_the_runner(tmp_path):
+    """Two seeds of LoRA and one of FVAE-LoRA trained by the real runner on a tiny replica
+    stand-in with a tiny ViT loaded from a local weights file, then reported: the report's
+    numbers are the runs' own metrics, aggregated."""
+    training = pytest.importorskip("robustbench_fvae.training")
+    import timm
+    import torch
+    from data_fixtures import make_waterbirds
+    from safetensors.torch import save_file
+
+    make_waterbirds(tmp_path / "data" / "synth", synthetic_name="synth-waterbirds")
+    name = register_tiny_vit()
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny_vit.safetensors"  # stands in for pretrained weights
+    save_file(timm.create_model(name, pretrained=False, num_classes=0).state_dict(),
+              str(weights))
+    made = {}
+    # One thread: these matrices are tiny, and on a busy 2-core machine two threads spin against
+    # other processes (measured here: 0.5 s per run with one thread, 3-12 s with two).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for method, seed in (("lora", 0), ("lora", 1), ("fvae", 0)):
+            cfg = RunConfig(method=method, dataset="synth-waterbirds",
+                            data_root=str(tmp_path / "data"), out=str(tmp_path / "out"),
+                            backbone=name, weights=str(weights), device="cpu", num_workers=0,
+                            adapter=AdapterConfig(rank=4),
+                            train=TrainConfig(epochs=2, batch_size=8, eval_batch_size=16,
+                                              seed=seed))
+            made[(method, seed)] = training.run(cfg, progress=False, log=lambda _msg: None)
+    finally:
+        torch.set_num_threads(threads)
+    rep = report_cli.build_report(tmp_path / "out")
+    assert [(r.label, r.n) for r in rep.rows] == [("lora", 2), ("fvae", 1)]
+    lora = rep.rows[0]
+    wgs = [made[("lora", s)].metrics["test"]["worst_group_acc"] for s in (0, 1)]
+    assert lora.stats["worst_group_acc"].mean == pytest.approx(np.mean(wgs))
+    assert lora.stats["worst_group_acc"].std == pytest.approx(np.std(wgs, ddof=1))
+    assert lora.params == made[("lora", 0)].metrics["params"]
+    # LoRA uses every trained parameter at inference; FVAE-LoRA drops q2 and the decoder there
+    assert lora.params["trainable"] == lora.params["inference"] > 0
+    fvae = rep.rows[1].params
+    assert fvae == made[("fvae", 0)].metrics["params"] and fvae["trainable"] > fvae["inference"]
+    assert [(gs.name, gs.n_samples) for gs in lora.groups] == [
+        ("landbird/land", 3), ("landbird/water", 3), ("waterbird/land", 3),
+        ("waterbird/water", 3)]  # the fixture's test split
+    csv_rows = read_csv(rep.out / "table.csv")
+    assert float(csv_rows[0]["worst_group_acc_mean"]) == pytest.approx(np.mean(wgs))
+    for name in ("table.md", "table.tex", "report.html", "wg_vs_avg.png",
+                 "groups_synth-waterbirds.png"):
+        assert (rep.out / name).stat().st_size > 0
+    assert (rep.out / "wg_vs_avg.png").read_bytes()[:8] == PNG_SIGNATURE
