@@ -121,10 +121,11 @@ class RunConfig:
     data_root: str = "data"
     out: str = "runs/out"
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | None = None
+    checkpoint_every: int = 0
 
-    # Fields that say *where* or *on what* a run happens, not *what* it computes.
-    UNHASHED = ("data_root", "out", "device", "num_workers")
+    # Fields that say *where* or *how* a run happens, not *what* it computes.
+    UNHASHED = ("data_root", "out", "device", "num_workers", "checkpoint_every")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,3 +157,37 @@ def config_hash(cfg: RunConfig) -> str:
     for name in RunConfig.UNHASHED:
         data.pop(name, None)
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- flat settings (CLI flags, specs)
+
+# Top-level run settings that a flag or a sweep spec may set, besides the adapter/train fields.
+RUN_FIELDS = ("method", "dataset", "backbone", "weights", "data_root", "out", "device",
+              "num_workers", "checkpoint_every")
+
+
+def flat_setting_names() -> dict[str, str]:
+    """Every settable name (a CLI flag with ``_`` for ``-``) → where it lives: run/adapter/train."""
+    names = {name: "run" for name in RUN_FIELDS}
+    names.update({f.name: "adapter" for f in dataclasses.fields(AdapterConfig)})
+    names.update({f.name: "train" for f in dataclasses.fields(TrainConfig)})
+    return names
+
+
+def config_from_settings(settings: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """A RunConfig from flat settings such as ``{"method": "fvae", "rank": 8, "epochs": 3}``.
+
+    Unknown keys are an error naming the accepted ones; ``targets`` may be a list or "q,k".
+    """
+    cfg = RunConfig.from_dict((base or RunConfig()).to_dict())
+    where = flat_setting_names()
+    for key, value in settings.items():
+        if key not in where:
+            raise ConfigError(f"unknown setting {key!r}; accepted: {', '.join(sorted(where))}")
+        if key == "targets" and isinstance(value, str):
+            value = tuple(t.strip() for t in value.split(",") if t.strip())
+        elif key == "targets":
+            value = tuple(value)
+        target = {"run": cfg, "adapter": cfg.adapter, "train": cfg.train}[where[key]]
+        setattr(target, key, value)
+    return cfg

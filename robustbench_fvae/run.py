@@ -1,0 +1,154 @@
+"""``python -m robustbench_fvae.run --method fvae --dataset synth-waterbirds``: one benchmark run.
+
+Trains, evaluates val and test every epoch, selects an epoch (validation worst-group accuracy by
+default), writes the run record (DESIGN §7) and prints a summary; the last line of output is the
+run directory. Every setting of :mod:`robustbench_fvae.config` is a flag (``_`` → ``-``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from collections.abc import Sequence
+
+from .config import (
+    METHODS,
+    SELECTION_RULES,
+    AdapterConfig,
+    RunConfig,
+    TrainConfig,
+    config_from_settings,
+)
+from .training import REAL_DEFAULTS, SYNTH_DEFAULTS
+
+HELP = {
+    "method": "adaptation method",
+    "dataset": "dataset name (see data_prep/verify.py --help for the list)",
+    "backbone": "timm model name (default: our offline ViT for synth-*, "
+                "vit_base_patch16_224.orig_in21k otherwise)",
+    "weights": "local pretrained weights file (.safetensors/.pth) for the backbone",
+    "data_root": "folder holding the datasets (replicas under DIR/synth)",
+    "out": "output folder; the run goes to OUT/<dataset>/<method>/<hash>",
+    "device": "auto, cpu, cuda or cuda:N",
+    "num_workers": "data loader workers (default: 0 on CPU, min(8, cores) on CUDA)",
+    "checkpoint_every": "also checkpoint every N steps (0: at epoch ends only)",
+    "rank": "rank r of LoRA = size of z1 and z2",
+    "targets": "comma-separated: q, k, v (slices of fused qkv) or Linear names (proj, fc1…)",
+    "lora_alpha": "LoRA scaling numerator (delta = alpha/r * BAx)",
+    "lora_dropout": "dropout on the LoRA input",
+    "alpha": "FVAE weight of the reconstruction term R",
+    "beta": "FVAE weight of KL(q1||p1) (and of KL(q2||p2) for vae2lat/bvae2lat); "
+            "default 1, 10 for bvae2lat",
+    "delta": "FVAE weight of the repulsive term G (fvae only)",
+    "mu_p2": "mean of the z2 prior N(mu_p2, I)",
+    "encoder_hidden": "hidden width of each FVAE encoder",
+    "decoder_hidden": "hidden width of the FVAE decoder",
+    "decoder_layers": "hidden layers of the FVAE decoder",
+    "fvae_dropout": "dropout inside the FVAE encoders and decoder",
+    "b_init_std": "std of the FVAE B init (normal)",
+    "output_scale": "FVAE output scale s_B (delta = s_B * B z1)",
+    "logvar_clamp": "FVAE log-variance clamp (+-)",
+    "lambda_task": "weight of the cross-entropy in the FVAE-family loss",
+    "lambda_fvae": "weight of the mean per-layer FVAE loss",
+    "epochs": f"max epochs (default: {SYNTH_DEFAULTS['epochs']} synth-*, "
+              f"{REAL_DEFAULTS['epochs']} real)",
+    "batch_size": f"training batch (default {SYNTH_DEFAULTS['batch_size']})",
+    "eval_batch_size": f"evaluation batch (default: {SYNTH_DEFAULTS['eval_batch_size']} synth-*, "
+                       f"{REAL_DEFAULTS['eval_batch_size']} real)",
+    "lr": "AdamW learning rate (default: 5e-3; 1e-4 for full)",
+    "weight_decay": "AdamW weight decay (not on biases, norms, 1-D scales)",
+    "warmup_frac": "fraction of steps of linear warm-up, then linear decay",
+    "grad_clip": "gradient norm clipping (0: off)",
+    "patience": "early stopping patience in epochs on the selection metric (0: off)",
+    "select": "model selection: val_wg (uses val group labels) or val_avg (does not)",
+    "seed": "random seed",
+}
+CHOICES = {"method": METHODS, "select": SELECTION_RULES}
+
+
+def _flag_type(annotation) -> type:
+    """The scalar type of a field annotation (``int | None`` → int); tuples parse as text."""
+    kinds = [a for a in (typing.get_args(annotation) or (annotation,)) if a is not type(None)]
+    return kinds[0] if kinds and kinds[0] in (int, float, str) else str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m robustbench_fvae.run", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    base = RunConfig()
+    sections = [("run", RunConfig, base), ("adapter (lora / FVAE family)", AdapterConfig,
+                base.adapter), ("training", TrainConfig, base.train)]
+    hints = typing.get_type_hints(RunConfig) | typing.get_type_hints(AdapterConfig) | \
+        typing.get_type_hints(TrainConfig)
+    for title, cls, defaults in sections:
+        group = parser.add_argument_group(title)
+        for field in dataclasses.fields(cls):
+            if field.name in ("adapter", "train"):
+                continue
+            default = getattr(defaults, field.name)
+            if field.name == "targets":
+                default = ",".join(default)
+            group.add_argument(
+                f"--{field.name.replace('_', '-')}", dest=field.name, default=default,
+                type=_flag_type(hints[field.name]), choices=CHOICES.get(field.name),
+                help=HELP.get(field.name, ""), metavar=None if field.name in CHOICES else "X")
+    parser.add_argument("--force", action="store_true", help="rerun even if the run is done")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    settings = {k: v for k, v in vars(args).items() if k not in ("force", "no_progress")}
+    return config_from_settings(settings)
+
+
+def format_summary(metrics: dict) -> str:
+    """A short human summary of a run's selected-epoch metrics (WG, averages, per group)."""
+    lines = [f"selected epoch {metrics['selected_epoch'] + 1} by {metrics['selection']} "
+             f"({metrics['selection_description']})"]
+    header = f"{'split':6} {'WG':>6} {'avg':>6} {'adj_avg':>7} {'mean_grp':>8} {'disp':>6} " \
+             f"{'ECE':>6}"
+    lines.append(header)
+    for split in ("val", "test"):
+        m = metrics[split]
+        lines.append(f"{split:6} {m['worst_group_acc']:6.3f} {m['avg_acc']:6.3f} "
+                     f"{m['adj_avg_acc']:7.3f} {m['mean_group_acc']:8.3f} {m['disparity']:6.3f} "
+                     f"{m['ece']:6.3f}")
+    lines.append("test groups:")
+    for grp in metrics["test"]["groups"]:
+        acc = "  n/a" if grp["acc"] is None else f"{grp['acc']:.3f}"
+        lines.append(f"  g={grp['g']:<2} {grp['name']:28} n={grp['n']:<6} acc={acc}")
+    lines.append("avg = plain test accuracy; adj_avg = group accuracies weighted by training "
+                 "group counts (WILDS); mean_grp = mean of group accuracies; disp = |WG - avg|")
+    for alarm in metrics.get("alarms", []):
+        lines.append(f"ALARM: {alarm}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Imported late so that --help and argument errors are instant.
+    from .training import Preempted, TrainingError, run
+
+    try:
+        cfg = config_from_args(args)
+        result = run(cfg, force=args.force, progress=not args.no_progress)
+    except Preempted as stop:
+        print(str(stop), file=sys.stderr)
+        return 143
+    except (ValueError, FileNotFoundError, TrainingError) as err:
+        if os.environ.get("RBF_TRACEBACK"):
+            raise
+        print(f"error: {err}  (set RBF_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
+    print(format_summary(result.metrics))
+    print(result.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

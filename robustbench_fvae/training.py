@@ -1,0 +1,494 @@
+"""One benchmark run: train, evaluate every epoch, select, and write the run record (DESIGN §6–§9).
+
+Reproducibility: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)`` and every
+training image's augmentation by ``(seed, e, index)``, independent of loader workers; the model's
+own randomness (dropout, FVAE samples) comes from the global torch RNG, whose state is saved in
+every checkpoint. A run resumed from any checkpoint therefore continues exactly where it stopped,
+and on CPU ends with the same numbers as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import records
+from .adapters import count_parameters
+from .backbones import backbone_data_config, create_backbone, default_backbone
+from .config import (
+    ADAPTER_METHODS,
+    SELECTION_RULES,
+    ConfigError,
+    RunConfig,
+    validate_adapter_config,
+)
+from .data import load_splits, make_transforms
+from .data.base import GroupSplit
+from .methods import default_lr, parameter_groups, prepare_model, training_loss
+from .metrics import EmptyGroupError, constant_predictor, evaluate_split
+from .selection import RULES, select_epoch, should_stop_early
+
+CHECKPOINT_FILE = "checkpoint.pt"
+WEIGHTS_FILE = "adapter.safetensors"
+LOSS_KEYS = ("loss", "ce", "aux", "R", "K1", "K2", "G")
+
+# CPU-sized defaults for the offline replicas; the released code's for real data.
+SYNTH_DEFAULTS = {"epochs": 8, "batch_size": 64, "eval_batch_size": 256}
+REAL_DEFAULTS = {"epochs": 50, "batch_size": 64, "eval_batch_size": 64}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss); the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was written and the run can be relaunched to resume."""
+
+
+def dataset_defaults(dataset: str) -> dict[str, int]:
+    return SYNTH_DEFAULTS if dataset.startswith("synth-") else REAL_DEFAULTS
+
+
+def resolve_config(cfg: RunConfig) -> RunConfig:
+    """Fill dataset- and method-dependent defaults and check every setting; returns a copy.
+
+    The run hash is taken over this resolved config, so an explicit default and an omitted one
+    name the same run.
+    """
+    cfg = RunConfig.from_dict(cfg.to_dict())
+    if cfg.method in ADAPTER_METHODS:
+        validate_adapter_config(cfg.method, cfg.adapter)
+    else:
+        validate_adapter_config(cfg.method, type(cfg.adapter)())  # checks the method name
+    if cfg.train.select not in SELECTION_RULES:
+        raise ConfigError(f"unknown selection rule {cfg.train.select!r}; "
+                          f"accepted: {', '.join(SELECTION_RULES)}")
+    t = cfg.train
+    for key, value in dataset_defaults(cfg.dataset).items():
+        if getattr(t, key) is None:
+            setattr(t, key, value)
+    if t.lr is None:
+        t.lr = default_lr(cfg.method)
+    if cfg.backbone is None:
+        cfg.backbone = default_backbone(cfg.dataset)
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(t, key)}")
+    if not (t.lr > 0 and math.isfinite(t.lr)):
+        raise ConfigError(f"lr must be a positive number, got {t.lr}")
+    if not 0 <= t.warmup_frac < 1:
+        raise ConfigError(f"warmup_frac must be in [0, 1), got {t.warmup_frac}")
+    if t.weight_decay < 0 or t.grad_clip < 0 or t.patience < 0:
+        raise ConfigError("weight_decay, grad_clip and patience must be >= 0")
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise ConfigError(f"unknown device {cfg.device!r}; expected auto, cpu, cuda or cuda:N")
+    return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; "
+                          "use --device cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- data
+
+
+class SeededAugmentation(torch.utils.data.Dataset):
+    """A training split whose random augmentation of item ``i`` in epoch ``e`` is seeded by
+    ``(seed, e, i)`` — the same in any worker, after any resume."""
+
+    def __init__(self, split: GroupSplit, seed: int) -> None:
+        self.split, self.seed, self.epoch = split, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        seed = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return self.split[index]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def make_loader(dataset, indices: list[int], batch_size: int, workers: int,
+                device: torch.device) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=indices, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    unknown = [n for n in state if n not in params]
+    if missing or unknown:
+        raise TrainingError(f"saved weights do not fit this model (missing {missing[:3]}, "
+                            f"unexpected {unknown[:3]}); was the run's config changed?")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
+    payload = {
+        "model": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **state,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def linear_warmup_decay(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
+    """LR multiplier per step: linear warm-up over ``warmup_frac`` of the steps, then linear decay
+    to zero (the released schedule)."""
+    warmup = int(total_steps * warmup_frac)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+@contextlib.contextmanager
+def sigterm_flag() -> Iterator[dict[str, bool]]:
+    """Turn SIGTERM (Slurm preemption) into a flag the loop checks between steps."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        flag["stop"] = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, split: GroupSplit, batch_size: int, workers: int,
+            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, K) float32 and predictions (N,) for a whole split, in order."""
+    model.eval()
+    loader = make_loader(split, list(range(len(split))), batch_size, workers, device)
+    probs = []
+    for images, _, _ in loader:
+        with autocast(device):
+            logits = model(images.to(device, non_blocking=True))
+        probs.append(torch.softmax(logits.float(), dim=-1).cpu())
+    prob = torch.cat(probs).numpy()
+    return prob, prob.argmax(1)
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def evaluate(model, split: GroupSplit, batch_size: int, workers: int, device: torch.device
+             ) -> tuple[dict, np.ndarray, np.ndarray]:
+    prob, pred = predict(model, split, batch_size, workers, device)
+    metrics = evaluate_split(split.y, split.a, split.g, pred, prob, split.groups,
+                             split.train_group_counts)
+    return metrics, prob, pred
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+    skipped: bool = False
+
+
+def build_model_and_data(cfg: RunConfig, device: torch.device):
+    """The prepared model and the three splits (transforms set from the backbone)."""
+    splits = load_splits(cfg.dataset, cfg.data_root)
+    model = create_backbone(cfg.backbone, splits["train"].num_classes, weights=cfg.weights,
+                            data_root=cfg.data_root)
+    adapted = prepare_model(model, cfg)
+    model.to(device)
+    dc = backbone_data_config(model)
+    train_tf, eval_tf = make_transforms(dc.image_size, dc.mean, dc.std)
+    splits["train"].transform = train_tf
+    splits["val"].transform = splits["test"].transform = eval_tf
+    return model, splits, adapted
+
+
+def check_eval_groups(splits: dict[str, GroupSplit]) -> None:
+    for name in ("val", "test"):
+        counts = splits[name].group_counts()
+        empty = [g.name for g in splits[name].groups if counts[g.g] == 0]
+        if empty:
+            raise EmptyGroupError(
+                f"{splits[name].dataset_name} {name} split has no sample in group(s) {empty}: "
+                "worst-group accuracy is undefined; check the data with data_prep/verify.py")
+
+
+def run(cfg: RunConfig, *, force: bool = False, progress: bool = True,
+        log: Callable[[str], None] = print) -> RunResult:
+    """Train and evaluate one run; write its record under ``cfg.out``. Idempotent: a finished
+    run is not redone unless ``force``; an unfinished one resumes from its checkpoint."""
+    cfg = resolve_config(cfg)
+    rdir = records.run_dir(cfg.out, cfg)
+    if records.is_done(rdir) and not force:
+        log(f"already done: {rdir} (use --force to rerun)")
+        return RunResult(rdir, records.read_json(rdir / records.METRICS_FILE), skipped=True)
+    if force and rdir.exists():
+        shutil.rmtree(rdir)
+    device = resolve_device(cfg.device)
+    workers = cfg.num_workers if cfg.num_workers is not None else (
+        0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
+    torch.manual_seed(cfg.train.seed)
+    model, splits, adapted = build_model_and_data(cfg, device)
+    check_eval_groups(splits)
+    rdir.mkdir(parents=True, exist_ok=True)
+    records.write_json_atomic(rdir / records.CONFIG_FILE, records.config_record(
+        cfg, records.dataset_info_dict(splits["train"]),
+        records.environment_info(device=str(device))))
+    params = count_parameters(model)
+    log(f"{cfg.method} on {cfg.dataset} with {cfg.backbone}: {params['trainable']:,} trainable, "
+        f"{params['inference']:,} inference-time added parameters, "
+        f"{len(adapted)} adapted layers; device {device}; run {rdir}")
+    trainer = _Trainer(cfg, model, splits, device, workers, rdir, progress, log)
+    trainer.fit()
+    metrics = trainer.finish(params)
+    return RunResult(rdir, metrics)
+
+
+class _Trainer:
+    """The epoch loop of one run, with its checkpoints and records."""
+
+    def __init__(self, cfg, model, splits, device, workers, rdir, progress, log) -> None:
+        self.cfg, self.model, self.splits, self.device = cfg, model, splits, device
+        self.workers, self.rdir, self.progress, self.log = workers, rdir, progress, log
+        t = cfg.train
+        self.train_set = SeededAugmentation(splits["train"], t.seed)
+        self.steps_per_epoch = math.ceil(len(self.train_set) / t.batch_size)
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr,
+                                           eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, linear_warmup_decay(t.epochs * self.steps_per_epoch, t.warmup_frac))
+        self.history: list[dict] = []
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.sums: dict[str, float] = {}
+        self.train_time = 0.0
+        self.checkpoint = rdir / CHECKPOINT_FILE
+        if self.checkpoint.is_file():
+            self._resume()
+
+    # -- checkpointing
+    def _state(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step, "sums": dict(self.sums),
+                "history": self.history, "train_time": self.train_time}
+
+    def _save(self) -> None:
+        save_checkpoint(self.checkpoint, self.model, self.optimizer, self.scheduler, self._state())
+
+    def _resume(self) -> None:
+        ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        load_trainable_state(self.model, ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if ckpt["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+        self.global_step, self.sums = ckpt["global_step"], ckpt["sums"]
+        self.history, self.train_time = ckpt["history"], ckpt["train_time"]
+        # history.jsonl may hold a line written after this checkpoint: rewrite it from the
+        # checkpoint so no evaluation is listed twice.
+        records.write_jsonl_atomic(self.rdir / records.HISTORY_FILE, self.history)
+        self.log(f"resuming from checkpoint: epoch {self.epoch + 1}, step {self.step_in_epoch} "
+                 f"of {self.steps_per_epoch}")
+
+    # -- training
+    def fit(self) -> None:
+        t = self.cfg.train
+        with sigterm_flag() as flag:
+            while self.epoch < t.epochs:
+                if self.history and should_stop_early(self.history, t.select, t.patience):
+                    self.log(f"early stop: no {t.select} improvement in {t.patience} epochs")
+                    break
+                self._train_epoch(flag)
+                self._end_epoch()
+
+    def _train_epoch(self, flag: dict[str, bool]) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        self.train_set.epoch = self.epoch
+        order = epoch_order(len(self.train_set), t.seed, self.epoch)
+        loader = make_loader(self.train_set, order[self.step_in_epoch * t.batch_size:],
+                             t.batch_size, self.workers, self.device)
+        self.model.train()
+        bar = tqdm(loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
+                   desc=f"epoch {self.epoch + 1}/{t.epochs}", disable=not self.progress,
+                   leave=False, dynamic_ncols=True)
+        start = time.perf_counter()
+        for images, y, _ in bar:
+            images = images.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            with autocast(self.device):
+                logits = self.model(images)
+            loss, parts = training_loss(self.model, logits, y, cfg)
+            values = {k: float(v.detach()) for k, v in parts.items()}
+            values["loss"] = float(loss.detach())
+            if not all(math.isfinite(v) for v in values.values()):
+                raise TrainingError(self._nonfinite_message("loss", values))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad],
+                t.grad_clip if t.grad_clip > 0 else float("inf"))
+            if not torch.isfinite(grad_norm):
+                raise TrainingError(self._nonfinite_message("gradient norm", values))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.global_step += 1
+            self.step_in_epoch += 1
+            for k, v in values.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            bar.set_postfix({k: f"{values[k]:.3g}" for k in ("ce", "R", "K1", "K2", "G")
+                             if k in values})
+            if flag["stop"]:
+                self.train_time += time.perf_counter() - start
+                self._save()
+                raise Preempted(f"SIGTERM: checkpoint written at epoch {self.epoch + 1}, step "
+                                f"{self.step_in_epoch}; relaunch the same command to resume")
+            if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                self.train_time += time.perf_counter() - start
+                start = time.perf_counter()
+                self._save()
+        bar.close()
+        self.train_time += time.perf_counter() - start
+
+    def _nonfinite_message(self, what: str, values: dict[str, float]) -> str:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        return (f"non-finite {what} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} "
+                f"({shown}); stopped, last good checkpoint kept in {self.rdir}; "
+                "try a lower --lr or check the data")
+
+    def _end_epoch(self) -> None:
+        t = self.cfg.train
+        n = max(1, self.step_in_epoch)
+        record = {"epoch": self.epoch, "step": self.global_step,
+                  "lr": self.scheduler.get_last_lr()[0],
+                  "train": {k: self.sums[k] / n for k in LOSS_KEYS if k in self.sums}}
+        outputs = {}
+        for split in ("val", "test"):
+            metrics, prob, pred = evaluate(self.model, self.splits[split], t.eval_batch_size,
+                                           self.workers, self.device)
+            record[split] = metrics
+            outputs[split] = (prob, pred)
+        record["alarms"] = [f"constant predictor on {s}" for s, (_, pred) in outputs.items()
+                            if constant_predictor(pred)]
+        self.history.append(record)
+        records.append_jsonl(self.rdir / records.HISTORY_FILE, record)
+        val, test = record["val"], record["test"]
+        self.log(f"epoch {self.epoch + 1}/{t.epochs}: train CE {record['train'].get('ce', 0):.4f}"
+                 f" | val WG {val['worst_group_acc']:.3f} avg {val['avg_acc']:.3f}"
+                 f" | test WG {test['worst_group_acc']:.3f} avg {test['avg_acc']:.3f}"
+                 + (f" | ALARM: {'; '.join(record['alarms'])}" if record["alarms"] else ""))
+        if select_epoch(self.history, t.select)["epoch"] == self.epoch:
+            self._write_selected(outputs)
+        self.epoch += 1
+        self.step_in_epoch, self.sums = 0, {}
+        self._save()
+
+    def _write_selected(self, outputs) -> None:
+        for split, (prob, pred) in outputs.items():
+            s = self.splits[split]
+            records.write_predictions_csv(records.predictions_path(self.rdir, split),
+                                          np.arange(len(s)), s.y, s.a, s.g, pred, prob)
+        tmp = self.rdir / (WEIGHTS_FILE + ".tmp")
+        save_file(trainable_state(self.model), str(tmp),
+                  metadata={"epoch": str(self.epoch), "method": self.cfg.method})
+        os.replace(tmp, self.rdir / WEIGHTS_FILE)
+
+    def finish(self, params: dict[str, int]) -> dict:
+        rule = self.cfg.train.select
+        chosen = select_epoch(self.history, rule)
+        others = {}
+        for other in SELECTION_RULES:
+            if other != rule:
+                rec = select_epoch(self.history, other)
+                others[other] = {"selected_epoch": rec["epoch"], "val": rec["val"],
+                                 "test": rec["test"]}
+        metrics = {
+            "selection": rule,
+            "selection_description": RULES[rule].description,
+            "selected_epoch": chosen["epoch"],
+            "val": chosen["val"],
+            "test": chosen["test"],
+            "params": params,
+            "other_selections": others,
+            "alarms": chosen.get("alarms", []),
+            "epochs_run": len(self.history),
+            "train_time_s": round(self.train_time, 2),
+        }
+        records.write_json_atomic(self.rdir / records.METRICS_FILE, metrics)
+        records.mark_done(self.rdir)
+        return metrics
+
+
+def load_trained_model(run_dir: str | Path, device: str = "cpu"):
+    """The trained model of a finished run (selected epoch's weights), its config and splits.
+
+    Returns ``(model, cfg, splits)`` with eval-mode model and transforms set on the splits.
+    """
+    record = records.load_run(run_dir)
+    weights = Path(run_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise records.RecordNotFoundError(f"{weights} not found: the run has not selected an "
+                                          "epoch yet (run it to completion first)")
+    cfg = record.run_config
+    model, splits, _ = build_model_and_data(cfg, torch.device(device))
+    load_trainable_state(model, load_file(str(weights)))
+    model.eval()
+    return model, cfg, splits

@@ -1,0 +1,262 @@
+"""The runner end to end: records, recomputation, resume after SIGKILL/SIGTERM, determinism,
+no-op reruns and the sanity alarms — real runs of a tiny timm ViT on replica-layout fixtures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from data_fixtures import make_waterbirds
+from tiny_models import register_tiny_vit, save_tiny_weights
+
+from robustbench_fvae import records
+from robustbench_fvae.config import AdapterConfig, RunConfig, TrainConfig
+from robustbench_fvae.run import main as run_main
+from robustbench_fvae.training import CHECKPOINT_FILE, WEIGHTS_FILE, load_trained_model, run
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+# A larger fixture than the default so a run has enough steps to be killed in the middle.
+COUNTS = {"train": {0: 14, 1: 4, 2: 4, 3: 10}, "val": {0: 3, 1: 3, 2: 3, 3: 3},
+          "test": {0: 3, 1: 3, 2: 3, 3: 3}}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("runner")
+    make_waterbirds(base / "data" / "synth", counts=COUNTS, synthetic_name="synth-waterbirds")
+    weights = save_tiny_weights(base / "tiny.safetensors")
+    zero = save_tiny_weights(base / "zero.safetensors", zero=True)
+    return {"base": base, "data": base / "data", "weights": weights, "zero": zero,
+            "name": register_tiny_vit()}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(env, out: Path, method: str = "fvae", **train) -> RunConfig:
+    settings = dict(epochs=3, batch_size=4, eval_batch_size=16, seed=0, patience=0)
+    settings.update(train)
+    return RunConfig(method=method, dataset="synth-waterbirds", data_root=str(env["data"]),
+                     out=str(out), backbone=env["name"], weights=str(env["weights"]),
+                     device="cpu", num_workers=0, adapter=AdapterConfig(rank=4),
+                     train=TrainConfig(**settings))
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def cli_args(cfg: RunConfig, *extra: str) -> list[str]:
+    t = cfg.train
+    return ["--method", cfg.method, "--dataset", cfg.dataset, "--data-root", cfg.data_root,
+            "--out", cfg.out, "--backbone", cfg.backbone, "--weights", cfg.weights,
+            "--device", "cpu", "--num-workers", "0", "--rank", "4", "--epochs", str(t.epochs),
+            "--batch-size", str(t.batch_size), "--eval-batch-size", str(t.eval_batch_size),
+            "--seed", str(t.seed), "--patience", str(t.patience), "--no-progress", *extra]
+
+
+def launch(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{ROOT}", RBF_TEST_THREADS="1",
+               HF_HUB_OFFLINE="1")
+    code = f"import sys, tiny_models; sys.exit(tiny_models.main({args!r}))"
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def same_metrics(a: dict, b: dict) -> None:
+    for split in ("val", "test"):
+        assert a[split] == b[split], split
+    assert a["selected_epoch"] == b["selected_epoch"]
+
+
+# ---------------------------------------------------------------- the record
+
+
+def test_record_is_complete_and_metrics_recompute_from_predictions(env, tmp_path):
+    result = run(tiny_cfg(env, tmp_path), progress=False, log=quiet)
+    rdir = result.run_dir
+    assert rdir.parent.parent.name == "synth-waterbirds" and rdir.parent.name == "fvae"
+    for name in ("config.json", "history.jsonl", "metrics.json", "predictions_val.csv",
+                 "predictions_test.csv", WEIGHTS_FILE, CHECKPOINT_FILE, "done"):
+        assert (rdir / name).is_file(), name
+    metrics = records.read_json(rdir / "metrics.json")
+    assert metrics["selection"] == "val_wg"
+    assert set(metrics["params"]) >= {"trainable", "inference"}
+    assert metrics["params"]["trainable"] > metrics["params"]["inference"] > 0
+    history = records.read_history(rdir / "history.jsonl")
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert set(history[0]["train"]) >= {"ce", "R", "K1", "K2", "G"}
+    best = max(history, key=lambda h: (h["val"]["worst_group_acc"], -h["epoch"]))
+    assert metrics["selected_epoch"] == best["epoch"]
+    recomputed = records.recompute_metrics(rdir)
+    assert recomputed["val"] == metrics["val"]
+    assert recomputed["test"] == metrics["test"]
+    assert metrics["test"] == best["test"]
+    config = records.read_json(rdir / "config.json")
+    assert config["config"]["train"]["lr"] == 5e-3  # resolved default recorded
+    assert config["environment"]["versions"]["torch"] == torch.__version__.split("+")[0] or \
+        config["environment"]["versions"]["torch"] == torch.__version__
+    # The selected weights reload into the same predictions.
+    model, _, splits = load_trained_model(rdir)
+    from robustbench_fvae.training import predict
+    _, pred = predict(model, splits["test"], 16, 0, torch.device("cpu"))
+    assert (pred == records.read_predictions(rdir / "predictions_test.csv")["pred"]).all()
+
+
+def test_same_seed_same_numbers_and_rerun_is_a_no_op(env, tmp_path, capsys):
+    first = run(tiny_cfg(env, tmp_path / "a"), progress=False, log=quiet)
+    second = run(tiny_cfg(env, tmp_path / "b"), progress=False, log=quiet)
+    same_metrics(first.metrics, second.metrics)
+    assert (first.run_dir / "predictions_test.csv").read_bytes() == \
+        (second.run_dir / "predictions_test.csv").read_bytes()
+    other_seed = run(tiny_cfg(env, tmp_path / "a", seed=1), progress=False, log=quiet)
+    assert other_seed.run_dir != first.run_dir
+    stamp = (first.run_dir / "done").stat().st_mtime_ns
+    cfg = tiny_cfg(env, tmp_path / "a")
+    assert run_main(cli_args(cfg)) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("already done") and out[-1] == str(first.run_dir)
+    assert (first.run_dir / "done").stat().st_mtime_ns == stamp
+    assert run_main(cli_args(cfg, "--force")) == 0
+    assert (first.run_dir / "done").stat().st_mtime_ns != stamp
+
+
+@pytest.mark.parametrize("method", ["lora", "vae2lat", "bvae2lat", "full", "linear"])
+def test_every_method_runs(env, tmp_path, method):
+    result = run(tiny_cfg(env, tmp_path, method=method, epochs=1), progress=False, log=quiet)
+    params = result.metrics["params"]
+    assert params["trainable"] > 0
+    if method == "linear":
+        assert params["trainable"] == 32 * 2 + 2
+    history = records.read_history(result.run_dir / "history.jsonl")
+    assert ("R" in history[0]["train"]) == (method in ("vae2lat", "bvae2lat"))
+
+
+def test_sigkill_then_relaunch_ends_like_an_uninterrupted_run(env, tmp_path):
+    reference = run(tiny_cfg(env, tmp_path / "ref", epochs=4), progress=False, log=quiet)
+    cfg = tiny_cfg(env, tmp_path / "killed", epochs=4)
+    rdir = records.run_dir(cfg.out, _resolved(cfg))
+    proc = launch(cli_args(cfg, "--checkpoint-every", "1"))
+    killed_at = _wait_for(lambda: (rdir / CHECKPOINT_FILE).is_file()
+                          and _ckpt_step(rdir) >= 10, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert killed_at and not records.is_done(rdir), "the run finished before it was killed"
+    relaunched = launch(cli_args(cfg))
+    output, _ = relaunched.communicate(timeout=240)
+    assert relaunched.returncode == 0, output
+    assert "resuming from checkpoint" in output
+    assert output.strip().splitlines()[-1] == str(rdir)
+    same_metrics(records.read_json(rdir / "metrics.json"), reference.metrics)
+    history = records.read_history(rdir / "history.jsonl")
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(env, tmp_path):
+    reference = run(tiny_cfg(env, tmp_path / "ref", epochs=4), progress=False, log=quiet)
+    cfg = tiny_cfg(env, tmp_path / "term", epochs=4)
+    rdir = records.run_dir(cfg.out, _resolved(cfg))
+    proc = launch(cli_args(cfg))
+    assert _wait_for(lambda: (rdir / "history.jsonl").is_file(), proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before SIGTERM arrived (machine too fast)")
+    assert proc.returncode == 143, output
+    assert "SIGTERM: checkpoint written" in output
+    assert (rdir / CHECKPOINT_FILE).is_file() and not records.is_done(rdir)
+    result = run(cfg, progress=False, log=quiet)
+    same_metrics(result.metrics, reference.metrics)
+
+
+# ---------------------------------------------------------------- alarms and bad input
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(env, tmp_path,
+                                                                           capsys):
+    cfg = tiny_cfg(env, tmp_path, method="lora", lr=1e30, warmup_frac=0.0, grad_clip=0.0)
+    code = run_main(cli_args(cfg, "--lr", "1e30", "--warmup-frac", "0", "--grad-clip", "0",
+                             "--method", "lora"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and "non-finite" in err[0] and "last good checkpoint" in err[0]
+    rdir = records.run_dir(cfg.out, _resolved(cfg))
+    assert not records.is_done(rdir) and (rdir / "config.json").is_file()
+
+
+def test_constant_predictor_is_flagged(env, tmp_path, capsys):
+    """A backbone whose weights are all zero maps every image to the same features, so the
+    linear probe on top can only predict one class: the run must say so."""
+    cfg = tiny_cfg(env, tmp_path, method="linear", epochs=1)
+    cfg.weights = str(env["zero"])
+    result = run(cfg, progress=False, log=print)
+    assert "constant predictor on val" in result.metrics["alarms"]
+    assert "ALARM: constant predictor" in capsys.readouterr().out
+
+
+def test_empty_eval_group_and_bad_settings_are_one_line_errors(env, tmp_path, capsys):
+    data = tmp_path / "data"
+    counts = {**COUNTS, "val": {0: 3, 1: 3, 2: 0, 3: 3}}
+    make_waterbirds(data / "synth", counts=counts, synthetic_name="synth-waterbirds")
+    cfg = tiny_cfg(env, tmp_path / "out")
+    args = cli_args(cfg)
+    args[args.index("--data-root") + 1] = str(data)
+    assert run_main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "waterbird/land" in err[0] and "val" in err[0]
+    for bad, message in ((["--beta", "0.01"], "unbounded below"),
+                         (["--targets", "query"], "matches no nn.Linear"),
+                         (["--dataset", "nope"], "nope"),
+                         (["--select", "val_wg", "--epochs", "0"], "epochs must be >= 1")):
+        assert run_main(cli_args(cfg) + bad) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _resolved(cfg: RunConfig) -> RunConfig:
+    from robustbench_fvae.training import resolve_config
+
+    return resolve_config(cfg)
+
+
+def _ckpt_step(rdir: Path) -> int:
+    try:
+        return torch.load(rdir / CHECKPOINT_FILE, weights_only=True)["global_step"]
+    except Exception:  # mid-write or gone: not yet
+        return -1
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 180.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_cli_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--method", "--rank", "--targets", "--alpha", "--beta", "--delta", "--mu-p2",
+                 "--lambda-task", "--lambda-fvae", "--select", "--weights", "--epochs"):
+        assert flag in text
