@@ -145,9 +145,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}  (set RBF_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 1
-    print(format_summary(result.metrics))
-    print(result.run_dir)
+    finally:
+        _leave_process_group()
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(format_summary(result.metrics))
+        print(result.run_dir)
     return 0
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

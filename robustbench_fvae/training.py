@@ -37,6 +37,7 @@ from .config import (
 )
 from .data import load_splits, make_transforms
 from .data.base import GroupSplit
+from .distributed import SINGLE_PROCESS, Distributed, init_distributed
 from .methods import default_lr, parameter_groups, prepare_model, training_loss
 from .metrics import EmptyGroupError, constant_predictor, evaluate_split
 from .selection import RULES, select_epoch, should_stop_early
@@ -210,16 +211,21 @@ def sigterm_flag() -> Iterator[dict[str, bool]]:
 
 @torch.inference_mode()
 def predict(model: nn.Module, split: GroupSplit, batch_size: int, workers: int,
-            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N, K) float32 and predictions (N,) for a whole split, in order."""
+            device: torch.device, dist: Distributed = SINGLE_PROCESS
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, K) float32 and predictions (N,) for a whole split, in order.
+
+    Under data parallelism each rank predicts its shard and the rows are gathered back into
+    dataset order on every rank.
+    """
     model.eval()
-    loader = make_loader(split, list(range(len(split))), batch_size, workers, device)
-    probs = []
-    for images, _, _ in loader:
+    indices = dist.shard(list(range(len(split))))
+    probs = [torch.zeros(0, split.num_classes)]
+    for images, _, _ in make_loader(split, indices, batch_size, workers, device):
         with autocast(device):
             logits = model(images.to(device, non_blocking=True))
         probs.append(torch.softmax(logits.float(), dim=-1).cpu())
-    prob = torch.cat(probs).numpy()
+    prob = dist.gather_rows(indices, torch.cat(probs).numpy(), len(split))
     return prob, prob.argmax(1)
 
 
@@ -229,9 +235,9 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def evaluate(model, split: GroupSplit, batch_size: int, workers: int, device: torch.device
-             ) -> tuple[dict, np.ndarray, np.ndarray]:
-    prob, pred = predict(model, split, batch_size, workers, device)
+def evaluate(model, split: GroupSplit, batch_size: int, workers: int, device: torch.device,
+             dist: Distributed = SINGLE_PROCESS) -> tuple[dict, np.ndarray, np.ndarray]:
+    prob, pred = predict(model, split, batch_size, workers, device, dist)
     metrics = evaluate_split(split.y, split.a, split.g, pred, prob, split.groups,
                              split.train_group_counts)
     return metrics, prob, pred
@@ -276,41 +282,64 @@ def run(cfg: RunConfig, *, force: bool = False, progress: bool = True,
     """Train and evaluate one run; write its record under ``cfg.out``. Idempotent: a finished
     run is not redone unless ``force``; an unfinished one resumes from its checkpoint."""
     cfg = resolve_config(cfg)
+    dist, device_name = init_distributed(cfg.device)
+    if not dist.is_main:
+        progress, log = False, _silent
+    if cfg.train.batch_size % dist.world_size:
+        raise ConfigError(f"batch_size {cfg.train.batch_size} must be divisible by the "
+                          f"{dist.world_size} data-parallel processes")
     rdir = records.run_dir(cfg.out, cfg)
     if records.is_done(rdir) and not force:
         log(f"already done: {rdir} (use --force to rerun)")
         return RunResult(rdir, records.read_json(rdir / records.METRICS_FILE), skipped=True)
-    if force and rdir.exists():
+    if force and rdir.exists() and dist.is_main:
         shutil.rmtree(rdir)
-    device = resolve_device(cfg.device)
+    dist.barrier()
+    device = resolve_device(device_name)
     workers = cfg.num_workers if cfg.num_workers is not None else (
         0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
     torch.manual_seed(cfg.train.seed)
     model, splits, adapted = build_model_and_data(cfg, device)
     check_eval_groups(splits)
-    rdir.mkdir(parents=True, exist_ok=True)
-    records.write_json_atomic(rdir / records.CONFIG_FILE, records.config_record(
-        cfg, records.dataset_info_dict(splits["train"]),
-        records.environment_info(device=str(device))))
+    if dist.is_main:
+        rdir.mkdir(parents=True, exist_ok=True)
+        records.write_json_atomic(rdir / records.CONFIG_FILE, records.config_record(
+            cfg, records.dataset_info_dict(splits["train"]),
+            records.environment_info(device=f"{device} x{dist.world_size}"
+                                     if dist.enabled else str(device))))
+    dist.barrier()
     params = count_parameters(model)
     log(f"{cfg.method} on {cfg.dataset} with {cfg.backbone}: {params['trainable']:,} trainable, "
         f"{params['inference']:,} inference-time added parameters, "
-        f"{len(adapted)} adapted layers; device {device}; run {rdir}")
-    trainer = _Trainer(cfg, model, splits, device, workers, rdir, progress, log)
+        f"{len(adapted)} adapted layers; device {device}"
+        + (f" x {dist.world_size} processes" if dist.enabled else "") + f"; run {rdir}")
+    trainer = _Trainer(cfg, model, splits, device, workers, rdir, progress, log, dist)
     trainer.fit()
     metrics = trainer.finish(params)
+    dist.barrier()
     return RunResult(rdir, metrics)
+
+
+def _silent(_message: str) -> None:
+    pass
 
 
 class _Trainer:
     """The epoch loop of one run, with its checkpoints and records."""
 
-    def __init__(self, cfg, model, splits, device, workers, rdir, progress, log) -> None:
+    def __init__(self, cfg, model, splits, device, workers, rdir, progress, log,
+                 dist: Distributed) -> None:
         self.cfg, self.model, self.splits, self.device = cfg, model, splits, device
         self.workers, self.rdir, self.progress, self.log = workers, rdir, progress, log
+        self.dist = dist
         t = cfg.train
+        # DDP: gradients are averaged over ranks; evaluation uses the plain module.
+        self.train_model = model if not dist.enabled else nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
         self.train_set = SeededAugmentation(splits["train"], t.seed)
-        self.steps_per_epoch = math.ceil(len(self.train_set) / t.batch_size)
+        # With K processes each epoch drops < K samples so that every rank takes as many steps.
+        self.epoch_size = len(self.train_set) - len(self.train_set) % dist.world_size
+        self.steps_per_epoch = math.ceil(self.epoch_size / t.batch_size)
         self.optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr,
                                            eps=1e-8)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -330,7 +359,9 @@ class _Trainer:
                 "history": self.history, "train_time": self.train_time}
 
     def _save(self) -> None:
-        save_checkpoint(self.checkpoint, self.model, self.optimizer, self.scheduler, self._state())
+        if self.dist.is_main:
+            save_checkpoint(self.checkpoint, self.model, self.optimizer, self.scheduler,
+                            self._state())
 
     def _resume(self) -> None:
         ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
@@ -340,12 +371,15 @@ class _Trainer:
         torch.set_rng_state(ckpt["rng_cpu"])
         if ckpt["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        if self.dist.rank > 0:  # rank 0's RNG state was saved; keep the ranks' dropout distinct
+            torch.manual_seed(self.cfg.train.seed + 7919 * self.dist.rank + ckpt["global_step"])
         self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         self.global_step, self.sums = ckpt["global_step"], ckpt["sums"]
         self.history, self.train_time = ckpt["history"], ckpt["train_time"]
         # history.jsonl may hold a line written after this checkpoint: rewrite it from the
         # checkpoint so no evaluation is listed twice.
-        records.write_jsonl_atomic(self.rdir / records.HISTORY_FILE, self.history)
+        if self.dist.is_main:
+            records.write_jsonl_atomic(self.rdir / records.HISTORY_FILE, self.history)
         self.log(f"resuming from checkpoint: epoch {self.epoch + 1}, step {self.step_in_epoch} "
                  f"of {self.steps_per_epoch}")
 
@@ -363,9 +397,12 @@ class _Trainer:
     def _train_epoch(self, flag: dict[str, bool]) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.train_set.epoch = self.epoch
-        order = epoch_order(len(self.train_set), t.seed, self.epoch)
-        loader = make_loader(self.train_set, order[self.step_in_epoch * t.batch_size:],
-                             t.batch_size, self.workers, self.device)
+        order = epoch_order(len(self.train_set), t.seed, self.epoch)[:self.epoch_size]
+        # Rank r takes every K-th image of the remaining order, b/K per step: the union of the
+        # ranks' step s is exactly the single-process batch s.
+        shard = self.dist.shard(order[self.step_in_epoch * t.batch_size:])
+        loader = make_loader(self.train_set, shard, t.batch_size // self.dist.world_size,
+                             self.workers, self.device)
         self.model.train()
         bar = tqdm(loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
                    desc=f"epoch {self.epoch + 1}/{t.epochs}", disable=not self.progress,
@@ -375,7 +412,7 @@ class _Trainer:
             images = images.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             with autocast(self.device):
-                logits = self.model(images)
+                logits = self.train_model(images)
             loss, parts = training_loss(self.model, logits, y, cfg)
             values = {k: float(v.detach()) for k, v in parts.items()}
             values["loss"] = float(loss.detach())
@@ -396,7 +433,7 @@ class _Trainer:
                 self.sums[k] = self.sums.get(k, 0.0) + v
             bar.set_postfix({k: f"{values[k]:.3g}" for k in ("ce", "R", "K1", "K2", "G")
                              if k in values})
-            if flag["stop"]:
+            if self.dist.any(flag["stop"]):
                 self.train_time += time.perf_counter() - start
                 self._save()
                 raise Preempted(f"SIGTERM: checkpoint written at epoch {self.epoch + 1}, step "
@@ -423,19 +460,20 @@ class _Trainer:
         outputs = {}
         for split in ("val", "test"):
             metrics, prob, pred = evaluate(self.model, self.splits[split], t.eval_batch_size,
-                                           self.workers, self.device)
+                                           self.workers, self.device, self.dist)
             record[split] = metrics
             outputs[split] = (prob, pred)
         record["alarms"] = [f"constant predictor on {s}" for s, (_, pred) in outputs.items()
                             if constant_predictor(pred)]
         self.history.append(record)
-        records.append_jsonl(self.rdir / records.HISTORY_FILE, record)
+        if self.dist.is_main:
+            records.append_jsonl(self.rdir / records.HISTORY_FILE, record)
         val, test = record["val"], record["test"]
         self.log(f"epoch {self.epoch + 1}/{t.epochs}: train CE {record['train'].get('ce', 0):.4f}"
                  f" | val WG {val['worst_group_acc']:.3f} avg {val['avg_acc']:.3f}"
                  f" | test WG {test['worst_group_acc']:.3f} avg {test['avg_acc']:.3f}"
                  + (f" | ALARM: {'; '.join(record['alarms'])}" if record["alarms"] else ""))
-        if select_epoch(self.history, t.select)["epoch"] == self.epoch:
+        if select_epoch(self.history, t.select)["epoch"] == self.epoch and self.dist.is_main:
             self._write_selected(outputs)
         self.epoch += 1
         self.step_in_epoch, self.sums = 0, {}
@@ -472,8 +510,9 @@ class _Trainer:
             "epochs_run": len(self.history),
             "train_time_s": round(self.train_time, 2),
         }
-        records.write_json_atomic(self.rdir / records.METRICS_FILE, metrics)
-        records.mark_done(self.rdir)
+        if self.dist.is_main:
+            records.write_json_atomic(self.rdir / records.METRICS_FILE, metrics)
+            records.mark_done(self.rdir)
         return metrics
 
 

@@ -260,3 +260,42 @@ def test_cli_help_lists_every_setting(capsys):
     for flag in ("--method", "--rank", "--targets", "--alpha", "--beta", "--delta", "--mu-p2",
                  "--lambda-task", "--lambda-fvae", "--select", "--weights", "--epochs"):
         assert flag in text
+
+
+# ---------------------------------------------------------------- data parallelism
+
+
+def test_two_process_ddp_matches_one_process(env, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank takes half of every batch and gradients
+    are averaged, so with no dropout a LoRA run follows the single-process run; evaluation is
+    sharded and gathered back in order, and only rank 0 writes the record."""
+    single = tiny_cfg(env, tmp_path / "one", method="lora", epochs=2)
+    single.adapter.lora_dropout = 0.0
+    reference = run(single, progress=False, log=quiet)
+    cfg = tiny_cfg(env, tmp_path / "two", method="lora", epochs=2)
+    cfg.adapter.lora_dropout = 0.0
+    args = cli_args(cfg, "--lora-dropout", "0")
+    env_vars = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{ROOT}", RBF_TEST_THREADS="1",
+                    HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(29500 + os.getpid() % 1000), str(TESTS / "tiny_models.py"), *args],
+        env=env_vars, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rdir = Path(proc.stdout.strip().splitlines()[-1])
+    assert rdir == records.run_dir(cfg.out, _resolved(cfg))
+    assert rdir.name == reference.run_dir.name  # same settings, same hash
+    assert records.is_done(rdir)
+    config = records.read_json(rdir / "config.json")
+    assert config["environment"]["device"] == "cpu x2"
+    ddp_pred = records.read_predictions(rdir / "predictions_test.csv")
+    one_pred = records.read_predictions(reference.run_dir / "predictions_test.csv")
+    assert (ddp_pred["index"] == one_pred["index"]).all()
+    assert abs(ddp_pred["prob"] - one_pred["prob"]).max() < 1e-4
+    # The gathered evaluation equals a single-process evaluation of the same weights.
+    model, _, splits = load_trained_model(rdir)
+    from robustbench_fvae.training import predict
+    prob, _ = predict(model, splits["test"], 16, 0, torch.device("cpu"))
+    assert abs(prob - ddp_pred["prob"]).max() < 1e-6
+    assert records.recompute_metrics(rdir)["test"] == records.read_json(
+        rdir / "metrics.json")["test"]

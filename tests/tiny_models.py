@@ -67,3 +67,8 @@ def main(argv: list[str]) -> int:
     from robustbench_fvae.run import main as run_main
 
     return run_main(argv)
+
+
+if __name__ == "__main__":  # as a script, e.g. under torchrun
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.exit(main(sys.argv[1:]))
