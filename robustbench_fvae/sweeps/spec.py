@@ -1,0 +1,522 @@
+"""Sweep spec files: parsing, validation and expansion into runs (DESIGN §7).
+
+A spec is a YAML mapping; only ``methods``, ``datasets`` and ``seeds`` are required::
+
+    description: free text, ignored
+    methods: [lora, fvae]                  # names from robustbench_fvae.config.METHODS
+    datasets: [synth-waterbirds]           # names from robustbench_fvae.data.dataset_names()
+    seeds: [1, 2, 42]                      # trial seeds (the run's --seed)
+    settings: {epochs: 8, data_root: data} # run settings shared by every run (run flags, _ for -)
+    grid: {lr: [1.0e-3, 5.0e-3]}           # crossed with each other (and with random draws)
+    random:                                # DomainBed-style random search
+      n: 8                                 # number of draws
+      hparam_seed: 0                       # seeds the draws; independent of the trial seeds
+      space: {lr: {log_uniform: [1.0e-4, 1.0e-2]}, beta: {choice: [1, 10]}}
+    per_dataset: {synth-celeba: {epochs: 6}}
+    per_method: {full: {lr: 1.0e-4}}
+    slurm: {partition: gpu, gpus_per_node: 1, timeout_min: 720}
+
+Expansion is ``methods × datasets × (grid points × random draws) × seeds``; a run's settings are,
+later ones winning: ``settings`` < the trial's grid/random values < ``per_dataset[dataset]`` <
+``per_method[method]``. Every run is resolved with :func:`robustbench_fvae.training.resolve_config`
+(dataset/method defaults filled, everything checked) and named by its config hash, exactly as the
+run CLI names it; runs with equal hashes are merged. Random draw ``i`` of setting ``name`` comes
+from a generator seeded by ``(hparam_seed, i, crc32(name))``: the same for every seed, method and
+dataset of a trial, and unchanged when other settings are added to the space.
+
+Values are coerced to the type the run's flag has (``beta: 1`` → 1.0), so a spec and the
+equivalent ``python -m robustbench_fvae.run`` command line give the same hash. Relative paths
+(``data_root``, ``out``, ``weights``) are relative to the working directory, as for the run CLI.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import types
+import typing
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from robustbench_fvae import records
+from robustbench_fvae.config import (
+    METHODS,
+    AdapterConfig,
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    config_from_settings,
+    config_hash,
+    flat_setting_names,
+)
+
+TOP_LEVEL_KEYS = ("description", "methods", "datasets", "seeds", "settings", "grid", "random",
+                  "per_method", "per_dataset", "slurm")
+REQUIRED_KEYS = ("methods", "datasets", "seeds")
+RANDOM_KEYS = ("n", "hparam_seed", "space")
+DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
+# Set by the methods / datasets / seeds lists, never by settings, grid or overrides.
+AXIS_SETTINGS = {"method": "methods", "dataset": "datasets", "seed": "seeds"}
+# Resources of the Slurm launcher. The first group are submitit's cluster-independent names; the
+# others are passed to Slurm through submitit (``slurm_<key>``), see launchers.slurm_parameters.
+SLURM_GENERIC_KEYS = ("timeout_min", "mem_gb", "cpus_per_task", "gpus_per_node")
+SLURM_SPECIFIC_KEYS = ("partition", "account", "qos", "constraint", "array_parallelism", "gres",
+                       "exclude", "nodelist", "comment", "mail_type", "mail_user", "setup",
+                       "additional_parameters", "max_num_timeout", "signal_delay_s", "job_name")
+SLURM_KEYS = SLURM_GENERIC_KEYS + SLURM_SPECIFIC_KEYS
+
+
+class SpecError(ValueError):
+    """A sweep spec is malformed; the one-line message names the key and what is accepted."""
+
+
+# ---------------------------------------------------------------- setting types
+
+
+def _setting_types() -> dict[str, Any]:
+    hints: dict[str, Any] = {}
+    for cls in (RunConfig, AdapterConfig, TrainConfig):
+        hints.update(typing.get_type_hints(cls))
+    return {name: hints[name] for name in flat_setting_names()}
+
+
+SETTING_TYPES = _setting_types()
+
+
+def _scalar_kind(annotation: Any) -> tuple[type, bool]:
+    """``(scalar type, accepts None)`` of a field annotation: ``float | None`` → (float, True)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        kinds = [a for a in args if a is not type(None)]
+        return kinds[0], type(None) in args
+    if origin is tuple:
+        return tuple, False
+    return annotation, False
+
+
+def coerce_setting(key: str, value: Any, where: str) -> Any:
+    """``value`` converted to the type the run flag ``--key`` parses to, or a SpecError.
+
+    ``where`` names the place in the spec for the message (e.g. ``grid.lr``). YAML reads ``1e-4``
+    (no dot) as text; such text is accepted for numeric settings.
+    """
+    if key in AXIS_SETTINGS:
+        raise SpecError(f"{where}: {key!r} cannot be set here; it comes from the top-level "
+                        f"{AXIS_SETTINGS[key]!r} list")
+    if key not in SETTING_TYPES:
+        try:  # config_from_settings' error lists every accepted name
+            config_from_settings({key: value})
+        except ConfigError as err:
+            raise SpecError(f"{where}: {err}") from None
+        raise SpecError(f"{where}: unknown setting {key!r}")  # pragma: no cover - defensive
+    kind, optional = _scalar_kind(SETTING_TYPES[key])
+    if value is None:
+        if optional:
+            return None
+        raise SpecError(f"{where}: {key} cannot be null")
+    if kind is tuple:  # targets: "q,k" or [q, k]
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+            raise SpecError(f"{where}: {key} expects a list of layer names or 'q,k', got {value!r}")
+        names = tuple(t.strip() for t in items if t.strip())
+        if not names:
+            raise SpecError(f"{where}: {key} must name at least one layer")
+        return names
+    if isinstance(value, bool):
+        raise SpecError(f"{where}: {key} expects {kind.__name__}, got a boolean ({value})")
+    if kind is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise SpecError(f"{where}: {key} expects an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise SpecError(f"{where}: {key} expects a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise SpecError(f"{where}: {key} expects text, got {value!r}")
+    raise SpecError(f"{where}: {key} has an unsupported type {kind}")  # pragma: no cover
+
+
+def _settings_mapping(data: Any, where: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{where}: expected a mapping of run settings (e.g. epochs: 8), "
+                        f"got {type(data).__name__}")
+    return {str(k): coerce_setting(str(k), v, f"{where}.{k}") for k, v in data.items()}
+
+
+# ---------------------------------------------------------------- random search
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """One setting's random-search distribution: ``kind`` in DISTRIBUTIONS, ``args`` its values."""
+
+    name: str
+    kind: str
+    args: tuple
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        if self.kind == "choice":
+            return self.args[int(rng.integers(len(self.args)))]
+        lo, hi = self.args
+        if self.kind == "int_uniform":
+            return int(rng.integers(lo, hi + 1))  # bounds inclusive
+        if self.kind == "uniform":
+            value = rng.uniform(lo, hi)
+        else:  # log_uniform
+            value = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        # 4 significant digits: readable flags, configs and tables; clipped back into [lo, hi].
+        return min(max(float(f"{value:.4g}"), lo), hi)
+
+
+def _distribution(name: str, data: Any, where: str) -> Distribution:
+    accepted = ", ".join(f"{{{d}: ...}}" for d in DISTRIBUTIONS)
+    if not isinstance(data, Mapping) or len(data) != 1:
+        raise SpecError(f"{where}: expected one distribution, one of {accepted}; got {data!r}")
+    kind, args = next(iter(data.items()))
+    if kind not in DISTRIBUTIONS:
+        raise SpecError(f"{where}: unknown distribution {kind!r}; accepted: "
+                        f"{', '.join(DISTRIBUTIONS)}")
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise SpecError(f"{where}.choice: expected a non-empty list of values")
+        values = tuple(coerce_setting(name, v, f"{where}.choice") for v in args)
+        return Distribution(name, kind, values)
+    if not isinstance(args, list) or len(args) != 2:
+        raise SpecError(f"{where}.{kind}: expected [low, high], got {args!r}")
+    setting_kind, _ = _scalar_kind(SETTING_TYPES[name])
+    if kind == "int_uniform":
+        if setting_kind not in (int, float):
+            raise SpecError(f"{where}.{kind}: {name} is not numeric; use choice")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in args):
+            raise SpecError(f"{where}.{kind}: expected integer bounds [low, high], got {args!r}")
+        lo, hi = args
+    else:
+        if setting_kind is not float:
+            raise SpecError(f"{where}.{kind}: {name} is not a real-valued setting; use "
+                            "int_uniform or choice")
+        lo, hi = (coerce_setting(name, v, f"{where}.{kind}") for v in args)
+    if not lo < hi:
+        raise SpecError(f"{where}.{kind}: low must be < high, got [{lo}, {hi}]")
+    if kind == "log_uniform" and lo <= 0:
+        raise SpecError(f"{where}.{kind}: bounds must be > 0, got [{lo}, {hi}]")
+    return Distribution(name, kind, (lo, hi))
+
+
+@dataclass(frozen=True)
+class RandomSearch:
+    """``n`` draws from ``space``, seeded by ``hparam_seed`` only (never by the trial seed)."""
+
+    n: int
+    hparam_seed: int
+    space: tuple[Distribution, ...]
+
+    def draws(self) -> list[dict[str, Any]]:
+        out = []
+        for i in range(self.n):
+            draw = {}
+            for dist in self.space:
+                # One stream per (draw, setting): a setting's values do not move when another
+                # setting is added to or removed from the space.
+                rng = np.random.default_rng([self.hparam_seed, i, zlib.crc32(dist.name.encode())])
+                draw[dist.name] = coerce_setting(dist.name, dist.sample(rng), f"random.{dist.name}")
+            out.append(draw)
+        return out
+
+
+def _random_search(data: Any) -> RandomSearch | None:
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        raise SpecError("random: expected a mapping with keys n, hparam_seed, space")
+    unknown = sorted(set(data) - set(RANDOM_KEYS))
+    if unknown:
+        raise SpecError(f"random: unknown key(s) {unknown}; accepted: {', '.join(RANDOM_KEYS)} "
+                        "(distributions go under random.space)")
+    n, seed, space = data.get("n"), data.get("hparam_seed", 0), data.get("space")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise SpecError(f"random.n: expected a positive integer (number of draws), got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise SpecError(f"random.hparam_seed: expected a non-negative integer, got {seed!r}")
+    if not isinstance(space, Mapping) or not space:
+        raise SpecError("random.space: expected a non-empty mapping setting → distribution, e.g. "
+                        "{lr: {log_uniform: [1.0e-4, 1.0e-2]}}")
+    dists = []
+    for name, dist in space.items():
+        name = str(name)
+        if name in AXIS_SETTINGS or name not in SETTING_TYPES:
+            coerce_setting(name, None, f"random.space.{name}")  # raises the naming SpecError
+        dists.append(_distribution(name, dist, f"random.space.{name}"))
+    return RandomSearch(n, seed, tuple(dists))
+
+
+# ---------------------------------------------------------------- the spec
+
+
+@dataclass
+class SweepSpec:
+    """A validated sweep spec (see the module docstring for the file format)."""
+
+    name: str
+    methods: list[str]
+    datasets: list[str]
+    seeds: list[int]
+    settings: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    random: RandomSearch | None = None
+    per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
+    slurm: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    path: Path | None = None
+
+    def trials(self) -> list[dict[str, Any]]:
+        """The hyperparameter settings of each trial: grid points × random draws (≥ 1 trial)."""
+        keys = list(self.grid)
+        points = [dict(zip(keys, values)) for values in
+                  itertools.product(*(self.grid[k] for k in keys))] or [{}]
+        draws = self.random.draws() if self.random else [{}]
+        return [{**p, **d} for p in points for d in draws]
+
+
+def _name_list(data: Any, key: str, accepted: list[str] | tuple[str, ...]) -> list[str]:
+    if not isinstance(data, list) or not data:
+        raise SpecError(f"{key}: expected a non-empty list, one or more of {', '.join(accepted)}")
+    for item in data:
+        if item not in accepted:
+            raise SpecError(f"{key}: unknown name {item!r}; accepted: {', '.join(accepted)}")
+    return list(dict.fromkeys(data))  # drop repeats, keep order
+
+
+def _dataset_names() -> list[str]:
+    from robustbench_fvae.data import dataset_names  # imports torch: only when a spec is read
+
+    return dataset_names()
+
+
+def _overrides(data: Any, key: str, accepted: list[str] | tuple[str, ...]
+               ) -> dict[str, dict[str, Any]]:
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{key}: expected a mapping name → settings, e.g. {{full: {{lr: 1.0e-4}}}}")
+    out = {}
+    for name, settings in data.items():
+        if name not in accepted:
+            raise SpecError(f"{key}: unknown name {name!r}; accepted: {', '.join(accepted)}")
+        out[name] = _settings_mapping(settings, f"{key}.{name}")
+    return out
+
+
+def slurm_section(data: Any) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise SpecError("slurm: expected a mapping of resources, e.g. {partition: gpu, "
+                        "gpus_per_node: 1, timeout_min: 720}")
+    unknown = sorted(set(data) - set(SLURM_KEYS))
+    if unknown:
+        raise SpecError(f"slurm: unknown key(s) {unknown}; accepted: {', '.join(SLURM_KEYS)}")
+    ints = ("timeout_min", "cpus_per_task", "gpus_per_node", "array_parallelism",
+            "max_num_timeout", "signal_delay_s")
+    for key in ints:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):
+            raise SpecError(f"slurm.{key}: expected a non-negative integer, got {value!r}")
+    mem = data.get("mem_gb")
+    if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
+        raise SpecError(f"slurm.mem_gb: expected a positive number, got {mem!r}")
+    if data.get("additional_parameters") is not None and \
+            not isinstance(data["additional_parameters"], Mapping):
+        raise SpecError("slurm.additional_parameters: expected a mapping of sbatch options")
+    setup = data.get("setup")
+    if setup is not None and (not isinstance(setup, list)
+                              or not all(isinstance(s, str) for s in setup)):
+        raise SpecError("slurm.setup: expected a list of shell lines run before each task")
+    return dict(data)
+
+
+def parse_spec(data: Any, name: str, path: Path | None = None) -> SweepSpec:
+    """Validate a spec mapping (as read from YAML) into a :class:`SweepSpec`."""
+    if not isinstance(data, Mapping):
+        raise SpecError(f"spec {name}: expected a YAML mapping with keys "
+                        f"{', '.join(REQUIRED_KEYS)}, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(TOP_LEVEL_KEYS), key=str)
+    if unknown:
+        raise SpecError(f"unknown top-level key(s) {unknown}; accepted: "
+                        f"{', '.join(TOP_LEVEL_KEYS)}")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise SpecError(f"missing required key(s) {missing} (every spec lists "
+                        f"{', '.join(REQUIRED_KEYS)})")
+    methods = _name_list(data["methods"], "methods", METHODS)
+    datasets = _name_list(data["datasets"], "datasets", _dataset_names())
+    seeds = data["seeds"]
+    if not isinstance(seeds, list) or not seeds or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise SpecError(f"seeds: expected a non-empty list of non-negative integers, got {seeds!r}")
+    settings = _settings_mapping(data.get("settings"), "settings")
+    grid_data = data.get("grid") or {}
+    if not isinstance(grid_data, Mapping):
+        raise SpecError("grid: expected a mapping setting → list of values, e.g. "
+                        "{lr: [1.0e-3, 5.0e-3]}")
+    grid = {}
+    for key, values in grid_data.items():
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+        coerced = [coerce_setting(str(key), v, f"grid.{key}") for v in values]
+        grid[str(key)] = list(dict.fromkeys(coerced))
+    random = _random_search(data.get("random"))
+    if random:
+        both = sorted(set(grid) & {d.name for d in random.space})
+        if both:
+            raise SpecError(f"random.space: {both} also in grid; a setting is either crossed "
+                            "or drawn, not both")
+    description = data.get("description") or ""
+    if not isinstance(description, str):
+        raise SpecError("description: expected text")
+    return SweepSpec(
+        name=name, methods=methods, datasets=datasets, seeds=list(dict.fromkeys(seeds)),
+        settings=settings, grid=grid, random=random,
+        per_method=_overrides(data.get("per_method"), "per_method", METHODS),
+        per_dataset=_overrides(data.get("per_dataset"), "per_dataset", _dataset_names()),
+        slurm=slurm_section(data.get("slurm")), description=description, path=path)
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a YAML spec; its name (for the sweep state file) is the file stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"sweep spec not found: {path} (committed specs live in runs/, "
+                        "e.g. runs/table5-synth.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        detail = " ".join(str(err).split())
+        raise SpecError(f"{path} is not valid YAML: {detail}") from None
+    try:
+        return parse_spec(data, path.stem, path)
+    except SpecError as err:
+        raise SpecError(f"{path}: {err}") from None
+
+
+# ---------------------------------------------------------------- expansion
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a sweep: its explicit settings (the run's flags) and resolved config."""
+
+    method: str
+    dataset: str
+    seed: int
+    trial: int
+    settings: dict[str, Any]
+    config: RunConfig
+    hash: str
+    run_dir: Path
+
+    @property
+    def log_path(self) -> Path:
+        """Where the launchers append the run's stdout/stderr (inside its run directory)."""
+        return self.run_dir / LOG_FILE
+
+    def flags(self) -> list[str]:
+        """The ``python -m robustbench_fvae.run`` arguments that make exactly this run."""
+        return run_flags(self.settings)
+
+    def describe(self) -> str:
+        return f"{self.dataset}/{self.method} seed {self.seed} ({self.hash})"
+
+
+LOG_FILE = "log.txt"
+
+
+def format_value(value: Any) -> str:
+    """A setting value as the run CLI parses it back to the same value (floats round-trip)."""
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def run_flags(settings: Mapping[str, Any]) -> list[str]:
+    """``{"lr": 0.001, "targets": ("q","k")}`` → ``["--lr", "0.001", "--targets", "q,k"]``.
+
+    ``None`` values are left out: they are the run's defaults.
+    """
+    flags = []
+    for key, value in settings.items():
+        if value is None:
+            continue
+        flags += [f"--{key.replace('_', '-')}", format_value(value)]
+    return flags
+
+
+def expand(spec: SweepSpec, *, out: str | Path | None = None,
+           data_root: str | Path | None = None) -> list[PlannedRun]:
+    """Every run of ``spec`` in the order methods × datasets × trials × seeds, de-duplicated.
+
+    ``out`` / ``data_root`` override the spec's settings (they are not part of the hash). A
+    setting combination the runner would refuse raises a SpecError naming the run.
+    """
+    from robustbench_fvae.training import resolve_config  # heavy (torch, timm): only here
+
+    base = dict(spec.settings)
+    if out is not None:
+        base["out"] = str(out)
+    if data_root is not None:
+        base["data_root"] = str(data_root)
+    runs: list[PlannedRun] = []
+    seen: set[str] = set()
+    for method in spec.methods:
+        for dataset in spec.datasets:
+            for t_index, trial in enumerate(spec.trials()):
+                for seed in spec.seeds:
+                    settings = {"method": method, "dataset": dataset, "seed": seed, **base,
+                                **trial, **spec.per_dataset.get(dataset, {}),
+                                **spec.per_method.get(method, {})}
+                    try:
+                        cfg = resolve_config(config_from_settings(settings))
+                    except ConfigError as err:
+                        varying = ", ".join(f"{k}={format_value(v)}" for k, v in trial.items())
+                        where = f"{spec.path}: " if spec.path else ""
+                        raise SpecError(f"{where}run {dataset}/{method} seed {seed}"
+                                        f"{' with ' + varying if varying else ''}: {err}") from None
+                    digest = config_hash(cfg)
+                    if digest in seen:
+                        continue
+                    seen.add(digest)
+                    runs.append(PlannedRun(method, dataset, seed, t_index, settings, cfg, digest,
+                                           records.run_dir(cfg.out, cfg)))
+    return runs
+
+
+def varying_settings(runs: list[PlannedRun]) -> list[str]:
+    """Names of settings (other than method/dataset/seed) whose value differs between runs."""
+    names = list(dict.fromkeys(k for run in runs for k in run.settings))  # first-seen order
+    keys = {k: {format_value(run.settings.get(k)) for run in runs} for k in names}
+    return [k for k, values in keys.items() if len(values) > 1 and k not in AXIS_SETTINGS]
