@@ -1,0 +1,751 @@
+"""Speed benchmark: FVAE-LoRA against LoRA, and our FVAE against the released formulation.
+
+``python -m robustbench_fvae.bench`` builds ViT-B/16-shaped timm models (embed dim 768, 12 heads,
+197 tokens, MLP ratio 4; depth cut to 2 blocks by default so it runs in minutes on a CPU; random
+init) and measures, interleaved in one process so machine noise hits every contender alike:
+
+1. FVAE-LoRA vs LoRA on the whole model: a training step (forward, ``λ_task·CE + λ_fvae·aux``,
+   backward, AdamW step) and an eval step (``model.eval()`` + ``torch.inference_mode()``).
+2. Our FVAE vs a reference implementation of the *released* formulation (idiap/FVAE-LoRA), written
+   here from the facts in ``reference/official_fvae_code.md``: a dense
+   ``MultivariateNormal(loc=x, scale_tril=diag(s) + 1e-5·I)`` log-density per call, one-sample L2
+   terms, and the whole FVAE also run at eval. Timed for one adapted layer (module level) and with
+   the released-style layers swapped into the same ViT (whole model).
+3. Training activation memory: bytes of the tensors autograd saves for backward (deterministic,
+   counted once per storage, parameters excluded), and on CUDA ``torch.cuda.max_memory_allocated``.
+
+Output: a table (median ms, interquartile range, min, ratio to the baseline of each group) and, as
+the last line, one JSON object with the ratios and the settings. Ratios are ratios of median times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+# Nothing here needs the hub (random init); keep timm from trying to reach it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .adapters import (  # noqa: E402
+    AdaptedLinear,
+    FVAEAdapter,
+    LoRAAdapter,
+    collect_aux_loss,
+    count_parameters,
+    inject_adapters,
+)
+from .config import AdapterConfig  # noqa: E402
+
+# Targets on the project's 2-core machine (issue 2): (JSON key, comparison, bound).
+TARGETS: tuple[tuple[str, str, float], ...] = (
+    ("fvae_over_lora_train", "<=", 1.3),
+    ("fvae_over_lora_eval", "<=", 1.05),
+    ("released_over_ours_module_train", ">=", 1.5),
+    ("fvae_over_lora_saved_activation_bytes", "<=", 1.3),  # DESIGN §8
+)
+LR = 5e-3  # the released AdamW learning rate (also used for its LoRA baseline)
+
+
+class BenchError(ValueError):
+    """A benchmark setting cannot be honoured on this machine (e.g. --device cuda without CUDA)."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Model and batch sizes. ``tokens`` = patches + the CLS token."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    depth: int = 2
+    batch_size: int = 8
+
+    @property
+    def tokens(self) -> int:
+        return (self.img_size // self.patch_size) ** 2 + 1
+
+
+# --quick: tiny sizes for the smoke test (17 tokens of width 64).
+QUICK_SHAPE = Shape(img_size=32, patch_size=8, embed_dim=64, num_heads=4, depth=1, batch_size=2)
+
+
+# ------------------------------------------------------------------ released reference formulation
+
+
+class _ReleasedEncoder(nn.Module):
+    """``Linear(d→h) → ReLU → Dropout`` and two heads, as released (same parameter names as
+    :class:`~robustbench_fvae.adapters.fvae.GaussianEncoder`, so weights copy across)."""
+
+    def __init__(self, in_features: int, hidden: int, latent: int, dropout: float) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.mean = nn.Linear(hidden, latent)
+        self.logvar = nn.Linear(hidden, latent)
+        for head in (self.mean, self.logvar):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+
+class ReleasedFVAELayer(nn.Module):
+    """The released per-layer FVAE-LoRA computation, as a speed and correctness reference.
+
+    Follows the released code's formulation (not its code): the reconstruction log-density is a
+    ``torch.distributions.MultivariateNormal(loc=x, scale_tril=diag(s) + jitter·I)`` evaluated at
+    the decoder output — a dense d×d triangular matrix per call, one triangular solve over all
+    tokens (``validate_args=False``, as released); ``s`` is unconstrained (init 1); only
+    KL(q1‖N(0, I)) enters the loss (KL(q2‖p2) is computed and dropped); the repulsive term is the
+    one-sample ``mean((z2_sample − 1.5)²) − mean(z1_sample²)``; and the whole FVAE runs at eval
+    too (its loss is discarded there). The delta is ``(z1 @ B.T) · scaling / ranknum`` (z1
+    sampled in training, the mean in eval).
+    Random draws happen in the same order as in :class:`FVAEAdapter` (dropout of encoder 1,
+    of encoder 2, noise of z1, of z2, decoder dropouts), so seeded runs match draw for draw.
+    Shapes: ``x`` (..., in_features) → delta (..., out_features).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 16, *,
+                 encoder_hidden: int = 16, decoder_hidden: int = 128, decoder_layers: int = 3,
+                 dropout: float = 0.1, mu_p2: float = 1.5, scaling: float = 8.0,
+                 ranknum: float = 16.0, jitter: float = 1e-5, logvar_clamp: float = 20.0,
+                 lambdas: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.encoder1 = _ReleasedEncoder(in_features, encoder_hidden, rank, dropout)
+        self.encoder2 = _ReleasedEncoder(in_features, encoder_hidden, rank, dropout)
+        blocks: list[nn.Module] = []
+        width = 2 * rank
+        for _ in range(decoder_layers):
+            blocks += [nn.Linear(width, decoder_hidden), nn.ReLU(), nn.Dropout(dropout)]
+            width = decoder_hidden
+        blocks.append(nn.Linear(width, in_features))
+        self.decoder = nn.Sequential(*blocks)
+        self.scale = nn.Parameter(torch.ones(in_features))  # unconstrained, as released
+        self.lora_B = nn.Parameter(torch.randn(out_features, rank) * 0.02)
+        self.mu_p2, self.factor, self.jitter = mu_p2, scaling / ranknum, jitter
+        self.logvar_clamp = logvar_clamp
+        # (λ_rec, λ_kl_z1, λ_z2_l2, λ_z1_l2), released defaults all 1.
+        self.lambdas = lambdas
+        self.loss: torch.Tensor | None = None
+        self.loss_parts: dict[str, torch.Tensor] | None = None
+
+    def reconstruction_log_prob(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """``log N(recon; loc=x, scale_tril=diag(s) + jitter·I)`` per token, shape x.shape[:-1].
+
+        Computed in (at least) fp32 outside autocast: the triangular solve has no
+        reduced-precision kernel.
+        """
+        dtype = torch.promote_types(self.scale.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            d = x.shape[-1]
+            eye = torch.eye(d, device=x.device, dtype=dtype)
+            scale_tril = torch.diag(self.scale.to(dtype)) + self.jitter * eye
+            # validate_args=False as released: validation would materialise the d×d matrix
+            # expanded over every token (GBs per call).
+            mvn = torch.distributions.MultivariateNormal(loc=x.to(dtype), scale_tril=scale_tril,
+                                                         validate_args=False)
+            return mvn.log_prob(recon.to(dtype))
+
+    def inference_parameters(self) -> int:
+        """Every parameter: the released eval path runs the whole FVAE."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = self.encoder1.trunk(x)
+        h2 = self.encoder2.trunk(x)
+        mean1 = self.encoder1.mean(h1)
+        logvar1 = self.encoder1.logvar(h1).clamp(-self.logvar_clamp, self.logvar_clamp)
+        mean2 = self.encoder2.mean(h2)
+        logvar2 = self.encoder2.logvar(h2).clamp(-self.logvar_clamp, self.logvar_clamp)
+        z1 = mean1 + torch.exp(0.5 * logvar1) * torch.randn_like(mean1)
+        z2 = mean2 + torch.exp(0.5 * logvar2) * torch.randn_like(mean2)
+        recon = self.decoder(torch.cat([z1, z2], dim=-1))
+        nll = -self.reconstruction_log_prob(x, recon).mean()
+        kl1 = (-0.5 * (1 + logvar1 - mean1.square() - logvar1.exp()).sum(-1)).mean()
+        # KL(q2‖p2) is computed and then dropped by the released code; keep its (small) cost.
+        _ = (0.5 * ((mean2 - self.mu_p2).square() + logvar2.exp() - 1 - logvar2).sum(-1)).mean()
+        z1_l2 = z1.square().mean()
+        z2_l2 = (z2 - self.mu_p2).square().mean()
+        rec, kl, l2_z2, l2_z1 = self.lambdas
+        loss = rec * nll + l2_z2 * z2_l2 - l2_z1 * z1_l2 + kl * kl1
+        if self.training:
+            self.loss = loss
+            self.loss_parts = {"R": nll, "K1": kl1, "z1_l2": z1_l2, "z2_l2": z2_l2}
+        else:  # computed and discarded at eval, as released
+            self.loss, self.loss_parts = None, None
+        code = z1 if self.training else mean1
+        return (code @ self.lora_B.t()) * self.factor
+
+
+def released_from_ours(adapter: FVAEAdapter, jitter: float = 1e-5) -> ReleasedFVAELayer:
+    """A :class:`ReleasedFVAELayer` with exactly the weights of ``adapter`` (``s = exp(log s)``),
+    same sizes, dropout, μ_p2 and output factor (``scaling/ranknum`` = ``output_scale``)."""
+    enc_lin = adapter.encoder1.trunk[0]
+    dec_linears = [m for m in adapter.decoder.net if isinstance(m, nn.Linear)]
+    dropouts = [m for m in adapter.encoder1.trunk if isinstance(m, nn.Dropout)]
+    layer = ReleasedFVAELayer(
+        adapter.in_features, adapter.out_features, adapter.rank,
+        encoder_hidden=enc_lin.out_features, decoder_hidden=dec_linears[0].out_features,
+        decoder_layers=len(dec_linears) - 1, dropout=dropouts[0].p if dropouts else 0.0,
+        mu_p2=adapter.mu_p2, scaling=adapter.output_scale * adapter.rank,
+        ranknum=float(adapter.rank), jitter=jitter, logvar_clamp=adapter.encoder1.logvar_clamp,
+    )
+    p = next(adapter.parameters())
+    layer.to(device=p.device, dtype=p.dtype)
+    layer.encoder1.load_state_dict(adapter.encoder1.state_dict())
+    layer.encoder2.load_state_dict(adapter.encoder2.state_dict())
+    layer.decoder.load_state_dict(adapter.decoder.net.state_dict())
+    with torch.no_grad():
+        layer.scale.copy_(adapter.decoder.log_scale.exp())
+        layer.lora_B.copy_(adapter.lora_B)
+    layer.train(adapter.training)
+    return layer
+
+
+def swap_in_released(model: nn.Module, jitter: float = 1e-5) -> int:
+    """Replace every :class:`FVAEAdapter` in ``model`` by its released-formulation twin (same
+    weights). Returns how many were swapped."""
+    swapped = 0
+    for module in model.modules():
+        if isinstance(module, AdaptedLinear):
+            for key, adapter in list(module.adapters.items()):
+                if isinstance(adapter, FVAEAdapter):
+                    module.adapters[key] = released_from_ours(adapter, jitter)
+                    swapped += 1
+    return swapped
+
+
+def released_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Mean over the released-style layers of their last training loss (then cleared)."""
+    losses = []
+    for m in model.modules():
+        if isinstance(m, ReleasedFVAELayer) and m.loss is not None:
+            losses.append(m.loss)
+            m.loss = None
+    return torch.stack(losses).mean() if losses else None
+
+
+def ours_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    return collect_aux_loss(model)[0]
+
+
+# ------------------------------------------------------------------ steps
+
+
+@dataclass
+class Contender:
+    """One timed thing: ``step()`` is timed; ``setup()`` (untimed) runs before each call."""
+
+    group: str
+    name: str
+    step: Callable[[], None]
+    setup: Callable[[], None] = lambda: None
+    times_ms: list[float] = field(default_factory=list)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+class TrainStep:
+    """One optimisation step as the runner does it: ``λ_task·CE + λ_fvae·aux``, backward, AdamW.
+
+    ``loss()`` is the forward part alone (for the memory measurement); calling the object runs
+    the whole step.
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 aux_fn: Callable[[nn.Module], torch.Tensor | None], device: torch.device,
+                 lambda_task: float = 1000.0, lambda_fvae: float = 1.0) -> None:
+        self.model, self.images, self.labels, self.aux_fn = model, images, labels, aux_fn
+        self.device, self.lambda_task, self.lambda_fvae = device, lambda_task, lambda_fvae
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+
+    def loss(self) -> torch.Tensor:
+        with _autocast(self.device):
+            logits = self.model(self.images)
+            loss = self.lambda_task * F.cross_entropy(logits.float(), self.labels)
+            aux = self.aux_fn(self.model)
+            if aux is not None:
+                loss = loss + self.lambda_fvae * aux.float()
+        return loss
+
+    def finish(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def __call__(self) -> None:
+        self.finish(self.loss())
+
+
+def make_eval_step(model: nn.Module, images: torch.Tensor, device: torch.device
+                   ) -> Callable[[], None]:
+    def step() -> None:
+        with torch.inference_mode(), _autocast(device):
+            model(images)
+
+    return step
+
+
+def make_module_train_step(layer: AdaptedLinear, x: torch.Tensor, grad_out: torch.Tensor,
+                           device: torch.device, lambda_task: float = 1000.0
+                           ) -> Callable[[], None]:
+    """One adapted layer: a linear surrogate task loss on its output plus the layer's own aux
+    loss; gradients flow into ``x`` too (as inside a model whose earlier layers are adapted)."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+    adapter = next(iter(layer.adapters.values()))
+
+    def step() -> None:
+        with _autocast(device):
+            out = layer(x)
+            loss = lambda_task * (out.float() * grad_out).mean()
+            aux = getattr(adapter, "loss", None)
+            if aux is not None:
+                loss = loss + aux.float()
+                adapter.loss = None
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return step
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_interleaved(contenders: Sequence[Contender], warmup: int, repeats: int,
+                    device: torch.device) -> None:
+    """Time every contender once per round, in an order rotated each round, so slow drifts and
+    bursts of machine load fall on all of them alike; the first ``warmup`` rounds are dropped."""
+    n = len(contenders)
+    for rnd in range(warmup + repeats):
+        order = [contenders[(i + rnd) % n] for i in range(n)]
+        for c in order:
+            c.setup()
+            _sync(device)
+            t0 = time.perf_counter()
+            c.step()
+            _sync(device)
+            elapsed = (time.perf_counter() - t0) * 1e3
+            if rnd >= warmup:
+                c.times_ms.append(elapsed)
+
+
+def saved_activation_bytes(step: TrainStep) -> int:
+    """Bytes autograd keeps for backward at the end of one training forward pass: every saved
+    tensor still alive then (saved by branches that were dropped, e.g. a loss term computed and
+    discarded, are not), counted once per storage, the model's parameters excluded (they live
+    anyway). Deterministic for a given graph and batch — no allocator or timing noise."""
+    refs: list[weakref.ref] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        refs.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step.loss()
+        total = _alive_storage_bytes(refs, exclude=step.model.parameters())
+        step.finish(loss)
+    return total
+
+
+def _alive_storage_bytes(refs: Sequence[weakref.ref], exclude: Iterable[torch.Tensor]) -> int:
+    """Sum of storage sizes of the still-alive tensors, once per storage (all alive, so no
+    address is shared by two different storages), storages of ``exclude`` left out."""
+    excluded = {p.untyped_storage().data_ptr() for p in exclude}
+    sizes: dict[int, int] = {}
+    for ref in refs:
+        t = ref()
+        if t is None:
+            continue
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+            continue
+        if storage.data_ptr() not in excluded:
+            sizes[storage.data_ptr()] = storage.nbytes()
+    return sum(sizes.values())
+
+
+def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak CUDA memory allocated during one step, above what was allocated before it."""
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+@dataclass
+class Stats:
+    median: float
+    q1: float
+    q3: float
+    lo: float
+    hi: float
+
+
+def summarize(times: Sequence[float]) -> Stats:
+    xs = sorted(times)
+    if len(xs) >= 2:
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    else:
+        q1 = q3 = xs[0]
+    return Stats(statistics.median(xs), q1, q3, xs[0], xs[-1])
+
+
+# ------------------------------------------------------------------ building
+
+
+def build_vit(shape: Shape, seed: int) -> nn.Module:
+    """A randomly initialised timm VisionTransformer of the given shape, 2 classes."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=shape.img_size, patch_size=shape.patch_size,
+                             embed_dim=shape.embed_dim, depth=shape.depth,
+                             num_heads=shape.num_heads, mlp_ratio=shape.mlp_ratio, num_classes=2)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for but torch sees no CUDA device; "
+                         "use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else float("inf")
+
+
+def _paired_ratio(a: Contender, b: Contender) -> float:
+    """Median over rounds of a/b measured in the same round (robust to load drifting)."""
+    return statistics.median(x / y for x, y in zip(a.times_ms, b.times_ms))
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:9.2f} MiB"
+
+
+# ------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m robustbench_fvae.bench",
+        description=(
+            "Speed and memory benchmark. Times, interleaved in one process: (1) FVAE-LoRA vs LoRA "
+            "on a ViT-B/16-shaped model (768 wide, 12 heads, 197 tokens, random init, depth cut "
+            "to --depth blocks): training step (forward, 1000*CE + mean FVAE loss, backward, "
+            "AdamW) and eval step (inference_mode forward); (2) our FVAE vs a reference of the "
+            "released formulation (dense MultivariateNormal log-prob, one-sample L2 terms, full "
+            "FVAE at eval) for one adapted layer and for the whole model; (3) training activation "
+            "memory (bytes saved for backward; CUDA peak on GPU). Prints a table and, as the last "
+            "line, one JSON object of median-time ratios and settings. Targets (2-core CPU): "
+            "fvae/lora train <= 1.3, eval <= 1.05, released/ours module train >= 1.5, fvae/lora "
+            "saved activation bytes <= 1.3; a miss prints MISSED but does not fail the command. "
+            "On a busy CPU (the run warns), multi-threaded timings are inflated, most for the "
+            "many small ops of FVAE; compare with --threads 1."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--depth", type=_positive_int, default=2,
+                   help="number of ViT-B blocks kept (the full model has 12; every block costs "
+                        "the same, so fewer keeps CPU time short at similar ratios)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per step")
+    p.add_argument("--repeats", type=_positive_int, default=5,
+                   help="timed rounds; every contender runs once per round, medians are reported")
+    p.add_argument("--warmup", type=_non_negative_int, default=2,
+                   help="untimed rounds first (allocator, kernels, caches)")
+    p.add_argument("--targets", default="q,k",
+                   help="comma-separated adapted layers: q, k, v and/or nn.Linear name suffixes")
+    p.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank = FVAE latent size")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto = cuda when available; CUDA runs use bf16 autocast, CPU fp32")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads; default: the cores this process may use")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and the fixed batch")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes (32 px, patch 8, width 64, depth 1, batch 2) for smoke tests; "
+                        "overrides --depth and --batch-size; the ratios mean nothing")
+    return p
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Build, measure, print the table; return the JSON-ready result. The torch thread count is
+    set for the run and restored afterwards (so callers in the same process are unaffected)."""
+    device = resolve_device(args.device)
+    threads = args.threads or available_cores()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(args, device, threads)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(args: argparse.Namespace, device: torch.device, threads: int) -> dict:
+    load_before = _load_average()
+    shape = QUICK_SHAPE if args.quick else Shape(depth=args.depth, batch_size=args.batch_size)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    cfg = AdapterConfig(rank=args.rank, targets=targets)
+    dtype_name = "bf16-autocast" if device.type == "cuda" else "fp32"
+    print(f"robustbench_fvae.bench: device={device} ({dtype_name}), torch {torch.__version__}, "
+          f"threads={threads}, {platform.machine()}")
+    print(f"model: ViT depth={shape.depth} width={shape.embed_dim} heads={shape.num_heads} "
+          f"tokens={shape.tokens} batch={shape.batch_size}, targets={','.join(targets)}, "
+          f"rank={cfg.rank}, warmup={args.warmup}, repeats={args.repeats}")
+
+    base = build_vit(shape, args.seed)
+    models: dict[str, nn.Module] = {}
+    for method in ("lora", "fvae"):
+        m = copy.deepcopy(base)
+        torch.manual_seed(args.seed + 1)  # same adapter init stream for every run
+        inject_adapters(m, method, cfg, num_classes=2)
+        models[method] = m.to(device)
+    released = copy.deepcopy(models["fvae"])
+    n_swapped = swap_in_released(released)
+    models["released"] = released
+
+    gen = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(shape.batch_size, 3, shape.img_size, shape.img_size, generator=gen)
+    labels = torch.randint(0, 2, (shape.batch_size,), generator=gen)
+    images, labels = images.to(device), labels.to(device)
+    aux_fns = {"lora": lambda m: None, "fvae": ours_aux_loss, "released": released_aux_loss}
+
+    contenders: list[Contender] = []
+    for name, model in models.items():
+        contenders.append(Contender(
+            "model train", name, TrainStep(model, images, labels, aux_fns[name], device),
+            setup=model.train))
+    for name, model in models.items():
+        contenders.append(Contender(
+            "model eval", name, make_eval_step(model, images, device), setup=model.eval))
+
+    # Module level: one frozen d→d Linear with one adapter over its whole output.
+    d = shape.embed_dim
+    torch.manual_seed(args.seed + 2)
+    linear = nn.Linear(d, d)
+    ours_fvae = _module_adapter("fvae", cfg, d)
+    module_adapters = {"lora": _module_adapter("lora", cfg, d), "fvae": ours_fvae,
+                       "released": released_from_ours(ours_fvae)}
+    x = torch.randn(shape.batch_size, shape.tokens, d, generator=gen).to(device)
+    x.requires_grad_(True)
+    grad_out = torch.randn(shape.batch_size, shape.tokens, d, generator=gen).to(device)
+    for name, adapter in module_adapters.items():
+        layer = AdaptedLinear(copy.deepcopy(linear).requires_grad_(False))
+        layer.add_adapter("all", adapter, 0, d)
+        layer.to(device).train()
+        contenders.append(Contender("module train", name,
+                                    make_module_train_step(layer, x, grad_out, device),
+                                    setup=layer.train))
+
+    run_interleaved(contenders, args.warmup, args.repeats, device)
+    load_after = _load_average()
+
+    # Memory: one more training step per model under the saved-tensor hooks.
+    saved = {}
+    peaks = {}
+    for name, model in models.items():
+        model.train()
+        step = TrainStep(model, images, labels, aux_fns[name], device)
+        saved[name] = saved_activation_bytes(step)
+        if device.type == "cuda":
+            peaks[name] = cuda_peak_bytes(step, device)
+
+    by = {(c.group, c.name): c for c in contenders}
+    stats = {k: summarize(c.times_ms) for k, c in by.items()}
+
+    def med(group: str, name: str) -> float:
+        return stats[(group, name)].median
+
+    result = {
+        "fvae_over_lora_train": _ratio(med("model train", "fvae"), med("model train", "lora")),
+        "fvae_over_lora_eval": _ratio(med("model eval", "fvae"), med("model eval", "lora")),
+        "released_over_ours_module_train": _ratio(med("module train", "released"),
+                                                  med("module train", "fvae")),
+        "released_over_ours_model_train": _ratio(med("model train", "released"),
+                                                 med("model train", "fvae")),
+        "released_over_ours_model_eval": _ratio(med("model eval", "released"),
+                                                med("model eval", "fvae")),
+        "fvae_over_lora_module_train": _ratio(med("module train", "fvae"),
+                                              med("module train", "lora")),
+        "fvae_over_lora_saved_activation_bytes": _ratio(saved["fvae"], saved["lora"]),
+        "released_over_ours_saved_activation_bytes": _ratio(saved["released"], saved["fvae"]),
+        "saved_activation_bytes": saved,
+    }
+    if peaks:
+        result["fvae_over_lora_cuda_peak_bytes"] = _ratio(peaks["fvae"], peaks["lora"])
+        result["cuda_peak_bytes"] = peaks
+    result["median_ms"] = {f"{g}/{n}": round(s.median, 3) for (g, n), s in stats.items()}
+    result["params"] = {name: count_parameters(m) for name, m in models.items()}
+    result["targets_met"] = {key: _meets(result[key], op, bound) for key, op, bound in TARGETS}
+    result["settings"] = {
+        "depth": shape.depth, "batch_size": shape.batch_size, "tokens": shape.tokens,
+        "embed_dim": shape.embed_dim, "num_heads": shape.num_heads, "threads": threads,
+        "device": str(device), "precision": dtype_name, "torch": torch.__version__,
+        "targets": list(targets), "rank": cfg.rank, "repeats": args.repeats,
+        "warmup": args.warmup, "quick": bool(args.quick), "seed": args.seed,
+        "released_layers": n_swapped, "python": platform.python_version(),
+        "cores": available_cores(), "load_avg_before": load_before, "load_avg_after": load_after,
+    }
+
+    _print_table(contenders, stats)
+    _print_memory(saved, peaks)
+    _print_targets(result)
+    _print_load_warning(load_before, load_after, threads, device)
+    return result
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (runnable processes), or None where the OS has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _print_load_warning(before: float | None, after: float | None, threads: int,
+                        device: torch.device) -> None:
+    """Warn when other processes competed for the CPU. With several torch threads, each op waits
+    for its slowest thread, so a preempted thread stalls every op: contenders made of many small
+    ops (the FVAE family) slow down far more than LoRA and the ratios stop meaning anything."""
+    if before is None or after is None or device.type != "cpu":
+        return
+    # Our own run adds about `threads` to the 1-minute average by its end.
+    others = max(before, after - threads)
+    if others > 0.5:
+        print(f"WARNING: the machine was busy (1-min load {before:.2f} before, {after:.2f} after, "
+              f"{available_cores()} cores): CPU timings with --threads {threads} are inflated, "
+              "most for many-small-op contenders; rerun on an idle machine"
+              + (" or compare with --threads 1" if threads > 1 else ""))
+
+
+def _module_adapter(method: str, cfg: AdapterConfig, d: int) -> nn.Module:
+    if method == "lora":
+        return LoRAAdapter(d, d, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
+    return FVAEAdapter(d, d, cfg.rank, encoder_hidden=cfg.encoder_hidden,
+                       decoder_hidden=cfg.decoder_hidden, decoder_layers=cfg.decoder_layers,
+                       dropout=cfg.fvae_dropout, mu_p2=cfg.mu_p2, b_init_std=cfg.b_init_std,
+                       output_scale=cfg.output_scale, logvar_clamp=cfg.logvar_clamp)
+
+
+def _meets(value: float, op: str, bound: float) -> bool:
+    return value <= bound if op == "<=" else value >= bound
+
+
+# Which contender each group's ratios are taken against.
+_BASELINE = {"model train": "lora", "model eval": "lora", "module train": "lora"}
+_LABEL = {"lora": "LoRA", "fvae": "FVAE-LoRA (ours)", "released": "FVAE released formulation"}
+
+
+def _print_table(contenders: Sequence[Contender], stats: dict) -> None:
+    print()
+    header = (f"{'group':<13} {'contender':<26} {'median ms':>10} {'IQR ms':>19} {'min ms':>9} "
+              f"{'÷ LoRA':>7} {'÷ ours':>7} {'paired÷ours':>11}")
+    print(header)
+    print("-" * len(header))
+    by = {(c.group, c.name): c for c in contenders}
+    for c in contenders:
+        s = stats[(c.group, c.name)]
+        base = stats[(c.group, _BASELINE[c.group])].median
+        ours = stats[(c.group, "fvae")].median
+        paired = _paired_ratio(c, by[(c.group, "fvae")])
+        print(f"{c.group:<13} {_LABEL[c.name]:<26} {s.median:10.2f} "
+              f"{f'{s.q1:.2f}–{s.q3:.2f}':>19} {s.lo:9.2f} {_ratio(s.median, base):7.3f} "
+              f"{_ratio(s.median, ours):7.3f} {paired:11.3f}")
+
+
+def _print_memory(saved: dict[str, int], peaks: dict[str, int]) -> None:
+    print()
+    print("training activation memory (tensors saved for backward, once per storage, "
+          "parameters excluded)" + ("; CUDA peak above the resting state" if peaks else ""))
+    for name, nbytes in saved.items():
+        line = (f"  {_LABEL[name]:<26} saved {_fmt_bytes(nbytes)}  ÷ LoRA "
+                f"{_ratio(nbytes, saved['lora']):6.3f}")
+        if peaks:
+            line += f"   cuda peak {_fmt_bytes(peaks[name])}  ÷ LoRA " \
+                    f"{_ratio(peaks[name], peaks['lora']):6.3f}"
+        print(line)
+
+
+def _print_targets(result: dict) -> None:
+    print()
+    for key, op, bound in TARGETS:
+        value = result[key]
+        verdict = "met" if _meets(value, op, bound) else "MISSED"
+        print(f"target {key} {op} {bound}: {value:.3f}  {verdict}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """CLI entry: parse, run, print; the JSON object is the last line of stdout."""
+    args = build_parser().parse_args(argv)
+    try:
+        result = run_benchmark(args)
+    except ValueError as err:  # bad settings: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(_jsonable(result), sort_keys=True))
+    return result
+
+
+def _jsonable(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+if __name__ == "__main__":
+    main()
