@@ -103,10 +103,36 @@ class GaussianDecoder(nn.Module):
 
     def negative_log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``−log p(x|z)`` per token, summed over the input dims: shape ``x.shape[:-1]``."""
-        standardized = (x - self(z)) * torch.exp(-self.log_scale)
-        d = x.shape[-1]
-        return (0.5 * standardized.square().sum(-1) + self.log_scale.sum()
-                + d * _HALF_LOG_2PI)
+        mean = self(z)
+        dtype = torch.promote_types(mean.dtype, torch.float32)
+        return _DiagonalGaussianNLL.apply(x.to(dtype), mean.to(dtype), self.log_scale.to(dtype))
+
+
+class _DiagonalGaussianNLL(torch.autograd.Function):
+    """``−log N(x; μ, diag(s²))`` per token, summed over the last dim, ``s = exp(log_scale)``.
+
+    Written out because autograd would keep two (…, d) tensors per token for backward
+    (``x − μ`` and its standardised square); this keeps only ``x − μ``, which is what keeps
+    FVAE-LoRA's training activation memory close to LoRA's.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor
+                ) -> torch.Tensor:
+        diff = x - mean
+        ctx.save_for_backward(diff, log_scale)
+        inv_var = torch.exp(-2.0 * log_scale)
+        return (0.5 * (diff.square() * inv_var).sum(-1) + log_scale.sum()
+                + x.shape[-1] * _HALF_LOG_2PI)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        diff, log_scale = ctx.saved_tensors
+        inv_var = torch.exp(-2.0 * log_scale)
+        g = grad.unsqueeze(-1)
+        grad_x = g * diff * inv_var
+        grad_log_scale = (g * (1.0 - diff.square() * inv_var)).reshape(-1, diff.shape[-1]).sum(0)
+        return grad_x, -grad_x, grad_log_scale
 
 
 def gaussian_kl_to_standard(mean: torch.Tensor, logvar: torch.Tensor,
