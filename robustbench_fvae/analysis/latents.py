@@ -1,0 +1,256 @@
+"""Per-image latent codes of a trained run's adapted layers, for probes and t-SNE (DESIGN §3, §7).
+
+For each chosen adapted layer (named ``"<module>:<key>"`` as by
+:func:`robustbench_fvae.adapters.adapted_layers`, e.g. ``"blocks.3.attn.qkv:q"``) the model is run
+in eval mode over (a subsample of) a split, and the per-token codes are pooled to one vector per
+image. Latent kinds:
+
+* ``z1``, ``z2`` — posterior means ``μ1(x)``, ``μ2(x)`` of the FVAE family's two encoders;
+* ``lora`` — LoRA's low-rank code ``A x``;
+* ``backbone`` — the frozen backbone's own token features *entering* the adapted layer (the input
+  ``x`` of the adapted Linear, i.e. the block's LayerNorm output for ``qkv``), pooled the same way:
+  the reference a latent space is compared with.
+
+Pooling over the token axis (ViT tokens are ``[CLS, (registers), patches…]``):
+
+* ``mean`` (default) — mean over the **patch tokens only** (CLS and register tokens excluded): at
+  the first block the CLS token is the same learned vector for every image, so including it would
+  only dilute the mean; excluding it also keeps ``both`` free of double counting;
+* ``cls`` — the CLS token (models without a class token refuse it);
+* ``both`` — ``[cls ; mean]`` concatenated (twice the width).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import adapted_layers, record_latents
+from ..data.base import GroupSplit
+
+POOLS = ("cls", "mean", "both")
+LATENT_KINDS = ("z1", "z2", "lora", "backbone")
+DEFAULT_MAX_IMAGES = 5000
+# Fewest images a group keeps in a capped subsample (or all it has): per-group accuracies of the
+# group-balanced metric need a few samples even for the rarest group.
+MIN_PER_GROUP = 25
+
+
+class LayerError(ValueError):
+    """A requested layer is unknown or the model has no adapted layers."""
+
+
+class PoolError(ValueError):
+    """A pooling mode is unknown or impossible for this model (``cls`` without a class token)."""
+
+
+# ---------------------------------------------------------------- layer choice
+
+
+def _module_of(layer: str) -> str:
+    return layer.rsplit(":", 1)[0]
+
+
+def default_layers(available: Sequence[str]) -> list[str]:
+    """All adapted layers when they sit in at most 3 modules; otherwise every target of the
+    first, middle (index ``n // 2``) and last adapted module, in model order."""
+    modules = list(dict.fromkeys(_module_of(n) for n in available))
+    if len(modules) <= 3:
+        return list(available)
+    keep = {modules[0], modules[len(modules) // 2], modules[-1]}
+    return [n for n in available if _module_of(n) in keep]
+
+
+def select_layers(available: Sequence[str], spec: str | Sequence[str] | None) -> list[str]:
+    """Resolve ``--layers``: ``None``/empty → :func:`default_layers`; ``all``; or comma-separated
+    items, each a full layer name (``blocks.3.attn.qkv:q``), a module name (all of its targets,
+    ``blocks.3.attn.qkv``) or an integer index into ``available`` (negative counts from the end).
+    Returns names in the order given, without repeats."""
+    available = list(available)
+    if not available:
+        raise LayerError("the model has no adapted layers (methods lora, fvae, vae2lat, bvae2lat "
+                         "have them; full and linear do not)")
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return default_layers(available)
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    items = [s for s in items if s]
+    if items == ["all"]:
+        return available
+    chosen: list[str] = []
+    for item in items:
+        if item in available:
+            chosen.append(item)
+            continue
+        by_module = [n for n in available if _module_of(n) == item]
+        if by_module:
+            chosen.extend(by_module)
+            continue
+        try:
+            index = int(item)
+        except ValueError:
+            index = None
+        if index is not None and -len(available) <= index < len(available):
+            chosen.append(available[index])
+            continue
+        raise LayerError(
+            f"unknown layer {item!r}; give names, module names or indices 0..{len(available) - 1} "
+            f"(negative from the end) of the available layers: {', '.join(available)}")
+    return list(dict.fromkeys(chosen))
+
+
+# ---------------------------------------------------------------- pooling
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1,
+                has_class_token: bool = True) -> torch.Tensor:
+    """Pool per-token codes (B, T, r) to per-image vectors: (B, r) for ``cls``/``mean``, (B, 2r)
+    for ``both``. Tokens ``[0, num_prefix_tokens)`` are CLS/register tokens (CLS first, as in
+    timm); ``mean`` averages the remaining patch tokens. A (B, r) input is already per image and
+    is returned unchanged; (B, H, W, r) maps are flattened to (B, H·W, r) without prefix tokens."""
+    if pool not in POOLS:
+        raise PoolError(f"unknown pooling {pool!r}; accepted: {', '.join(POOLS)}")
+    if tokens.ndim == 2:
+        return tokens
+    if tokens.ndim > 3:
+        tokens = tokens.flatten(1, -2)
+        num_prefix_tokens, has_class_token = 0, False
+    if pool in ("cls", "both") and not (has_class_token and num_prefix_tokens >= 1):
+        raise PoolError("--pool cls/both needs a class token, and this model has none; use "
+                        "--pool mean")
+    if tokens.shape[1] <= num_prefix_tokens and pool != "cls":
+        raise PoolError(f"no patch tokens to average: {tokens.shape[1]} tokens, "
+                        f"{num_prefix_tokens} of them prefix tokens")
+    mean = tokens[:, num_prefix_tokens:].mean(dim=1)
+    if pool == "mean":
+        return mean
+    cls = tokens[:, 0]
+    return cls if pool == "cls" else torch.cat([cls, mean], dim=-1)
+
+
+# ---------------------------------------------------------------- subsampling
+
+
+def stratified_subsample(g: np.ndarray, max_images: int | None, seed: int = 0,
+                         min_per_group: int = MIN_PER_GROUP) -> np.ndarray:
+    """Sorted positions of at most ``max_images`` samples, drawn without replacement per group.
+
+    ``None`` or a cap ≥ N keeps everything. Otherwise every group first keeps
+    ``min(n_g, min_per_group, max_images // n_groups)`` images and the rest of the budget is
+    shared in proportion to the groups' remaining sizes (largest remainders), so the split's group
+    proportions — its spurious correlation — are kept while rare groups are not lost. Seeded.
+    """
+    g = np.asarray(g)
+    n = len(g)
+    if max_images is None or max_images >= n:
+        return np.arange(n)
+    if max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    groups, counts = np.unique(g, return_counts=True)
+    floor = np.minimum(counts, min(min_per_group, max_images // len(groups)))
+    left = max_images - int(floor.sum())
+    spare = counts - floor
+    share = spare * left / max(1, int(spare.sum()))
+    extra = np.floor(share).astype(int)
+    # Hand out what flooring dropped to the largest fractional parts (ties: larger groups first).
+    order = np.lexsort((-spare, -(share - extra)))
+    for i in order[: left - int(extra.sum())]:
+        extra[i] += 1
+    quota = floor + np.minimum(extra, spare)
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(np.flatnonzero(g == grp), size=int(q), replace=False)
+              for grp, q in zip(groups, quota)]
+    return np.sort(np.concatenate(picked))
+
+
+# ---------------------------------------------------------------- extraction
+
+
+@dataclass
+class LatentSet:
+    """Pooled latents of one split: ``features[(layer, latent)]`` is float32 (N, D), row ``i``
+    belonging to split position ``indices[i]`` with labels ``y[i]``, ``a[i]``, group ``g[i]``."""
+
+    split: str
+    pool: str
+    indices: np.ndarray
+    y: np.ndarray
+    a: np.ndarray
+    g: np.ndarray
+    features: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """``(layer, latent)`` pairs, layers in extraction order, latents in LATENT_KINDS order."""
+        rank = {k: i for i, k in enumerate(LATENT_KINDS)}
+        layers = list(dict.fromkeys(layer for layer, _ in self.features))
+        return sorted(self.features, key=lambda k: (layers.index(k[0]), rank.get(k[1], 99)))
+
+    def subset(self, rows: np.ndarray) -> LatentSet:
+        """The same set restricted to rows ``rows`` (positions into this set, not the split)."""
+        return LatentSet(self.split, self.pool, self.indices[rows], self.y[rows], self.a[rows],
+                         self.g[rows], {k: v[rows] for k, v in self.features.items()})
+
+
+@torch.inference_mode()
+def extract_latents(model: nn.Module, split: GroupSplit, layers: Sequence[str] | None = None, *,
+                    pool: str = "mean", indices: Sequence[int] | np.ndarray | None = None,
+                    batch_size: int = 256, device: str | torch.device = "cpu",
+                    num_workers: int = 0, backbone: bool = True,
+                    progress: bool = False) -> LatentSet:
+    """Run ``model`` (eval mode, float32, no autocast) over ``split[indices]`` with the split's
+    own transform — pass a split whose transform is the *evaluation* one — and pool the latents
+    of ``layers`` (``None``: every adapted layer) per image. With ``backbone`` the input features
+    of each adapted layer are pooled too (latent ``backbone``). Tokens are pooled batch by batch,
+    so memory holds only the pooled (N, D) arrays."""
+    if pool not in POOLS:
+        raise PoolError(f"unknown pooling {pool!r}; accepted: {', '.join(POOLS)}")
+    available = adapted_layers(model)
+    layers = list(available) if layers is None else list(layers)
+    unknown = [n for n in layers if n not in available]
+    if unknown:
+        raise LayerError(f"unknown adapted layer(s) {unknown}; available: {', '.join(available)}")
+    idx = np.arange(len(split)) if indices is None else np.asarray(indices, dtype=np.int64)
+    device = torch.device(device)
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    has_cls = bool(getattr(model, "has_class_token", prefix >= 1))
+    model.eval()
+
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    handles = []
+    if backbone:
+        for name in layers:
+            def pre_hook(module, args, name=name):
+                inputs[name].append(args[0].detach().float())
+            handles.append(available[name].register_forward_pre_hook(pre_hook))
+    chunks: dict[tuple[str, str], list[torch.Tensor]] = {}
+    loader = torch.utils.data.DataLoader(
+        split, batch_size=batch_size, sampler=idx.tolist(), num_workers=num_workers,
+        pin_memory=device.type == "cuda")
+    try:
+        with record_latents(model, layers) as store:
+            for images, _, _ in tqdm(loader, desc=f"latents {split.split}", disable=not progress,
+                                     leave=False, dynamic_ncols=True):
+                model(images.to(device, non_blocking=True))
+                for name in layers:
+                    per_kind = {k: v for k, v in store[name].items() if v}
+                    if backbone:
+                        per_kind["backbone"] = inputs[name]
+                    for kind, calls in per_kind.items():
+                        # One forward call per batch; pool each before anything accumulates.
+                        pooled = [pool_tokens(t, pool, prefix, has_cls).cpu() for t in calls]
+                        chunks.setdefault((name, kind), []).extend(pooled)
+                        calls.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    features = {k: torch.cat(v).numpy().astype(np.float32, copy=False) for k, v in chunks.items()}
+    for key, value in features.items():
+        if len(value) != len(idx):
+            raise RuntimeError(f"{key} recorded {len(value)} rows for {len(idx)} images: the "
+                               "layer ran more than once per forward pass")
+    return LatentSet(split=split.split, pool=pool, indices=idx, y=split.y[idx], a=split.a[idx],
+                     g=split.g[idx], features=features)

@@ -1,0 +1,84 @@
+"""``python -m robustbench_fvae.probe RUN_DIR``: what the latent spaces of a trained run encode.
+
+Linear probes of the label y and the spurious attribute a from each adapted layer's pooled codes —
+z1 and z2 (FVAE family), LoRA's A x, and the frozen backbone's input features as a reference —
+fitted on train, scored on test by group-balanced accuracy; t-SNE maps of the test codes.
+Writes probes.csv (columns layer, latent, target, acc, …), probe.json and tsne_*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+# Same values as analysis.latents / analysis.tsne, kept here so --help needs no torch import.
+DEFAULT_MAX_IMAGES = 5000
+DEFAULT_TSNE_MAX = 2000
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m robustbench_fvae.probe",
+        description="What the latent spaces of a trained run encode: linear probes of the label y "
+                    "and the spurious attribute a from z1, z2 (FVAE family), LoRA's A x and the "
+                    "backbone's features, scored on test by group-balanced accuracy; t-SNE maps. "
+                    "Writes probes.csv, probe.json and tsne_*.png.")
+    parser.add_argument("run_dir", metavar="RUN_DIR",
+                        help="a finished run's folder (the last line printed by "
+                             "robustbench_fvae.run)")
+    parser.add_argument("--layers", default=None, metavar="L",
+                        help="comma-separated adapted layers: names (blocks.3.attn.qkv:q), module "
+                             "names (blocks.3.attn.qkv: all its targets), indices (0,5,-1) or "
+                             "'all' (write --layers=-1,0 when the list starts with a minus); "
+                             "default: all when they sit in <= 3 modules, else every target of "
+                             "the first, middle and last adapted module")
+    parser.add_argument("--pool", choices=("cls", "mean", "both"), default="mean",
+                        help="token pooling: mean over patch tokens (CLS excluded; default), "
+                             "the CLS token, or both concatenated")
+    parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, metavar="N",
+                        help="cap per split (train and test), subsampled by group with a seed; "
+                             f"0: no cap (default: {DEFAULT_MAX_IMAGES})")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="output folder (default: RUN_DIR/probe)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--tsne-max", type=int, default=DEFAULT_TSNE_MAX, metavar="N",
+                        help="test images per t-SNE map, subsampled by group; 0: no t-SNE "
+                             f"(default: {DEFAULT_TSNE_MAX})")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of subsampling, CV folds, probes and t-SNE (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="B",
+                        help="images per forward pass (default: the run's eval batch size)")
+    parser.add_argument("--num-workers", type=int, default=None, metavar="W",
+                        help="data loader workers (default: 0 on CPU, min(8, cores) on CUDA)")
+    parser.add_argument("--jobs", type=int, default=0, metavar="J",
+                        help="processes for probe fits and t-SNE maps; 0: min(8, cores) "
+                             "(default), -1: all cores")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Imported late so that --help and argument errors are instant.
+    from .analysis.probes import probe_run
+
+    try:
+        result = probe_run(
+            args.run_dir, layers=args.layers, pool=args.pool,
+            max_images=args.max_images or None, out=args.out, device=args.device,
+            tsne_max=args.tsne_max, seed=args.seed, batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            n_jobs=args.jobs or min(8, os.cpu_count() or 1), progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("RBF_TRACEBACK"):
+            raise
+        print(f"error: {err}  (set RBF_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
+    print(result.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

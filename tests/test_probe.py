@@ -1,0 +1,422 @@
+"""Latent analysis: pooling, subsampling, layer choice, extraction from a real tiny ViT, linear
+probes on planted signals, t-SNE figures, and the ``probe`` CLI end to end on a real tiny run."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from threadpoolctl import threadpool_limits
+
+from robustbench_fvae import probe as probe_cli
+from robustbench_fvae.adapters import inject_adapters
+from robustbench_fvae.analysis.latents import (
+    DEFAULT_MAX_IMAGES,
+    LayerError,
+    PoolError,
+    default_layers,
+    extract_latents,
+    pool_tokens,
+    select_layers,
+    stratified_subsample,
+)
+from robustbench_fvae.analysis.probes import (
+    CSV_COLUMNS,
+    ProbeError,
+    chance_level,
+    format_table,
+    group_balanced_accuracy,
+    majority_rate,
+    run_probe,
+    write_probes_csv,
+)
+from robustbench_fvae.analysis.tsne import DEFAULT_TSNE_MAX, figure_name, plot_tsne, tsne_embedding
+from robustbench_fvae.config import AdapterConfig
+from robustbench_fvae.data.base import Group, GroupSplit
+from robustbench_fvae.data.transforms import make_transforms
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    # Small scikit-learn fits and t-SNE spin-wait in OpenMP/BLAS threads; on a busy 2-core
+    # machine that makes them 10-20x slower than one thread.
+    with threadpool_limits(1):
+        yield
+
+
+# ---------------------------------------------------------------- metrics by hand
+
+
+def test_group_balanced_accuracy_matches_hand_computation():
+    target = np.array([0, 0, 1, 1, 1, 0, 1])
+    pred = np.array([0, 1, 1, 1, 0, 0, 0])
+    g = np.array([0, 0, 3, 3, 3, 1, 2])
+    # group 0: 1/2, group 1: 1/1, group 2: 0/1, group 3: 2/3 → mean over the 4 groups
+    expected = (0.5 + 1.0 + 0.0 + 2 / 3) / 4
+    assert group_balanced_accuracy(target, pred, g) == pytest.approx(expected)
+    # plain accuracy would be 4/7 ≠ the group-balanced value
+    assert np.mean(target == pred) != pytest.approx(expected)
+    # constant 0 is right in groups 0 and 1, constant 1 in groups 2 and 3 → 2/4 either way;
+    # with group 1 now holding a 1 instead, constant 1 is right in 3 of 4 groups
+    assert chance_level(target, g) == pytest.approx(0.5)
+    assert chance_level(np.array([0, 0, 1, 1, 1, 1, 1]), g) == pytest.approx(0.75)
+    assert majority_rate(target) == pytest.approx(4 / 7)
+    with pytest.raises(ProbeError):
+        group_balanced_accuracy(target, pred[:-1], g)
+
+
+# ---------------------------------------------------------------- pooling
+
+
+def test_pooling_on_a_hand_made_tensor():
+    tokens = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    cls = pool_tokens(tokens, "cls")
+    mean = pool_tokens(tokens, "mean")
+    both = pool_tokens(tokens, "both")
+    assert torch.equal(cls, torch.tensor([[0.0, 1, 2], [12, 13, 14]]))
+    # mean over the 3 patch tokens only (CLS excluded): rows 1..3 of each image
+    assert torch.allclose(mean, torch.tensor([[6.0, 7, 8], [18, 19, 20]]))
+    assert torch.equal(both, torch.cat([cls, mean], dim=1)) and both.shape == (2, 6)
+    # a register token after CLS is excluded from the mean as well
+    assert torch.allclose(
+        pool_tokens(tokens, "mean", num_prefix_tokens=2),
+        torch.tensor([[7.5, 8.5, 9.5], [19.5, 20.5, 21.5]]),
+    )
+    with pytest.raises(PoolError, match="class token"):
+        pool_tokens(tokens, "cls", num_prefix_tokens=0, has_class_token=False)
+    with pytest.raises(PoolError, match="accepted"):
+        pool_tokens(tokens, "max")
+    flat = torch.ones(2, 3)
+    assert pool_tokens(flat, "mean") is flat
+
+
+# ---------------------------------------------------------------- subsampling and layers
+
+
+def test_stratified_subsample_keeps_proportions_and_rare_groups():
+    g = np.repeat([0, 1, 2, 3], [5000, 300, 60, 2000])
+    idx = stratified_subsample(g, 1000, seed=1)
+    assert len(idx) == 1000 and len(np.unique(idx)) == 1000 and np.all(np.diff(idx) > 0)
+    counts = np.bincount(g[idx], minlength=4)
+    assert counts[2] >= 25  # floor for the rare group (proportional share alone would be 8)
+    assert abs(counts[0] / counts[3] - 2.5) < 0.15  # the big groups keep their ratio
+    assert np.array_equal(idx, stratified_subsample(g, 1000, seed=1))
+    assert not np.array_equal(idx, stratified_subsample(g, 1000, seed=2))
+    assert np.array_equal(stratified_subsample(g, None), np.arange(len(g)))
+    assert np.array_equal(stratified_subsample(g, 10**6), np.arange(len(g)))
+
+
+def test_layer_selection_by_name_module_index_and_default():
+    avail = [f"blocks.{i}.attn.qkv:{k}" for i in range(12) for k in "qk"]
+    assert default_layers(avail) == [
+        "blocks.0.attn.qkv:q",
+        "blocks.0.attn.qkv:k",
+        "blocks.6.attn.qkv:q",
+        "blocks.6.attn.qkv:k",
+        "blocks.11.attn.qkv:q",
+        "blocks.11.attn.qkv:k",
+    ]
+    assert select_layers(avail, None) == default_layers(avail)
+    assert select_layers(avail, "0,5,-1") == [avail[0], avail[5], avail[-1]]
+    assert select_layers(avail, "blocks.3.attn.qkv") == [
+        "blocks.3.attn.qkv:q",
+        "blocks.3.attn.qkv:k",
+    ]
+    assert select_layers(avail, "blocks.2.attn.qkv:k, 4,4") == [avail[5], avail[4]]
+    assert select_layers(avail, "all") == avail
+    assert select_layers(avail[:4], None) == avail[:4]
+    with pytest.raises(LayerError, match="available layers: blocks.0.attn.qkv:q"):
+        select_layers(avail, "blocks.99.attn.qkv:q")
+    with pytest.raises(LayerError, match="0..23"):
+        select_layers(avail, "24")
+    with pytest.raises(LayerError, match="no adapted layers"):
+        select_layers([], None)
+
+
+# ---------------------------------------------------------------- probes on planted signals
+
+
+def _planted(n: int, rng: np.random.Generator, agree: float):
+    """Binary y, and a equal to y with probability ``agree`` (a spurious correlation)."""
+    y = rng.integers(0, 2, n)
+    a = np.where(rng.random(n) < agree, y, 1 - y)
+    g = 2 * y + a
+    noise = rng.normal(size=(n, 8))
+    z1 = noise.copy()
+    z1[:, 0] += 3.0 * (2 * y - 1)  # z1 carries y on one axis
+    z2 = rng.normal(size=(n, 8))
+    z2[:, 3] += 3.0 * (2 * a - 1)  # z2 carries a
+    return y, a, g, z1, z2, rng.normal(size=(n, 8))
+
+
+def test_probes_recover_planted_signals_and_noise_gives_chance():
+    rng = np.random.default_rng(0)
+    # train and test both spuriously correlated (a = y 85% of the time), like CelebA's test split
+    tr = _planted(800, rng, 0.85)
+    te = _planted(800, rng, 0.85)
+    fit = {}
+    for name, col in (("z1", 3), ("z2", 4), ("noise", 5)):
+        for target, t in (("y", 0), ("a", 1)):
+            fit[name, target] = run_probe(
+                tr[col], tr[t], tr[2], te[col], te[t], te[2], n_folds=3, seed=0
+            )
+    assert fit["z1", "y"].acc > 0.95 and fit["z2", "a"].acc > 0.95
+    # z1 → a can only go through y: right in the 2 majority groups, wrong in the 2 minority ones
+    assert abs(fit["z1", "a"].acc - 0.5) < 0.06 and abs(fit["z2", "y"].acc - 0.5) < 0.06
+    # ... which plain accuracy on the correlated test split hides (≈ 0.85)
+    assert fit["z1", "a"].plain_acc > 0.78
+    for target in ("y", "a"):
+        r = fit["noise", target]
+        assert abs(r.acc - 0.5) < 0.06, r
+        assert r.chance == pytest.approx(0.5)
+        assert r.n_train == 800 and r.n_test == 800 and r.dim == 8
+        assert r.C in (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    # a single-valued target cannot be probed
+    with pytest.raises(ProbeError, match="one value"):
+        run_probe(tr[3], np.zeros(800, int), tr[2], te[3], te[0], te[2])
+
+
+def test_probes_csv_and_table(tmp_path):
+    rows = [
+        {
+            "layer": "blocks.0.attn.qkv:q",
+            "latent": lat,
+            "target": t,
+            "acc": acc,
+            "plain_acc": acc,
+            "chance": 0.5,
+            "plain_chance": 0.6,
+            "cv_acc": float("nan"),
+            "C": 1.0,
+            "n_train": 10,
+            "n_test": 8,
+            "dim": 4,
+            "pool": "mean",
+        }
+        for lat, t, acc in (
+            ("z1", "y", 0.9),
+            ("z1", "a", 0.51),
+            ("z2", "y", 0.55),
+            ("z2", "a", 0.97),
+        )
+    ]
+    path = write_probes_csv(rows, tmp_path / "probes.csv")
+    with open(path, newline="") as f:
+        read = list(csv.DictReader(f))
+    assert tuple(read[0]) == CSV_COLUMNS and CSV_COLUMNS[:4] == ("layer", "latent", "target", "acc")
+    assert [(r["latent"], r["target"], float(r["acc"])) for r in read] == [
+        ("z1", "y", 0.9),
+        ("z1", "a", 0.51),
+        ("z2", "y", 0.55),
+        ("z2", "a", 0.97),
+    ]
+    assert read[0]["cv_acc"] == ""
+    table = format_table(rows).splitlines()
+    assert "acc(y)" in table[0] and "acc(a)" in table[0]
+    assert table[2].split()[-3:] == ["z1", "0.900", "0.510"]
+    assert table[3].split() == ["z2", "0.550", "0.970"]
+    assert table[-1].split()[-2:] == ["0.500", "0.500"]
+
+
+# ---------------------------------------------------------------- t-SNE
+
+
+def test_tsne_figure_is_written_and_shows_points(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    a = np.tile([0, 1], 40)
+    X = rng.normal(size=(80, 60)) + 4.0 * y[:, None]
+    emb = tsne_embedding(X, seed=0)
+    assert emb.shape == (80, 2) and np.isfinite(emb).all()
+    assert np.array_equal(emb, tsne_embedding(X, seed=0))  # seeded
+    # the planted y split shows in the map: the class means are far apart relative to spread
+    gap = np.linalg.norm(emb[y == 0].mean(0) - emb[y == 1].mean(0))
+    assert gap > 2 * emb[y == 0].std(0).mean()
+    path = plot_tsne(
+        emb,
+        y,
+        a,
+        ["landbird", "waterbird"],
+        ["land", "water"],
+        "a title",
+        tmp_path / figure_name("blocks.0.attn.qkv:q", "z1"),
+    )
+    assert path.name == "tsne_blocks.0.attn.qkv-q_z1.png" and path.stat().st_size > 10_000
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("RGB"), dtype=np.float32)
+    assert pixels.shape[1] > pixels.shape[0] > 400  # two panels side by side
+    assert pixels.std() > 10  # not blank
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+# ---------------------------------------------------------------- extraction from a real tiny ViT
+
+
+def _tiny_split(root, n: int = 12) -> GroupSplit:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        p = root / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    y = np.arange(n) % 2
+    a = (np.arange(n) // 2) % 2
+    groups = [Group(2 * yy + aa, yy, aa, f"g{2 * yy + aa}") for yy in (0, 1) for aa in (0, 1)]
+    _, eval_tf = make_transforms(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return GroupSplit(
+        dataset_name="tiny",
+        split="test",
+        paths=paths,
+        y=y,
+        a=a,
+        g=2 * y + a,
+        class_names=["c0", "c1"],
+        attribute_names=["a0", "a1"],
+        groups=groups,
+        n_groups=4,
+        train_group_counts=np.ones(4, int),
+        transform=eval_tf,
+    )
+
+
+def _tiny_vit(method: str):
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=2
+    )
+    inject_adapters(model, method, AdapterConfig(rank=4, targets=("q", "k")))
+    for p in model.parameters():  # move the zero-initialised heads off zero: real codes
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls", "both"])
+def test_extract_latents_matches_a_manual_forward(tmp_path, pool):
+    split = _tiny_split(tmp_path)
+    model = _tiny_vit("fvae")
+    idx = np.array([1, 4, 5, 9, 10])
+    got = extract_latents(
+        model, split, ["blocks.1.attn.qkv:k"], pool=pool, indices=idx, batch_size=2
+    )
+    assert sorted(got.features) == [("blocks.1.attn.qkv:k", k) for k in ("backbone", "z1", "z2")]
+    assert np.array_equal(got.y, split.y[idx]) and np.array_equal(got.g, split.g[idx])
+    # the same codes by hand: the tokens entering block 1's qkv are norm1 of block 0's output
+    images = torch.stack([split[i][0] for i in idx])
+    with torch.no_grad():
+        x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+        x = model.blocks[0](x)
+        tokens = model.blocks[1].norm1(x)
+        adapter = model.blocks[1].attn.qkv.adapters["k"]
+        codes = {
+            "backbone": tokens,
+            "z1": adapter.encoder1.mean_only(tokens),
+            "z2": adapter.encoder2.mean_only(tokens),
+        }
+    width = {"backbone": 192, "z1": 4, "z2": 4}
+    for kind, t in codes.items():
+        feat = got.features[("blocks.1.attn.qkv:k", kind)]
+        expect = {
+            "mean": t[:, 1:].mean(1),
+            "cls": t[:, 0],
+            "both": torch.cat([t[:, 0], t[:, 1:].mean(1)], 1),
+        }[pool]
+        assert feat.shape == (5, width[kind] * (2 if pool == "both" else 1))
+        np.testing.assert_allclose(feat, expect.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_extract_lora_latents_and_unknown_layer(tmp_path):
+    split = _tiny_split(tmp_path, n=6)
+    model = _tiny_vit("lora")
+    got = extract_latents(model, split, None, batch_size=4)
+    assert sorted({k for _, k in got.features}) == ["backbone", "lora"]
+    assert got.pairs()[:2] == [("blocks.0.attn.qkv:q", "lora"), ("blocks.0.attn.qkv:q", "backbone")]
+    assert got.features[("blocks.0.attn.qkv:q", "lora")].shape == (6, 4)
+    with pytest.raises(LayerError, match="available"):
+        extract_latents(model, split, ["blocks.7.attn.qkv:q"])
+
+
+def test_cli_defaults_match_the_library():
+    assert probe_cli.DEFAULT_MAX_IMAGES == DEFAULT_MAX_IMAGES
+    assert probe_cli.DEFAULT_TSNE_MAX == DEFAULT_TSNE_MAX
+
+
+# ---------------------------------------------------------------- the CLI on a real tiny run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished fvae run of one epoch on a Waterbirds-layout replica stand-in (15 train,
+    8 val, 12 test images) with the offline ViT architecture loaded from a local weights file."""
+    from data_fixtures import make_waterbirds
+    from safetensors.torch import save_file
+
+    from robustbench_fvae.backbones import OFFLINE_BACKBONE, build_offline_vit
+    from robustbench_fvae.config import config_from_settings
+    from robustbench_fvae.training import run
+
+    root = tmp_path_factory.mktemp("probe_run")
+    make_waterbirds(root / "data" / "synth", synthetic_name="synth-waterbirds")
+    torch.manual_seed(0)
+    save_file(build_offline_vit(0).state_dict(), str(root / "vit.safetensors"))
+    cfg = config_from_settings({
+        "method": "fvae", "dataset": "synth-waterbirds", "backbone": OFFLINE_BACKBONE,
+        "weights": str(root / "vit.safetensors"), "data_root": str(root / "data"),
+        "out": str(root / "out"), "device": "cpu", "num_workers": 0, "rank": 4, "epochs": 1,
+        "batch_size": 4, "eval_batch_size": 16, "patience": 0})
+    with threadpool_limits(1):
+        return run(cfg, progress=False, log=lambda _: None).run_dir
+
+
+def test_probe_cli_end_to_end(tiny_run, tmp_path, capsys):
+    out = tmp_path / "probe"
+    rc = probe_cli.main([str(tiny_run), "--layers", "blocks.0.attn.qkv,-1", "--max-images", "10",
+                         "--tsne-max", "9", "--device", "cpu", "--no-progress", "--jobs", "1",
+                         "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    with open(out / "probes.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:4] == ["layer", "latent", "target", "acc"]
+    layers = ["blocks.0.attn.qkv:q", "blocks.0.attn.qkv:k", "blocks.5.attn.qkv:k"]
+    assert [(r["layer"], r["latent"], r["target"]) for r in rows] == [
+        (layer, latent, target) for layer in layers for latent in ("z1", "z2", "backbone")
+        for target in ("y", "a")]
+    for r in rows:
+        assert 0.0 <= float(r["acc"]) <= 1.0 and 0.0 <= float(r["plain_acc"]) <= 1.0
+        assert float(r["chance"]) == 0.5  # two values per target, every test group present
+        # capped at 10 per split, every group kept: 15 train → 10, 12 test → 10
+        assert (r["n_train"], r["n_test"], r["pool"]) == ("10", "10", "mean")
+        assert r["dim"] == ("192" if r["latent"] == "backbone" else "4")
+    # q and k of one module read the same input, so their backbone probes are the same probe
+    by_key = {(r["layer"], r["latent"], r["target"]): r["acc"] for r in rows}
+    for target in ("y", "a"):
+        assert by_key[layers[0], "backbone", target] == by_key[layers[1], "backbone", target]
+    figures = sorted(out.glob("tsne_*.png"))
+    assert len(figures) == 9 and all(f.stat().st_size > 10_000 for f in figures)
+    assert (out / "tsne_blocks.5.attn.qkv-k_z2.png") in figures
+    assert "acc(y)" in printed and "group-balanced" in printed and str(out) in printed
+    assert (out / "probe.json").is_file()
+
+
+def test_probe_cli_refuses_bad_input_in_one_line(tiny_run, tmp_path, capsys):
+    rc = probe_cli.main([str(tiny_run), "--layers", "blocks.9.attn.qkv:q", "--device", "cpu",
+                         "--no-progress", "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert "unknown layer 'blocks.9.attn.qkv:q'" in err and "blocks.5.attn.qkv:k" in err
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text((tiny_run / "config.json").read_text())
+    for path, says in ((unfinished, "not a finished run"), (tmp_path, "not a run directory"),
+                       (tmp_path / "nope", "run directory not found")):
+        assert probe_cli.main([str(path)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
