@@ -302,3 +302,11 @@ def test_written_history_feeds_selection(tmp_path):
     assert select_epoch(history, "val_wg")["step"] == 5
     assert select_epoch(history, "val_avg")["step"] == 0
     assert os.path.getsize(path) > 0
+
+
+def test_atomic_writes_have_ordinary_file_permissions(tmp_path):
+    path = tmp_path / "shared.json"
+    records.write_json_atomic(path, {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
