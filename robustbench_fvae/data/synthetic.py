@@ -1,0 +1,546 @@
+"""Offline replicas of Waterbirds, CelebA and SpuCoAnimals, written in the *real* on-disk layouts.
+
+``build_replica(name, root)`` writes under ``<root>/synth/`` exactly what the real-data adapters
+(and the ``wilds`` package itself) read:
+
+==================  =====================================================================
+synth-waterbirds    ``synth/waterbirds_v1.0/`` (RELEASE_v1.0.txt, metadata.csv, class folders)
+synth-celeba        ``synth/celebA_v1.0/`` (RELEASE_v1.0.txt, list_attr_celeba.csv with the 40
+                    CelebA attribute columns, list_eval_partition.csv, img_align_celeba/)
+synth-animals       ``synth/spuco_birds/<split>/{landbirds,waterbirds}/{land,water}/`` and
+                    ``synth/spuco_dogs/<split>/{small_dogs,big_dogs}/{indoor,outdoor}/``
+==================  =====================================================================
+
+Each replica folder (for synth-animals: both ``spuco_birds`` and ``spuco_dogs``, with the same
+content) holds ``SYNTHETIC.json``: name, seed, image size, scale, per-split group counts (WILDS
+numbering: Waterbirds/CelebA ``g = 2y + a``, Animals ``g = 4y + a``) and the builder version.
+
+What an image shows (64×64 RGB PNG): an animal-mnist silhouette (the **core** cue ``y``: needs
+shape) on a background family (the **spurious** cue ``a``: a global colour/texture statistic that
+is learnable at a glance), with nuisance variation (silhouette flip/scale/rotation/position,
+background crop/tint/contrast, foreground colour, pixel noise). Stand-ins:
+
+* synth-waterbirds: landbird = Bird silhouettes, waterbird = Horse silhouettes; land = earthy
+  green/brown grass-gravel crops, water = blue horizontally-stretched crops (ripples).
+* synth-celeba: not blond = Dog, blond = Cat (the hardest silhouette pair for a linear model on
+  pixels, as hair colour is the subtle cue next to the global "Male" look); female = light warm
+  studio backdrop, male = dark cool backdrop; foreground in mid tones so it shows on both.
+* synth-animals: landbird = Bird, waterbird = Horse, small dog = Cat, big dog = Dog; land/water as
+  above, indoor = warm brick or the coffee photo, outdoor = sky above a grass horizon.
+
+Group sizes mirror the real datasets, scaled down so a CPU epoch takes seconds (see
+:data:`COUNTS`); silhouette instances are disjoint between train, val and test. Every image is a
+pure function of ``(seed, replica, split, group, index)``: building twice with the same seed
+gives byte-identical files. Builds go to a temporary folder under ``<root>/synth/`` and are
+renamed into place at the end, so a killed build never leaves a half-written replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .base import SPLITS, DatasetError
+from .silhouettes import instance_pools, load_silhouettes, render_scene
+
+BUILDER_VERSION = 1
+IMAGE_SIZE = 64
+SYNTH_DIR = "synth"
+MARKER = "SYNTHETIC.json"
+REPLICAS = ("synth-waterbirds", "synth-celeba", "synth-animals")
+
+# The 40 CelebA attribute columns, in the order of the released list_attr_celeba.csv.
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow",
+    "Arched_Eyebrows",
+    "Attractive",
+    "Bags_Under_Eyes",
+    "Bald",
+    "Bangs",
+    "Big_Lips",
+    "Big_Nose",
+    "Black_Hair",
+    "Blond_Hair",
+    "Blurry",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Double_Chin",
+    "Eyeglasses",
+    "Goatee",
+    "Gray_Hair",
+    "Heavy_Makeup",
+    "High_Cheekbones",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "Narrow_Eyes",
+    "No_Beard",
+    "Oval_Face",
+    "Pale_Skin",
+    "Pointy_Nose",
+    "Receding_Hairline",
+    "Rosy_Cheeks",
+    "Sideburns",
+    "Smiling",
+    "Straight_Hair",
+    "Wavy_Hair",
+    "Wearing_Earrings",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Wearing_Necklace",
+    "Wearing_Necktie",
+    "Young",
+)
+
+# Group sizes at scale 1, by split and group index g.
+# Waterbirds (g = 2y + place): the real train split (3498/184/56/1057) scaled to 2,000 images;
+# val/test keep the real class ratio (≈78 % landbirds) with backgrounds balanced within each class.
+# CelebA (g = 2·blond + male): the real train proportions (71629/66874/22880/1387) at 2,500
+# images; val/test follow the real proportions (8535/8276/2874/182 and 9767/7535/2480/180) except
+# that the rare blond-male group is floored at 20 images, so worst-group accuracy is not measured on
+# five images.
+# Animals (g = 4y + a): SpuCo's majority/minority ratios (train 10000/500, val 500/25,
+# test 500/500 per folder) at 400/20, 100/5 and 100/100.
+COUNTS: dict[str, dict[str, dict[int, int]]] = {
+    "synth-waterbirds": {
+        "train": {0: 1459, 1: 77, 2: 23, 3: 441},
+        "val": {0: 234, 1: 234, 2: 66, 3: 66},
+        "test": {0: 467, 1: 467, 2: 133, 3: 133},
+    },
+    "synth-celeba": {
+        "train": {0: 1100, 1: 1027, 2: 351, 3: 21},
+        "val": {0: 251, 1: 244, 2: 85, 3: 20},
+        "test": {0: 583, 1: 449, 2: 148, 3: 20},
+    },
+    "synth-animals": {
+        "train": {0: 400, 1: 20, 4: 20, 5: 400, 10: 400, 11: 20, 14: 20, 15: 400},
+        "val": {0: 100, 1: 5, 4: 5, 5: 100, 10: 100, 11: 5, 14: 5, 15: 100},
+        "test": {0: 100, 1: 100, 4: 100, 5: 100, 10: 100, 11: 100, 14: 100, 15: 100},
+    },
+}
+
+
+class ReplicaError(DatasetError):
+    """A replica cannot be built or an existing folder is in the way (one-line message)."""
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """How one replica maps labels to pictures and where it lives under ``<root>/synth/``."""
+
+    name: str
+    folders: tuple[str, ...]  # top-level folders under synth/ written by this replica
+    class_names: tuple[str, ...]  # y
+    attribute_names: tuple[str, ...]  # a
+    foreground: tuple[str, ...]  # silhouette class per y
+    background: tuple[str, ...]  # background family per a
+    tone: str  # foreground tone (see silhouettes.foreground_fill)
+    group_stride: int  # g = stride·y + a
+
+    def group(self, y: int, a: int) -> int:
+        return self.group_stride * y + a
+
+    def ya(self, g: int) -> tuple[int, int]:
+        return divmod(g, self.group_stride)
+
+
+SPECS: dict[str, ReplicaSpec] = {
+    "synth-waterbirds": ReplicaSpec(
+        name="synth-waterbirds",
+        folders=("waterbirds_v1.0",),
+        class_names=("landbird", "waterbird"),
+        attribute_names=("land", "water"),
+        foreground=("Bird", "Horse"),
+        background=("land", "water"),
+        tone="dark",
+        group_stride=2,
+    ),
+    "synth-celeba": ReplicaSpec(
+        name="synth-celeba",
+        folders=("celebA_v1.0",),
+        class_names=("not_blond", "blond"),
+        attribute_names=("female", "male"),
+        foreground=("Dog", "Cat"),
+        background=("light", "dark"),
+        tone="mid",
+        group_stride=2,
+    ),
+    "synth-animals": ReplicaSpec(
+        name="synth-animals",
+        folders=("spuco_birds", "spuco_dogs"),
+        class_names=("landbird", "waterbird", "small_dog", "big_dog"),
+        attribute_names=("land", "water", "indoor", "outdoor"),
+        foreground=("Bird", "Horse", "Cat", "Dog"),
+        background=("land", "water", "indoor", "outdoor"),
+        tone="dark",
+        group_stride=4,
+    ),
+}
+
+
+def _spec(name: str) -> ReplicaSpec:
+    if name not in SPECS:
+        raise ReplicaError(f"unknown replica {name!r}; expected one of {', '.join(REPLICAS)}")
+    return SPECS[name]
+
+
+def replica_counts(name: str, scale: float = 1.0) -> dict[str, dict[int, int]]:
+    """Images per split and group index at ``scale`` (each populated group keeps ≥ 1 image)."""
+    _spec(name)
+    if not scale > 0:
+        raise ReplicaError(f"scale must be a positive number, got {scale}")
+    return {
+        split: {g: max(1, int(round(n * scale))) for g, n in groups.items()}
+        for split, groups in COUNTS[name].items()
+    }
+
+
+def synth_root(root: str | Path) -> Path:
+    """The folder that holds all replicas: ``<root>/synth`` (pass it to the real-data readers)."""
+    return Path(root) / SYNTH_DIR
+
+
+def replica_folders(name: str, root: str | Path) -> list[Path]:
+    """The top-level folder(s) a replica occupies under ``<root>/synth/``."""
+    return [synth_root(root) / f for f in _spec(name).folders]
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    """The ``SYNTHETIC.json`` of a replica folder, or None if absent or unreadable."""
+    path = Path(folder) / MARKER
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_built(name: str, root: str | Path) -> bool:
+    """True if every folder of the replica exists with its ``SYNTHETIC.json``."""
+    return all(read_manifest(f) is not None for f in replica_folders(name, root))
+
+
+# --------------------------------------------------------------------------------- the build
+
+
+@dataclass(frozen=True)
+class _Item:
+    split: str
+    g: int
+    k: int  # index within (split, g)
+    y: int
+    a: int
+
+
+def _items(spec: ReplicaSpec, counts: dict[str, dict[int, int]]) -> list[_Item]:
+    items = []
+    for split in SPLITS:
+        for g in sorted(counts[split]):
+            y, a = spec.ya(g)
+            items.extend(_Item(split, g, k, y, a) for k in range(counts[split][g]))
+    return items
+
+
+def _render(
+    spec: ReplicaSpec, item: _Item, seed: int, size: int, pools: dict[tuple[str, str], np.ndarray]
+) -> np.ndarray:
+    """One image, uint8 (size, size, 3): a pure function of (seed, replica, split, g, k)."""
+    images, _ = load_silhouettes()
+    rng = np.random.default_rng(
+        [seed, REPLICAS.index(spec.name), SPLITS.index(item.split), item.g, item.k]
+    )
+    pool = pools[(spec.foreground[item.y], item.split)]
+    silhouette = images[pool[int(rng.integers(len(pool)))]]
+    return render_scene(rng, silhouette, spec.background[item.a], size=size, tone=spec.tone)
+
+
+def _n_workers(workers: int | None, n_jobs: int) -> int:
+    # One process by default: the full build takes well under a minute on 2 cores, and worker
+    # processes must be spawned (not forked from a process that may hold torch/BLAS threads).
+    return max(1, min(int(workers or 1), n_jobs // 64 + 1))
+
+
+def _render_and_save(
+    job: tuple[_Item, Path], spec: ReplicaSpec, seed: int, size: int,
+    pools: dict[tuple[str, str], np.ndarray],
+) -> None:
+    item, path = job
+    _save_png(_render(spec, item, seed, size, pools), path)
+
+
+def _render_chunk(
+    jobs: list[tuple[_Item, Path]], spec: ReplicaSpec, seed: int, size: int,
+    pools: dict[tuple[str, str], np.ndarray],
+) -> int:
+    for job in jobs:
+        _render_and_save(job, spec, seed, size, pools)
+    return len(jobs)
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # PIL writes no timestamp into PNGs: same pixels -> same bytes.
+    Image.fromarray(array).save(path, format="PNG", compress_level=1)
+
+
+def _relative_path(spec: ReplicaSpec, item: _Item, serial: int) -> str:
+    """Path of one image relative to the synth root, in the real dataset's layout."""
+    if spec.name == "synth-waterbirds":
+        folder = ("001.Landbird", "002.Waterbird")[item.y]
+        return f"waterbirds_v1.0/{folder}/{folder[4:]}_{serial:05d}.png"
+    if spec.name == "synth-celeba":
+        return f"celebA_v1.0/img_align_celeba/{serial:06d}.png"
+    if item.y < 2:
+        top, cls = "spuco_birds", ("landbirds", "waterbirds")[item.y]
+    else:
+        top, cls = "spuco_dogs", ("small_dogs", "big_dogs")[item.y - 2]
+    bg = spec.attribute_names[item.a]
+    return f"{top}/{item.split}/{cls}/{bg}/{item.split}_{item.g:02d}_{item.k:05d}.png"
+
+
+def _write_tables(spec: ReplicaSpec, staging: Path, rows: list[tuple[_Item, str, int]]) -> None:
+    """The metadata files of the WILDS layouts (Animals has none: labels are folder names)."""
+    split_code = {"train": 0, "val": 1, "test": 2}
+    if spec.name == "synth-waterbirds":
+        folder = staging / "waterbirds_v1.0"
+        lines = ["img_id,img_filename,y,split,place,place_filename"]
+        for item, rel, serial in rows:
+            place = spec.attribute_names[item.a]
+            lines.append(
+                f"{serial},{rel.split('/', 1)[1]},{item.y},{split_code[item.split]},{item.a},"
+                f"/{place[0]}/{place}/{serial:05d}.png"
+            )
+        (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+        (folder / "RELEASE_v1.0.txt").write_text("synthetic replica of waterbirds v1.0\n")
+    elif spec.name == "synth-celeba":
+        folder = staging / "celebA_v1.0"
+        blond, male = CELEBA_ATTRIBUTES.index("Blond_Hair"), CELEBA_ATTRIBUTES.index("Male")
+        attr_lines = ["image_id," + ",".join(CELEBA_ATTRIBUTES)]
+        part_lines = ["image_id,partition"]
+        for item, rel, _ in rows:
+            # Attributes the replica does not model are -1 ("absent") for every image.
+            values = [-1] * len(CELEBA_ATTRIBUTES)
+            values[blond] = 1 if item.y == 1 else -1
+            values[male] = 1 if item.a == 1 else -1
+            image_id = rel.rsplit("/", 1)[1]
+            attr_lines.append(image_id + "," + ",".join(str(v) for v in values))
+            part_lines.append(f"{image_id},{split_code[item.split]}")
+        (folder / "list_attr_celeba.csv").write_text("\n".join(attr_lines) + "\n")
+        (folder / "list_eval_partition.csv").write_text("\n".join(part_lines) + "\n")
+        (folder / "RELEASE_v1.0.txt").write_text("synthetic replica of celebA v1.0\n")
+
+
+def _manifest(
+    spec: ReplicaSpec, seed: int, size: int, scale: float, counts: dict[str, dict[int, int]]
+) -> dict:
+    return {
+        "name": spec.name,
+        "seed": int(seed),
+        "image_size": int(size),
+        "scale": float(scale),
+        "split_group_counts": {
+            split: {str(g): int(n) for g, n in sorted(counts[split].items())} for split in SPLITS
+        },
+        "builder_version": BUILDER_VERSION,
+        "folders": list(spec.folders),
+        "group_index": f"g = {spec.group_stride}*y + a",
+        "groups": {
+            str(g): f"{spec.class_names[spec.ya(g)[0]]}/{spec.attribute_names[spec.ya(g)[1]]}"
+            for g in sorted(counts["train"])
+        },
+        "foreground_silhouettes": dict(zip(spec.class_names, spec.foreground)),
+        "background_families": dict(zip(spec.attribute_names, spec.background)),
+    }
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """An exclusive inter-process lock (so parallel sweep jobs build a replica once)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock; the final rename still keeps folders whole
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_replica(
+    name: str,
+    root: str | Path,
+    seed: int = 0,
+    force: bool = False,
+    *,
+    scale: float = 1.0,
+    image_size: int = IMAGE_SIZE,
+    progress: bool = True,
+    workers: int | None = None,
+) -> Path:
+    """Build one replica under ``<root>/synth/`` and return ``<root>/synth`` (the folder to give the
+    real-data readers, e.g. ``WaterbirdsDataset(root_dir=<root>/synth)``).
+
+    If the replica exists already (all its folders carry ``SYNTHETIC.json``) nothing is done unless
+    ``force``. ``scale`` multiplies every group size of :data:`COUNTS` (tests use small scales).
+    ``workers`` > 1 renders in that many spawned processes; the bytes written do not depend on it.
+    """
+    from tqdm.auto import tqdm
+
+    spec = _spec(name)
+    counts = replica_counts(name, scale)
+    if int(image_size) < 16:
+        raise ReplicaError(f"image_size must be at least 16 pixels, got {image_size}")
+    out = synth_root(root)
+    out.mkdir(parents=True, exist_ok=True)
+    with _build_lock(out / f".{name}.lock"):
+        targets = replica_folders(name, root)
+        if not force:
+            if is_built(name, root):
+                return out
+            foreign = [p for p in targets if p.exists() and read_manifest(p) is None]
+            if foreign:
+                raise ReplicaError(
+                    f"{foreign[0]} exists but has no {MARKER} (not a replica, or a broken one); "
+                    f"move it away or rebuild with `python data_prep/build_synthetic.py --root "
+                    f"{root} --only {name} --force`"
+                )
+        _clean_stale_staging(out, name)
+        staging = Path(tempfile.mkdtemp(prefix=f".building-{name}-{os.getpid()}-", dir=out))
+        try:
+            pools = {}
+            for cls in set(spec.foreground):
+                train_pool, val_pool, test_pool = instance_pools(cls, seed)
+                pools.update(
+                    {(cls, "train"): train_pool, (cls, "val"): val_pool, (cls, "test"): test_pool}
+                )
+            items = _items(spec, counts)
+            rows = [(item, _relative_path(spec, item, serial), serial)
+                    for serial, item in enumerate(items, start=1)]
+            jobs = [(item, staging / rel) for item, rel, _ in rows]
+            n_workers = _n_workers(workers, len(jobs))
+            bar = tqdm(total=len(jobs), desc=f"building {name}", unit="img",
+                       disable=not progress)
+            args = (spec, seed, int(image_size), pools)
+            if n_workers == 1:
+                for job in jobs:
+                    _render_and_save(job, *args)
+                    bar.update()
+            else:
+                # Each image depends only on its own seed, so the order of work does not matter.
+                chunks = [jobs[i: i + 64] for i in range(0, len(jobs), 64)]
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(n_workers, mp_context=context) as executor:
+                    futures = [executor.submit(_render_chunk, chunk, *args) for chunk in chunks]
+                    for future in as_completed(futures):
+                        bar.update(future.result())
+            bar.close()
+            for folder in spec.folders:
+                (staging / folder).mkdir(parents=True, exist_ok=True)
+            _write_tables(spec, staging, rows)
+            manifest = json.dumps(_manifest(spec, seed, image_size, scale, counts), indent=2)
+            for folder in spec.folders:
+                (staging / folder / MARKER).write_text(manifest + "\n")
+            _swap_into_place(staging, spec.folders, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _swap_into_place(staging: Path, folders: tuple[str, ...], out: Path) -> None:
+    """Rename each finished folder into ``out``, replacing an old copy (moved aside first)."""
+    trash = staging / ".old"
+    trash.mkdir()
+    for folder in folders:
+        target = out / folder
+        if target.exists():
+            target.rename(trash / folder)
+        (staging / folder).rename(target)
+
+
+def _clean_stale_staging(out: Path, name: str) -> None:
+    """Remove staging folders left by killed builds (their process is gone)."""
+    for path in out.glob(f".building-{name}-*"):
+        try:
+            pid = int(path.name[len(f".building-{name}-") :].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
+def build_all(
+    root: str | Path,
+    seed: int = 0,
+    force: bool = False,
+    only: list[str] | None = None,
+    *,
+    scale: float = 1.0,
+    progress: bool = True,
+    workers: int | None = None,
+) -> Path:
+    """Build every replica (or those in ``only``); returns ``<root>/synth``."""
+    names = list(only) if only else list(REPLICAS)
+    for name in names:
+        _spec(name)
+    for name in names:
+        build_replica(name, root, seed, force, scale=scale, progress=progress, workers=workers)
+    return synth_root(root)
+
+
+def split_group_counts_on_disk(name: str, root: str | Path) -> dict[str, dict[int, int]]:
+    """Count a built replica's images per split and group from its files and tables (no wilds):
+    the independent check of ``SYNTHETIC.json`` used by tests and the build CLI."""
+    import pandas as pd
+
+    spec = _spec(name)
+    base = synth_root(root)
+    counts: dict[str, dict[int, int]] = {s: {} for s in SPLITS}
+
+    def add(split: str, g: int, n: int = 1) -> None:
+        counts[split][g] = counts[split].get(g, 0) + n
+
+    if name == "synth-waterbirds":
+        meta = pd.read_csv(base / "waterbirds_v1.0" / "metadata.csv")
+        for split_code, y, place, rel in meta[["split", "y", "place", "img_filename"]].itertuples(
+            index=False
+        ):
+            if (base / "waterbirds_v1.0" / rel).is_file():
+                add(SPLITS[split_code], spec.group(y, place))
+    elif name == "synth-celeba":
+        folder = base / "celebA_v1.0"
+        attrs = pd.read_csv(folder / "list_attr_celeba.csv")
+        parts = pd.read_csv(folder / "list_eval_partition.csv")
+        for image_id, blond, male, split_code in zip(
+            attrs["image_id"], attrs["Blond_Hair"], attrs["Male"], parts["partition"]
+        ):
+            if (folder / "img_align_celeba" / image_id).is_file():
+                add(SPLITS[split_code], spec.group(int(blond == 1), int(male == 1)))
+    else:
+        layout = {
+            "spuco_birds": (("landbirds", "waterbirds"), ("land", "water"), 0, 0),
+            "spuco_dogs": (("small_dogs", "big_dogs"), ("indoor", "outdoor"), 2, 2),
+        }
+        for top, (classes, backgrounds, y0, a0) in layout.items():
+            for split in SPLITS:
+                for yi, cls in enumerate(classes):
+                    for ai, bg in enumerate(backgrounds):
+                        n = len(list((base / top / split / cls / bg).glob("*.png")))
+                        if n:
+                            add(split, spec.group(y0 + yi, a0 + ai), n)
+    return {s: dict(sorted(c.items())) for s, c in counts.items()}

@@ -1,0 +1,241 @@
+"""Offline replicas: real layouts (read by wilds itself), counts, determinism, cue difficulty."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.modules.setdefault("outdated", None)  # no wilds version-check thread
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from robustbench_fvae.data import silhouettes as sil  # noqa: E402
+from robustbench_fvae.data.synthetic import (  # noqa: E402
+    COUNTS,
+    MARKER,
+    REPLICAS,
+    SPECS,
+    ReplicaError,
+    build_replica,
+    read_manifest,
+    replica_counts,
+    replica_folders,
+    split_group_counts_on_disk,
+)
+
+SCALE = 0.15  # ≈1,650 images for the three replicas: a few seconds
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("replicas")
+    for name in REPLICAS:
+        build_replica(name, root, seed=0, scale=SCALE, progress=False)
+    return root
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def test_same_seed_gives_identical_bytes_and_no_leftovers(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    build_replica("synth-animals", a, seed=3, scale=0.1, progress=False, workers=1)
+    # The multi-process path must write the very same bytes as the single-process one.
+    build_replica("synth-animals", b, seed=3, scale=0.1, progress=False, workers=2)
+    build_replica("synth-animals", c, seed=4, scale=0.1, progress=False, workers=1)
+    da, db, dc = _digest(a / "synth"), _digest(b / "synth"), _digest(c / "synth")
+    assert len(da) > 250 and da == db
+    images = [k for k in da if k.endswith(".png")]
+    assert sum(da[k] != dc[k] for k in images) > 0.9 * len(images)  # a new seed, new images
+    # Staging folders are renamed into place or removed: nothing half-written is left.
+    assert sorted(p.name for p in (a / "synth").iterdir() if not p.name.endswith(".lock")) == [
+        "spuco_birds", "spuco_dogs"]
+
+
+@pytest.mark.parametrize("name", REPLICAS)
+def test_group_counts_on_disk_match_manifest_and_spec(built, name):
+    expected = replica_counts(name, SCALE)
+    on_disk = split_group_counts_on_disk(name, built)
+    assert on_disk == expected
+    for folder in replica_folders(name, built):
+        manifest = read_manifest(folder)
+        assert manifest["name"] == name and manifest["seed"] == 0
+        assert manifest["image_size"] == 64 and manifest["builder_version"] >= 1
+        assert {s: {int(g): n for g, n in c.items()}
+                for s, c in manifest["split_group_counts"].items()} == expected
+    some_png = next(replica_folders(name, built)[0].rglob("*.png"))
+    with Image.open(some_png) as img:
+        assert img.size == (64, 64) and img.mode == "RGB"
+
+
+def test_full_size_counts_mirror_the_real_datasets():
+    def shares(counts):
+        total = sum(counts.values())
+        return np.array([counts[g] / total for g in sorted(counts)])
+
+    wb, ca, an = COUNTS["synth-waterbirds"], COUNTS["synth-celeba"], COUNTS["synth-animals"]
+    # Real training group sizes (WILDS) and their scaled copies: same shares within 1 point.
+    assert np.abs(shares(wb["train"]) - shares({0: 3498, 1: 184, 2: 56, 3: 1057})).max() < 0.01
+    real_celeba = {0: 71629, 1: 66874, 2: 22880, 3: 1387}
+    assert np.abs(shares(ca["train"]) - shares(real_celeba)).max() < 0.01
+    assert min(wb["train"].values()) >= 20 and min(ca["train"].values()) >= 20
+    assert sum(wb["train"].values()) == 2000 and 2000 <= sum(ca["train"].values()) <= 3000
+    # Waterbirds val/test: backgrounds balanced within each class.
+    for split in ("val", "test"):
+        assert wb[split][0] == wb[split][1] and wb[split][2] == wb[split][3]
+    assert sum(wb["val"].values()) == 600 and sum(wb["test"].values()) == 1200
+    # CelebA val/test: the real ordering of group sizes, rare blond males still >= 20.
+    for split in ("val", "test"):
+        c = ca[split]
+        assert c[0] > c[1] > c[2] > c[3] >= 20
+    # Animals: SpuCo's 20:1 majority/minority in train and val, group-balanced test.
+    majority, minority = (0, 5, 10, 15), (1, 4, 11, 14)
+    for split in ("train", "val"):
+        assert {an[split][g] for g in majority} == {20 * an[split][minority[0]]}
+        assert {an[split][g] for g in minority} == {an[split][minority[0]]} and an["val"][1] >= 5
+    assert len(set(an["test"].values())) == 1
+
+
+def test_wilds_reads_the_replicas(built):
+    import torch
+    from wilds.datasets.celebA_dataset import CelebADataset
+    from wilds.datasets.waterbirds_dataset import WaterbirdsDataset
+
+    for cls, name in ((WaterbirdsDataset, "synth-waterbirds"), (CelebADataset, "synth-celeba")):
+        ds = cls(root_dir=str(built / "synth"), download=False)
+        expected = replica_counts(name, SCALE)
+        for split in ("train", "val", "test"):
+            subset = ds.get_subset(split)
+            groups = ds._eval_grouper.metadata_to_group(subset.metadata_array)
+            # wilds' grouper numbers (background|male, y) as g = a + 2y: our numbering.
+            counts = torch.bincount(groups, minlength=4).tolist()
+            assert counts == [expected[split][g] for g in range(4)], (name, split)
+        x, y, meta = ds.get_subset("val")[0]
+        assert x.size == (64, 64) and x.mode == "RGB" and int(y) in (0, 1)
+
+
+def test_existing_replica_is_kept_unless_forced(tmp_path):
+    root = tmp_path / "d"
+    build_replica("synth-waterbirds", root, seed=0, scale=0.03, progress=False)
+    folder = replica_folders("synth-waterbirds", root)[0]
+    meta = folder / "metadata.csv"
+    meta.write_text(meta.read_text() + "# user edit\n")
+    build_replica("synth-waterbirds", root, seed=1, scale=0.03, progress=False)  # no-op
+    assert meta.read_text().endswith("# user edit\n") and read_manifest(folder)["seed"] == 0
+    build_replica("synth-waterbirds", root, seed=1, scale=0.03, progress=False, force=True)
+    assert not meta.read_text().endswith("# user edit\n") and read_manifest(folder)["seed"] == 1
+    # A folder that is not a replica is never overwritten without --force.
+    (folder / MARKER).unlink()
+    with pytest.raises(ReplicaError, match="--force"):
+        build_replica("synth-waterbirds", root, seed=0, scale=0.03, progress=False)
+    with pytest.raises(ReplicaError, match="unknown replica"):
+        build_replica("synth-nope", root)
+
+
+def _features(paths: list[Path], px: int = 12) -> np.ndarray:
+    """Downsampled RGB pixels in [0, 1], shape (N, px·px·3)."""
+    small = [Image.open(p).convert("RGB").resize((px, px), Image.BILINEAR) for p in paths]
+    return np.stack([np.asarray(im, np.float32).ravel() / 255.0 for im in small])
+
+
+def test_spurious_cue_is_much_easier_than_the_core_cue(built):
+    """On the val+test images (where y and a are far less correlated than in train), a linear
+    model on 12×12 pixels reads the background attribute almost perfectly and the class barely:
+    the spurious cue is the easy one, as the benchmark needs."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    base = built / "synth" / "waterbirds_v1.0"
+    meta = pd.read_csv(base / "metadata.csv")
+    meta = meta[meta["split"] > 0]
+    x = _features([base / f for f in meta["img_filename"]])
+    clf = LogisticRegression(max_iter=2000)
+    acc_a = cross_val_score(clf, x, meta["place"], cv=3, scoring="balanced_accuracy").mean()
+    acc_y = cross_val_score(clf, x, meta["y"], cv=3, scoring="balanced_accuracy").mean()
+    assert acc_a > 0.9, acc_a
+    assert acc_a - acc_y > 0.25, (acc_a, acc_y)
+
+    base = built / "synth" / "celebA_v1.0"
+    attrs = pd.read_csv(base / "list_attr_celeba.csv")
+    part = pd.read_csv(base / "list_eval_partition.csv")
+    keep = part["partition"].to_numpy() > 0
+    x = _features([base / "img_align_celeba" / f for f in attrs["image_id"][keep]])
+    acc_a = cross_val_score(clf, x, attrs["Male"][keep], cv=3, scoring="balanced_accuracy").mean()
+    acc_y = cross_val_score(clf, x, attrs["Blond_Hair"][keep], cv=3,
+                            scoring="balanced_accuracy").mean()
+    assert acc_a > 0.9 and acc_a - acc_y > 0.25, (acc_a, acc_y)
+
+
+def test_images_show_the_documented_silhouette_class_and_background(built):
+    """Recompute a few files from the public rendering primitives: a label on disk must map to
+    its documented silhouette class (held-out instance pool for val/test) and background."""
+    images, _ = sil.load_silhouettes()
+    spec = SPECS["synth-waterbirds"]
+    base = built / "synth" / "waterbirds_v1.0"
+    meta = pd.read_csv(base / "metadata.csv")
+    for split_code, split in ((0, "train"), (2, "test")):
+        for y, place in ((1, 0), (0, 1)):  # the two minority groups
+            rows = meta[(meta["split"] == split_code) & (meta["y"] == y) & (meta["place"] == place)]
+            row = rows.iloc[0]
+            g, k = 2 * y + place, 0  # the first file of a group has index 0 within it
+            rng = np.random.default_rng([0, REPLICAS.index("synth-waterbirds"),
+                                         ("train", "val", "test").index(split), g, k])
+            pool = sil.instance_pools(spec.foreground[y], 0)[("train", "val", "test").index(split)]
+            silhouette = images[pool[int(rng.integers(len(pool)))]]
+            expected = sil.render_scene(rng, silhouette, spec.background[place], tone=spec.tone)
+            actual = np.asarray(Image.open(base / row["img_filename"]).convert("RGB"))
+            np.testing.assert_array_equal(actual, expected)
+    assert spec.foreground == ("Bird", "Horse") and spec.background == ("land", "water")
+
+
+def test_instance_pools_are_disjoint_and_replicas_avoid_pretraining_classes():
+    _, labels = sil.load_silhouettes()
+    for name in sil.SILHOUETTE_CLASSES:
+        pools = sil.instance_pools(name, seed=0)
+        flat = np.concatenate(pools)
+        assert len(flat) == len(set(flat.tolist())) == 1000
+        assert (labels[flat] == sil.class_index(name)).all()
+    used = {c for spec in SPECS.values() for c in spec.foreground}
+    assert used == set(sil.REPLICA_CLASSES) and not used & set(sil.PRETRAIN_CLASSES)
+
+
+def test_missing_animal_mnist_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    sil.load_silhouettes.cache_clear()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
+    try:
+        hint = r"pip install --no-deps animal-mnist==0\.4"
+        with pytest.raises(sil.SilhouetteDataError, match=hint):
+            sil.load_silhouettes()
+    finally:
+        monkeypatch.undo()
+        sil.load_silhouettes.cache_clear()
+
+
+def test_build_cli(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_prep"))
+    try:
+        import build_synthetic
+    finally:
+        sys.path.pop(0)
+    rc = build_synthetic.main(["--root", str(tmp_path), "--only", "synth-celeba", "--scale",
+                               "0.02", "--seed", "5", "--quiet"])
+    out = capsys.readouterr().out
+    n_train = sum(replica_counts("synth-celeba", 0.02)["train"].values())
+    assert rc == 0 and "synth-celeba: seed 5" in out and f"train {n_train} " in out
+    info = json.loads((tmp_path / "synth" / "celebA_v1.0" / MARKER).read_text())
+    assert info["seed"] == 5 and info["scale"] == 0.02
+    with pytest.raises(SystemExit):
+        build_synthetic.main(["--root", str(tmp_path), "--only", "waterbirds"])
