@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m robustbench_fvae.bench
+	HF_HUB_OFFLINE=1 $(PY) -m robustbench_fvae.run --method fvae --dataset synth-waterbirds
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest

@@ -47,7 +47,7 @@ WEIGHTS_FILE = "adapter.safetensors"
 LOSS_KEYS = ("loss", "ce", "aux", "R", "K1", "K2", "G")
 
 # CPU-sized defaults for the offline replicas; the released code's for real data.
-SYNTH_DEFAULTS = {"epochs": 8, "batch_size": 64, "eval_batch_size": 256}
+SYNTH_DEFAULTS = {"epochs": 5, "batch_size": 64, "eval_batch_size": 256}
 REAL_DEFAULTS = {"epochs": 50, "batch_size": 64, "eval_batch_size": 64}
 
 

@@ -30,6 +30,7 @@ from robustbench_fvae.sweeps import (  # noqa: E402
 )
 from robustbench_fvae.sweeps.launchers import launch_local, slurm_parameters  # noqa: E402
 from robustbench_fvae.sweeps.state import run_status  # noqa: E402
+from robustbench_fvae.training import SYNTH_DEFAULTS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = {
@@ -162,7 +163,8 @@ def test_overrides_precedence_and_duplicates_merged():
         ]
     )
     # an explicit default and an omitted one name the same run (hash of the resolved config)
-    same = expand(spec_of({**BASE, "grid": {"epochs": [None, 8], "beta": [None]}}))
+    default_epochs = SYNTH_DEFAULTS["epochs"]
+    same = expand(spec_of({**BASE, "grid": {"epochs": [None, default_epochs], "beta": [None]}}))
     assert len(same) == len(expand(spec_of(BASE))) == 12
     assert [r.hash for r in same] == [r.hash for r in expand(spec_of(BASE))]
 
