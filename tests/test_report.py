@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -587,49 +586,17 @@ def test_cli_prints_the_table_and_the_html_path(tmp_path, capsys):
 # --------------------------------------------------------------------------- real runs
 
 
-TINY_VIT = "rbf_report_test_vit"
-
-
-def register_tiny_vit() -> str:
-    """A timm ViT name for a 32 px, depth-2, width-32 model, registered with a pretrained config
-    (input size, mean/std) so that timm's local-file weight loading works for it as for any
-    timm name. Idempotent."""
-    import types
-
-    import timm
-    from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
-    if TINY_VIT in timm.list_models(TINY_VIT):
-        return TINY_VIT
-
-    def factory(pretrained: bool = False, **kwargs):
-        args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-        return build_model_with_cfg(VisionTransformer, TINY_VIT, pretrained,
-                                    pretrained_filter_fn=checkpoint_filter_fn,
-                                    **{**args, **kwargs})
-
-    # timm's registry reads the default configs from the factory's module
-    module = types.ModuleType(f"{__name__}_tiny_vit")
-    module.default_cfgs = generate_default_cfgs({f"{TINY_VIT}.test": {
-        "url": "", "input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-        "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head"}})
-    sys.modules[module.__name__] = module
-    factory.__name__ = factory.__qualname__ = TINY_VIT
-    factory.__module__ = module.__name__
-    register_model(factory)
-    return TINY_VIT
-
-
 def test_report_on_real_runs_made_by_the_runner(tmp_path):
     """Two seeds of LoRA and one of FVAE-LoRA trained by the real runner on a tiny replica
     stand-in with a tiny ViT loaded from a local weights file, then reported: the report's
     numbers are the runs' own metrics, aggregated."""
-    training = pytest.importorskip("robustbench_fvae.training")
     import timm
     import torch
     from data_fixtures import make_waterbirds
     from safetensors.torch import save_file
+    from tiny_models import register_tiny_vit
+
+    from robustbench_fvae import training
 
     make_waterbirds(tmp_path / "data" / "synth", synthetic_name="synth-waterbirds")
     name = register_tiny_vit()
