@@ -333,7 +333,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_suggested_resume_command_recreates_the_run(tmp_path):
     """The command the no-finished-runs error suggests parses with run's own parser into the
     very config of the unfinished run (same hash, hence same folder: it resumes there)."""
-    run_cli = pytest.importorskip("robustbench_fvae.run", exc_type=ImportError)
+    import robustbench_fvae.run as run_cli
     from robustbench_fvae.analysis.aggregate import resume_command
     from robustbench_fvae.config import config_hash
     from robustbench_fvae.records import load_run
