@@ -19,6 +19,7 @@ from robustbench_fvae.data.base import DatasetError  # noqa: E402
 from robustbench_fvae.data.synthetic import (  # noqa: E402
     REPLICAS,
     build_replica,
+    is_built,
     read_manifest,
     replica_folders,
 )
@@ -33,15 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild replicas that exist")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every group size (default 1.0; e.g. 0.1 for a quick look)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="processes rendering images (default 1; the files are identical)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
         for name in args.only or REPLICAS:
             start = time.perf_counter()
+            existed = is_built(name, args.root) and not args.force
             build_replica(name, args.root, args.seed, args.force, scale=args.scale,
-                          progress=not args.quiet, workers=args.workers)
+                          progress=not args.quiet)
             folders = replica_folders(name, args.root)
             manifest = read_manifest(folders[0]) or {}
             counts = manifest.get("split_group_counts", {})
@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{split} {sum(c.values())} (groups {' '.join(f'{g}:{n}' for g, n in c.items())})"
                 for split, c in counts.items()
             )
-            print(f"{name}: seed {manifest.get('seed')} at {', '.join(map(str, folders))} "
-                  f"[{time.perf_counter() - start:.1f}s] {summary}")
+            status = ("exists (--force rebuilds it)" if existed
+                      else f"built in {time.perf_counter() - start:.1f}s")
+            print(f"{name}: seed {manifest.get('seed')} at {', '.join(map(str, folders))}, "
+                  f"{status}; {summary}")
     except (DatasetError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

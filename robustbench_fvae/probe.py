@@ -4,6 +4,10 @@ Linear probes of the label y and the spurious attribute a from each adapted laye
 z1 and z2 (FVAE family), LoRA's A x, and the frozen backbone's input features as a reference —
 fitted on train, scored on test by group-balanced accuracy; t-SNE maps of the test codes.
 Writes probes.csv (columns layer, latent, target, acc, …), probe.json and tsne_*.png.
+
+``python -m robustbench_fvae.probe --dataset NAME`` probes the frozen backbone instead (every
+block's output, no run needed): how hard the label and the spurious attribute are to read off
+the pretrained features, i.e. the dataset's difficulty for that backbone.
 """
 
 from __future__ import annotations
@@ -25,9 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "and the spurious attribute a from z1, z2 (FVAE family), LoRA's A x and the "
                     "backbone's features, scored on test by group-balanced accuracy; t-SNE maps. "
                     "Writes probes.csv, probe.json and tsne_*.png.")
-    parser.add_argument("run_dir", metavar="RUN_DIR",
+    parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
                         help="a finished run's folder (the last line printed by "
-                             "robustbench_fvae.run)")
+                             "robustbench_fvae.run); or give --dataset instead")
+    parser.add_argument("--dataset", default=None, metavar="NAME",
+                        help="no run: probe the frozen backbone's block outputs on this dataset "
+                             "(how hard y and the spurious a are before fine-tuning); default "
+                             "out: probe_backbone/NAME/BACKBONE")
+    parser.add_argument("--data-root", default="data", metavar="DIR",
+                        help="with --dataset: the data root (default: data)")
+    parser.add_argument("--backbone", default=None,
+                        help="with --dataset: the backbone (default: the dataset's, as in run)")
+    parser.add_argument("--weights", default=None, metavar="FILE",
+                        help="with --dataset: a local weights file for the backbone")
     parser.add_argument("--layers", default=None, metavar="L",
                         help="comma-separated adapted layers: names (blocks.3.attn.qkv:q), module "
                              "names (blocks.3.attn.qkv: all its targets), indices (0,5,-1) or "
@@ -60,17 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.run_dir is None) == (args.dataset is None):
+        parser.error("give either RUN_DIR (probe a trained run) or --dataset NAME (probe the "
+                     "frozen backbone), not both")
+    if args.run_dir is not None:
+        given = [f for f in ("backbone", "weights") if getattr(args, f) is not None]
+        if given:
+            parser.error(f"--{given[0]} goes with --dataset; a run's backbone is in its record")
+    elif args.layers is not None:
+        parser.error("--layers goes with RUN_DIR; --dataset probes every block's output")
     # Imported late so that --help and argument errors are instant.
-    from .analysis.probes import probe_run
+    from .analysis.probes import probe_backbone, probe_run
 
+    common = dict(pool=args.pool, max_images=args.max_images or None, out=args.out,
+                  device=args.device, tsne_max=args.tsne_max, seed=args.seed,
+                  num_workers=args.num_workers, n_jobs=args.jobs or min(8, os.cpu_count() or 1),
+                  progress=not args.no_progress)
     try:
-        result = probe_run(
-            args.run_dir, layers=args.layers, pool=args.pool,
-            max_images=args.max_images or None, out=args.out, device=args.device,
-            tsne_max=args.tsne_max, seed=args.seed, batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            n_jobs=args.jobs or min(8, os.cpu_count() or 1), progress=not args.no_progress)
+        if args.run_dir is not None:
+            result = probe_run(args.run_dir, layers=args.layers, batch_size=args.batch_size,
+                               **common)
+        else:
+            result = probe_backbone(args.dataset, data_root=args.data_root,
+                                    backbone=args.backbone, weights=args.weights,
+                                    batch_size=args.batch_size or 256, **common)
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("RBF_TRACEBACK"):
             raise

@@ -433,7 +433,7 @@ def test_missing_replica_is_built_or_named(tmp_path, monkeypatch):
 
     def small_build(name, root, seed=0):
         calls.append((name, Path(root), seed))
-        return real(name, root, seed=seed, scale=0.02, progress=False, workers=1)
+        return real(name, root, seed=seed, scale=0.02, progress=False)
 
     monkeypatch.setattr(synthetic, "build_replica", small_build)
     splits = load_splits("synth-waterbirds", tmp_path)

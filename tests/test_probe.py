@@ -22,6 +22,7 @@ from robustbench_fvae.analysis.latents import (
     LayerError,
     PoolError,
     default_layers,
+    extract_block_features,
     extract_latents,
     pool_tokens,
     select_layers,
@@ -38,6 +39,7 @@ from robustbench_fvae.analysis.probes import (
     write_probes_csv,
 )
 from robustbench_fvae.analysis.tsne import DEFAULT_TSNE_MAX, figure_name, plot_tsne, tsne_embedding
+from robustbench_fvae.backbones import OFFLINE_ARCH
 from robustbench_fvae.config import AdapterConfig
 from robustbench_fvae.data.base import Group, GroupSplit
 from robustbench_fvae.data.transforms import make_transforms
@@ -385,7 +387,8 @@ def test_probe_cli_end_to_end(tiny_run, tmp_path, capsys):
     with open(out / "probes.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:4] == ["layer", "latent", "target", "acc"]
-    layers = ["blocks.0.attn.qkv:q", "blocks.0.attn.qkv:k", "blocks.5.attn.qkv:k"]
+    last = f"blocks.{OFFLINE_ARCH['depth'] - 1}.attn.qkv"
+    layers = ["blocks.0.attn.qkv:q", "blocks.0.attn.qkv:k", f"{last}:k"]
     assert [(r["layer"], r["latent"], r["target"]) for r in rows] == [
         (layer, latent, target) for layer in layers for latent in ("z1", "z2", "backbone")
         for target in ("y", "a")]
@@ -394,14 +397,15 @@ def test_probe_cli_end_to_end(tiny_run, tmp_path, capsys):
         assert float(r["chance"]) == 0.5  # two values per target, every test group present
         # capped at 10 per split, every group kept: 15 train → 10, 12 test → 10
         assert (r["n_train"], r["n_test"], r["pool"]) == ("10", "10", "mean")
-        assert r["dim"] == ("192" if r["latent"] == "backbone" else "4")
+        width = OFFLINE_ARCH["embed_dim"] if r["latent"] == "backbone" else 4
+        assert r["dim"] == str(width)
     # q and k of one module read the same input, so their backbone probes are the same probe
     by_key = {(r["layer"], r["latent"], r["target"]): r["acc"] for r in rows}
     for target in ("y", "a"):
         assert by_key[layers[0], "backbone", target] == by_key[layers[1], "backbone", target]
     figures = sorted(out.glob("tsne_*.png"))
     assert len(figures) == 9 and all(f.stat().st_size > 10_000 for f in figures)
-    assert (out / "tsne_blocks.5.attn.qkv-k_z2.png") in figures
+    assert (out / f"tsne_{last}-k_z2.png") in figures
     assert "acc(y)" in printed and "group-balanced" in printed and str(out) in printed
     assert (out / "probe.json").is_file()
 
@@ -411,7 +415,8 @@ def test_probe_cli_refuses_bad_input_in_one_line(tiny_run, tmp_path, capsys):
                          "--no-progress", "--out", str(tmp_path / "p")])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1
-    assert "unknown layer 'blocks.9.attn.qkv:q'" in err and "blocks.5.attn.qkv:k" in err
+    last = f"blocks.{OFFLINE_ARCH['depth'] - 1}.attn.qkv:k"
+    assert "unknown layer 'blocks.9.attn.qkv:q'" in err and last in err
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "config.json").write_text((tiny_run / "config.json").read_text())
@@ -420,3 +425,52 @@ def test_probe_cli_refuses_bad_input_in_one_line(tiny_run, tmp_path, capsys):
         assert probe_cli.main([str(path)]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and says in err, err
+
+
+def test_block_features_match_a_manual_forward(tmp_path):
+    split = _tiny_split(tmp_path, n=6)
+    model = _tiny_vit("lora")  # adapters are ignored: only block outputs are read
+    idx = np.array([0, 2, 5])
+    got = extract_block_features(model, split, pool="both", indices=idx, batch_size=2)
+    assert [k for k, _ in got.pairs()] == ["blocks.0", "blocks.1", "norm"]
+    images = torch.stack([split[i][0] for i in idx])
+    with torch.no_grad():
+        final = model.forward_features(images)
+        first = model.blocks[0](model.norm_pre(model._pos_embed(model.patch_embed(images))))
+    for name, tokens in (("norm", final), ("blocks.0", first)):
+        expect = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1).numpy()
+        np.testing.assert_allclose(got.features[(name, "backbone")], expect, rtol=1e-4,
+                                   atol=1e-5)
+    assert np.array_equal(got.a, split.a[idx])
+
+
+def test_probe_cli_on_a_frozen_backbone(tiny_run, tmp_path, capsys):
+    root = tiny_run.parents[3]  # OUT/<dataset>/<method>/<hash>, OUT = root/out
+    out = tmp_path / "frozen"
+    rc = probe_cli.main(["--dataset", "synth-waterbirds", "--data-root", str(root / "data"),
+                         "--weights", str(root / "vit.safetensors"), "--max-images", "10",
+                         "--tsne-max", "0", "--device", "cpu", "--no-progress", "--jobs", "1",
+                         "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    with open(out / "probes.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    layers = [f"blocks.{i}" for i in range(OFFLINE_ARCH["depth"])] + ["norm"]
+    assert [(r["layer"], r["latent"], r["target"]) for r in rows] == [
+        (layer, "backbone", t) for layer in layers for t in ("y", "a")]
+    assert {r["dim"] for r in rows} == {str(OFFLINE_ARCH["embed_dim"])}
+    assert "frozen rbf_vit_offline on synth-waterbirds" in printed
+    assert printed.strip().splitlines()[-1] == str(out)
+
+
+def test_probe_cli_refuses_mixed_or_bad_targets(tiny_run, tmp_path, capsys):
+    for argv in ([str(tiny_run), "--dataset", "synth-waterbirds"], [],
+                 [str(tiny_run), "--weights", "w.pt"],
+                 ["--dataset", "synth-waterbirds", "--layers", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            probe_cli.main(argv)
+        assert exit_info.value.code == 2
+    capsys.readouterr()
+    rc = probe_cli.main(["--dataset", "waterbird", "--data-root", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "waterbirds" in err, err

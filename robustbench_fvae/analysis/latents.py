@@ -254,3 +254,48 @@ def extract_latents(model: nn.Module, split: GroupSplit, layers: Sequence[str] |
                                "layer ran more than once per forward pass")
     return LatentSet(split=split.split, pool=pool, indices=idx, y=split.y[idx], a=split.a[idx],
                      g=split.g[idx], features=features)
+
+
+@torch.inference_mode()
+def extract_block_features(model: nn.Module, split: GroupSplit, *, pool: str = "mean",
+                           indices: Sequence[int] | np.ndarray | None = None,
+                           batch_size: int = 256, device: str | torch.device = "cpu",
+                           num_workers: int = 0, progress: bool = False) -> LatentSet:
+    """The frozen backbone's own features, no adapters needed: the pooled output of every
+    transformer block (layer ``blocks.<i>``) and of the final norm (layer ``norm``, what a linear
+    head reads), all as latent ``backbone``. Same conventions as :func:`extract_latents`."""
+    if pool not in POOLS:
+        raise PoolError(f"unknown pooling {pool!r}; accepted: {', '.join(POOLS)}")
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise LayerError("the model has no `blocks` (a timm VisionTransformer is expected)")
+    taps = {f"blocks.{i}": block for i, block in enumerate(blocks)}
+    if isinstance(getattr(model, "norm", None), nn.LayerNorm):
+        taps["norm"] = model.norm
+    idx = np.arange(len(split)) if indices is None else np.asarray(indices, dtype=np.int64)
+    device = torch.device(device)
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    has_cls = bool(getattr(model, "has_class_token", prefix >= 1))
+    model.eval()
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in taps}
+
+    def hook_for(name):
+        def hook(module, args, output):
+            chunks[name].append(pool_tokens(output.detach().float(), pool, prefix, has_cls).cpu())
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in taps.items()]
+    loader = torch.utils.data.DataLoader(
+        split, batch_size=batch_size, sampler=idx.tolist(), num_workers=num_workers,
+        pin_memory=device.type == "cuda")
+    try:
+        for images, _, _ in tqdm(loader, desc=f"features {split.split}", disable=not progress,
+                                 leave=False, dynamic_ncols=True):
+            model.forward_features(images.to(device, non_blocking=True))
+    finally:
+        for h in handles:
+            h.remove()
+    features = {(name, "backbone"): torch.cat(v).numpy().astype(np.float32, copy=False)
+                for name, v in chunks.items()}
+    return LatentSet(split=split.split, pool=pool, indices=idx, y=split.y[idx], a=split.a[idx],
+                     g=split.g[idx], features=features)

@@ -279,17 +279,11 @@ def probe_run(run_dir: str | Path, *, layers: str | Sequence[str] | None = None,
     # Imported here: checking the arguments above needs none of the model machinery.
     import torch
 
-    from .. import records
     from ..adapters import adapted_layers
     from ..training import load_trained_model, resolve_device
-    from .latents import LATENT_KINDS, extract_latents, select_layers, stratified_subsample
+    from .latents import extract_latents, select_layers, stratified_subsample
 
-    if pool not in POOLS:
-        raise ProbeError(f"unknown pooling {pool!r}; accepted: {', '.join(POOLS)}")
-    if max_images is not None and max_images < 1:
-        raise ProbeError(f"--max-images must be >= 1, got {max_images}")
-    if tsne_max < 0:
-        raise ProbeError(f"--tsne-max must be >= 0 (0: no t-SNE), got {tsne_max}")
+    _check_probe_settings(pool, max_images, tsne_max)
     dev = resolve_device(device)
     model, cfg, splits = load_trained_model(run_dir, str(dev))
     chosen = select_layers(list(adapted_layers(model)), layers)
@@ -310,23 +304,87 @@ def probe_run(run_dir: str | Path, *, layers: str | Sequence[str] | None = None,
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    rows = probe_latents(sets["train"], sets["test"], seed=seed, n_jobs=n_jobs)
     out_dir = Path(out) if out is not None else run_dir / "probe"
+    return _probe_and_write(
+        sets, splits["test"], f"{cfg.method} on {cfg.dataset}", out_dir,
+        {"run_dir": str(run_dir), "dataset": cfg.dataset, "method": cfg.method,
+         "layers": chosen}, pool=pool, max_images=max_images, tsne_max=tsne_max, seed=seed,
+        n_jobs=n_jobs, log=log)
+
+
+def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | None = None,
+                   weights: str | None = None, pool: str = "mean",
+                   max_images: int | None = DEFAULT_MAX_IMAGES, out: str | Path | None = None,
+                   device: str = "auto", tsne_max: int = 2000, seed: int = 0,
+                   batch_size: int = 256, num_workers: int | None = None, n_jobs: int = 1,
+                   progress: bool = True, log=print) -> ProbeOutput:
+    """How hard a dataset is for a frozen backbone, before any fine-tuning: linear probes of y
+    and a from every block's pooled output (and the final norm's) on train, scored on test.
+    When ``acc(a)`` exceeds ``acc(y)`` the spurious cue is the easier one, as in Waterbirds.
+    ``backbone`` defaults to the dataset's (the offline ViT for ``synth-*``, built on first use).
+    Writes the same files as :func:`probe_run` under ``out`` (default
+    ``probe_backbone/<dataset>/<backbone>``)."""
+    from ..config import RunConfig
+    from ..training import build_model_and_data, resolve_config, resolve_device
+    from .latents import extract_block_features, stratified_subsample
+
+    _check_probe_settings(pool, max_images, tsne_max)
+    cfg = resolve_config(RunConfig(method="linear", dataset=dataset, backbone=backbone,
+                                   weights=weights, data_root=data_root))
+    dev = resolve_device(device)
+    model, splits, _ = build_model_and_data(cfg, dev)
+    splits["train"].transform = splits["test"].transform
+    workers = num_workers if num_workers is not None else (
+        0 if dev.type == "cpu" else min(8, os.cpu_count() or 1))
+    sets = {}
+    for name in ("train", "test"):
+        split = splits[name]
+        idx = stratified_subsample(split.g, max_images, seed)
+        log(f"extracting {pool}-pooled {cfg.backbone} features from {len(idx)} of {len(split)} "
+            f"{name} images")
+        sets[name] = extract_block_features(model, split, pool=pool, indices=idx,
+                                            batch_size=batch_size, device=dev,
+                                            num_workers=workers, progress=progress)
+    del model
+    out_dir = Path(out) if out is not None else Path("probe_backbone") / dataset / cfg.backbone
+    return _probe_and_write(
+        sets, splits["test"], f"frozen {cfg.backbone} on {dataset}", out_dir,
+        {"dataset": dataset, "backbone": cfg.backbone, "weights": cfg.weights,
+         "layers": [layer for layer, _ in sets["train"].pairs()]},
+        pool=pool, max_images=max_images, tsne_max=tsne_max, seed=seed, n_jobs=n_jobs, log=log)
+
+
+def _check_probe_settings(pool: str, max_images: int | None, tsne_max: int) -> None:
+    if pool not in POOLS:
+        raise ProbeError(f"unknown pooling {pool!r}; accepted: {', '.join(POOLS)}")
+    if max_images is not None and max_images < 1:
+        raise ProbeError(f"--max-images must be >= 1, got {max_images}")
+    if tsne_max < 0:
+        raise ProbeError(f"--tsne-max must be >= 0 (0: no t-SNE), got {tsne_max}")
+
+
+def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir: Path,
+                     meta: dict, *, pool: str, max_images: int | None, tsne_max: int, seed: int,
+                     n_jobs: int, log) -> ProbeOutput:
+    """Fit and score the probes of ``sets``, print the table, write probes.csv, the t-SNE
+    figures and probe.json (``meta`` first) to ``out_dir``."""
+    from .. import records
+    from .latents import LATENT_KINDS
+
+    rows = probe_latents(sets["train"], sets["test"], seed=seed, n_jobs=n_jobs)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_probes_csv(rows, out_dir / "probes.csv")
-    test = splits["test"]
-    log(f"\nlinear probes of {cfg.method} on {cfg.dataset} ({pool}-pooled; "
+    log(f"\nlinear probes of {what} ({pool}-pooled; "
         f"train {sets['train'].y.size} / test {sets['test'].y.size} images)")
     log(f"{METRIC_NOTE} ({len(np.unique(sets['test'].g))} groups)\n")
     log(format_table(rows))
     figures = []
     if tsne_max:
-        figures = _tsne_figures(sets["test"], test.class_names, test.attribute_names, tsne_max,
-                                seed, out_dir, f"{cfg.dataset} test · {cfg.method}", n_jobs, log)
+        figures = _tsne_figures(sets["test"], test_split.class_names,
+                                test_split.attribute_names, tsne_max, seed, out_dir,
+                                f"test · {what}", n_jobs, log)
     records.write_json_atomic(out_dir / "probe.json", {
-        "run_dir": str(run_dir), "dataset": cfg.dataset, "method": cfg.method,
-        "layers": chosen, "latents": [k for k in LATENT_KINDS
-                                      if any(r["latent"] == k for r in rows)],
+        **meta, "latents": [k for k in LATENT_KINDS if any(r["latent"] == k for r in rows)],
         "pool": pool, "max_images": max_images, "seed": seed, "tsne_max": tsne_max,
         "n_train": int(sets["train"].y.size), "n_test": int(sets["test"].y.size),
         "Cs": list(DEFAULT_CS), "cv_folds_max": DEFAULT_FOLDS, "metric": METRIC_NOTE,

@@ -355,8 +355,9 @@ def render_scene(
     size: int = 64,
     tone: str = "dark",
     scale: tuple[float, float] = (0.42, 0.70),
+    max_rotation: float = 20.0,
 ) -> np.ndarray:
     """A ``family`` background with ``silhouette`` pasted on it: uint8 (size, size, 3)."""
     background = render_background(rng, family, size)
-    alpha = silhouette_alpha(rng, silhouette, size, scale)
+    alpha = silhouette_alpha(rng, silhouette, size, scale, max_rotation)
     return compose(rng, background, alpha, foreground_fill(rng, size, tone))

@@ -39,12 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,11 +52,15 @@ from PIL import Image
 from .base import SPLITS, DatasetError
 from .silhouettes import instance_pools, load_silhouettes, render_scene
 
-BUILDER_VERSION = 1
+# Bumped whenever the pictures or tables change; a replica of an older version is rebuilt.
+BUILDER_VERSION = 2
 IMAGE_SIZE = 64
 SYNTH_DIR = "synth"
 MARKER = "SYNTHETIC.json"
 REPLICAS = ("synth-waterbirds", "synth-celeba", "synth-animals")
+# Nuisance ranges of the foreground: object box side as a fraction of the image, and rotation.
+SILHOUETTE_SCALE = (0.5, 0.85)
+MAX_ROTATION = 15.0
 
 # The 40 CelebA attribute columns, in the order of the released list_attr_celeba.csv.
 CELEBA_ATTRIBUTES = (
@@ -227,8 +229,10 @@ def read_manifest(folder: str | Path) -> dict | None:
 
 
 def is_built(name: str, root: str | Path) -> bool:
-    """True if every folder of the replica exists with its ``SYNTHETIC.json``."""
-    return all(read_manifest(f) is not None for f in replica_folders(name, root))
+    """True if every folder of the replica exists with a ``SYNTHETIC.json`` of this builder
+    version (older replicas show different pictures and are rebuilt)."""
+    manifests = [read_manifest(f) for f in replica_folders(name, root)]
+    return all(m is not None and m.get("builder_version") == BUILDER_VERSION for m in manifests)
 
 
 # --------------------------------------------------------------------------------- the build
@@ -262,30 +266,8 @@ def _render(
     )
     pool = pools[(spec.foreground[item.y], item.split)]
     silhouette = images[pool[int(rng.integers(len(pool)))]]
-    return render_scene(rng, silhouette, spec.background[item.a], size=size, tone=spec.tone)
-
-
-def _n_workers(workers: int | None, n_jobs: int) -> int:
-    # One process by default: the full build takes well under a minute on 2 cores, and worker
-    # processes must be spawned (not forked from a process that may hold torch/BLAS threads).
-    return max(1, min(int(workers or 1), n_jobs // 64 + 1))
-
-
-def _render_and_save(
-    job: tuple[_Item, Path], spec: ReplicaSpec, seed: int, size: int,
-    pools: dict[tuple[str, str], np.ndarray],
-) -> None:
-    item, path = job
-    _save_png(_render(spec, item, seed, size, pools), path)
-
-
-def _render_chunk(
-    jobs: list[tuple[_Item, Path]], spec: ReplicaSpec, seed: int, size: int,
-    pools: dict[tuple[str, str], np.ndarray],
-) -> int:
-    for job in jobs:
-        _render_and_save(job, spec, seed, size, pools)
-    return len(jobs)
+    return render_scene(rng, silhouette, spec.background[item.a], size=size, tone=spec.tone,
+                        scale=SILHOUETTE_SCALE, max_rotation=MAX_ROTATION)
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -390,14 +372,14 @@ def build_replica(
     scale: float = 1.0,
     image_size: int = IMAGE_SIZE,
     progress: bool = True,
-    workers: int | None = None,
 ) -> Path:
     """Build one replica under ``<root>/synth/`` and return ``<root>/synth`` (the folder to give the
     real-data readers, e.g. ``WaterbirdsDataset(root_dir=<root>/synth)``).
 
-    If the replica exists already (all its folders carry ``SYNTHETIC.json``) nothing is done unless
-    ``force``. ``scale`` multiplies every group size of :data:`COUNTS` (tests use small scales).
-    ``workers`` > 1 renders in that many spawned processes; the bytes written do not depend on it.
+    If the replica exists already (all its folders carry a ``SYNTHETIC.json`` of the current
+    :data:`BUILDER_VERSION`) nothing is done unless ``force``. ``scale`` multiplies every group
+    size of :data:`COUNTS` (tests use small scales). One process: the three full-size replicas
+    take well under a minute on 2 CPU cores.
     """
     from tqdm.auto import tqdm
 
@@ -412,6 +394,10 @@ def build_replica(
         if not force:
             if is_built(name, root):
                 return out
+            versions = [(read_manifest(p) or {}).get("builder_version") for p in targets]
+            stale = [p for p, v in zip(targets, versions) if v not in (None, BUILDER_VERSION)]
+            if stale and progress:
+                print(f"{name}: {stale[0]} was built by an older replica builder; rebuilding")
             foreign = [p for p in targets if p.exists() and read_manifest(p) is None]
             if foreign:
                 raise ReplicaError(
@@ -431,24 +417,9 @@ def build_replica(
             items = _items(spec, counts)
             rows = [(item, _relative_path(spec, item, serial), serial)
                     for serial, item in enumerate(items, start=1)]
-            jobs = [(item, staging / rel) for item, rel, _ in rows]
-            n_workers = _n_workers(workers, len(jobs))
-            bar = tqdm(total=len(jobs), desc=f"building {name}", unit="img",
-                       disable=not progress)
-            args = (spec, seed, int(image_size), pools)
-            if n_workers == 1:
-                for job in jobs:
-                    _render_and_save(job, *args)
-                    bar.update()
-            else:
-                # Each image depends only on its own seed, so the order of work does not matter.
-                chunks = [jobs[i: i + 64] for i in range(0, len(jobs), 64)]
-                context = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(n_workers, mp_context=context) as executor:
-                    futures = [executor.submit(_render_chunk, chunk, *args) for chunk in chunks]
-                    for future in as_completed(futures):
-                        bar.update(future.result())
-            bar.close()
+            for item, rel, _ in tqdm(rows, desc=f"building {name}", unit="img",
+                                     disable=not progress):
+                _save_png(_render(spec, item, seed, int(image_size), pools), staging / rel)
             for folder in spec.folders:
                 (staging / folder).mkdir(parents=True, exist_ok=True)
             _write_tables(spec, staging, rows)
@@ -492,14 +463,13 @@ def build_all(
     *,
     scale: float = 1.0,
     progress: bool = True,
-    workers: int | None = None,
 ) -> Path:
     """Build every replica (or those in ``only``); returns ``<root>/synth``."""
     names = list(only) if only else list(REPLICAS)
     for name in names:
         _spec(name)
     for name in names:
-        build_replica(name, root, seed, force, scale=scale, progress=progress, workers=workers)
+        build_replica(name, root, seed, force, scale=scale, progress=progress)
     return synth_root(root)
 
 
