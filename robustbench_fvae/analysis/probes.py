@@ -323,7 +323,7 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
     When ``acc(a)`` exceeds ``acc(y)`` the spurious cue is the easier one, as in Waterbirds.
     ``backbone`` defaults to the dataset's (the offline ViT for ``synth-*``, built on first use).
     Writes the same files as :func:`probe_run` under ``out`` (default
-    ``probe_backbone/<dataset>/<backbone>``)."""
+    ``runs/probes/<dataset>/<backbone>``)."""
     from ..config import RunConfig
     from ..training import build_model_and_data, resolve_config, resolve_device
     from .latents import extract_block_features, stratified_subsample
@@ -346,7 +346,7 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
                                             batch_size=batch_size, device=dev,
                                             num_workers=workers, progress=progress)
     del model
-    out_dir = Path(out) if out is not None else Path("probe_backbone") / dataset / cfg.backbone
+    out_dir = Path(out) if out is not None else Path("runs") / "probes" / dataset / cfg.backbone
     return _probe_and_write(
         sets, splits["test"], f"frozen {cfg.backbone} on {dataset}", out_dir,
         {"dataset": dataset, "backbone": cfg.backbone, "weights": cfg.weights,
