@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default=None, metavar="NAME",
                         help="no run: probe the frozen backbone's block outputs on this dataset "
                              "(how hard y and the spurious a are before fine-tuning); default "
-                             "out: probe_backbone/NAME/BACKBONE")
+                             "out: runs/probes/NAME/BACKBONE")
     parser.add_argument("--data-root", default="data", metavar="DIR",
                         help="with --dataset: the data root (default: data)")
     parser.add_argument("--backbone", default=None,
