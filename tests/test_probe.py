@@ -355,26 +355,12 @@ def test_cli_defaults_match_the_library():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A finished fvae run of one epoch on a Waterbirds-layout replica stand-in (15 train,
-    8 val, 12 test images) with the offline ViT architecture loaded from a local weights file."""
-    from data_fixtures import make_waterbirds
-    from safetensors.torch import save_file
-
-    from robustbench_fvae.backbones import OFFLINE_BACKBONE, build_offline_vit
-    from robustbench_fvae.config import config_from_settings
-    from robustbench_fvae.training import run
+    """A finished fvae run of one epoch on a Waterbirds-layout replica stand-in with the offline
+    ViT architecture loaded from a local weights file."""
+    from tiny_models import make_offline_runs
 
     root = tmp_path_factory.mktemp("probe_run")
-    make_waterbirds(root / "data" / "synth", synthetic_name="synth-waterbirds")
-    torch.manual_seed(0)
-    save_file(build_offline_vit(0).state_dict(), str(root / "vit.safetensors"))
-    cfg = config_from_settings({
-        "method": "fvae", "dataset": "synth-waterbirds", "backbone": OFFLINE_BACKBONE,
-        "weights": str(root / "vit.safetensors"), "data_root": str(root / "data"),
-        "out": str(root / "out"), "device": "cpu", "num_workers": 0, "rank": 4, "epochs": 1,
-        "batch_size": 4, "eval_batch_size": 16, "patience": 0})
-    with threadpool_limits(1):
-        return run(cfg, progress=False, log=lambda _: None).run_dir
+    return make_offline_runs(root, [("fvae", 0)])[("fvae", 0)]
 
 
 def test_probe_cli_end_to_end(tiny_run, tmp_path, capsys):
@@ -408,6 +394,8 @@ def test_probe_cli_end_to_end(tiny_run, tmp_path, capsys):
     assert (out / f"tsne_{last}-k_z2.png") in figures
     assert "acc(y)" in printed and "group-balanced" in printed and str(out) in printed
     assert (out / "probe.json").is_file()
+    assert (out / "probes.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "probes.png").stat().st_size > 10_000
 
 
 def test_probe_cli_refuses_bad_input_in_one_line(tiny_run, tmp_path, capsys):
@@ -461,6 +449,7 @@ def test_probe_cli_on_a_frozen_backbone(tiny_run, tmp_path, capsys):
     assert {r["dim"] for r in rows} == {str(OFFLINE_ARCH["embed_dim"])}
     assert "frozen rbf_vit_offline on synth-waterbirds" in printed
     assert printed.strip().splitlines()[-1] == str(out)
+    assert sorted(p.name for p in out.iterdir()) == ["probe.json", "probes.csv", "probes.png"]
 
 
 def test_probe_cli_refuses_mixed_or_bad_targets(tiny_run, tmp_path, capsys):

@@ -72,3 +72,35 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":  # as a script, e.g. under torchrun
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.exit(main(sys.argv[1:]))
+
+
+def make_offline_runs(root: Path, runs, epochs: int = 1) -> dict:
+    """Finished runs on a tiny Waterbirds-layout stand-in of ``synth-waterbirds`` (15 train,
+    8 val, 12 test images) with the offline ViT architecture loaded from a random local weights
+    file, so any process (a notebook kernel, a subprocess) can reload them without registering
+    a model. ``runs``: ``(method, seed)`` pairs. Writes ``root/data``, ``root/vit.safetensors``
+    and ``root/out``; returns ``{(method, seed): run_dir}``."""
+    import torch
+    from data_fixtures import make_waterbirds
+    from safetensors.torch import save_file
+    from threadpoolctl import threadpool_limits
+
+    from robustbench_fvae.backbones import OFFLINE_BACKBONE, build_offline_vit
+    from robustbench_fvae.config import config_from_settings
+    from robustbench_fvae.training import run
+
+    weights = root / "vit.safetensors"
+    if not weights.exists():
+        make_waterbirds(root / "data" / "synth", synthetic_name="synth-waterbirds")
+        torch.manual_seed(0)
+        save_file(build_offline_vit(0).state_dict(), str(weights))
+    made = {}
+    for method, seed in runs:
+        cfg = config_from_settings({
+            "method": method, "dataset": "synth-waterbirds", "backbone": OFFLINE_BACKBONE,
+            "weights": str(weights), "data_root": str(root / "data"), "out": str(root / "out"),
+            "device": "cpu", "num_workers": 0, "rank": 4, "epochs": epochs, "seed": seed,
+            "batch_size": 4, "eval_batch_size": 16, "patience": 0})
+        with threadpool_limits(1):
+            made[(method, seed)] = run(cfg, progress=False, log=lambda _: None).run_dir
+    return made

@@ -378,9 +378,14 @@ def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir:
         f"train {sets['train'].y.size} / test {sets['test'].y.size} images)")
     log(f"{METRIC_NOTE} ({len(np.unique(sets['test'].g))} groups)\n")
     log(format_table(rows))
-    figures = []
+    from .plots import probe_accuracy_plot
+
+    figures = [probe_accuracy_plot(
+        rows, out_dir / "probes.png",
+        f"linear probes of {what}: can y and a be read off each latent?\n"
+        f"test, {pool}-pooled; bars: group-balanced accuracy, dashed: chance")]
     if tsne_max:
-        figures = _tsne_figures(sets["test"], test_split.class_names,
+        figures += _tsne_figures(sets["test"], test_split.class_names,
                                 test_split.attribute_names, tsne_max, seed, out_dir,
                                 f"test · {what}", n_jobs, log)
     records.write_json_atomic(out_dir / "probe.json", {
@@ -390,7 +395,8 @@ def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir:
         "Cs": list(DEFAULT_CS), "cv_folds_max": DEFAULT_FOLDS, "metric": METRIC_NOTE,
         "figures": [f.name for f in figures],
     })
-    log(f"wrote {out_dir / 'probes.csv'} and {len(figures)} t-SNE figure(s) to {out_dir}")
+    log(f"wrote {out_dir / 'probes.csv'}, probes.png and {len(figures) - 1} t-SNE figure(s) to "
+        f"{out_dir}")
     return ProbeOutput(rows, out_dir, figures)
 
 
