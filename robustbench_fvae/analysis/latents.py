@@ -195,6 +195,25 @@ class LatentSet:
                          self.g[rows], {k: v[rows] for k, v in self.features.items()})
 
 
+def _prepare(model: nn.Module, split: GroupSplit, indices, device, pool: str):
+    """Check ``pool``, put ``model`` in eval mode; returns the split positions to read, the
+    device, and the model's prefix-token count and whether it has a class token."""
+    if pool not in POOLS:
+        raise PoolError(f"unknown pooling {pool!r}; accepted: {', '.join(POOLS)}")
+    idx = np.arange(len(split)) if indices is None else np.asarray(indices, dtype=np.int64)
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    model.eval()
+    return idx, torch.device(device), prefix, bool(getattr(model, "has_class_token", prefix >= 1))
+
+
+def _loader(split: GroupSplit, idx: np.ndarray, batch_size: int, num_workers: int,
+            device: torch.device) -> torch.utils.data.DataLoader:
+    """Batches of ``split[idx]`` in the order of ``idx`` (no shuffling)."""
+    return torch.utils.data.DataLoader(
+        split, batch_size=batch_size, sampler=idx.tolist(), num_workers=num_workers,
+        pin_memory=device.type == "cuda")
+
+
 @torch.inference_mode()
 def extract_latents(model: nn.Module, split: GroupSplit, layers: Sequence[str] | None = None, *,
                     pool: str = "mean", indices: Sequence[int] | np.ndarray | None = None,
@@ -206,18 +225,12 @@ def extract_latents(model: nn.Module, split: GroupSplit, layers: Sequence[str] |
     of ``layers`` (``None``: every adapted layer) per image. With ``backbone`` the input features
     of each adapted layer are pooled too (latent ``backbone``). Tokens are pooled batch by batch,
     so memory holds only the pooled (N, D) arrays."""
-    if pool not in POOLS:
-        raise PoolError(f"unknown pooling {pool!r}; accepted: {', '.join(POOLS)}")
     available = adapted_layers(model)
     layers = list(available) if layers is None else list(layers)
     unknown = [n for n in layers if n not in available]
     if unknown:
         raise LayerError(f"unknown adapted layer(s) {unknown}; available: {', '.join(available)}")
-    idx = np.arange(len(split)) if indices is None else np.asarray(indices, dtype=np.int64)
-    device = torch.device(device)
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-    has_cls = bool(getattr(model, "has_class_token", prefix >= 1))
-    model.eval()
+    idx, device, prefix, has_cls = _prepare(model, split, indices, device, pool)
 
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     handles = []
@@ -227,9 +240,7 @@ def extract_latents(model: nn.Module, split: GroupSplit, layers: Sequence[str] |
                 inputs[name].append(args[0].detach().float())
             handles.append(available[name].register_forward_pre_hook(pre_hook))
     chunks: dict[tuple[str, str], list[torch.Tensor]] = {}
-    loader = torch.utils.data.DataLoader(
-        split, batch_size=batch_size, sampler=idx.tolist(), num_workers=num_workers,
-        pin_memory=device.type == "cuda")
+    loader = _loader(split, idx, batch_size, num_workers, device)
     try:
         with record_latents(model, layers) as store:
             for images, _, _ in tqdm(loader, desc=f"latents {split.split}", disable=not progress,
@@ -264,19 +275,13 @@ def extract_block_features(model: nn.Module, split: GroupSplit, *, pool: str = "
     """The frozen backbone's own features, no adapters needed: the pooled output of every
     transformer block (layer ``blocks.<i>``) and of the final norm (layer ``norm``, what a linear
     head reads), all as latent ``backbone``. Same conventions as :func:`extract_latents`."""
-    if pool not in POOLS:
-        raise PoolError(f"unknown pooling {pool!r}; accepted: {', '.join(POOLS)}")
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise LayerError("the model has no `blocks` (a timm VisionTransformer is expected)")
     taps = {f"blocks.{i}": block for i, block in enumerate(blocks)}
     if isinstance(getattr(model, "norm", None), nn.LayerNorm):
         taps["norm"] = model.norm
-    idx = np.arange(len(split)) if indices is None else np.asarray(indices, dtype=np.int64)
-    device = torch.device(device)
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-    has_cls = bool(getattr(model, "has_class_token", prefix >= 1))
-    model.eval()
+    idx, device, prefix, has_cls = _prepare(model, split, indices, device, pool)
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in taps}
 
     def hook_for(name):
@@ -285,9 +290,7 @@ def extract_block_features(model: nn.Module, split: GroupSplit, *, pool: str = "
         return hook
 
     handles = [m.register_forward_hook(hook_for(n)) for n, m in taps.items()]
-    loader = torch.utils.data.DataLoader(
-        split, batch_size=batch_size, sampler=idx.tolist(), num_workers=num_workers,
-        pin_memory=device.type == "cuda")
+    loader = _loader(split, idx, batch_size, num_workers, device)
     try:
         for images, _, _ in tqdm(loader, desc=f"features {split.split}", disable=not progress,
                                  leave=False, dynamic_ncols=True):

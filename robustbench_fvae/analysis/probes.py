@@ -281,7 +281,7 @@ def probe_run(run_dir: str | Path, *, layers: str | Sequence[str] | None = None,
 
     from ..adapters import adapted_layers
     from ..training import load_trained_model, resolve_device
-    from .latents import extract_latents, select_layers, stratified_subsample
+    from .latents import extract_latents, select_layers
 
     _check_probe_settings(pool, max_images, tsne_max)
     dev = resolve_device(device)
@@ -289,18 +289,12 @@ def probe_run(run_dir: str | Path, *, layers: str | Sequence[str] | None = None,
     chosen = select_layers(list(adapted_layers(model)), layers)
     # The train split comes with the augmenting transform; latents are read as at evaluation.
     splits["train"].transform = splits["test"].transform
-    workers = num_workers if num_workers is not None else (
-        0 if dev.type == "cpu" else min(8, os.cpu_count() or 1))
-    batch = batch_size or cfg.train.eval_batch_size or 64
-    sets = {}
-    for name in ("train", "test"):
-        split = splits[name]
-        idx = stratified_subsample(split.g, max_images, seed)
-        log(f"extracting {pool}-pooled latents of {len(chosen)} layer(s) from {len(idx)} of "
-            f"{len(split)} {name} images")
-        sets[name] = extract_latents(model, split, chosen, pool=pool, indices=idx,
-                                     batch_size=batch, device=dev, num_workers=workers,
-                                     progress=progress)
+    options = dict(pool=pool, batch_size=batch_size or cfg.train.eval_batch_size or 64,
+                   device=dev, num_workers=_loader_workers(num_workers, dev), progress=progress)
+    sets = _latent_sets(
+        splits, max_images, seed, f"{pool}-pooled latents of {len(chosen)} layer(s)",
+        lambda split, idx, m=model: extract_latents(m, split, chosen, indices=idx, **options),
+        log)
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -326,7 +320,7 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
     ``runs/probes/<dataset>/<backbone>``)."""
     from ..config import RunConfig
     from ..training import build_model_and_data, resolve_config, resolve_device
-    from .latents import extract_block_features, stratified_subsample
+    from .latents import extract_block_features
 
     _check_probe_settings(pool, max_images, tsne_max)
     cfg = resolve_config(RunConfig(method="linear", dataset=dataset, backbone=backbone,
@@ -334,17 +328,12 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
     dev = resolve_device(device)
     model, splits, _ = build_model_and_data(cfg, dev)
     splits["train"].transform = splits["test"].transform
-    workers = num_workers if num_workers is not None else (
-        0 if dev.type == "cpu" else min(8, os.cpu_count() or 1))
-    sets = {}
-    for name in ("train", "test"):
-        split = splits[name]
-        idx = stratified_subsample(split.g, max_images, seed)
-        log(f"extracting {pool}-pooled {cfg.backbone} features from {len(idx)} of {len(split)} "
-            f"{name} images")
-        sets[name] = extract_block_features(model, split, pool=pool, indices=idx,
-                                            batch_size=batch_size, device=dev,
-                                            num_workers=workers, progress=progress)
+    options = dict(pool=pool, batch_size=batch_size, device=dev,
+                   num_workers=_loader_workers(num_workers, dev), progress=progress)
+    sets = _latent_sets(
+        splits, max_images, seed, f"{pool}-pooled {cfg.backbone} features",
+        lambda split, idx, m=model: extract_block_features(m, split, indices=idx, **options),
+        log)
     del model
     out_dir = Path(out) if out is not None else Path("runs") / "probes" / dataset / cfg.backbone
     return _probe_and_write(
@@ -352,6 +341,25 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
         {"dataset": dataset, "backbone": cfg.backbone, "weights": cfg.weights,
          "layers": [layer for layer, _ in sets["train"].pairs()]},
         pool=pool, max_images=max_images, tsne_max=tsne_max, seed=seed, n_jobs=n_jobs, log=log)
+
+
+def _loader_workers(num_workers: int | None, dev) -> int:
+    return num_workers if num_workers is not None else (
+        0 if dev.type == "cpu" else min(8, os.cpu_count() or 1))
+
+
+def _latent_sets(splits: dict, max_images: int | None, seed: int, what: str, extract,
+                 log) -> dict[str, LatentSet]:
+    """``extract(split, indices)`` on group-stratified subsamples of train and test."""
+    from .latents import stratified_subsample
+
+    sets = {}
+    for name in ("train", "test"):
+        split = splits[name]
+        idx = stratified_subsample(split.g, max_images, seed)
+        log(f"extracting {what} from {len(idx)} of {len(split)} {name} images")
+        sets[name] = extract(split, idx)
+    return sets
 
 
 def _check_probe_settings(pool: str, max_images: int | None, tsne_max: int) -> None:
