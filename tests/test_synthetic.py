@@ -17,7 +17,10 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from robustbench_fvae.data import silhouettes as sil  # noqa: E402
+from robustbench_fvae.data.base import DatasetError  # noqa: E402
+from robustbench_fvae.data.registry import ensure_replica  # noqa: E402
 from robustbench_fvae.data.synthetic import (  # noqa: E402
+    BUILDER_VERSION,
     COUNTS,
     MARKER,
     MAX_ROTATION,
@@ -142,6 +145,16 @@ def test_existing_replica_is_kept_unless_forced(tmp_path):
     meta.write_text(meta.read_text() + "# user edit\n")
     build_replica("synth-waterbirds", root, seed=2, scale=0.03, progress=False)
     assert not meta.read_text().endswith("# user edit\n") and read_manifest(folder)["seed"] == 2
+    # Loading a stale replica rebuilds it too, with its own seed and scale.
+    (folder / MARKER).write_text(json.dumps({**read_manifest(folder), "builder_version": 0}))
+    meta.write_text(meta.read_text() + "# user edit\n")
+    with pytest.raises(DatasetError, match="older replica builder"):
+        ensure_replica("synth-waterbirds", root, build_missing=False)
+    ensure_replica("synth-waterbirds", root)
+    rebuilt = read_manifest(folder)
+    assert not meta.read_text().endswith("# user edit\n")
+    assert (rebuilt["seed"], rebuilt["scale"], rebuilt["builder_version"]) == (2, 0.03,
+                                                                               BUILDER_VERSION)
     # A folder that is not a replica is never overwritten without --force.
     (folder / MARKER).unlink()
     with pytest.raises(ReplicaError, match="--force"):

@@ -191,18 +191,21 @@ def replica_info(name: str, root: str | Path) -> dict | None:
 
 def ensure_replica(name: str, root: str | Path, build_missing: bool = True, seed: int = 0) -> None:
     """Make sure the replica ``name`` exists under ``<root>/synth``, building it if allowed."""
+    from robustbench_fvae.data.synthetic import build_replica, stale_manifest
+
     spec = get_spec(name)
-    if replica_info(name, root) is not None:
+    stale = stale_manifest(name, root)
+    if replica_info(name, root) is not None and stale is None:
         return
     where = ", ".join(str(p) for p in spec.folder_paths(root))
     if not build_missing:
-        raise DatasetError(
-            f"{name}: no replica at {where} ({SYNTH_INFO} missing); {spec.fix_hint(root)}"
-        )
-    # Imported lazily: the builder pulls in image-generation code that loading never needs.
-    from robustbench_fvae.data.synthetic import build_replica
-
-    build_replica(name, Path(root).expanduser(), seed=seed)
+        why = ("built by an older replica builder" if stale else f"{SYNTH_INFO} missing")
+        raise DatasetError(f"{name}: no usable replica at {where} ({why}); {spec.fix_hint(root)}")
+    if stale is not None:  # rebuilt as it was made, with this builder's pictures
+        seed, scale = int(stale.get("seed", seed)), float(stale.get("scale", 1.0))
+        build_replica(name, Path(root).expanduser(), seed=seed, scale=scale)
+    else:
+        build_replica(name, Path(root).expanduser(), seed=seed)
     if replica_info(name, root) is None:
         raise DatasetError(
             f"{name}: the replica builder finished but {where} still lacks {SYNTH_INFO}; "

@@ -235,6 +235,16 @@ def is_built(name: str, root: str | Path) -> bool:
     return all(m is not None and m.get("builder_version") == BUILDER_VERSION for m in manifests)
 
 
+def stale_manifest(name: str, root: str | Path) -> dict | None:
+    """The ``SYNTHETIC.json`` of a replica folder written by another builder version (its
+    pictures differ from what this version draws), or None when no folder is stale."""
+    for folder in replica_folders(name, root):
+        manifest = read_manifest(folder)
+        if manifest is not None and manifest.get("builder_version") not in (None, BUILDER_VERSION):
+            return manifest
+    return None
+
+
 # --------------------------------------------------------------------------------- the build
 
 
