@@ -18,11 +18,8 @@ import pandas as pd
 from robustbench_fvae.data.base import DatasetError, Group
 from robustbench_fvae.data.waterbirds import (
     SplitArrays,
-    build_wilds,
-    check_binary,
-    import_wilds_class,
     missing_columns_problem,
-    split_arrays,
+    read_wilds_arrays,
     value_problem,
     wilds_download,
 )
@@ -113,27 +110,13 @@ def content_problems(base: Path) -> list[str]:
     return problems
 
 
-def check_layout(base: Path, name: str, hint: str) -> None:
-    """Raise DatasetError naming what is missing before wilds is asked (it would download)."""
-    problems = layout_problems(base)
-    if problems:
-        raise DatasetError(f"{name}: {'; '.join(problems)}; {hint}")
-
-
 def read_arrays(base: Path, name: str, hint: str) -> dict[str, SplitArrays]:
-    """Per split ``(paths, y, a)`` read through wilds' CelebADataset (CSVs only, no images)."""
-    check_layout(base, name, hint)
-    cls = import_wilds_class("wilds.datasets.celebA_dataset", "CelebADataset")
-    ds = build_wilds(cls, base, name, hint)
-    fields = list(ds.metadata_fields)
-    y = ds._y_array.numpy().astype(np.int64)
-    a = ds._metadata_array[:, fields.index("male")].numpy().astype(np.int64)
-    split = np.asarray(ds._split_array)
-    data_dir = Path(ds.data_dir)
-    check_binary(name, "Blond_Hair", y, data_dir / ATTR_CSV)
-    check_binary(name, "Male", a, data_dir / ATTR_CSV)
-    check_binary(name, "partition", split, data_dir / PARTITION_CSV, allowed=(0, 1, 2))
-    return split_arrays(data_dir / IMAGE_DIR, np.asarray(ds._input_array), y, a, split, name)
+    """Per split ``(paths, y, a)`` read through wilds' CelebADataset."""
+    return read_wilds_arrays(
+        base, name, hint, problems=layout_problems(base),
+        wilds_class=("wilds.datasets.celebA_dataset", "CelebADataset"), attribute="male",
+        label_files=(("Blond_Hair", ATTR_CSV), ("Male", ATTR_CSV), ("partition", PARTITION_CSV)),
+        image_dir=IMAGE_DIR)
 
 
 def download_into(staging: Path) -> list[Path]:

@@ -232,27 +232,37 @@ def content_problems(base: Path) -> list[str]:
     return problems
 
 
-def check_layout(base: Path, name: str, hint: str) -> None:
-    """Raise DatasetError naming what is missing before wilds is asked (it would download)."""
-    problems = layout_problems(base)
+def read_wilds_arrays(
+    base: Path, name: str, hint: str, *, problems: list[str], wilds_class: tuple[str, str],
+    attribute: str, label_files: tuple[tuple[str, str], ...], image_dir: str = "",
+) -> dict[str, SplitArrays]:
+    """Per split ``(paths, y, a)`` read through a wilds dataset class (CSVs only, no images).
+
+    ``problems`` (the adapter's ``layout_problems``) are raised first as one DatasetError: asked
+    about a folder it cannot read, wilds would start a download. ``attribute`` is the wilds
+    metadata field that is ``a``; ``label_files`` names, for y, a and the split code in turn, the
+    column and the file (relative to wilds' data_dir) that error messages point to.
+    """
     if problems:
         raise DatasetError(f"{name}: {'; '.join(problems)}; {hint}")
+    ds = build_wilds(import_wilds_class(*wilds_class), base, name, hint)
+    y = ds._y_array.numpy().astype(np.int64)
+    a = ds._metadata_array[:, list(ds.metadata_fields).index(attribute)].numpy().astype(np.int64)
+    split = np.asarray(ds._split_array)
+    data_dir = Path(ds.data_dir)
+    for (column, file), values, allowed in zip(label_files, (y, a, split),
+                                               ((0, 1), (0, 1), (0, 1, 2))):
+        check_binary(name, column, values, data_dir / file, allowed=allowed)
+    return split_arrays(data_dir / image_dir, np.asarray(ds._input_array), y, a, split, name)
 
 
 def read_arrays(base: Path, name: str, hint: str) -> dict[str, SplitArrays]:
-    """Per split ``(paths, y, a)`` read through wilds' WaterbirdsDataset (CSV only, no images)."""
-    check_layout(base, name, hint)
-    cls = import_wilds_class("wilds.datasets.waterbirds_dataset", "WaterbirdsDataset")
-    ds = build_wilds(cls, base, name, hint)
-    fields = list(ds.metadata_fields)
-    y = ds._y_array.numpy().astype(np.int64)
-    a = ds._metadata_array[:, fields.index("background")].numpy().astype(np.int64)
-    split = np.asarray(ds._split_array)
-    where = Path(ds.data_dir) / METADATA
-    check_binary(name, "y", y, where)
-    check_binary(name, "place", a, where)
-    check_binary(name, "split", split, where, allowed=(0, 1, 2))
-    return split_arrays(Path(ds.data_dir), np.asarray(ds._input_array), y, a, split, name)
+    """Per split ``(paths, y, a)`` read through wilds' WaterbirdsDataset."""
+    return read_wilds_arrays(
+        base, name, hint, problems=layout_problems(base),
+        wilds_class=("wilds.datasets.waterbirds_dataset", "WaterbirdsDataset"),
+        attribute="background",
+        label_files=(("y", METADATA), ("place", METADATA), ("split", METADATA)))
 
 
 # ---------------------------------------------------------------- downloading through wilds
