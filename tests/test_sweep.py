@@ -28,7 +28,11 @@ from robustbench_fvae.sweeps import (  # noqa: E402
     load_spec,
     parse_spec,
 )
-from robustbench_fvae.sweeps.launchers import launch_local, slurm_parameters  # noqa: E402
+from robustbench_fvae.sweeps.launchers import (  # noqa: E402
+    available_cores,
+    launch_local,
+    slurm_parameters,
+)
 from robustbench_fvae.sweeps.state import run_status  # noqa: E402
 from robustbench_fvae.training import SYNTH_DEFAULTS  # noqa: E402
 
@@ -536,8 +540,11 @@ def test_local_launcher_kill_resume_and_relaunch(tmp_path, tiny, capsys):
     assert not records.is_done(run.run_dir)
     out = status_text(capsys, spec_path)
     assert "0 done, 0 running, 0 failed, 1 missing" in out and "killed by signal 9" in out
-    # relaunch through the CLI: the run resumes from its checkpoint and finishes
-    assert sweep_main([str(spec_path), "--threads", "1"]) == 0
+    # relaunch through the CLI: the run resumes from its checkpoint and finishes; the one run
+    # left gets every core although --jobs asks for two at a time
+    capsys.readouterr()
+    assert sweep_main([str(spec_path), "--jobs", "2"]) == 0
+    assert f"1 to run with 1 job(s) × {available_cores()} thread(s)" in capsys.readouterr().out
     assert records.is_done(run.run_dir)
     log_text = run.log_path.read_text()
     assert log_text.count("===== ") == 2 and "resuming from checkpoint" in log_text

@@ -132,7 +132,6 @@ def launch_local(spec: SweepSpec, runs: Sequence[PlannedRun], state: SweepState,
     """
     if jobs < 1:
         raise LauncherError(f"--jobs must be >= 1, got {jobs}")
-    threads = threads or max(1, available_cores() // jobs)
     current = state.load()
     todo, busy = [], []
     for run in runs:
@@ -145,6 +144,10 @@ def launch_local(spec: SweepSpec, runs: Sequence[PlannedRun], state: SweepState,
             continue
         todo.append(run)
     done_before = len(runs) - len(todo) - len(busy)
+    # Cores are shared by the runs that will actually run at once (a relaunch with one run
+    # left gets all of them).
+    jobs = min(jobs, max(1, len(todo)))
+    threads = threads or max(1, available_cores() // jobs)
     log(f"sweep {spec.name}: {len(runs)} runs, {done_before} already done, "
         + (f"{len(busy)} running in another sweep process, " if busy else "")
         + f"{len(todo)} to run with {jobs} job(s) × {threads} thread(s)")
