@@ -556,7 +556,7 @@ def test_local_launcher_kill_resume_and_relaunch(tmp_path, tiny, capsys):
     assert "1 runs — 1 done, 0 running, 0 failed, 0 missing" in status_text(capsys, spec_path)
     # a further launch runs nothing
     assert sweep_main([str(spec_path)]) == 0
-    assert "0 to run" in capsys.readouterr().out
+    assert "1 runs, 1 already done, nothing to run" in capsys.readouterr().out
     assert run.log_path.read_text() == log_text
 
 

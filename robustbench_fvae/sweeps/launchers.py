@@ -150,7 +150,8 @@ def launch_local(spec: SweepSpec, runs: Sequence[PlannedRun], state: SweepState,
     threads = threads or max(1, available_cores() // jobs)
     log(f"sweep {spec.name}: {len(runs)} runs, {done_before} already done, "
         + (f"{len(busy)} running in another sweep process, " if busy else "")
-        + f"{len(todo)} to run with {jobs} job(s) × {threads} thread(s)")
+        + (f"{len(todo)} to run with {jobs} job(s) × {threads} thread(s)" if todo
+           else "nothing to run"))
     if not todo:
         return {}
     env = run_env(threads)
