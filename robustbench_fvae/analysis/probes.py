@@ -318,6 +318,8 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
     ``backbone`` defaults to the dataset's (the offline ViT for ``synth-*``, built on first use).
     Writes the same files as :func:`probe_run` under ``out`` (default
     ``runs/probes/<dataset>/<backbone>``)."""
+    import torch
+
     from ..config import RunConfig
     from ..training import build_model_and_data, resolve_config, resolve_device
     from .latents import extract_block_features
@@ -335,6 +337,8 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
         lambda split, idx, m=model: extract_block_features(m, split, indices=idx, **options),
         log)
     del model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     out_dir = Path(out) if out is not None else Path("runs") / "probes" / dataset / cfg.backbone
     return _probe_and_write(
         sets, splits["test"], f"frozen {cfg.backbone} on {dataset}", out_dir,
@@ -378,6 +382,7 @@ def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir:
     figures and probe.json (``meta`` first) to ``out_dir``."""
     from .. import records
     from .latents import LATENT_KINDS
+    from .plots import probe_accuracy_plot
 
     rows = probe_latents(sets["train"], sets["test"], seed=seed, n_jobs=n_jobs)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -386,8 +391,6 @@ def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir:
         f"train {sets['train'].y.size} / test {sets['test'].y.size} images)")
     log(f"{METRIC_NOTE} ({len(np.unique(sets['test'].g))} groups)\n")
     log(format_table(rows))
-    from .plots import probe_accuracy_plot
-
     figures = [probe_accuracy_plot(
         rows, out_dir / "probes.png",
         f"linear probes of {what}: can y and a be read off each latent?\n"
