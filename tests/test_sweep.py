@@ -325,7 +325,7 @@ def test_cli_reports_spec_errors_in_one_line(tmp_path, capsys):
 def test_slurm_resources_map_onto_submitit(tmp_path, monkeypatch):
     """The spec's slurm section becomes parameters submitit's Slurm executor accepts (built with
     a stand-in `srun` on PATH: the executor only checks that the command exists)."""
-    submitit = pytest.importorskip("submitit")
+    import submitit  # a dev dependency: missing, it must fail rather than skip
     spec = load_spec(REPO / "runs" / "table5.yaml")
     init, params = slurm_parameters(
         {**spec.slurm, "qos": "high", "setup": ["module load x"]}, "slurm"
@@ -564,7 +564,6 @@ def test_submitit_local_executor_requeues_a_preempted_run(tmp_path, tiny):
     """The Slurm code path through submitit's local executor: a task preempted (USR2, as Slurm
     sends before a preemption or timeout) stops its run with SIGTERM (checkpoint), is requeued
     by submitit, and the requeued task resumes the run to the end."""
-    pytest.importorskip("submitit")
     from robustbench_fvae.sweeps.launchers import submit_submitit, wait_submitit
 
     spec_path = tiny_spec(tmp_path, tiny, "sub", epochs=4, checkpoint_every=1)
