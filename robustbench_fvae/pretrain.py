@@ -21,12 +21,10 @@ accuracy are disjoint from the training ones.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,6 +43,7 @@ from .data.silhouettes import (
     random_background,
     silhouette_alpha,
 )
+from .records import exclusive_lock
 
 PRETRAIN_VERSION = 1
 
@@ -164,7 +163,7 @@ def pretrain_offline_backbone(
     path = offline_cache_path(data_root)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Parallel sweep jobs that all find the cache missing pretrain it once: the others wait here.
-    with _lock(path.with_name(f".{path.name}.lock")):
+    with exclusive_lock(path.with_name(f".{path.name}.lock")):
         if path.is_file() and not force:
             log(f"{OFFLINE_BACKBONE}: cached at {path} (use --force to pretrain again)")
             try:
@@ -172,21 +171,6 @@ def pretrain_offline_backbone(
             except (OSError, ValueError):
                 return {"path": str(path)}
         return _pretrain(path, cfg, progress, log)
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock; the atomic rename still keeps the cache whole
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _pretrain(path: Path, cfg: PretrainConfig, progress: bool, log) -> dict:

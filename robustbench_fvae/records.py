@@ -105,6 +105,26 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive inter-process lock on the file ``path`` (created if missing), so that
+    parallel jobs build a shared cache once. Without POSIX ``fcntl`` there is no lock; the atomic
+    renames of the writers still keep every file whole."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename.
 

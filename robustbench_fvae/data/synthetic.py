@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 from .base import SPLITS, DatasetError
+from ..records import exclusive_lock
 from .silhouettes import instance_pools, load_silhouettes, render_scene
 
 # Bumped whenever the pictures or tables change; a replica of an older version is rebuilt.
@@ -356,23 +357,6 @@ def _manifest(
     }
 
 
-@contextlib.contextmanager
-def _build_lock(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock (so parallel sweep jobs build a replica once)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock; the final rename still keeps folders whole
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def build_replica(
     name: str,
     root: str | Path,
@@ -399,7 +383,8 @@ def build_replica(
         raise ReplicaError(f"image_size must be at least 16 pixels, got {image_size}")
     out = synth_root(root)
     out.mkdir(parents=True, exist_ok=True)
-    with _build_lock(out / f".{name}.lock"):
+    # Parallel sweep jobs build a replica once.
+    with exclusive_lock(out / f".{name}.lock"):
         targets = replica_folders(name, root)
         if not force:
             if is_built(name, root):
