@@ -201,11 +201,10 @@ def ensure_replica(name: str, root: str | Path, build_missing: bool = True, seed
     if not build_missing:
         why = ("built by an older replica builder" if stale else f"{SYNTH_INFO} missing")
         raise DatasetError(f"{name}: no usable replica at {where} ({why}); {spec.fix_hint(root)}")
-    if stale is not None:  # rebuilt as it was made, with this builder's pictures
-        seed, scale = int(stale.get("seed", seed)), float(stale.get("scale", 1.0))
-        build_replica(name, Path(root).expanduser(), seed=seed, scale=scale)
-    else:
-        build_replica(name, Path(root).expanduser(), seed=seed)
+    # A stale replica is rebuilt as it was made (seed, scale), with this builder's pictures.
+    seed, scale = (int(stale.get("seed", seed)), float(stale.get("scale", 1.0))) if stale \
+        else (seed, 1.0)
+    build_replica(name, Path(root).expanduser(), seed=seed, scale=scale)
     if replica_info(name, root) is None:
         raise DatasetError(
             f"{name}: the replica builder finished but {where} still lacks {SYNTH_INFO}; "
