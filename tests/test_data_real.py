@@ -431,13 +431,13 @@ def test_missing_replica_is_built_or_named(tmp_path, monkeypatch):
     calls = []
     real = synthetic.build_replica
 
-    def small_build(name, root, seed=0):
-        calls.append((name, Path(root), seed))
+    def small_build(name, root, seed=0, scale=1.0):
+        calls.append((name, Path(root), seed, scale))
         return real(name, root, seed=seed, scale=0.02, progress=False)
 
     monkeypatch.setattr(synthetic, "build_replica", small_build)
     splits = load_splits("synth-waterbirds", tmp_path)
-    assert calls == [("synth-waterbirds", tmp_path, 0)]
+    assert calls == [("synth-waterbirds", tmp_path, 0, 1.0)]
     assert (tmp_path / "synth" / "waterbirds_v1.0" / "SYNTHETIC.json").is_file()
     assert len(splits["train"]) > 0 and splits["val"].groups[1].name == "landbird/water"
     load_splits("synth-waterbirds", tmp_path)  # present now: no second build
