@@ -3,8 +3,12 @@
 Collects every finished run under RUNS_DIR, groups them by dataset × method × the settings that
 differ between runs of that dataset/method (other than the seed), aggregates over seeds and writes
 ``table.md``, ``table.csv``, ``table.tex``, ``groups.csv``, ``runs.csv``, per-group bar plots,
-a WG-vs-average scatter and a self-contained ``report.html`` to ``--out`` (default
-``RUNS_DIR/report``). Unfinished runs are skipped and listed.
+a WG-vs-average scatter, training curves and a self-contained ``report.html`` to ``--out``
+(default ``RUNS_DIR/report``); when runs of a dataset differ in spurious strength, also
+robustness curves (``curves_<dataset>.png``, ``curves.csv``). Unfinished runs are skipped and
+listed.
+
+See docs/report.md for every file, figure and convention.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from robustbench_fvae.analysis import tables
 from robustbench_fvae.analysis.aggregate import (
     SPLITS,
     Collection,
+    CurvePoint,
     GroupRow,
     ReportError,
     RunResult,
     aggregate,
     collect_runs,
     resume_command,
+    robustness_curves,
     run_results,
 )
 from robustbench_fvae.records import write_text_atomic
@@ -46,6 +52,7 @@ class Report:
     collection: Collection
     results: list[RunResult]
     rows: list[GroupRow]
+    curves: list[CurvePoint] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
@@ -112,19 +119,24 @@ def build_report(
     rows = aggregate(results)
     out_dir = Path(out) if out is not None else found.root / REPORT_DIRNAME
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = Report(out=out_dir, collection=found, results=results, rows=rows, skipped=skipped)
+    curves = robustness_curves(rows)
+    report = Report(out=out_dir, collection=found, results=results, rows=rows, curves=curves,
+                    skipped=skipped)
 
     from robustbench_fvae.analysis import html, plots  # plotting stack only when writing
 
     main_table = tables.summary_table(rows)
     datasets = list(dict.fromkeys(r.dataset for r in rows))
+    curve_datasets = list(dict.fromkeys(p.dataset for p in curves))
     group_tables = [tables.group_table(rows, d) for d in datasets]
+    curve_tables = [tables.curves_table(curves, d) for d in curve_datasets]
     runs_table = tables.runs_table(results)
     status = _status_lines(found, skipped, results)
     latex = tables.to_latex(rows)
 
     md = [f"# Group-robustness report: {found.root}", "",
-          *(tables.to_markdown(t) + "\n" for t in [main_table, *group_tables, runs_table])]
+          *(tables.to_markdown(t) + "\n"
+            for t in [main_table, *group_tables, *curve_tables, runs_table])]
     if status:
         md += ["## Run status", "", "```", *status, "```", ""]
     files = report.files
@@ -135,21 +147,44 @@ def build_report(
                           ("runs.csv", tables.run_records(results))):
         files[name] = out_dir / name
         write_text_atomic(files[name], tables.to_csv(records))
+    if curves:
+        files["curves.csv"] = out_dir / "curves.csv"
+        write_text_atomic(files["curves.csv"], tables.to_csv(tables.curve_records(curves)))
     files["table.tex"] = out_dir / "table.tex"
     write_text_atomic(files["table.tex"], latex)
 
-    labels = list(dict.fromkeys(r.label for r in rows))  # one colour per label in all figures
+    # one colour per method line (label without RHO), the same in every figure
+    labels = list(dict.fromkeys(r.base_label for r in rows))
     figures = []
     for d in datasets:
         name = f"groups_{_safe_name(d)}.png"
         files[name] = plots.per_group_plot(rows, d, out_dir / name, labels=labels)
         figures.append(html.FigureItem(files[name], f"Per-group {split} accuracy on {d} (%): "
-                                       "bars are means over seeds, error bars ±1 sample std."))
+                                       "bars are means over seeds (value written above each "
+                                       "bar), error bars ±1 sample std; one panel per spurious "
+                                       "strength when runs differ in it."))
     files["wg_vs_avg.png"] = plots.wg_vs_avg_plot(results, out_dir / "wg_vs_avg.png",
                                                   labels=labels)
     figures.append(html.FigureItem(files["wg_vs_avg.png"],
                                    f"Worst-group vs plain average {split} accuracy (%), one point "
-                                   "per run; colour = method row, marker = dataset."))
+                                   "per run; colour = method, marker = dataset."))
+    for d in curve_datasets:
+        name = f"curves_{_safe_name(d)}.png"
+        files[name] = plots.robustness_plot(curves, d, out_dir / name, labels=labels)
+        figures.append(html.FigureItem(files[name], f"Robustness curves on {d}: test "
+                                       "worst-group, average and core-only accuracy (%) against "
+                                       "the spurious strength RHO; lines = mean over seeds, bands "
+                                       "= 95 % t-interval of the mean. Numbers in curves.csv."))
+    for d in datasets:
+        if not any(run.curve for r in rows if r.dataset == d for run in r.runs):
+            continue
+        name = f"training_curves_{_safe_name(d)}.png"
+        files[name] = plots.training_curves_plot(rows, d, out_dir / name, labels=labels)
+        figures.append(html.FigureItem(files[name], f"Training curves on {d}: validation and "
+                                       "test worst-group and average accuracy (%) per epoch "
+                                       "(epoch 1 = after the first pass); lines = mean over "
+                                       "seeds, bands = min–max over seeds, rings = each seed's "
+                                       "selected epoch."))
     n_unfinished, n_bad = len(found.unfinished), len(found.unreadable) + len(skipped)
     intro = [
         f"Runs folder: {found.root}. Reported: {len(results)} finished run(s) in {len(rows)} "
@@ -158,10 +193,11 @@ def build_report(
         f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by "
         f"robustbench_fvae {robustbench_fvae.__version__}. Files next to this page: "
         "table.md, table.csv (fractions, with std and 95 % CI half-widths), groups.csv, "
-        "runs.csv, table.tex.",
+        f"runs.csv, table.tex{', curves.csv' if curves else ''}.",
     ]
     page = html.render_page(title=f"Group-robustness report: {found.root.name or found.root}",
-                            intro=intro, tables=[main_table, *group_tables], figures=figures,
+                            intro=intro, tables=[main_table, *group_tables, *curve_tables],
+                            figures=figures,
                             appendix_tables=[runs_table], warnings=status, latex=latex)
     files["report.html"] = out_dir / "report.html"
     write_text_atomic(files["report.html"], page)

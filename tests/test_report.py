@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import json
 import math
 import os
@@ -24,12 +25,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from robustbench_fvae import report as report_cli  # noqa: E402
 from robustbench_fvae.analysis import tables  # noqa: E402
 from robustbench_fvae.analysis.aggregate import (  # noqa: E402
+    SPURIOUS_STRENGTH_SETTING,
     aggregate,
     collect_runs,
     run_results,
     summarize,
 )
-from robustbench_fvae.config import AdapterConfig, RunConfig, TrainConfig  # noqa: E402
+from robustbench_fvae.config import (  # noqa: E402
+    AdapterConfig,
+    RunConfig,
+    TrainConfig,
+    canonical_json,
+)
 from robustbench_fvae.metrics import evaluate_split  # noqa: E402
 from robustbench_fvae.records import (  # noqa: E402
     append_jsonl,
@@ -111,9 +118,13 @@ def write_run(
     params: dict | None = None,
     dataset: str = "synth-waterbirds",
     alarms: list[str] | None = None,
+    rho: float | None = None,
+    counterfactual: dict[str, float] | None = None,
 ) -> Path:
     """A run record with one history line per epoch (``test_accs[e]`` = group accuracies of
-    epoch e); metrics.json reports the epoch chosen by ``selection`` (or ``selected``)."""
+    epoch e + 1: epochs are counted from 1); metrics.json reports the epoch chosen by
+    ``selection`` (or the 0-based index ``selected``). ``rho`` sets the spurious strength in the
+    recorded config, ``counterfactual`` metrics.json's core-only/background-reliance block."""
     cfg = RunConfig(
         method=method,
         dataset=dataset,
@@ -121,16 +132,20 @@ def write_run(
         train=TrainConfig(seed=seed, lr=lr, select=selection),
         out=str(out),
     )
-    rd = run_dir(out, cfg)
     info = {**dataset_info(), "dataset": dataset}
-    write_json_atomic(rd / "config.json", config_record(cfg, info, environment_info("cpu")))
+    record = config_record(cfg, info, environment_info("cpu"))
+    rd = run_dir(out, cfg)
+    if rho is not None:
+        record = with_spurious_strength(record, rho)
+        rd = rd.with_name(record["config_hash"])
+    write_json_atomic(rd / "config.json", record)
     val_accs = val_accs or test_accs
     history = []
     for epoch, (ta, va) in enumerate(zip(test_accs, val_accs)):
         tm, vm = evaluated(ta, seed + 10 * epoch)[0], evaluated(va, seed + 1)[0]
         history.append(
             {
-                "epoch": epoch,
+                "epoch": epoch + 1,
                 "step": 5 * (epoch + 1),
                 "train": {"ce": 0.5},
                 "val": vm,
@@ -156,7 +171,7 @@ def write_run(
     metrics = {
         "selection": selection,
         "selection_description": "test rule",
-        "selected_epoch": chosen,
+        "selected_epoch": chosen + 1,
         "val": history[chosen]["val"],
         "test": history[chosen]["test"],
         "params": params or {"trainable": 1234, "inference": 1000, "frozen": 500000},
@@ -167,11 +182,29 @@ def write_run(
     if other_selections:
         o = best(other)
         metrics["other_selections"] = {
-            other: {"selected_epoch": o, "val": history[o]["val"], "test": history[o]["test"]}
+            other: {"selected_epoch": o + 1, "val": history[o]["val"],
+                    "test": history[o]["test"]}
         }
+    if counterfactual is not None:
+        metrics["counterfactual"] = dict(counterfactual)
     write_json_atomic(rd / "metrics.json", metrics)
     mark_done(rd)
     return rd
+
+
+def with_spurious_strength(record: dict, rho: float) -> dict:
+    """``config.json`` content of the same run at spurious strength ``rho``: the value where the
+    report reads it (aggregate.SPURIOUS_STRENGTH_SETTING) and the hash recomputed as config_hash
+    does (sha256 of the canonical config without the unhashed fields)."""
+    record = json.loads(json.dumps(record))
+    *parents, leaf = SPURIOUS_STRENGTH_SETTING.split(".")
+    node = record["config"]
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = rho
+    hashed = {k: v for k, v in record["config"].items() if k not in RunConfig.UNHASHED}
+    record["config_hash"] = hashlib.sha256(canonical_json(hashed).encode()).hexdigest()[:12]
+    return record
 
 
 def three_seed_runs(out: Path) -> list[Path]:
@@ -358,7 +391,7 @@ def test_suggested_resume_command_recreates_the_run(tmp_path):
 
 def test_select_override_reads_other_selections_or_the_history(tmp_path):
     out = tmp_path / "out"
-    # epoch 0: best val WG (0.7), epoch 1: best val average (lots of majority, WG 0.3)
+    # epoch 1: best val WG (0.7), epoch 2: best val average (lots of majority, WG 0.3)
     val = ([0.8, 0.7, 0.7, 0.8], [1.0, 0.3, 0.3, 1.0])
     test = ([0.8, 0.7, 0.7, 0.8], [1.0, 0.2, 0.3, 0.95])
     with_other = write_run(out, method="lora", seed=0, val_accs=val, test_accs=test)
@@ -366,15 +399,15 @@ def test_select_override_reads_other_selections_or_the_history(tmp_path):
     found = collect_runs(out)
     own = {r.seed: r for r in run_results(found.finished)[0]}
     assert {s: (r.selection, r.selected_epoch) for s, r in own.items()} == {
-        0: ("val_wg", 0),
-        1: ("val_wg", 0),
+        0: ("val_wg", 1),
+        1: ("val_wg", 1),
     }
     assert own[0].metrics["worst_group_acc"] == pytest.approx(0.7)
     avg = {r.seed: r for r in run_results(found.finished, select="val_avg")[0]}
     # seed 0 from metrics.json's other_selections, seed 1 re-selected from history.jsonl
     assert {s: (r.selection, r.selected_epoch) for s, r in avg.items()} == {
-        0: ("val_avg", 1),
-        1: ("val_avg", 1),
+        0: ("val_avg", 2),
+        1: ("val_avg", 2),
     }
     assert avg[0].metrics["worst_group_acc"] == pytest.approx(0.2)
     same = [k for k in avg[0].metrics if k != "ece"]  # ECE depends on each seed's random probs
@@ -431,7 +464,9 @@ def test_report_writes_every_file_into_the_default_folder(built_report):
         "groups_synth-waterbirds.png",
         "groups_synth-celeba.png",
         "wg_vs_avg.png",
-    }
+        "training_curves_synth-waterbirds.png",
+        "training_curves_synth-celeba.png",
+    }  # no curves.csv / curves_*.png: every run is at the default spurious strength
     assert set(built_report.files) == expected
     assert {p.name for p in out.iterdir()} == expected  # and no temp files left behind
     # a second report over the same folder does not mistake the report for a run
@@ -451,6 +486,8 @@ def test_csv_has_fractions_mean_std_ci_and_params(built_report):
             "disparity",
             "adj_disparity",
             "ece",
+            "core_only_acc",
+            "background_reliance",
         )
         for s in ("mean", "std", "ci95")
     ]
@@ -459,6 +496,7 @@ def test_csv_has_fractions_mean_std_ci_and_params(built_report):
         "method",
         "settings",
         "label",
+        "spurious_strength",
         "selection",
         "split",
         "n_seeds",
@@ -495,8 +533,9 @@ def test_markdown_states_rule_and_averages_in_percent(built_report):
     md = (built_report.out / "table.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| Dataset"))
     assert header.startswith("| Dataset | Method | Seeds | WG | Avg | Adj. avg | Mean-group |")
+    assert "Core-only" not in header  # no run recorded counterfactual metrics
     lora = next(line for line in md.splitlines() if line.startswith("| synth-waterbirds | lora |"))
-    assert "| 3 |" in lora and "70.0 ± 10.0" in lora and "[45.2, 94.8]" in lora
+    assert "| 3 (0, 1, 2) |" in lora and "70.0 ± 10.0" in lora and "[45.2, 94.8]" in lora
     fvae = next(line for line in md.splitlines() if line.startswith("| synth-waterbirds | fvae |"))
     assert "| **80.0** |" in fvae  # one seed: mean alone; best WG of its dataset in bold
     assert "1,234" in lora
@@ -547,10 +586,11 @@ def test_figures_are_valid_non_trivial_pngs(built_report):
 def test_html_is_self_contained_with_tables_and_images(built_report):
     html = (built_report.out / "report.html").read_text()
     uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
-    assert len(uris) == 3
-    for uri in uris:
-        assert base64.b64decode(uri).startswith(PNG_SIGNATURE)
-    assert base64.b64decode(uris[-1]) == (built_report.out / "wg_vs_avg.png").read_bytes()
+    pngs = [name for name in built_report.files if name.endswith(".png")]
+    assert len(uris) == len(pngs) == 5  # 2 per-group, scatter, 2 training-curve figures
+    embedded = {base64.b64decode(uri) for uri in uris}
+    for name in pngs:
+        assert (built_report.out / name).read_bytes() in embedded, name
     assert not re.search(r'(src|href)="(https?:)?//', html)  # nothing fetched from elsewhere
     assert html.count("<table>") == 4  # summary, two per-group tables, runs
     assert "70.0 ± 10.0" in html and "<strong>80.0</strong>" in html

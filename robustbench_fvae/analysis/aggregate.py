@@ -14,6 +14,12 @@ Conventions:
 * ``std`` is the sample standard deviation (``ddof=1``); ``ci95`` is the half-width of the 95 %
   confidence interval of the mean under a t-distribution with ``n − 1`` degrees of freedom,
   ``t_{0.975, n−1} · std / √n``. Both are NaN for a single seed (undefined, not zero).
+* Epochs are shown exactly as recorded (``history.jsonl`` ``epoch``, ``metrics.json``
+  ``selected_epoch``): counted from 1, epoch 1 = after the first pass over the training data.
+* The spurious strength RHO of a replica (issue 10) is a run setting like any other, so runs of
+  different RHO form different rows; :func:`robustness_curves` lines the rows of one dataset ×
+  method up against RHO. It and the counterfactual metrics (core-only accuracy, background
+  reliance) are read through :func:`spurious_strength` and :func:`counterfactual_metric` only.
 """
 
 from __future__ import annotations
@@ -53,6 +59,16 @@ SPLITS = ("test", "val")
 # Dataset order of the paper's Table 5 (Animals, Waterbirds, CelebA), real before replicas.
 DATASET_ORDER = ("animals", "waterbirds", "celeba", "synth-animals", "synth-waterbirds",
                  "synth-celeba")
+# Counterfactual metrics of the replicas (issue 10): recorded by runs on a synth-* dataset only.
+EXTRA_METRICS = ("core_only_acc", "background_reliance")
+METRIC_LABELS.update({"core_only_acc": "Core-only", "background_reliance": "Bg. reliance"})
+HIGHER_IS_BETTER.update({"core_only_acc": True, "background_reliance": False})
+# Where a run's recorded config holds the spurious strength RHO (flat dotted name, see
+# run_settings); runs recorded without it count as the dataset default (None).
+SPURIOUS_STRENGTH_SETTING = "train.spurious_strength"
+# Per-epoch metrics of the training curves: (split, metric) pairs read from history.jsonl.
+CURVE_METRICS = (("val", "worst_group_acc"), ("val", "avg_acc"), ("test", "worst_group_acc"),
+                 ("test", "avg_acc"))
 # Config fields that never name a row: where/how a run happens, and the seed (averaged over).
 _IGNORED_SETTINGS = frozenset({*RunConfig.UNHASHED, "train.seed", "method", "dataset"})
 
@@ -180,6 +196,17 @@ class RunResult:
     alarms: list[str] = field(default_factory=list)
     label: str = ""  # set by :func:`assign_labels`
     row_settings: dict[str, str] = field(default_factory=dict)
+    # the label without the spurious strength: one line of a robustness curve (assign_labels)
+    base_label: str = ""
+    # core-only accuracy and background reliance (NaN when the run did not record them)
+    extra: dict[str, float] = field(default_factory=dict)
+    # one entry per history record: {"epoch": int, "val": {metric: value}, "test": {...}}
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rho(self) -> float | None:
+        """The run's spurious strength RHO; None = the dataset's default (or a real dataset)."""
+        return spurious_strength(self.settings)
 
 
 def _flatten(prefix: str, obj: Mapping[str, Any], out: dict[str, Any]) -> None:
@@ -203,7 +230,55 @@ def run_settings(rec: RunRecord) -> dict[str, Any]:
     method = cfg.get("method")
     if method in FVAE_FAMILY and flat.get("adapter.beta") is None:
         flat["adapter.beta"] = 10.0 if method == "bvae2lat" else 1.0
+    # Records written before the spurious-strength knob existed lack it: they ran at the dataset
+    # default, the same setting as an explicit None, so both must land in one row.
+    flat.setdefault(SPURIOUS_STRENGTH_SETTING, None)
     return {k: v for k, v in flat.items() if k not in _IGNORED_SETTINGS}
+
+
+def spurious_strength(settings: Mapping[str, Any]) -> float | None:
+    """RHO of a run from its :func:`run_settings` (None: the dataset default, or not a replica).
+
+    The one place that knows where the knob lives in the record (see SPURIOUS_STRENGTH_SETTING).
+    """
+    value = settings.get(SPURIOUS_STRENGTH_SETTING)
+    if value is None:
+        return None
+    out = _float(value)
+    return out if math.isfinite(out) else None
+
+
+def counterfactual_metric(metrics: Mapping[str, Any] | None, split_metrics: Mapping[str, Any],
+                          name: str, *, at_own_epoch: bool) -> float:
+    """Core-only accuracy or background reliance of a run, NaN when not recorded.
+
+    Read from the reported split's metrics when they hold it, else from ``metrics.json``'s
+    ``counterfactual`` object — measured at the run's own selected epoch only, so it counts for
+    the report only when the reported epoch is that one (``at_own_epoch``).
+    """
+    if name in split_metrics:
+        return _float(split_metrics[name])
+    block = (metrics or {}).get("counterfactual")
+    if at_own_epoch and isinstance(block, Mapping) and name in block:
+        return _float(block[name])
+    return math.nan
+
+
+def training_curve(rec: RunRecord) -> list[dict[str, Any]]:
+    """The per-epoch validation and test metrics of ``rec`` (CURVE_METRICS), from its history,
+    epochs as recorded; records without an epoch number are left out."""
+    points = []
+    for record in rec.history:
+        epoch = record.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            continue
+        point: dict[str, Any] = {"epoch": epoch}
+        for split, metric in CURVE_METRICS:
+            m = record.get(split)
+            value = _float(m.get(metric)) if isinstance(m, Mapping) else math.nan
+            point.setdefault(split, {})[metric] = value
+        points.append(point)
+    return sorted(points, key=lambda p: p["epoch"])
 
 
 def _float(value: Any) -> float:
@@ -272,6 +347,8 @@ def run_results(
             skipped.append((rec.path, f"{split} metrics lack {missing}"))
             continue
         params = (rec.metrics or {}).get("params") or {}
+        own_epoch = (rec.metrics or {}).get("selected_epoch")
+        at_own = split == "test" and epoch == own_epoch
         results.append(RunResult(
             path=rec.path, dataset=str(rec.dataset), method=str(rec.method), seed=rec.seed,
             config_hash=str(rec.config_hash), selection=rule,
@@ -281,11 +358,16 @@ def run_results(
             params={k: int(v) for k, v in params.items() if isinstance(v, (int, float))},
             settings=run_settings(rec),
             alarms=_alarms(rec, epoch),
+            extra={k: counterfactual_metric(rec.metrics, m, k, at_own_epoch=at_own)
+                   for k in EXTRA_METRICS},
+            curve=training_curve(rec),
         ))
     return results, skipped
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "default"
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     if isinstance(value, float):
@@ -312,8 +394,15 @@ def assign_labels(results: Sequence[RunResult]) -> None:
         names = {k: (k if short[k] in clashes else short[k]) for k in differing}
         for r in runs:
             r.row_settings = {names[k]: _show(r.settings.get(k, "unset")) for k in differing}
-            inner = ", ".join(f"{k}={v}" for k, v in r.row_settings.items())
-            r.label = f"{r.method} ({inner})" if inner else r.method
+            r.label = _label(r.method, r.row_settings)
+            rho_name = names.get(SPURIOUS_STRENGTH_SETTING)
+            r.base_label = _label(r.method, {k: v for k, v in r.row_settings.items()
+                                             if k != rho_name})
+
+
+def _label(method: str, settings: Mapping[str, str]) -> str:
+    inner = ", ".join(f"{k}={v}" for k, v in settings.items())
+    return f"{method} ({inner})" if inner else method
 
 
 # --------------------------------------------------------------------------- statistics
@@ -368,10 +457,17 @@ class GroupRow:
     groups: list[GroupStat]
     params: dict[str, int]
     runs: list[RunResult]
+    base_label: str = ""  # the label without the spurious strength (one curve line)
+    rho: float | None = None  # spurious strength of the row's runs (None: dataset default)
 
     @property
     def n(self) -> int:
         return len(self.runs)
+
+    @property
+    def seeds_text(self) -> str:
+        """The seeds of the row's runs, e.g. ``"1, 2, 42"`` (``?`` for a run without one)."""
+        return ", ".join("?" if s is None else str(s) for s in self.seeds)
 
 
 def _dataset_key(name: str) -> tuple[int, str]:
@@ -420,12 +516,84 @@ def aggregate(results: Sequence[RunResult]) -> list[GroupRow]:
         rows.append(GroupRow(
             dataset=dataset, method=method, label=label, settings=dict(runs[0].row_settings),
             selection="/".join(rules), split=runs[0].split, seeds=[r.seed for r in runs],
-            stats={k: summarize(r.metrics[k] for r in runs) for k in METRICS},
+            stats={**{k: summarize(r.metrics[k] for r in runs) for k in METRICS},
+                   **{k: summarize(r.extra.get(k, math.nan) for r in runs)
+                      for k in EXTRA_METRICS}},
             groups=[GroupStat(g, group_meta[g][0], group_meta[g][1], summarize(group_vals[g]))
                     for g in sorted(group_meta)],
-            params=params, runs=runs,
+            params=params, runs=runs, base_label=runs[0].base_label, rho=runs[0].rho,
         ))
     return rows
+
+
+# --------------------------------------------------------------------------- curves
+
+
+@dataclass
+class CurvePoint:
+    """One point of a robustness curve: a row (dataset × method line) at one RHO."""
+
+    dataset: str
+    method: str
+    label: str  # the line: method plus any other differing settings
+    rho: float
+    seeds: list[int | None]
+    stats: dict[str, Stat]  # CURVE_POINT_METRICS
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+# What a robustness curve plots against RHO.
+CURVE_POINT_METRICS = ("worst_group_acc", "avg_acc", "core_only_acc")
+
+
+def robustness_curves(rows: Sequence[GroupRow]) -> list[CurvePoint]:
+    """The rows of every dataset whose rows span two or more spurious strengths, as curve points
+    sorted by dataset, line and RHO. Rows at the dataset default (RHO None) have no position on
+    the axis and are left out; so are datasets with a single RHO (nothing to draw)."""
+    points: list[CurvePoint] = []
+    for dataset in dict.fromkeys(r.dataset for r in rows):
+        mine = [r for r in rows if r.dataset == dataset and r.rho is not None]
+        if len({r.rho for r in mine}) < 2:
+            continue
+        for r in sorted(mine, key=lambda r: (sort_key(r.dataset, r.method, r.base_label), r.rho)):
+            assert r.rho is not None
+            points.append(CurvePoint(dataset=dataset, method=r.method, label=r.base_label,
+                                     rho=r.rho, seeds=list(r.seeds),
+                                     stats={k: r.stats[k] for k in CURVE_POINT_METRICS}))
+    return points
+
+
+@dataclass
+class EpochStat:
+    """One metric of a row at one epoch over the seeds that reached it: mean, min, max, n."""
+
+    epoch: int
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+def epoch_curves(row: GroupRow) -> dict[tuple[str, str], list[EpochStat]]:
+    """Per (split, metric) of CURVE_METRICS: the row's per-epoch mean and min–max over seeds.
+
+    A seed that stopped early counts only at the epochs it reached (``n`` says how many did).
+    """
+    out: dict[tuple[str, str], list[EpochStat]] = {}
+    for split, metric in CURVE_METRICS:
+        by_epoch: dict[int, list[float]] = {}
+        for run in row.runs:
+            for point in run.curve:
+                value = point[split][metric]
+                if math.isfinite(value):
+                    by_epoch.setdefault(point["epoch"], []).append(value)
+        out[(split, metric)] = [
+            EpochStat(e, float(np.mean(v)), float(np.min(v)), float(np.max(v)), len(v))
+            for e, v in sorted(by_epoch.items())]
+    return out
 
 
 def selection_description(rule: str) -> str:

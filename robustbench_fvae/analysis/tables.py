@@ -15,9 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from robustbench_fvae.analysis.aggregate import (
+    CURVE_POINT_METRICS,
+    EXTRA_METRICS,
     HIGHER_IS_BETTER,
     METRIC_LABELS,
     METRICS,
+    CurvePoint,
     GroupRow,
     RunResult,
     Stat,
@@ -67,6 +70,22 @@ def ci_interval(stat: Stat, digits: int = 1) -> str:
     return f"[{pct(low, digits)}, {pct(high, digits)}]"
 
 
+def rho_text(rho: float | None) -> str:
+    """A spurious strength as text; empty for the dataset default (None)."""
+    return "" if rho is None else f"{rho:g}"
+
+
+def seeds_cell(row: GroupRow) -> str:
+    """``"3 (1, 2, 42)"``: how many seeds a row averages and which, so that a row mixing runs of
+    different origins (a demo run beside a sweep) shows."""
+    return f"{row.n} ({row.seeds_text})"
+
+
+def extra_metrics_shown(rows: Sequence[GroupRow]) -> list[str]:
+    """The counterfactual metrics (core-only accuracy, …) that at least one row recorded."""
+    return [m for m in EXTRA_METRICS if any(_finite(r.stats[m].mean) for r in rows)]
+
+
 def count(n: int | None) -> str:
     return f"{n:,}" if isinstance(n, int) else ""
 
@@ -85,7 +104,7 @@ def split_rules(rows: Sequence[GroupRow]) -> tuple[str, str]:
 def table_notes(rows: Sequence[GroupRow]) -> list[str]:
     """The notes every human table carries: selection rule, split, averages, statistics."""
     rule, split = split_rules(rows)
-    return [
+    notes = [
         f"Metrics on the {split} split at the epoch selected by {selection_description(rule)}.",
         "WG = worst-group accuracy. Avg = avg_acc, the plain sample-mean accuracy over the split. "
         "Adj. avg = adj_avg_acc, group accuracies weighted by the training split's group counts "
@@ -96,7 +115,19 @@ def table_notes(rows: Sequence[GroupRow]) -> list[str]:
         "seed shows the mean alone. WG 95 % CI = t-interval of the mean (n − 1 degrees of "
         "freedom) clipped to [0, 100], undefined for one seed. 95 % CI half-widths of every "
         "metric are in table.csv.",
+        "Seeds = number of runs averaged, with their seeds in parentheses. Epochs are shown as "
+        "recorded, counted from 1 (epoch 1 = after the first pass over the training data).",
     ]
+    if any(_finite(r.stats[m].mean) for r in rows for m in EXTRA_METRICS):
+        notes.append("Core-only = accuracy on the test images redrawn with the animal on a neutral "
+                     "background; Bg. reliance = how much the background alone moves the "
+                     "predicted class (0: not at all, 100: it decides it), at the selected epoch; "
+                     "recorded on the synth-* replicas only.")
+    if any(r.rho is not None for r in rows):
+        notes.append("spurious_strength = RHO, the fraction of each class's training images on "
+                     "its majority background; 'default' = the dataset's own. Different RHO "
+                     "are different settings, never averaged together.")
+    return notes
 
 
 # --------------------------------------------------------------------------- neutral table
@@ -127,17 +158,18 @@ def _best_cells(values: list[float | None], higher: bool, digits: int = 1) -> li
 
 def summary_table(rows: Sequence[GroupRow]) -> Table:
     """Main table: one line per row, metrics as mean ± std (%), best per dataset in bold."""
-    header = ["Dataset", "Method", "Seeds", *(METRIC_LABELS[m] for m in TABLE_METRICS),
+    metrics = [*TABLE_METRICS, *extra_metrics_shown(rows)]
+    header = ["Dataset", "Method", "Seeds", *(METRIC_LABELS[m] for m in metrics),
               "WG 95% CI", "Trainable params", "Inference params"]
     body, bold = [], set()
     for r in rows:
-        body.append([r.dataset, r.label, str(r.n),
-                     *(mean_std(r.stats[m]) for m in TABLE_METRICS),
+        body.append([r.dataset, r.label, seeds_cell(r),
+                     *(mean_std(r.stats[m]) for m in metrics),
                      ci_interval(r.stats["worst_group_acc"]),
                      count(r.params.get("trainable")), count(r.params.get("inference"))])
     for dataset in dict.fromkeys(r.dataset for r in rows):
         idx = [i for i, r in enumerate(rows) if r.dataset == dataset]
-        for j, m in enumerate(TABLE_METRICS):
+        for j, m in enumerate(metrics):
             for k in _best_cells([rows[i].stats[m].mean for i in idx], HIGHER_IS_BETTER[m]):
                 bold.add((idx[k], 3 + j))
     return Table(title="Group robustness: worst-group and average accuracy", header=header,
@@ -158,7 +190,7 @@ def group_table(rows: Sequence[GroupRow], dataset: str) -> Table:
     body = []
     for r in rows:
         by_g = {gs.g: gs.acc for gs in r.groups}
-        body.append([r.label, str(r.n),
+        body.append([r.label, seeds_cell(r),
                      *(mean_std(by_g[g]) if g in by_g else "–" for g in order),
                      mean_std(r.stats["worst_group_acc"])])
     bold = set()
@@ -182,11 +214,12 @@ def runs_table(results: Sequence[RunResult]) -> Table:
     body = []
     for r in sorted(results, key=lambda r: (*sort_key(r.dataset, r.method, r.label),
                                             r.seed if r.seed is not None else -1)):
-        epoch = "" if r.selected_epoch is None else str(r.selected_epoch + 1)
+        epoch = "" if r.selected_epoch is None else str(r.selected_epoch)  # as recorded
         body.append([r.dataset, r.label, "" if r.seed is None else str(r.seed), r.selection,
                      epoch, pct(r.metrics["worst_group_acc"]), pct(r.metrics["avg_acc"]),
                      pct(r.metrics["adj_avg_acc"]), "; ".join(r.alarms), str(r.path)])
-    notes = ["Epochs are counted from 1. Values in percent on the "
+    notes = ["Epoch = the selected epoch as recorded in metrics.json, counted from 1 (epoch 1 = "
+             "after the first pass over the training data). Values in percent on the "
              f"{'/'.join(sorted({r.split for r in results}))} split."]
     return Table(title="Runs", header=header, rows=body, notes=notes, numeric={2, 4, 5, 6, 7})
 
@@ -223,10 +256,11 @@ def summary_records(rows: Sequence[GroupRow]) -> list[dict[str, object]]:
     for r in rows:
         rec: dict[str, object] = {
             "dataset": r.dataset, "method": r.method, "settings": settings_text(r.settings),
-            "label": r.label, "selection": r.selection, "split": r.split, "n_seeds": r.n,
+            "label": r.label, "spurious_strength": r.rho, "selection": r.selection,
+            "split": r.split, "n_seeds": r.n,
             "seeds": " ".join("" if s is None else str(s) for s in r.seeds),
         }
-        for m in METRICS:
+        for m in (*METRICS, *EXTRA_METRICS):
             s = r.stats[m]
             rec[f"{m}_mean"], rec[f"{m}_std"], rec[f"{m}_ci95"] = s.mean, s.std, s.ci95
         for k in ("trainable", "inference", "frozen"):
@@ -250,14 +284,46 @@ def run_records(results: Sequence[RunResult]) -> list[dict[str, object]]:
     for r in results:
         rec: dict[str, object] = {
             "dataset": r.dataset, "method": r.method, "settings": settings_text(r.row_settings),
-            "label": r.label, "seed": r.seed, "selection": r.selection,
-            "selected_epoch": r.selected_epoch, "split": r.split, **r.metrics,
+            "label": r.label, "spurious_strength": r.rho, "seed": r.seed,
+            "selection": r.selection, "selected_epoch": r.selected_epoch, "split": r.split,
+            **r.metrics, **r.extra,
             "trainable_params": r.params.get("trainable"),
             "inference_params": r.params.get("inference"),
             "alarms": "; ".join(r.alarms), "config_hash": r.config_hash, "run_dir": str(r.path),
         }
         out.append(rec)
     return out
+
+
+def curve_records(points: Sequence[CurvePoint]) -> list[dict[str, object]]:
+    """The rows of ``curves.csv``: one per dataset × line × RHO, fractions with mean, sample
+    std and 95 % t-interval half-width over seeds of each plotted metric."""
+    out = []
+    for p in points:
+        rec: dict[str, object] = {"dataset": p.dataset, "method": p.method, "label": p.label,
+                                  "rho": p.rho, "n_seeds": p.n,
+                                  "seeds": " ".join("" if s is None else str(s) for s in p.seeds)}
+        for m in CURVE_POINT_METRICS:
+            s = p.stats[m]
+            rec[f"{m}_mean"], rec[f"{m}_std"], rec[f"{m}_ci95"] = s.mean, s.std, s.ci95
+        out.append(rec)
+    return out
+
+
+def curves_table(points: Sequence[CurvePoint], dataset: str) -> Table:
+    """Robustness curve numbers of one dataset: lines × RHO, metrics as mean ± std (%)."""
+    points = [p for p in points if p.dataset == dataset]
+    metrics = [m for m in CURVE_POINT_METRICS if any(_finite(p.stats[m].mean) for p in points)]
+    header = ["Method", "RHO", "Seeds", *(METRIC_LABELS.get(m, "Core-only") for m in metrics),
+              "WG 95% CI"]
+    body = [[p.label, rho_text(p.rho), f"{p.n} ({', '.join(map(str, p.seeds))})",
+             *(mean_std(p.stats[m]) for m in metrics), ci_interval(p.stats["worst_group_acc"])]
+            for p in points]
+    notes = ["RHO = spurious strength: the fraction of each class's training images on its "
+             "majority background (validation and test stay balanced). Values in percent, mean ± "
+             "sample std over seeds; WG 95 % CI = t-interval of the mean. Numbers in curves.csv."]
+    return Table(title=f"Robustness to the spurious strength: {dataset}", header=header,
+                 rows=body, notes=notes, numeric=set(range(1, len(header))))
 
 
 def to_csv(records: Sequence[dict[str, object]]) -> str:
