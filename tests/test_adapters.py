@@ -20,8 +20,10 @@ from robustbench_fvae.adapters import (
     inject_adapters,
     merge_adapters,
     record_latents,
+    set_eval_fusion,
     unmerge_adapters,
 )
+from robustbench_fvae.adapters.inject import AdaptedLinear
 from robustbench_fvae.config import AdapterConfig, ConfigError
 
 
@@ -199,10 +201,12 @@ def test_ablations_differ_from_fvae_only_in_the_objective(method):
     assert not torch.allclose(loss_f, loss_a)
 
 
-def test_eval_path_runs_only_encoder1_mean_and_B_and_is_deterministic():
+@pytest.mark.parametrize("fused", [True, False])
+def test_eval_path_runs_only_encoder1_mean_and_B_and_is_deterministic(fused):
     model = tiny_vit()
     inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")))
     randomize_(nn.ModuleList(adapted_layers(model).values()), std=0.2)
+    set_eval_fusion(model, fused)
     called: list[str] = []
     for name, adapter in adapted_layers(model).items():
         for part in ("encoder2", "decoder", "encoder1.logvar"):
@@ -392,3 +396,129 @@ def test_reconstruction_gradients_equal_autograd_of_the_density():
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
     assert torch.autograd.gradcheck(_DiagonalGaussianNLL.apply, (x, mean, log_scale))
+
+
+# ---------------------------------------------------------------- fused evaluation
+
+
+def _fused_calls(monkeypatch) -> list[str]:
+    """Count fused forward calls (the real method still runs)."""
+    calls: list[str] = []
+    real = AdaptedLinear.fused_eval_forward
+
+    def spy(self, x):
+        calls.append("fused")
+        return real(self, x)
+
+    monkeypatch.setattr(AdaptedLinear, "fused_eval_forward", spy)
+    return calls
+
+
+def _eval_both(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fused, per-adapter) eval logits of ``model`` on ``x``."""
+    model.eval()
+    with torch.inference_mode():
+        fused = model(x)
+        set_eval_fusion(model, False)
+        reference = model(x)
+        set_eval_fusion(model, True)
+    return fused, reference
+
+
+@pytest.mark.parametrize("method", ["lora", "fvae"])
+@pytest.mark.parametrize("targets", [("q", "k"), ("q", "k", "v"), ("q", "v"), ("fc1", "k")])
+def test_fused_eval_equals_the_per_adapter_path(method, targets, monkeypatch):
+    calls = _fused_calls(monkeypatch)
+    model = tiny_vit()
+    inject_adapters(model, method, AdapterConfig(rank=4, targets=targets))
+    randomize_(nn.ModuleList(adapted_layers(model).values()), std=0.2)
+    x = torch.randn(3, 3, 32, 32)
+    fused, reference = _eval_both(model, x)
+    n_modules = len({n.rsplit(":", 1)[0] for n in adapted_layers(model)})
+    assert len(calls) == n_modules, "one fused call per adapted module, then none when off"
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    # The adapters matter: the same model without them gives other logits.
+    with torch.no_grad():
+        for a in adapted_layers(model).values():
+            a.lora_B.zero_()
+    assert not torch.allclose(model(x), reference, atol=1e-3)
+
+
+def test_fused_weights_fold_the_mean_head_into_b():
+    """One FVAE layer: ``W_out·ReLU(W_in x + b_in) + b_out`` equals ``s_B·B·μ1(x)``."""
+    torch.manual_seed(0)
+    adapter = FVAEAdapter(12, 10, 4, encoder_hidden=6, dropout=0.1).eval()
+    randomize_(adapter)
+    w_in, b_in, relu, w_out, b_out = adapter.eval_factors()
+    assert relu and w_in.shape == (6, 12) and w_out.shape == (10, 6) and b_out.shape == (10,)
+    x = torch.randn(7, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.relu(x @ w_in.t() + b_in) @ w_out.t() + b_out,
+                                   adapter(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_eval_is_not_used_with_gradients_or_in_training(monkeypatch):
+    calls = _fused_calls(monkeypatch)
+    model = tiny_vit()
+    inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")))
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    model(x).sum().backward()  # eval mode with gradients: per-adapter path, gradients flow
+    assert calls == []
+    assert adapted_layers(model)["blocks.0.attn.qkv:q"].lora_B.grad is not None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert calls == []
+    # A forward hook on an adapter (latent recording) must see the adapter run: no fusion.
+    model.eval()
+    with record_latents(model) as store, torch.no_grad():
+        model(x)
+    assert calls == [] and all(store[n]["z1"] for n in store)
+
+
+@pytest.mark.parametrize("method", ["lora", "fvae"])
+def test_fused_eval_follows_in_place_updates_and_loaded_weights(method):
+    """Fused weights are rebuilt from the live parameters: after a fused AdamW step (which does
+    not bump tensor versions on CPU) and after load_state_dict, fused eval still equals the
+    per-adapter path, and an eval pass adds no state-dict keys."""
+    model = tiny_vit()
+    inject_adapters(model, method, AdapterConfig(rank=4, targets=("q", "k", "v")),
+                    num_classes=2)
+    randomize_(nn.ModuleList(adapted_layers(model).values()), std=0.2)
+    keys = set(model.state_dict())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    x = torch.randn(4, 3, 32, 32)
+    before, _ = _eval_both(model, x)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                            fused=True)
+    model.train()
+    for _ in range(2):
+        loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 0, 1]))
+        aux, _ = collect_aux_loss(model)
+        (loss if aux is None else loss + 1e-3 * aux).backward()
+        opt.step()
+        opt.zero_grad()
+    after, reference = _eval_both(model, x)
+    assert not torch.allclose(after, before, atol=1e-4), "the step must change the outputs"
+    torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-5)
+    assert set(model.state_dict()) == keys
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    fresh = tiny_vit(num_classes=2)
+    inject_adapters(fresh, method, AdapterConfig(rank=4, targets=("q", "k", "v")))
+    fresh.eval()
+    with torch.no_grad():
+        fresh(x)  # a fused pass on the old weights first
+    fresh.load_state_dict(model.state_dict())
+    loaded, _ = _eval_both(fresh, x)
+    torch.testing.assert_close(loaded, after, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_eval_under_bf16_autocast_matches_the_per_adapter_path():
+    model = tiny_vit()
+    inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")))
+    randomize_(nn.ModuleList(adapted_layers(model).values()), std=0.2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, reference = _eval_both(model, x)
+    torch.testing.assert_close(fused.float(), reference.float(), rtol=0.05, atol=0.05)

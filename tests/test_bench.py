@@ -15,6 +15,7 @@ from robustbench_fvae.bench import BenchError, ReleasedFVAELayer, main, released
 
 REQUIRED_KEYS = (
     "fvae_over_lora_train", "fvae_over_lora_eval", "released_over_ours_module_train",
+    "fvae_unfused_over_fused_eval",
     "released_over_ours_model_train", "fvae_over_lora_saved_activation_bytes",
 )
 

@@ -11,6 +11,7 @@ from .inject import (
     inject_adapters,
     merge_adapters,
     record_latents,
+    set_eval_fusion,
     unmerge_adapters,
 )
 from .lora import LoRAAdapter
@@ -18,5 +19,6 @@ from .lora import LoRAAdapter
 __all__ = [
     "LOSS_PARTS", "AdaptedLinear", "AdapterError", "FVAEAdapter", "FVAEObjective",
     "GaussianDecoder", "GaussianEncoder", "LoRAAdapter", "adapted_layers", "collect_aux_loss",
-    "count_parameters", "inject_adapters", "merge_adapters", "record_latents", "unmerge_adapters",
+    "count_parameters", "inject_adapters", "merge_adapters", "record_latents", "set_eval_fusion",
+    "unmerge_adapters",
 ]

@@ -214,6 +214,19 @@ class FVAEAdapter(nn.Module):
         }
         return z1, parts
 
+    def eval_factors(self) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor,
+                                    torch.Tensor]:
+        """The eval delta ``s_B·B·μ1(x)`` as ``W_out · ReLU(W_in x + b_in) + b_out``.
+
+        ``μ1(x) = W_μ h + b_μ`` with ``h = ReLU(W1 x + b1)`` is affine in ``h``, so the mean head
+        folds into B: ``W_out = s_B·B·W_μ`` (out, hidden) and ``b_out = s_B·B·b_μ`` (out);
+        ``W_in = W1`` (hidden, in), ``b_in = b1``. Built from the live parameters (autograd
+        tracked), never stored, so they cannot go stale. Dropout is the identity at eval.
+        """
+        trunk, head = self.encoder1.trunk[0], self.encoder1.mean
+        scaled_b = self.lora_B * self.output_scale
+        return trunk.weight, trunk.bias, True, scaled_b @ head.weight, scaled_b @ head.bias
+
     def latents(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The posterior means ``μ1(x)`` and ``μ2(x)``, each (..., r), for latent analysis."""
         return {"z1": self.encoder1.mean_only(x), "z2": self.encoder2.mean_only(x)}

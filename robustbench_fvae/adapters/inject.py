@@ -6,6 +6,18 @@ any other target names an ``nn.Linear`` by its qualified name or a dotted suffix
 (``proj``, ``attn.proj``, ``mlp.fc1`` …). A target that matches nothing is an error, never a
 silent no-op. The model keeps the adapters inside :class:`AdaptedLinear` wrappers, PEFT style:
 the frozen base layer plus a ``ModuleDict`` of adapters keyed by target name.
+
+**Fused evaluation.** Without gradients and with every adapter in eval mode, an
+:class:`AdaptedLinear` computes all its adapters at once: each adapter's eval delta is
+``W_out · act(W_in x + b_in) + b_out`` (LoRA: ``(α/r)·B · A x``; FVAE: the mean head folded into
+B, ``s_B·B·W_μ · ReLU(W1 x + b1) + s_B·B·b_μ``), so the ``W_in`` of all slices are stacked into
+one matmul and the ``W_out`` into one block matrix over the adapted output span: one matmul, an
+activation and one matmul per layer, whatever the number of slices. The fused weights are rebuilt
+from the live parameters on every such forward call (a few O(r·d) operations, negligible next to
+the per-token matmuls), never cached and never registered, so no optimizer step, in-place
+update, ``load_state_dict`` or ``.to()`` can leave them stale, and checkpoints are unchanged.
+Training, and any forward with gradients enabled, takes the per-adapter path; so does a layer
+whose adapters carry forward hooks (e.g. :func:`record_latents`), since fusing would skip them.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..config import FVAE_FAMILY, AdapterConfig, validate_adapter_config
 from .fvae import LOSS_PARTS, FVAEAdapter, FVAEObjective
@@ -37,6 +50,8 @@ class AdaptedLinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self.slices: dict[str, tuple[int, int]] = {}
         self.merged = False
+        self.fuse_eval = True  # see the module docstring; set_eval_fusion switches it off
+
 
     @property
     def in_features(self) -> int:
@@ -54,9 +69,11 @@ class AdaptedLinear(nn.Module):
         self.slices[name] = (start, stop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         if self.merged:
-            return out
+            return self.base(x)
+        if self.fuse_eval and not torch.is_grad_enabled() and self._fusable():
+            return self.fused_eval_forward(x)
+        out = self.base(x)
         for name, adapter in self.adapters.items():
             start, stop = self.slices[name]
             if start == 0 and stop == out.shape[-1]:
@@ -65,6 +82,66 @@ class AdaptedLinear(nn.Module):
                 # In place on a fresh output is safe: linear's backward does not need its output.
                 out[..., start:stop] += adapter(x)
         return out
+
+    def _fusable(self) -> bool:
+        """All adapters in eval mode, of one kind with :meth:`eval_factors`, and unhooked."""
+        kinds = set()
+        for adapter in self.adapters.values():
+            if (adapter.training or not hasattr(adapter, "eval_factors")
+                    or adapter._forward_hooks or adapter._forward_pre_hooks):
+                return False
+            kinds.add(type(adapter))
+        return len(kinds) == 1 and not (_global_forward_hooks or _global_forward_pre_hooks)
+
+    def fused_eval_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, bool, torch.Tensor,
+                                          torch.Tensor | None, tuple[int, int]]:
+        """The stacked eval factors of all adapters of this layer, built from the live
+        parameters: ``W_in`` (Σh, in), ``b_in`` (Σh) or None, whether a ReLU follows,
+        ``W_out`` (span, Σh) — each adapter's block at its output rows and hidden columns, zero
+        elsewhere — the full-width output bias (out) or None, and the output span
+        ``(start, stop)`` covering every adapted slice."""
+        factors = {name: a.eval_factors() for name, a in self.adapters.items()}
+        start = min(s for s, _ in self.slices.values())
+        stop = max(e for _, e in self.slices.values())
+        w_in = torch.cat([f[0] for f in factors.values()])
+        b_ins = [f[1] for f in factors.values()]
+        b_in = None if all(b is None for b in b_ins) else torch.cat([
+            b if b is not None else f[0].new_zeros(f[0].shape[0])
+            for b, f in zip(b_ins, factors.values())])
+        w_out = w_in.new_zeros(stop - start, w_in.shape[0])
+        b_out = None
+        col = 0
+        for name, (_, _, _, w, b) in factors.items():
+            s, e = self.slices[name]
+            w_out[s - start:e - start, col:col + w.shape[1]] = w
+            col += w.shape[1]
+            if b is not None:
+                if b_out is None:
+                    b_out = w.new_zeros(self.out_features)
+                b_out[s:e] = b
+        relu = next(iter(factors.values()))[2]
+        return w_in, b_in, relu, w_out, b_out, (start, stop)
+
+    def fused_eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The eval output ``W x + b + Σ deltas`` in three matmuls (base, stacked ``W_in``, block
+        ``W_out``); the adapters' output biases ride on the base bias. Shapes as :meth:`forward`.
+        Used without gradients (the caller checks); equal to the per-adapter path up to float
+        rounding."""
+        w_in, b_in, relu, w_out, b_out, (start, stop) = self.fused_eval_weights()
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        bias = self.base.bias
+        if b_out is not None:
+            bias = b_out if bias is None else bias + b_out
+        out = x2 @ self.base.weight.t() if bias is None else torch.addmm(
+            bias, x2, self.base.weight.t())
+        h = x2 @ w_in.t() if b_in is None else torch.addmm(b_in, x2, w_in.t())
+        if relu:
+            h = torch.relu_(h)
+        # In place into the adapted columns; under autocast ``out`` may be bf16 and addmm_ is not
+        # autocast, so the operands follow its dtype.
+        out[:, start:stop].addmm_(h.to(out.dtype), w_out.t().to(out.dtype))
+        return out.reshape(*lead, out.shape[-1])
 
     def merge(self) -> None:
         """Fold every adapter's dense delta into the base weight (LoRA only)."""
@@ -243,6 +320,14 @@ def record_latents(model: nn.Module, layers: Sequence[str] | None = None
     finally:
         for h in handles:
             h.remove()
+
+
+def set_eval_fusion(model: nn.Module, enabled: bool) -> None:
+    """Switch the fused eval path (module docstring) on or off for every adapted layer; off,
+    eval runs each adapter separately (the reference path the fused one is tested against)."""
+    for module in model.modules():
+        if isinstance(module, AdaptedLinear):
+            module.fuse_eval = bool(enabled)
 
 
 def merge_adapters(model: nn.Module) -> None:

@@ -39,6 +39,12 @@ class LoRAAdapter(nn.Module):
         """The dense update ``(α/r)·B A``, shape (out, in), that merging adds to the base."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    def eval_factors(self) -> tuple[torch.Tensor, None, bool, torch.Tensor, None]:
+        """The eval delta as ``W_out · act(W_in x + b_in) + b_out``: here ``W_in = A`` (r, in),
+        no biases, no activation, ``W_out = (α/r)·B`` (out, r). Built from the live parameters
+        (autograd-tracked); :class:`~.inject.AdaptedLinear` batches the slices of one layer."""
+        return self.lora_A, None, False, self.lora_B * self.scaling, None
+
     def latents(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The low-rank code ``A x`` (no dropout), shape (..., r), for latent analysis."""
         return {"lora": x @ self.lora_A.t()}
