@@ -680,3 +680,250 @@ def test_report_on_real_runs_made_by_the_runner(tmp_path):
                  "groups_synth-waterbirds.png"):
         assert (rep.out / name).stat().st_size > 0
     assert (rep.out / "wg_vs_avg.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+# --------------------------------------------------------------------------- figures, closely
+
+
+def _rows(out: Path):
+    return aggregate(run_results(collect_runs(out).finished)[0])
+
+
+def _luminance(colour) -> float:
+    from matplotlib.colors import to_rgb
+
+    r, g, b = to_rgb(colour)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_bar_value_labels_sit_above_every_bar_in_dark_text(tmp_path):
+    """Every bar, the near-zero worst group included, carries its mean as dark text placed above
+    the bar and its error bar, inside the axes: readable whatever the bar's height."""
+    from robustbench_fvae.analysis import plots
+
+    out = tmp_path / "out"
+    for seed, g1 in ((0, 0.0), (1, 0.1)):  # worst group 0 % and 10 %: mean 5, std 7.07
+        write_run(out, method="lora", seed=seed, test_accs=([1.0, g1, 0.5, 0.95],))
+    write_run(out, method="fvae", seed=0, test_accs=([0.9, 0.8, 0.9, 0.9],))
+    rows = _rows(out)
+    fig = plots.per_group_figure(rows, "synth-waterbirds")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    bars = [p for p in ax.patches if p.get_height() == p.get_height()]  # finite bars
+    labels = [t for t in ax.texts if t.get_gid() == "value-label"]
+    assert len(bars) == len(labels) == 8  # 2 rows × 4 groups
+    expected = {(r.label, gs.g): gs.acc for r in rows for gs in r.groups}
+    assert sorted(float(t.get_text()) for t in labels) == sorted(
+        round(100 * s.mean, 1) for s in expected.values())
+    box = ax.get_window_extent(renderer)
+    for bar in bars:
+        x0, x1 = bar.get_x(), bar.get_x() + bar.get_width()
+        (label,) = [t for t in labels if x0 <= t.get_position()[0] <= x1]
+        assert float(label.get_text()) == pytest.approx(bar.get_height(), abs=0.05)
+        # above the bar *and* above its error bar (mean + std), never over the bar's colour
+        std = next(100 * s.std for (_, _g), s in expected.items()
+                   if round(100 * s.mean, 1) == float(label.get_text()))
+        std = std if std == std else 0.0
+        assert label.get_position()[1] >= bar.get_height() + std
+        text_box = label.get_window_extent(renderer)
+        assert text_box.y0 >= bar.get_window_extent(renderer).y1
+        assert box.x0 <= text_box.x0 and text_box.x1 <= box.x1
+        assert box.y0 <= text_box.y0 and text_box.y1 <= box.y1  # not cut by the frame
+        assert _luminance(label.get_color()) < 0.3 and label.get_fontsize() >= 7
+    zero = min(bars, key=lambda b: b.get_height())
+    assert zero.get_height() == pytest.approx(5.0)  # the worst group: 0 % and 10 % over seeds
+
+
+def test_many_bars_get_vertical_labels_and_one_panel_per_strength(tmp_path):
+    from robustbench_fvae.analysis import plots
+
+    out = tmp_path / "out"
+    methods = ("lora", "fvae", "vae2lat", "bvae2lat", "full", "linear")
+    for rho in (0.5, 0.99):
+        for m in methods:
+            write_run(out, method=m, seed=1, rho=rho, test_accs=([0.9, 0.0, 0.6, 1.0],))
+    fig = plots.per_group_figure(_rows(out), "synth-waterbirds")
+    fig.canvas.draw()
+    axes = [ax for ax in fig.axes if ax.patches]
+    assert len(axes) == 2  # one panel per spurious strength
+    assert [ax.get_title() for ax in axes] == ["spurious strength RHO = 0.5",
+                                               "spurious strength RHO = 0.99"]
+    for ax in axes:
+        labels = [t for t in ax.texts if t.get_gid() == "value-label"]
+        assert len(labels) == 24
+        _assert_readable(ax, labels)
+        # one colour per method, the same in both panels
+        assert len({p.get_facecolor() for p in ax.patches}) == len(methods)
+    assert {p.get_facecolor() for p in axes[0].patches} == {p.get_facecolor()
+                                                            for p in axes[1].patches}
+    # ten rows on one dataset: 40 narrow bars, labels turn vertical and still do not collide
+    out2 = tmp_path / "out2"
+    for i in range(10):
+        write_run(out2, method="lora", seed=1, lr=(i + 1) * 1e-3,
+                  test_accs=([0.9, 0.0, 0.6, 1.0],))
+    fig = plots.per_group_figure(_rows(out2), "synth-waterbirds")
+    fig.canvas.draw()
+    labels = [t for t in fig.axes[0].texts if t.get_gid() == "value-label"]
+    assert len(labels) == 40 and {t.get_rotation() for t in labels} == {90.0}
+    _assert_readable(fig.axes[0], labels)
+
+
+def _assert_readable(ax, labels) -> None:
+    """Value labels inside the axes, none overlapping another."""
+    frame = ax.get_window_extent()
+    boxes = [t.get_window_extent() for t in labels]
+    for i, b in enumerate(boxes):
+        assert frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1
+        assert not any(b.overlaps(o) for o in boxes[i + 1:]), labels[i].get_text()
+
+
+def test_scatter_axes_have_margins_so_a_wg_zero_point_is_whole(tmp_path):
+    from robustbench_fvae.analysis import plots
+
+    out = tmp_path / "out"
+    write_run(out, method="lora", seed=0, test_accs=([1.0, 0.0, 0.5, 1.0],))  # WG 0
+    write_run(out, method="fvae", seed=0, test_accs=([1.0, 1.0, 1.0, 1.0],))  # WG = Avg = 100
+    results = run_results(collect_runs(out).finished)[0]
+    aggregate(results)
+    fig = plots.wg_vs_avg_figure(results)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    frame = ax.get_window_extent()
+    (points,) = [c for c in ax.collections if len(c.get_offsets())]
+    xy = ax.transData.transform(points.get_offsets())
+    assert sorted(points.get_offsets()[:, 1]) == [0.0, 100.0]
+    radius = [math.sqrt(s) / 2 * fig.dpi / 72 for s in points.get_sizes()][0]  # points → px
+    for x, y in xy:
+        assert frame.x0 + radius <= x <= frame.x1 - radius
+        assert frame.y0 + radius <= y <= frame.y1 - radius
+    assert ax.get_ylim()[0] < 0 and ax.get_ylim()[1] > 100
+
+
+def test_training_curves_show_recorded_epochs_with_seed_bands(tmp_path):
+    """Per-epoch means and min–max bands over seeds, validation from the validation records
+    and test from the test records, epochs exactly as recorded (1, 2, 3)."""
+    from matplotlib.collections import PolyCollection
+
+    from robustbench_fvae.analysis import plots
+    from robustbench_fvae.analysis.aggregate import epoch_curves
+
+    out = tmp_path / "out"
+    test = {0: ([1.0, 0.2, 0.3, 1.0], [1.0, 0.4, 0.5, 1.0], [1.0, 0.6, 0.6, 1.0]),
+            1: ([1.0, 0.4, 0.5, 1.0], [1.0, 0.6, 0.7, 1.0], [1.0, 0.7, 0.8, 1.0])}
+    val = ([0.9, 0.5, 0.5, 0.9],) * 3
+    for seed in (0, 1):
+        write_run(out, method="lora", seed=seed, test_accs=test[seed], val_accs=val)
+    (row,) = _rows(out)
+    curves = epoch_curves(row)
+    wg = curves[("test", "worst_group_acc")]
+    assert [s.epoch for s in wg] == [1, 2, 3]
+    assert [s.mean for s in wg] == pytest.approx([0.3, 0.5, 0.65])
+    assert [(s.low, s.high, s.n) for s in wg] == [
+        pytest.approx((0.2, 0.4, 2)), pytest.approx((0.4, 0.6, 2)), pytest.approx((0.6, 0.7, 2))]
+    assert [s.mean for s in curves[("val", "worst_group_acc")]] == pytest.approx([0.5] * 3)
+    # plain average of seed 0, epoch 1: (40 + 2 + 3 + 20) / 80
+    assert curves[("test", "avg_acc")][0].low == pytest.approx(65 / 80)
+    fig = plots.training_curves_figure([row], "synth-waterbirds")
+    panels = {ax.get_title().split("\n")[0]: ax for ax in fig.axes if ax.get_title()}
+    assert set(panels) == {"validation worst-group", "validation average (avg_acc)",
+                           "test worst-group", "test average (avg_acc)"}
+    ax = panels["test worst-group"]
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("lora")]
+    assert list(line.get_xdata()) == [1, 2, 3]
+    assert list(line.get_ydata()) == pytest.approx([30, 50, 65])
+    (band,) = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert min(ys) == pytest.approx(20) and max(ys) == pytest.approx(70)
+    val_line = [ln for ln in panels["validation worst-group"].get_lines()
+                if ln.get_label().startswith("lora")][0]
+    assert list(val_line.get_ydata()) == pytest.approx([50, 50, 50])
+    assert "min–max over seeds" in fig._suptitle.get_text()
+
+
+def test_runs_of_different_spurious_strength_make_robustness_curves(tmp_path):
+    """Rows keep each RHO apart; curves.csv holds mean/std/95 % CI over seeds per method × RHO
+    (checked by hand); the figure has a core-only panel only when runs recorded it."""
+    from robustbench_fvae.analysis import plots
+
+    out = tmp_path / "out"
+    wgs = {0.5: [0.8, 0.9, 1.0], 0.9: [0.3, 0.4, 0.5]}
+    core = {0.5: [0.9, 0.95, 1.0], 0.9: [0.6, 0.7, 0.8]}
+    for rho in (0.5, 0.9):
+        for seed, wg, c in zip((1, 2, 42), wgs[rho], core[rho]):
+            write_run(out, method="lora", seed=seed, rho=rho,
+                      test_accs=([1.0, wg, wg, 1.0],),
+                      counterfactual={"core_only_acc": c, "background_reliance": 1 - c})
+        write_run(out, method="fvae", seed=1, rho=rho, test_accs=([1.0, 0.7, 0.7, 1.0],))
+    write_run(out, method="lora", seed=1)  # recorded without RHO: the dataset default
+    rep = report_cli.build_report(out, tmp_path / "rep")
+    assert [(r.label, r.rho, r.n) for r in rep.rows] == [
+        ("lora (spurious_strength=0.5)", 0.5, 3), ("lora (spurious_strength=0.9)", 0.9, 3),
+        ("lora (spurious_strength=default)", None, 1),
+        ("fvae (spurious_strength=0.5)", 0.5, 1), ("fvae (spurious_strength=0.9)", 0.9, 1)]
+    curves = read_csv(rep.out / "curves.csv")
+    assert [(c["method"], c["rho"], c["n_seeds"], c["seeds"]) for c in curves] == [
+        ("lora", "0.5", "3", "1 2 42"), ("lora", "0.9", "3", "1 2 42"),
+        ("fvae", "0.5", "1", "1"), ("fvae", "0.9", "1", "1")]  # the default-RHO run has no x
+    lora = curves[1]
+    assert float(lora["worst_group_acc_mean"]) == pytest.approx(0.4)
+    assert float(lora["worst_group_acc_std"]) == pytest.approx(0.1)
+    assert float(lora["worst_group_acc_ci95"]) == pytest.approx(T_975_2 * 0.1 / math.sqrt(3),
+                                                                rel=1e-5)
+    # plain average at RHO 0.9, seed by seed: (40 + 10 w + 10 w + 20) / 80
+    avgs = [(60 + 20 * w) / 80 for w in wgs[0.9]]
+    assert float(lora["avg_acc_mean"]) == pytest.approx(np.mean(avgs))
+    assert float(lora["avg_acc_std"]) == pytest.approx(np.std(avgs, ddof=1))
+    assert float(lora["core_only_acc_mean"]) == pytest.approx(0.7)
+    assert float(lora["core_only_acc_std"]) == pytest.approx(0.1)
+    assert curves[2]["core_only_acc_mean"] == "" and curves[2]["worst_group_acc_std"] == ""
+    # the figure: one line per method, x = RHO, y = mean %, a 95 % CI band for 3 seeds
+    assert "curves_synth-waterbirds.png" in rep.files
+    fig = plots.robustness_figure(rep.curves, "synth-waterbirds")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["test worst-group accuracy", "test average (avg_acc)",
+                      "test core-only accuracy"]
+    wg_ax = fig.axes[0]
+    lines = {ln.get_label().split(" (")[0]: ln for ln in wg_ax.get_lines()}
+    assert list(lines["lora"].get_xdata()) == [0.5, 0.9]
+    assert list(lines["lora"].get_ydata()) == pytest.approx([90, 40])
+    band = wg_ax.collections[0].get_paths()[0].vertices[:, 1]
+    half = 100 * T_975_2 * 0.1 / math.sqrt(3)
+    assert max(band) == pytest.approx(min(100, 90 + half), rel=1e-4)
+    assert min(band) == pytest.approx(40 - half, rel=1e-4)
+    no_core = [p for p in rep.curves if p.method == "fvae"]
+    assert len([ax for ax in plots.robustness_figure(no_core, "synth-waterbirds").axes
+                if ax.get_title()]) == 2  # no core-only panel without core-only numbers
+    md = (rep.out / "table.md").read_text()
+    assert "## Robustness to the spurious strength: synth-waterbirds" in md
+    assert "Core-only" in md.split("## Per-group")[0]  # a main-table column now
+    html = (rep.out / "report.html").read_text()
+    assert base64.b64encode((rep.out / "curves_synth-waterbirds.png").read_bytes()).decode() \
+        in html
+
+
+def test_every_row_lists_its_seeds_so_a_mixed_row_shows(tmp_path):
+    out = tmp_path / "out"
+    for seed in (0, 1, 2, 42):  # a demo run (seed 0) beside a three-seed sweep
+        write_run(out, method="fvae", seed=seed)
+    rep = report_cli.build_report(out, tmp_path / "rep")
+    md = (rep.out / "table.md").read_text()
+    assert "| synth-waterbirds | fvae | 4 (0, 1, 2, 42) |" in md
+    assert "| fvae | 4 (0, 1, 2, 42) |" in md  # the per-group table too
+    assert "<td class=num>4 (0, 1, 2, 42)</td>" in (rep.out / "report.html").read_text()
+    assert read_csv(rep.out / "table.csv")[0]["seeds"] == "0 1 2 42"
+
+
+def test_epochs_are_shown_as_recorded(tmp_path):
+    out = tmp_path / "out"
+    rd = write_run(out, method="lora", seed=0,
+                   test_accs=([0.9, 0.5, 0.5, 0.9], [0.9, 0.7, 0.7, 0.9], [0.9, 0.6, 0.6, 0.9]))
+    recorded = json.loads((rd / "metrics.json").read_text())["selected_epoch"]
+    assert recorded == 2  # 1-based: the second of three epochs has the best validation WG
+    rep = report_cli.build_report(out, tmp_path / "rep")
+    md = (rep.out / "table.md").read_text()
+    runs_line = next(line for line in md.splitlines()
+                     if line.startswith("| synth-waterbirds | lora | 0 |"))
+    assert runs_line.split("|")[5].strip() == "2"  # no +1 on the way
+    assert read_csv(rep.out / "runs.csv")[0]["selected_epoch"] == "2"
+    assert "counted from 1 (epoch 1 = after the first pass over the training data)" in md
