@@ -3,26 +3,38 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# CPU-only machines: `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu` installs the
+# CPU build of torch (about 1 GB instead of a 6 GB CUDA venv). Empty: pip's default (CUDA build).
+TORCH_INDEX ?=
+TORCH_PKGS := torch==2.14.1 torchvision==0.29.1
+# The demo writes to its own folder, so it never joins a sweep's rows in a report.
+DEMO_OUT ?= runs/demo
+# make stress-test: the process-level tests STRESS_N times beside STRESS_HOGS busy CPU loops.
+STRESS_N ?= 10
+STRESS_HOGS ?= 2
 
-.PHONY: setup demo test lint bench clean-venv
+.PHONY: setup demo test stress-test lint bench clean-venv
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_PKGS)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# animal-mnist declares tensorflow but we only read its two data files: install without deps.
 	$(PY) -m pip install --quiet --no-deps animal-mnist==0.4
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m robustbench_fvae.run --method fvae --dataset synth-waterbirds
+	HF_HUB_OFFLINE=1 $(PY) -m robustbench_fvae.run --method fvae --dataset synth-waterbirds --out $(DEMO_OUT)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 	$(VENV)/bin/ruff check .
+
+stress-test: $(STAMP)
+	$(PY) tests/stress.py --repeat $(STRESS_N) --hogs $(STRESS_HOGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

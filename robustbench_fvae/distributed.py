@@ -49,6 +49,14 @@ class Distributed:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
+    def gather_objects(self, obj: object) -> list:
+        """``[obj of rank 0, obj of rank 1, …]`` on every rank (``[obj]`` in one process)."""
+        if not self.enabled:
+            return [obj]
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, obj)
+        return parts
+
     def gather_rows(self, indices: list[int], rows: np.ndarray, n: int) -> np.ndarray:
         """Reassemble per-rank ``rows`` (one per index of this rank's shard) into an (n, …)
         array in dataset order, on every rank."""

@@ -8,6 +8,10 @@ One directory per run, ``OUT/<dataset>/<method>/<config_hash>/``, holding:
   metrics can be recomputed from the record alone.
 * ``history.jsonl`` — one JSON object per evaluation (``epoch, step, train, val, test``).
 * ``metrics.json`` — ``{"selection", "selected_epoch", "val": M, "test": M, "params"}``.
+
+Epochs are counted from 1 everywhere (epoch 1 = the evaluation after the first pass over the
+training data), as on the console. Records written before :data:`RECORD_VERSION` 2 counted from 0;
+:func:`load_run` converts them when it reads them.
 * ``predictions_val.csv``, ``predictions_test.csv`` — ``index, y, a, g, pred, prob_0 … prob_{K-1}``.
 * ``done`` — written last; a run directory without it is unfinished (or was killed).
 
@@ -28,7 +32,7 @@ import socket
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -47,6 +51,9 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.jsonl"
 METRICS_FILE = "metrics.json"
 DONE_FILE = "done"
+LOCK_SUFFIX = ".lock"
+# 2: epochs counted from 1 in history.jsonl and metrics.json (1: counted from 0).
+RECORD_VERSION = 2
 PREDICTION_SPLITS = ("val", "test")
 PREDICTION_COLUMNS = ("index", "y", "a", "g", "pred")
 
@@ -411,6 +418,7 @@ def config_record(
 ) -> dict[str, Any]:
     """The content of ``config.json``: hash, resolved config, dataset info, environment."""
     return {
+        "record_version": RECORD_VERSION,
         "config_hash": config_hash(cfg),
         "config": cfg.to_dict(),
         "dataset_info": dict(dataset_info),
@@ -478,8 +486,91 @@ def load_run(run_dir: str | Path) -> RunRecord:
         raise RecordError(f"{path / CONFIG_FILE} must hold a JSON object")
     metrics_file = path / METRICS_FILE
     metrics = _read_json(metrics_file, "metrics") if metrics_file.is_file() else None
-    return RunRecord(path=path, config=config, metrics=metrics,
-                     history=read_history(path / HISTORY_FILE), done=is_done(path))
+    history = read_history(path / HISTORY_FILE)
+    if int(config.get("record_version", 1)) < 2:
+        history, metrics = epochs_from_one(history, metrics)
+    return RunRecord(path=path, config=config, metrics=metrics, history=history,
+                     done=is_done(path))
+
+
+def epochs_from_one(history: list[dict[str, Any]], metrics: dict[str, Any] | None = None
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Convert a version-1 record (epochs counted from 0) to the current convention (from 1)."""
+    history = [dict(h, epoch=h["epoch"] + 1) if isinstance(h.get("epoch"), int) else h
+               for h in history]
+    if isinstance(metrics, dict):
+        metrics = dict(metrics)
+        if isinstance(metrics.get("selected_epoch"), int):
+            metrics["selected_epoch"] += 1
+        others = metrics.get("other_selections")
+        if isinstance(others, dict):
+            metrics["other_selections"] = {
+                rule: dict(o, selected_epoch=o["selected_epoch"] + 1)
+                if isinstance(o, dict) and isinstance(o.get("selected_epoch"), int) else o
+                for rule, o in others.items()}
+    return history, metrics
+
+
+# --------------------------------------------------------------------------- one process per run
+
+
+class RunInUseError(RuntimeError):
+    """Another live process holds the run directory (a second launch of the same config)."""
+
+
+def lock_path(run_dir: str | Path) -> Path:
+    """The lock file of a run: ``<hash>.lock`` beside the run directory (outside it, so that
+    ``--force`` can delete the directory while holding the lock)."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(run_dir.name + LOCK_SUFFIX)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, *, wait: bool = False,
+             log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the run directory for this process: one process trains a config at a time.
+
+    The lock is an ``flock`` on :func:`lock_path`, released by the kernel when the holder exits
+    however it exits, so a killed run never blocks a relaunch. The file names the holder (pid,
+    host, start time) for the message a second launch gets: :class:`RunInUseError`, or with
+    ``wait`` a wait until the holder ends. Without POSIX ``fcntl`` there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(path)
+            if not wait:
+                raise RunInUseError(
+                    f"{run_dir} is being trained by {holder}; wait for it to finish (or pass "
+                    "--wait), or stop that process first") from None
+            if log is not None:
+                log(f"waiting for {holder}, which is training {run_dir}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    return f"process {text}" if text.startswith("pid ") else "another process"
 
 
 def iter_runs(root: str | Path, *, strict: bool = False) -> Iterator[RunRecord]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,10 @@ from robustbench_fvae.config import SELECTION_RULES, RunConfig, TrainConfig, con
 from robustbench_fvae.data.base import Group, GroupSplit
 from robustbench_fvae.metrics import evaluate_split
 from robustbench_fvae.records import (
+    RECORD_VERSION,
     RecordError,
     RecordNotFoundError,
+    RunInUseError,
     append_jsonl,
     config_record,
     dataset_info_dict,
@@ -24,11 +28,14 @@ from robustbench_fvae.records import (
     is_done,
     iter_runs,
     load_run,
+    lock_path,
     mark_done,
     read_history,
+    read_json,
     read_predictions,
     recompute_metrics,
     run_dir,
+    run_lock,
     write_json_atomic,
     write_jsonl_atomic,
     write_predictions_csv,
@@ -72,11 +79,11 @@ def _write_run(out: Path, tmp_path: Path, seed: int, *, done: bool) -> Path:
         write_predictions_csv(rd / f"predictions_{split}.csv", **arrays[split])
     ms = {split: evaluate_split(v["y"], v["a"], v["g"], v["pred"], v["prob"], GROUPS,
                                 [3498, 184, 56, 1057]) for split, v in arrays.items()}
-    for epoch in range(3):
+    for epoch in (1, 2, 3):
         append_jsonl(rd / "history.jsonl", {"epoch": epoch, "step": 10 * epoch,
-                                            "train": {"ce": 1.0 / (epoch + 1)}, **ms})
+                                            "train": {"ce": 1.0 / epoch}, **ms})
     if done:
-        write_json_atomic(rd / "metrics.json", {"selection": "val_wg", "selected_epoch": 0, **ms,
+        write_json_atomic(rd / "metrics.json", {"selection": "val_wg", "selected_epoch": 1, **ms,
                                                 "params": {"trainable": 10, "inference": 8}})
         mark_done(rd)
     return rd
@@ -232,6 +239,54 @@ def test_load_and_iter_runs_finished_unfinished_and_corrupt(tmp_path):
         list(iter_runs(tmp_path / "nope"))
     with pytest.raises(RecordNotFoundError, match="run directory not found"):
         load_run(tmp_path / "nope")
+
+
+def test_a_version_1_record_is_read_with_epochs_counted_from_1(tmp_path):
+    """Records written before RECORD_VERSION 2 counted epochs from 0; reading converts them, so
+    reports and notebooks see one convention whatever wrote the record."""
+    rd = _write_run(tmp_path / "out", tmp_path, seed=0, done=True)
+    config = read_json(rd / "config.json")
+    assert config["record_version"] == RECORD_VERSION == 2
+    assert [h["epoch"] for h in load_run(rd).history] == [1, 2, 3]  # current: as written
+    del config["record_version"]  # an old record: epochs 0, 1, 2 and selected epoch 0
+    write_json_atomic(rd / "config.json", config)
+    write_jsonl_atomic(rd / "history.jsonl", [dict(h, epoch=h["epoch"] - 1)
+                                              for h in read_history(rd / "history.jsonl")])
+    metrics = read_json(rd / "metrics.json")
+    write_json_atomic(rd / "metrics.json", dict(
+        metrics, selected_epoch=0,
+        other_selections={"val_avg": {"selected_epoch": 2, "val": {}, "test": {}}}))
+    rec = load_run(rd)
+    assert [h["epoch"] for h in rec.history] == [1, 2, 3]
+    assert rec.metrics["selected_epoch"] == 1
+    assert rec.metrics["other_selections"]["val_avg"]["selected_epoch"] == 3
+
+
+def test_run_lock_names_its_holder_and_dies_with_it(tmp_path):
+    """One holder at a time; a second gets RunInUseError naming the holder; the lock is the
+    kernel's flock, so it goes away with its holder's file handle (a killed process)."""
+    rd = tmp_path / "out" / "synth-waterbirds" / "lora" / "0123456789ab"
+    with run_lock(rd):
+        assert lock_path(rd).read_text().startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(RunInUseError, match=f"pid {os.getpid()}.*--wait"), run_lock(rd):
+            pass
+    with run_lock(rd):  # released: taken again at once
+        pass
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1]);"
+        "from robustbench_fvae.records import run_lock;"
+        "lock = run_lock(sys.argv[2]); lock.__enter__(); print('held', flush=True);"
+        "time.sleep(3600)"), str(Path(__file__).resolve().parent.parent), str(rd)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunInUseError, match=f"pid {holder.pid}"), run_lock(rd):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(rd):  # the SIGKILLed holder's lock is gone with it
+        pass
 
 
 def test_mark_done_is_a_file_written_atomically(tmp_path):

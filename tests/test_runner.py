@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from data_fixtures import make_waterbirds
+from processes import HANG_S, freeze_when, reaped
 from tiny_models import register_tiny_vit, save_tiny_weights
 
 from robustbench_fvae import records
@@ -67,9 +67,9 @@ def cli_args(cfg: RunConfig, *extra: str) -> list[str]:
             "--seed", str(t.seed), "--patience", str(t.patience), "--no-progress", *extra]
 
 
-def launch(args: list[str]) -> subprocess.Popen:
+def launch(args: list[str], **extra_env: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{ROOT}", RBF_TEST_THREADS="1",
-               HF_HUB_OFFLINE="1")
+               HF_HUB_OFFLINE="1", **extra_env)
     code = f"import sys, tiny_models; sys.exit(tiny_models.main({args!r}))"
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -96,7 +96,7 @@ def test_record_is_complete_and_metrics_recompute_from_predictions(env, tmp_path
     assert set(metrics["params"]) >= {"trainable", "inference"}
     assert metrics["params"]["trainable"] > metrics["params"]["inference"] > 0
     history = records.read_history(rdir / "history.jsonl")
-    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # epochs count from 1
     assert set(history[0]["train"]) >= {"ce", "R", "K1", "K2", "G"}
     best = max(history, key=lambda h: (h["val"]["worst_group_acc"], -h["epoch"]))
     assert metrics["selected_epoch"] == best["epoch"]
@@ -144,44 +144,91 @@ def test_every_method_runs(env, tmp_path, method):
     assert ("R" in history[0]["train"]) == (method in ("vae2lat", "bvae2lat"))
 
 
-def test_sigkill_then_relaunch_ends_like_an_uninterrupted_run(env, tmp_path):
-    reference = run(tiny_cfg(env, tmp_path / "ref", epochs=4), progress=False, log=quiet)
-    cfg = tiny_cfg(env, tmp_path / "killed", epochs=4)
+# 32 training images, batch 4: 8 steps per epoch; 2 epochs; a checkpoint every 2 steps. A kill
+# after step 10 hits a step checkpoint in the middle of epoch 2; after step 11 it falls between
+# two, so the resumed run redoes step 11.
+KILL_CASES = [("lora", 10), ("lora", 11), ("fvae", 10), ("fvae", 11), ("vae2lat", 11),
+              ("bvae2lat", 11), ("full", 11), ("linear", 11)]
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize(("method", "kill_after"), KILL_CASES)
+def test_killed_mid_epoch_resumes_to_identical_predictions(env, tmp_path, method, kill_after):
+    """SIGKILL at an exactly known step (fault injection in the runner, see training.py), then a
+    relaunch: the prediction files are byte-identical to an uninterrupted run's. Every source of
+    randomness (dropout, FVAE samples, augmentation, data order) and the optimiser, schedule and
+    loss sums must come back exactly for this to hold."""
+    reference = run(tiny_cfg(env, tmp_path / "ref", method=method, epochs=2), progress=False,
+                    log=quiet)
+    cfg = tiny_cfg(env, tmp_path / "killed", method=method, epochs=2)
     rdir = records.run_dir(cfg.out, _resolved(cfg))
-    proc = launch(cli_args(cfg, "--checkpoint-every", "1"))
-    killed_at = _wait_for(lambda: (rdir / CHECKPOINT_FILE).is_file()
-                          and _ckpt_step(rdir) >= 10, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    assert killed_at and not records.is_done(rdir), "the run finished before it was killed"
-    relaunched = launch(cli_args(cfg))
-    output, _ = relaunched.communicate(timeout=240)
-    assert relaunched.returncode == 0, output
-    assert "resuming from checkpoint" in output
-    assert output.strip().splitlines()[-1] == str(rdir)
-    same_metrics(records.read_json(rdir / "metrics.json"), reference.metrics)
+    proc = launch(cli_args(cfg, "--checkpoint-every", "2"),
+                  RBF_FAULT_KILL_AFTER_STEP=str(kill_after))
+    with reaped(proc):
+        output, _ = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, output
+    assert not records.is_done(rdir)
+    ckpt = torch.load(rdir / CHECKPOINT_FILE, weights_only=True)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 2)  # mid-epoch 2, after step 10
+    assert records.lock_path(rdir).exists()  # left behind by the kill; must not block
+    resumed = run(cfg, progress=False, log=quiet)
+    for split in ("val", "test"):
+        path = records.predictions_path
+        assert path(resumed.run_dir, split).read_bytes() == \
+            path(reference.run_dir, split).read_bytes(), split
+    same_metrics(resumed.metrics, reference.metrics)
     history = records.read_history(rdir / "history.jsonl")
-    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history == records.read_history(reference.run_dir / "history.jsonl")
 
 
+@pytest.mark.processes
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(env, tmp_path):
     reference = run(tiny_cfg(env, tmp_path / "ref", epochs=4), progress=False, log=quiet)
     cfg = tiny_cfg(env, tmp_path / "term", epochs=4)
     rdir = records.run_dir(cfg.out, _resolved(cfg))
     proc = launch(cli_args(cfg))
-    assert _wait_for(lambda: (rdir / "history.jsonl").is_file(), proc)
-    # Frozen first, so the run cannot finish between our check and the signal; SIGTERM is then
-    # handled as soon as it continues, with epochs still to go.
-    proc.send_signal(signal.SIGSTOP)
-    assert not records.is_done(rdir), "the run finished within one polling interval"
-    proc.send_signal(signal.SIGTERM)
-    proc.send_signal(signal.SIGCONT)
-    output, _ = proc.communicate(timeout=60)
+    with reaped(proc):
+        # Frozen at a moment when an epoch is recorded, so the run cannot finish between our
+        # check and the signal; SIGTERM stays pending while it is stopped and is handled as soon
+        # as it continues, with epochs still to go.
+        freeze_when(proc, lambda: (rdir / "history.jsonl").is_file(), "first epoch")
+        assert not records.is_done(rdir)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
+        output, _ = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 143, output
     assert "SIGTERM: checkpoint written" in output
     assert (rdir / CHECKPOINT_FILE).is_file() and not records.is_done(rdir)
     result = run(cfg, progress=False, log=quiet)
     same_metrics(result.metrics, reference.metrics)
+
+
+@pytest.mark.processes
+def test_a_second_launch_of_a_running_config_does_not_train_it_again(env, tmp_path, capsys):
+    """Two launches of one config: the second names the process that holds the run and exits 1;
+    with --wait it waits for that process, then finds the run done. The run trains once."""
+    cfg = tiny_cfg(env, tmp_path, epochs=2)
+    rdir = records.run_dir(cfg.out, _resolved(cfg))
+    first = launch(cli_args(cfg, "--checkpoint-every", "1"))
+    waiter = None
+    with reaped(first):
+        freeze_when(first, lambda: (rdir / CHECKPOINT_FILE).is_file(), "first checkpoint")
+        assert run_main(cli_args(cfg)) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"pid {first.pid}" in err[0] and "--wait" in err[0], err
+        waiter = launch(cli_args(cfg, "--wait"))
+        with reaped(waiter):
+            # reading blocks until the waiter says it waits (or ends): an event, not a delay
+            line = next((ln for ln in waiter.stdout if "waiting for" in ln), "")
+            assert f"pid {first.pid}" in line, line
+            os.kill(first.pid, signal.SIGCONT)
+            first_out, _ = first.communicate(timeout=HANG_S)
+            waiter_out, _ = waiter.communicate(timeout=HANG_S)
+    assert first.returncode == 0, first_out
+    assert waiter.returncode == 0, waiter_out
+    assert "already done" in waiter_out and waiter_out.strip().splitlines()[-1] == str(rdir)
+    assert [h["epoch"] for h in records.read_history(rdir / "history.jsonl")] == [1, 2]
 
 
 # ---------------------------------------------------------------- alarms and bad input
@@ -216,16 +263,30 @@ def test_empty_eval_group_and_bad_settings_are_one_line_errors(env, tmp_path, ca
     cfg = tiny_cfg(env, tmp_path / "out")
     args = cli_args(cfg)
     args[args.index("--data-root") + 1] = str(data)
-    assert run_main(args) == 1
+    assert run_main(args) == 2  # bad input
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "waterbird/land" in err[0] and "val" in err[0]
     for bad, message in ((["--beta", "0.01"], "unbounded below"),
                          (["--targets", "query"], "matches no nn.Linear"),
-                         (["--dataset", "nope"], "nope"),
+                         (["--threads", "0"], "threads must be >= 1"),
                          (["--select", "val_wg", "--epochs", "0"], "epochs must be >= 1")):
-        assert run_main(cli_args(cfg) + bad) == 1
+        assert run_main(cli_args(cfg) + bad) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "the following arguments are required: --method, --dataset"),
+    (["--method", "lora", "--dataset", "nope"], "invalid choice: 'nope'"),
+    (["--method", "lora", "--dataset", "synth-waterbirds", "--rank", "x"], "invalid int value"),
+])
+def test_argument_errors_print_a_short_usage_and_exit_2(capsys, args, message):
+    with pytest.raises(SystemExit) as stop:
+        run_main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: python -m robustbench_fvae.run --method METHOD --dataset")
+    assert len(err) <= 4 and message in err[-1], err
 
 
 # ---------------------------------------------------------------- helpers
@@ -237,37 +298,29 @@ def _resolved(cfg: RunConfig) -> RunConfig:
     return resolve_config(cfg)
 
 
-def _ckpt_step(rdir: Path) -> int:
-    try:
-        return torch.load(rdir / CHECKPOINT_FILE, weights_only=True)["global_step"]
-    except Exception:  # mid-write or gone: not yet
-        return -1
-
-
-def _wait_for(condition, proc: subprocess.Popen, timeout: float = 180.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.05)
-    return False
-
-
 def test_cli_help_lists_every_setting(capsys):
     with pytest.raises(SystemExit) as stop:
         run_main(["--help"])
     assert stop.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--method", "--rank", "--targets", "--alpha", "--beta", "--delta", "--mu-p2",
-                 "--lambda-task", "--lambda-fvae", "--select", "--weights", "--epochs"):
+                 "--lambda-task", "--lambda-fvae", "--select", "--weights", "--epochs",
+                 "--threads", "--wait"):
         assert flag in text
+    assert "synth-waterbirds" in text and "bvae2lat" in text  # datasets and methods listed
+    # typed metavars, and each flag states its default at most once
+    assert "--rank N" in text and "--weights FILE" in text and "--data-root DIR" in text
+    options = text.split("\n  --")[1:]
+    assert len(options) > 40
+    assert all(option.count("default") <= 1 for option in options), \
+        [o for o in options if o.count("default") > 1]
+    assert "(default: None)" not in text
 
 
 # ---------------------------------------------------------------- data parallelism
 
 
+@pytest.mark.processes
 def test_two_process_ddp_matches_one_process(env, tmp_path):
     """torchrun with 2 CPU processes (gloo): each rank takes half of every batch and gradients
     are averaged, so with no dropout a LoRA run follows the single-process run; evaluation is

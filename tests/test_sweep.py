@@ -19,6 +19,8 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from processes import alive, freeze_when, kill_pid, reaped, signal_pending, wait_until  # noqa: E402,I001
+
 from robustbench_fvae import records  # noqa: E402
 from robustbench_fvae.sweep import main as sweep_main  # noqa: E402
 from robustbench_fvae.sweeps import (  # noqa: E402
@@ -365,6 +367,7 @@ def _fake_run_dir(out: Path, run) -> Path:
     return run.run_dir
 
 
+@pytest.mark.processes
 def test_status_classifies_runs_from_markers_state_and_pids(tmp_path, capsys):
     path = write_spec(
         tmp_path,
@@ -495,27 +498,13 @@ def tiny_spec(tmp_path: Path, tiny: dict, name: str, **settings) -> Path:
                                                             **settings}}, name)
 
 
-def wait_for(predicate, timeout: float = 90.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def sigterm_pending(pid: int) -> bool:
-    """True when SIGTERM waits to be delivered to (stopped) process ``pid``."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    masks = [int(line.split()[1], 16) for line in status.splitlines()
-             if line.startswith(("SigPnd:", "ShdPnd:"))]
-    return any(mask & (1 << (signal.SIGTERM - 1)) for mask in masks)
-
-
 def status_text(capsys, spec_path: Path) -> str:
     capsys.readouterr()
     assert sweep_main([str(spec_path), "--status"]) == 0
     return capsys.readouterr().out
 
 
+@pytest.mark.processes
 def test_local_launcher_kill_resume_and_relaunch(tmp_path, tiny, capsys):
     """A run killed mid-way (SIGKILL of its subprocess) shows as running, then missing; the next
     launch resumes it from its checkpoint to the end; a further launch runs nothing."""
@@ -528,14 +517,19 @@ def test_local_launcher_kill_resume_and_relaunch(tmp_path, tiny, capsys):
     worker = threading.Thread(target=lambda: results.update(
         launch_local(spec, [run], state, jobs=1, threads=1, log=lines.append)))
     worker.start()
+    pid = None
     try:
-        wait_for(lambda: (run.run_dir / "checkpoint.pt").exists(), what="a first checkpoint")
+        wait_until(lambda: "pid" in state.load().get(run.hash, {}), "the run to start",
+                   gone=lambda: not worker.is_alive())
         pid = state.load()[run.hash]["pid"]
-        os.kill(pid, signal.SIGSTOP)  # frozen mid-way: it cannot finish before the kill
+        # frozen mid-way, at a moment when a checkpoint exists: it cannot finish before the kill
+        freeze_when(pid, lambda: (run.run_dir / "checkpoint.pt").exists(), "first checkpoint")
         assert "1 runs — 0 done, 1 running, 0 failed, 0 missing" in status_text(capsys, spec_path)
         os.kill(pid, signal.SIGKILL)
+        worker.join()
     finally:
-        worker.join(60)
+        kill_pid(pid)
+        worker.join()
     assert results == {run.hash: -signal.SIGKILL}
     assert not records.is_done(run.run_dir)
     out = status_text(capsys, spec_path)
@@ -549,7 +543,7 @@ def test_local_launcher_kill_resume_and_relaunch(tmp_path, tiny, capsys):
     log_text = run.log_path.read_text()
     assert log_text.count("===== ") == 2 and "resuming from checkpoint" in log_text
     history = records.read_history(run.run_dir / records.HISTORY_FILE)
-    assert [h["epoch"] for h in history] == list(range(4))
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert log_text.rstrip().splitlines()[-1] == str(run.run_dir)  # the runner agrees on the dir
     entry = state.load()[run.hash]
     assert entry["attempts"] == 2 and entry["exit_code"] == 0
@@ -560,6 +554,7 @@ def test_local_launcher_kill_resume_and_relaunch(tmp_path, tiny, capsys):
     assert run.log_path.read_text() == log_text
 
 
+@pytest.mark.processes
 def test_submitit_local_executor_requeues_a_preempted_run(tmp_path, tiny):
     """The Slurm code path through submitit's local executor: a task preempted (USR2, as Slurm
     sends before a preemption or timeout) stops its run with SIGTERM (checkpoint), is requeued
@@ -574,23 +569,54 @@ def test_submitit_local_executor_requeues_a_preempted_run(tmp_path, tiny):
     submitted = submit_submitit(spec, [run], state, cluster="local",
                                 resources={"timeout_min": 10, "cpus_per_task": 1},
                                 log=lines.append)
-    assert [t["hash"] for t, _ in submitted] == [run.hash]
-    wait_for(lambda: (run.run_dir / "checkpoint.pt").exists(), what="a first checkpoint")
-    entry = state.load()[run.hash]
-    assert entry["launcher"] == "submitit-local" and entry["job_id"]
-    # Freeze the run so that it cannot finish before the preemption reaches it, signal the task
-    # as Slurm does ahead of a preemption, and let the run go once the task's SIGTERM is pending.
-    os.kill(entry["pid"], signal.SIGSTOP)
-    os.kill(entry["task_pid"], signal.SIGUSR2)
-    wait_for(lambda: sigterm_pending(entry["pid"]), what="the task to forward SIGTERM")
-    os.kill(entry["pid"], signal.SIGCONT)
-    assert wait_submitit(submitted, log=lines.append) == {run.hash: 0}
+
+    def started_pids() -> list[int]:
+        entry = state.load().get(run.hash, {})
+        return [p for p in (entry.get("pid"), entry.get("task_pid")) if p]
+
+    with reaped(pids=started_pids):
+        assert [t["hash"] for t, _ in submitted] == [run.hash]
+        wait_until(lambda: len(started_pids()) == 2, "the task to start its run",
+                   gone=lambda: submitted[0][1].done())
+        entry = state.load()[run.hash]
+        assert entry["launcher"] == "submitit-local" and entry["job_id"]
+        # Freeze the run at a moment when it has a checkpoint, so it cannot finish before the
+        # preemption reaches it; signal the task as Slurm does ahead of a preemption; the task's
+        # SIGTERM then stays pending on the stopped run (it cannot be handled half-way through a
+        # step), and the run handles it once continued.
+        freeze_when(entry["pid"], lambda: (run.run_dir / "checkpoint.pt").exists(),
+                    "first checkpoint")
+        os.kill(entry["task_pid"], signal.SIGUSR2)
+        wait_until(lambda: signal_pending(entry["pid"], signal.SIGTERM),
+                   "SIGTERM forwarded by the task", gone=lambda: not alive(entry["pid"]))
+        os.kill(entry["pid"], signal.SIGCONT)
+        assert wait_submitit(submitted, log=lines.append) == {run.hash: 0}
     assert records.is_done(run.run_dir)
     log_text = run.log_path.read_text()
     assert "requeued" in log_text and "resuming from checkpoint" in log_text
     history = records.read_history(run.run_dir / records.HISTORY_FILE)
-    assert [h["epoch"] for h in history] == list(range(4))
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     entry = state.load()[run.hash]
     assert entry["attempts"] == 2 and entry["exit_code"] == 0
     # nothing left to submit
     assert submit_submitit(spec, [run], state, cluster="local", log=lines.append) == []
+
+
+@pytest.mark.processes
+def test_a_run_that_outlives_its_grace_period_is_killed_not_orphaned(tmp_path):
+    """A preempted task SIGTERMs its run and waits ``grace_s``; a run still alive then (here one
+    that ignores SIGTERM, so the outcome does not depend on timing) is killed and reaped."""
+    from robustbench_fvae.sweeps.launchers import RunTask
+
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, "
+         "signal.SIG_IGN); print('ready', flush=True); time.sleep(3600)"],
+        stdout=subprocess.PIPE, text=True)
+    with reaped(stubborn):
+        assert stubborn.stdout.readline().strip() == "ready"  # SIGTERM is ignored from now on
+        task = RunTask()
+        task._proc = stubborn
+        log = tmp_path / "run.log"
+        task.checkpoint({"log": str(log), "grace_s": 0.2})
+        assert stubborn.returncode == -signal.SIGKILL
+    assert "killed after its grace period" in log.read_text()

@@ -47,8 +47,12 @@ def available_cores() -> int:
 
 
 def run_command(flags: Sequence[str], python: str | None = None) -> list[str]:
-    """The command line of one run (progress bars off: the output goes to a log file)."""
-    return [python or sys.executable, "-m", "robustbench_fvae.run", *flags, "--no-progress"]
+    """The command line of one run: progress bars off (the output goes to a log file), and
+    ``--wait``: if the same config is being trained by another process (the sweep launched
+    twice, a requeue racing a run still alive), wait for it, then find the run done or resume it,
+    instead of failing."""
+    return [python or sys.executable, "-m", "robustbench_fvae.run", *flags, "--no-progress",
+            "--wait"]
 
 
 def run_env(threads: int | None) -> dict[str, str]:
@@ -326,13 +330,21 @@ class RunTask:
         from submitit.helpers import DelayedSubmission
 
         proc = self._proc
+        killed = False
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + float(task.get("grace_s", 60))
+            deadline = time.monotonic() + float(task.get("grace_s", STOP_GRACE_S))
             while proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
+            if proc.poll() is None:
+                # Past its grace period: kill it rather than leave it running beside the
+                # requeued task (the run resumes from its last checkpoint either way).
+                proc.kill()
+                proc.wait()
+                killed = True
         with open(task["log"], "ab") as fh:
-            _header(fh, f"preempted or timed out (run exit {proc.returncode if proc else None}); "
+            _header(fh, f"preempted or timed out (run exit {proc.returncode if proc else None}"
+                        f"{', killed after its grace period' if killed else ''}); "
                         "requeued — the run resumes from its checkpoint")
         return DelayedSubmission(RunTask(), task)
 
