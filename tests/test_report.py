@@ -677,9 +677,23 @@ def test_report_on_real_runs_made_by_the_runner(tmp_path):
     csv_rows = read_csv(rep.out / "table.csv")
     assert float(csv_rows[0]["worst_group_acc_mean"]) == pytest.approx(np.mean(wgs))
     for name in ("table.md", "table.tex", "report.html", "wg_vs_avg.png",
-                 "groups_synth-waterbirds.png"):
+                 "groups_synth-waterbirds.png", "training_curves_synth-waterbirds.png"):
         assert (rep.out / name).stat().st_size > 0
     assert (rep.out / "wg_vs_avg.png").read_bytes()[:8] == PNG_SIGNATURE
+    # epochs exactly as the records hold them, and the curves are the histories' numbers
+    from robustbench_fvae.analysis.aggregate import epoch_curves
+    from robustbench_fvae.records import load_run
+
+    for r in rep.results:
+        rec = load_run(r.path)
+        assert r.selected_epoch == rec.metrics["selected_epoch"]
+        assert [p["epoch"] for p in r.curve] == [h["epoch"] for h in rec.history]
+    histories = [load_run(made[("lora", s)].run_dir).history for s in (0, 1)]
+    for i, point in enumerate(epoch_curves(lora)[("val", "worst_group_acc")]):
+        values = [h[i]["val"]["worst_group_acc"] for h in histories]
+        assert point.epoch == histories[0][i]["epoch"]
+        assert (point.mean, point.low, point.high) == pytest.approx(
+            (np.mean(values), min(values), max(values)))
 
 
 # --------------------------------------------------------------------------- figures, closely
