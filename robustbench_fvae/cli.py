@@ -8,6 +8,7 @@ the ``data_prep`` scripts):
   directory held by another live process, a failed download, a run of a sweep that failed);
 * 2 — bad input: unknown or malformed arguments, settings, names, specs, missing data, weights or
   records — fix the command or the files and rerun;
+* 130 — interrupted (Ctrl-C) after its runs checkpointed (``sweep``): relaunch to resume;
 * 143 — stopped by SIGTERM (Slurm preemption) after writing a checkpoint: relaunch to resume.
 
 Errors are one line on stderr, ``error: …``; ``RBF_TRACEBACK=1`` re-raises for the traceback.
@@ -23,6 +24,7 @@ from typing import NoReturn
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 EXIT_PREEMPTED = 143
 
 # Bad input is what a user fixes by changing the command or the files: our error classes for

@@ -18,14 +18,25 @@ from typing import Any
 
 import yaml
 
+from robustbench_fvae.cli import (
+    BAD_INPUT_ERRORS,
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ArgumentParser,
+    fail,
+)
 from robustbench_fvae.sweeps.spec import SpecError, slurm_section
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m robustbench_fvae.sweep",
+        usage="%(prog)s SPEC [--launcher local|slurm|submitit-local] [--jobs N] [--dry-run | "
+              "--status] [options]",
         description="Many runs (methods × datasets × hyperparameters × seeds) from a YAML spec, "
                     "here or on Slurm; done runs are skipped, interrupted ones resume.",
         epilog="Exit status: 0 all runs done (or submitted), 1 some run failed, 2 bad spec or "
@@ -116,18 +127,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = launch_submitit(spec, runs, state, cluster=cluster, resources=resources,
                                       wait=True if cluster == "local" else args.wait)
     except KeyboardInterrupt:
-        return 130
-    except (SpecError, LauncherError) as err:
-        if os.environ.get("RBF_TRACEBACK"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_INTERRUPTED
+    except (SpecError, LauncherError) as err:  # a bad spec, or a launcher this machine lacks
+        fail(err)
+        return EXIT_BAD_INPUT
+    except BAD_INPUT_ERRORS as err:  # e.g. a replica or backbone that cannot be prepared
+        return fail(err)
     failed = [h for h, code in results.items() if code != 0]
     if failed:
         print(f"{len(failed)} run(s) did not finish; see: python -m robustbench_fvae.sweep "
               f"{args.spec} --status", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 if __name__ == "__main__":
