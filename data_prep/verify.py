@@ -1,11 +1,12 @@
 """Check a dataset folder: layout, CSV columns, images, and group counts per split.
 
-    python data_prep/verify.py NAME [--root DIR] [--sample N]
+    python data_prep/verify.py NAME [--root DIR] [--sample N] [--spurious-strength RHO]
 
 Prints a table of group counts (rows: groups; columns: train/val/test) and exits 0 when every
 check passes; otherwise prints one line per problem and exits 1. NAME is one of waterbirds,
 celeba, animals, synth-waterbirds, synth-celeba, synth-animals. Real datasets are expected under
-DIR, replicas under DIR/synth.
+DIR, replicas under DIR/synth (DIR/synth/rho-RHO for a non-default --spurious-strength). For a
+replica it also prints its spurious strength and checks the counterfactual test images.
 """
 
 from __future__ import annotations
@@ -32,9 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sample", type=int, default=16, help="images per split to decode fully (default: 16)"
     )
+    parser.add_argument(
+        "--spurious-strength", type=float, default=None, metavar="RHO",
+        help="synth-* only: check the replica built at this spurious strength (default: the "
+             "default replica)")
     args = parser.parse_args(argv)
     try:
-        report = verify_dataset(args.name, args.root, sample_per_split=args.sample)
+        report = verify_dataset(args.name, args.root, sample_per_split=args.sample,
+                                strength=args.spurious_strength)
     except (DatasetError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

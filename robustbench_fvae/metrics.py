@@ -256,3 +256,122 @@ def constant_predictor(pred: Any) -> bool:
 def is_finite_metric(value: Any) -> bool:
     """True for a real, finite number (used to skip missing/NaN values in selection)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ------------------------------------------------------------------ counterfactual test images
+#
+# Replicas render every test image twice more (data/synthetic.py): *core-only* (the silhouette on
+# a neutral grey, the paper's x_core) and *background-only* (the background without the
+# silhouette, x_spurious), with the original's labels (y, a).
+
+
+def core_only_accuracy(y: Any, pred: Any, num_classes: int | None = None) -> dict[str, Any]:
+    """Accuracy on core-only images, where only the core cue (the object's shape) is left.
+
+    Returns ``{"core_only_acc", "core_only_avg_acc", "core_only_class_acc"}``:
+    ``core_only_acc`` is the *class-balanced* accuracy, the mean over the classes present in
+    ``y`` of the accuracy within the class, so that chance is ``1/K`` whatever the class mix of
+    the test split (a model that ignores the object, e.g. one that predicts from the background
+    or a constant, scores ``1/K`` in expectation); ``core_only_avg_acc`` is the plain sample
+    mean; ``core_only_class_acc[c]`` is class ``c``'s accuracy (None when absent).
+    ``y, pred``: shape (N,); ``num_classes``: K (default: ``max(y, pred) + 1``).
+    """
+    y, pred = _int_array("y", y), _int_array("pred", pred)
+    if _same_length(y=y, pred=pred) == 0:
+        raise MetricsError("cannot compute the core-only accuracy of an empty split")
+    k = int(max(y.max(), pred.max())) + 1 if num_classes is None else int(num_classes)
+    per_class: list[float | None] = []
+    for c in range(k):
+        mask = y == c
+        per_class.append(float(np.mean(pred[mask] == c)) if mask.any() else None)
+    present = [acc for acc in per_class if acc is not None]
+    return {"core_only_acc": float(np.mean(present)),
+            "core_only_avg_acc": average_accuracy(y, pred), "core_only_class_acc": per_class}
+
+
+def core_only_acc(y: Any, pred: Any) -> float:
+    """Class-balanced accuracy on core-only images (see :func:`core_only_accuracy`)."""
+    return core_only_accuracy(y, pred)["core_only_acc"]
+
+
+def _mean_pairwise_tv(a: np.ndarray, dist: np.ndarray) -> tuple[float, list[int], np.ndarray]:
+    """Mean over unordered pairs of background values of the total-variation distance between
+    their mean rows of ``dist`` (N, K); also the background values and their means (B, K)."""
+    values = np.unique(a)
+    if len(values) < 2:
+        raise MetricsError(f"background reliance needs images of at least two background values, "
+                           f"got only {values.tolist()}")
+    means = np.stack([dist[a == v].mean(axis=0) for v in values])
+    tvs = [0.5 * float(np.abs(means[i] - means[j]).sum())
+           for i in range(len(values)) for j in range(i + 1, len(values))]
+    return float(np.mean(tvs)), values.tolist(), means
+
+
+def background_reliance(a: Any, pred: Any, num_classes: int | None = None) -> float:
+    """How far the predicted class moves with the background alone, in [0, 1].
+
+    Evaluated on background-only images (no object: nothing but the background ``a`` can inform
+    the prediction). For each background value ``v`` present, ``P_v`` is the distribution of the
+    predicted classes over the images with background ``v`` (a histogram of ``pred``, shape
+    (K,)); the reliance is the mean, over unordered pairs ``{v, w}`` of background values, of the
+    total-variation distance ``TV(P_v, P_w) = ½·Σ_c |P_v(c) − P_w(c)|``.
+
+    0: the background does not move the prediction (every ``P_v`` is the same); 1: the background
+    decides it (the ``P_v`` have pairwise disjoint supports: each background sends its images to
+    classes no other background gets). No class ↔ background pairing enters the definition, so
+    it means the same for CelebA, where the majority background of *both* classes is "female"
+    (a model that predicts "blond" on every light backdrop and "not blond" on every dark one
+    scores 1; one whose decisions do not depend on the backdrop scores 0). Hard predictions are
+    used so that the value does not depend on calibration (methods differ in confidence);
+    :func:`counterfactual_metrics` also reports the same distance between mean predicted
+    probabilities. ``a, pred``: shape (N,); ``num_classes``: K (default: ``max(pred) + 1``).
+    """
+    a, pred = _int_array("a", a), _int_array("pred", pred)
+    if _same_length(a=a, pred=pred) == 0:
+        raise MetricsError("cannot compute background reliance on an empty split")
+    k = int(pred.max()) + 1 if num_classes is None else int(num_classes)
+    if pred.min() < 0 or pred.max() >= k:
+        raise MetricsError(f"pred has class indices outside [0, {k})")
+    return _mean_pairwise_tv(a, np.eye(k)[pred])[0]
+
+
+def counterfactual_metrics(
+    y_core: Any,
+    prob_core: Any,
+    a_background: Any,
+    prob_background: Any,
+    attribute_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The counterfactual record of a run (``metrics.json["counterfactual"]``).
+
+    ``prob_core`` (N, K) are the predicted probabilities on the core-only images with labels
+    ``y_core`` (N,); ``prob_background`` (M, K) those on the background-only images with
+    background values ``a_background`` (M,). Returns ``{"core_only_acc", "core_only_avg_acc",
+    "core_only_class_acc", "background_reliance", "background_reliance_prob",
+    "background_pred_dist", "n_core_only", "n_background_only"}`` where
+    ``background_reliance_prob`` is :func:`background_reliance`'s distance taken between mean
+    predicted *probabilities* instead of predicted-class histograms, and
+    ``background_pred_dist`` lists, per background value, ``{"a", "name", "n", "pred_dist"}``
+    (the predicted-class histogram ``P_a`` as fractions).
+    """
+    y_core = _int_array("y", y_core)
+    p_core = _check_prob(prob_core, len(y_core))
+    a_bg = _int_array("a", a_background)
+    p_bg = _check_prob(prob_background, len(a_bg))
+    if p_core.shape[1] != p_bg.shape[1]:
+        raise MetricsError(f"core-only and background-only probabilities have {p_core.shape[1]} "
+                           f"and {p_bg.shape[1]} classes")
+    k = p_bg.shape[1]
+    pred_bg = p_bg.argmax(axis=1)
+    out = core_only_accuracy(y_core, p_core.argmax(axis=1), num_classes=k)
+    reliance, values, hist = _mean_pairwise_tv(a_bg, np.eye(k)[pred_bg])
+    out["background_reliance"] = reliance
+    out["background_reliance_prob"] = _mean_pairwise_tv(a_bg, p_bg)[0]
+    names = list(attribute_names) if attribute_names is not None else None
+    out["background_pred_dist"] = [
+        {"a": int(v), "name": names[v] if names and 0 <= v < len(names) else str(v),
+         "n": int((a_bg == v).sum()), "pred_dist": [float(x) for x in row]}
+        for v, row in zip(values, hist)
+    ]
+    out["n_core_only"], out["n_background_only"] = int(len(y_core)), int(len(a_bg))
+    return out

@@ -21,6 +21,7 @@ from robustbench_fvae.data.base import DatasetError  # noqa: E402
 from robustbench_fvae.data.registry import ensure_replica  # noqa: E402
 from robustbench_fvae.data.synthetic import (  # noqa: E402
     BUILDER_VERSION,
+    COUNTERFACTUAL_KINDS,
     COUNTS,
     MARKER,
     MAX_ROTATION,
@@ -29,11 +30,16 @@ from robustbench_fvae.data.synthetic import (  # noqa: E402
     SPECS,
     ReplicaError,
     build_replica,
+    default_strength,
     read_manifest,
     replica_counts,
+    replica_dir,
     replica_folders,
+    resolve_strength,
     split_group_counts_on_disk,
+    train_counts,
 )
+from robustbench_fvae.data.verify import verify_dataset  # noqa: E402
 
 SCALE = 0.15  # ≈1,650 images for the three replicas: a few seconds
 
@@ -260,3 +266,197 @@ def test_build_cli(tmp_path, capsys):
     assert info["seed"] == 5 and info["scale"] == 0.02
     with pytest.raises(SystemExit):
         build_synthetic.main(["--root", str(tmp_path), "--only", "waterbirds"])
+
+
+# ---------------------------------------------------------------- spurious strength
+
+
+def _shares(name: str, counts: dict[int, int]) -> dict[int, float]:
+    """Per class y: the share of its training images on its majority background."""
+    spec = SPECS[name]
+    out = {}
+    for y in range(len(spec.class_names)):
+        n = sum(c for g, c in counts.items() if spec.ya(g)[0] == y)
+        out[y] = counts[spec.group(y, spec.majority[y])] / n
+    return out
+
+
+@pytest.mark.parametrize("name", REPLICAS)
+def test_training_counts_follow_the_spurious_strength(name):
+    spec = SPECS[name]
+    full = COUNTS[name]["train"]
+    class_sizes = {y: sum(c for g, c in full.items() if spec.ya(g)[0] == y)
+                   for y in range(len(spec.class_names))}
+    # The default is the real dataset's own strength and changes nothing.
+    assert train_counts(name) == full == train_counts(name, default_strength(name))
+    assert default_strength(name) == {"synth-waterbirds": 0.95, "synth-celeba": 0.943,
+                                      "synth-animals": 0.952}[name]
+    for rho in (0.5, 0.75, 0.95, 1.0):
+        counts = replica_counts(name, strength=rho)
+        assert counts["val"] == COUNTS[name]["val"] and counts["test"] == COUNTS[name]["test"]
+        train = counts["train"]
+        assert set(train) == set(full)
+        for y, share in _shares(name, train).items():
+            n = class_sizes[y]
+            assert sum(c for g, c in train.items() if spec.ya(g)[0] == y) == n  # class kept
+            # Classes the real data correlates sit at rho; CelebA's not-blond keeps its lean.
+            want = 0.5 + spec.lean[y] * (rho - 0.5)
+            assert abs(share - want) <= 0.5 / n + 1e-12, (name, rho, y, share)
+        if rho == 0.5 and name != "synth-animals":
+            # No correlation at all: each class split evenly between the two backgrounds.
+            assert all(abs(s - 0.5) <= 1 / 1000 for s in _shares(name, train).values())
+        if rho == 1.0:
+            # Every correlated class lies entirely on its majority background.
+            assert all(train[spec.group(y, a)] == 0 for y in range(len(spec.class_names))
+                       for a in range(len(spec.attribute_names))
+                       if spec.group(y, a) in train and a != spec.majority[y]
+                       and spec.lean[y] == 1.0)
+    # Measured numbers the docs quote.
+    if name == "synth-waterbirds":
+        assert train_counts(name, 0.5) == {0: 768, 1: 768, 2: 232, 3: 232}
+        assert train_counts(name, 0.75) == {0: 1152, 1: 384, 2: 116, 3: 348}
+    if name == "synth-celeba":
+        assert train_counts(name, 0.5) == {0: 1064, 1: 1063, 2: 186, 3: 186}
+    for bad in (0.49, 1.01, float("nan"), "high"):
+        with pytest.raises(ReplicaError, match=r"spurious strength must be"):
+            resolve_strength(name, bad)
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.75])
+def test_a_replica_per_strength_in_its_own_folder(tmp_path, rho, monkeypatch):
+    import robustbench_fvae.data.synthetic as synthetic
+
+    name = "synth-waterbirds"
+    logs = []
+
+    def small(*args, **kwargs):  # the real builder at a test scale
+        return build_replica(*args, **{**kwargs, "scale": 0.05, "progress": False})
+
+    monkeypatch.setattr(synthetic, "build_replica", small)
+    ensure_replica(name, tmp_path, strength=rho, log=logs.append)
+    monkeypatch.undo()
+    where = tmp_path / "synth" / f"rho-{rho}"
+    assert replica_dir(name, tmp_path, rho) == where
+    assert logs and str(where) in logs[0] and f"spurious strength {rho}" in logs[0]
+    # The default replica is not touched; this one has its own counts and manifest.
+    assert not (tmp_path / "synth" / "waterbirds_v1.0").exists()
+    manifest = read_manifest(where / "waterbirds_v1.0")
+    assert manifest["spurious_strength"] == rho
+    expected = replica_counts(name, 0.05, rho)
+    assert split_group_counts_on_disk(name, tmp_path, rho) == expected
+    assert {int(g): n for g, n in manifest["split_group_counts"]["train"].items()} == \
+        expected["train"]
+    report = verify_dataset(name, tmp_path, strength=rho)
+    assert report.ok, report.problems
+    assert report.spurious_strength == rho and f"rho = {rho:g}" in report.render()
+    # The default replica is missing: asking for it does not fall back to this one.
+    with pytest.raises(DatasetError, match="SYNTHETIC.json missing"):
+        ensure_replica(name, tmp_path, build_missing=False)
+    # A manifest whose training counts do not follow its rho is caught.
+    bad = dict(manifest, split_group_counts={**manifest["split_group_counts"],
+                                             "train": COUNTS[name]["train"]})
+    (where / "waterbirds_v1.0" / MARKER).write_text(json.dumps(bad))
+    problems = verify_dataset(name, tmp_path, strength=rho).problems
+    assert any("are not what spurious strength" in p for p in problems), problems
+
+
+def test_real_datasets_refuse_a_spurious_strength(tmp_path):
+    from robustbench_fvae.data import check_data_recipe, load_splits
+
+    with pytest.raises(ValueError, match=r"synth-\*.*not to waterbirds") as err:
+        load_splits("waterbirds", tmp_path, spurious_strength=0.9)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="not to celeba"):
+        verify_dataset("celeba", tmp_path, strength=0.9)
+    with pytest.raises(ValueError, match="not to animals"):
+        check_data_recipe("animals", None, 0.952)
+    assert check_data_recipe("animals", None, None) == ("paper", None)
+    assert check_data_recipe("synth-animals", None, None) == ("flip", 0.952)
+
+
+# ---------------------------------------------------------------- counterfactual test images
+
+
+def test_every_test_image_has_core_only_and_background_only_twins(built):
+    from robustbench_fvae.data import counterfactual_splits, load_splits
+
+    for name in REPLICAS:
+        test = load_splits(name, built, build_missing=False)["test"]
+        twins = counterfactual_splits(name, built)
+        manifest = read_manifest(replica_folders(name, built)[0])
+        assert manifest["counterfactual"]["images_per_kind"] == len(test)
+        for kind in COUNTERFACTUAL_KINDS:
+            split = twins[kind]
+            assert len(split) == len(test) and split.split == f"test/{kind}"
+            assert (split.y == test.y).all() and (split.a == test.a).all()
+            assert (split.g == test.g).all() and split.groups == test.groups
+            assert (split.train_group_counts == test.train_group_counts).all()
+            for original, twin in zip(test.paths, split.paths):
+                folder = next(f for f in replica_folders(name, built)
+                              if Path(original).is_relative_to(f))
+                rel = Path(original).relative_to(folder)
+                assert twin == folder / "counterfactual" / kind / rel and twin.is_file()
+    # No twin of a training or validation image, and the readers never see the twins.
+    folder = replica_folders("synth-waterbirds", built)[0]
+    n_twins = len(list((folder / "counterfactual").rglob("*.png")))
+    assert n_twins == 2 * sum(replica_counts("synth-waterbirds", SCALE)["test"].values())
+
+
+def test_twins_are_the_test_scene_without_background_or_without_object(built):
+    """Recompute one test scene and its twins from the public rendering primitives."""
+    from robustbench_fvae.data import counterfactual_splits, load_splits
+
+    images, _ = sil.load_silhouettes()
+    spec = SPECS["synth-celeba"]
+    test = load_splits("synth-celeba", built, build_missing=False)["test"]
+    twins = counterfactual_splits("synth-celeba", built)
+    i = int(np.flatnonzero(test.g == 3)[0])  # first blond male: k = 0 within group 3
+    key = [0, REPLICAS.index("synth-celeba"), 2, 3, 0]
+    rng = np.random.default_rng(key)
+    pool = sil.instance_pools("Cat", 0)[2]
+    silhouette = images[pool[int(rng.integers(len(pool)))]]
+    parts = sil.scene_parts(rng, silhouette, "dark", tone=spec.tone, scale=SILHOUETTE_SCALE,
+                            max_rotation=MAX_ROTATION)
+    scene = sil.compose(rng, *parts)
+    core, background = sil.counterfactual_scenes(np.random.default_rng(key + [1]), parts)
+    np.testing.assert_array_equal(np.asarray(test[i][0]), scene)
+    np.testing.assert_array_equal(np.asarray(twins["core_only"][i][0]), core)
+    np.testing.assert_array_equal(np.asarray(twins["background_only"][i][0]), background)
+    alpha = parts[1] > 0.5
+    # Core-only: flat grey around the object; background-only: the scene's background.
+    grey = np.asarray(core, np.float32)[~(parts[1] > 0.01)] / 255
+    assert abs(np.median(grey) - sil.NEUTRAL_LIGHT) < 0.03 or \
+        abs(np.median(grey) - sil.NEUTRAL_DARK) < 0.03
+    diff = np.abs(background.astype(int) - scene.astype(int)).mean(-1)
+    assert diff[alpha].mean() > 4 * diff[~(parts[1] > 0.01)].mean()
+
+
+def test_verify_catches_a_missing_counterfactual_image(tmp_path):
+    name = "synth-animals"
+    build_replica(name, tmp_path, scale=0.03, progress=False)
+    assert verify_dataset(name, tmp_path).ok
+    folder = replica_folders(name, tmp_path)[1]  # spuco_dogs
+    victim = sorted((folder / "counterfactual" / "background_only").rglob("*.png"))[3]
+    victim.unlink()
+    problems = verify_dataset(name, tmp_path).problems
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("test/background_only: 1 of ") and str(victim) in problems[0]
+    assert "--force" in problems[0]
+    # A corrupt core-only twin is found by the sample that verify decodes.
+    twin = sorted((folder / "counterfactual" / "core_only").rglob("*.png"))[0]
+    twin.write_bytes(b"not a png")
+    problems = verify_dataset(name, tmp_path, sample_per_split=10_000).problems
+    assert any(p.startswith("test/core_only: cannot open") and str(twin) in p
+               for p in problems), problems
+
+
+def test_counterfactual_splits_refuse_a_replica_without_twins(tmp_path):
+    from data_fixtures import make_waterbirds
+
+    from robustbench_fvae.data import counterfactual_splits
+
+    make_waterbirds(tmp_path / "synth", synthetic_name="synth-waterbirds")  # hand-made
+    with pytest.raises(DatasetError, match="no counterfactual test images.*--force"):
+        counterfactual_splits("synth-waterbirds", tmp_path)
+    with pytest.raises(DatasetError, match="only the offline replicas"):
+        counterfactual_splits("waterbirds", tmp_path)

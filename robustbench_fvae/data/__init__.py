@@ -2,10 +2,14 @@
 
 Public API (what runs, sweeps and notebooks use)::
 
-    load_splits(name, root, train_transform, eval_transform) -> {"train"|"val"|"test": GroupSplit}
+    load_splits(name, root, train_transform, eval_transform, spurious_strength=None)
+        -> {"train"|"val"|"test": GroupSplit}
+    counterfactual_splits(name, root, transform=None, spurious_strength=None)
+        -> {"core_only"|"background_only": GroupSplit}   (replicas: twins of the test split)
     dataset_names() -> list[str]
-    make_transforms(image_size, mean, std) -> (train_transform, eval_transform)
-    verify_dataset(name, root) -> VerifyReport
+    data_defaults(name) -> {"augment", "spurious_strength"}
+    make_transforms(image_size, mean, std, augment="paper", family=None) -> (train, eval)
+    verify_dataset(name, root, strength=None) -> VerifyReport
     download_dataset(name, root, manual=None) -> VerifyReport
 """
 
@@ -14,16 +18,20 @@ from robustbench_fvae.data.registry import (
     REGISTRY,
     DatasetSpec,
     DownloadError,
+    check_data_recipe,
+    counterfactual_splits,
+    data_defaults,
     dataset_names,
     download_dataset,
     get_spec,
     load_splits,
     replica_info,
 )
-from robustbench_fvae.data.transforms import make_transforms
+from robustbench_fvae.data.transforms import AUGMENT_RECIPES, make_transforms
 from robustbench_fvae.data.verify import VerifyReport, verify_dataset
 
 __all__ = [
+    "AUGMENT_RECIPES",
     "REGISTRY",
     "SPLITS",
     "DatasetError",
@@ -32,6 +40,9 @@ __all__ = [
     "Group",
     "GroupSplit",
     "VerifyReport",
+    "check_data_recipe",
+    "counterfactual_splits",
+    "data_defaults",
     "dataset_names",
     "download_dataset",
     "get_spec",

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from robustbench_fvae.data.base import DatasetError, Group
+from robustbench_fvae.data.base import Group
 from robustbench_fvae.data.waterbirds import (
     SplitArrays,
     missing_columns_problem,

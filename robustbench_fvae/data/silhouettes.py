@@ -347,6 +347,24 @@ def compose(
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def scene_parts(
+    rng: np.random.Generator,
+    silhouette: np.ndarray,
+    family: str,
+    *,
+    size: int = 64,
+    tone: str = "dark",
+    scale: tuple[float, float] = (0.42, 0.70),
+    max_rotation: float = 20.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three layers of a scene, drawn from ``rng`` in the order :func:`render_scene` uses:
+    ``(background (size, size, 3), alpha (size, size), fill (size, size, 3))``, float32 in [0, 1].
+    ``compose(rng, *parts)`` with the same generator then gives exactly :func:`render_scene`."""
+    background = render_background(rng, family, size)
+    alpha = silhouette_alpha(rng, silhouette, size, scale, max_rotation)
+    return background, alpha, foreground_fill(rng, size, tone)
+
+
 def render_scene(
     rng: np.random.Generator,
     silhouette: np.ndarray,
@@ -358,6 +376,36 @@ def render_scene(
     max_rotation: float = 20.0,
 ) -> np.ndarray:
     """A ``family`` background with ``silhouette`` pasted on it: uint8 (size, size, 3)."""
-    background = render_background(rng, family, size)
-    alpha = silhouette_alpha(rng, silhouette, size, scale, max_rotation)
-    return compose(rng, background, alpha, foreground_fill(rng, size, tone))
+    parts = scene_parts(rng, silhouette, family, size=size, tone=tone, scale=scale,
+                        max_rotation=max_rotation)
+    return compose(rng, *parts)
+
+
+# Grey levels of the core-only images' neutral backdrop (see neutral_background).
+NEUTRAL_LIGHT, NEUTRAL_DARK = 0.8, 0.2
+
+
+def neutral_background(fill: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The backdrop of a *core-only* image: flat, untinted, untextured grey, float32
+    (size, size, 3). Light grey (0.8) behind objects darker than mid-grey, dark grey (0.2)
+    otherwise, so the silhouette always shows. The object's fill never depends on a label, so
+    neither does this backdrop: it carries no information about ``y`` or ``a``."""
+    weight = alpha.sum()
+    luminance = float(
+        (fill @ np.array([0.299, 0.587, 0.114], np.float32) * alpha).sum() / max(weight, 1e-6)
+    )
+    level = NEUTRAL_LIGHT if luminance < 0.5 else NEUTRAL_DARK
+    return np.full(fill.shape, level, np.float32)
+
+
+def counterfactual_scenes(
+    rng: np.random.Generator, parts: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's ``x_core`` and ``x_spurious`` of one scene, uint8 (size, size, 3) each:
+    *core-only* = the same silhouette, placement and fill on :func:`neutral_background`;
+    *background-only* = the same background with no silhouette. Both get fresh pixel noise from
+    ``rng`` (pass a generator independent of the scene's, so the scene itself is unchanged)."""
+    background, alpha, fill = parts
+    core = compose(rng, neutral_background(fill, alpha), alpha, fill)
+    empty = np.zeros_like(alpha)
+    return core, compose(rng, background, empty, fill)

@@ -12,8 +12,27 @@ synth-animals       ``synth/spuco_birds/<split>/{landbirds,waterbirds}/{land,wat
 ==================  =====================================================================
 
 Each replica folder (for synth-animals: both ``spuco_birds`` and ``spuco_dogs``, with the same
-content) holds ``SYNTHETIC.json``: name, seed, image size, scale, per-split group counts (WILDS
-numbering: Waterbirds/CelebA ``g = 2y + a``, Animals ``g = 4y + a``) and the builder version.
+content) holds ``SYNTHETIC.json``: name, seed, image size, scale, spurious strength, per-split
+group counts (WILDS numbering: Waterbirds/CelebA ``g = 2y + a``, Animals ``g = 4y + a``), the
+counterfactual test images and the builder version.
+
+**Spurious strength** ρ (:func:`resolve_strength`): the fraction of each class's *training* images
+on its majority background; val and test keep their fixed, less correlated design at every ρ. The
+default is the real dataset's own (Waterbirds 0.95, CelebA 0.943 = the share of blond training
+faces that are female, SpuCoAnimals 0.952 = 10000/10500) and gives exactly :data:`COUNTS`. The
+default replica lives directly under ``<root>/synth/``; another ρ under
+``<root>/synth/rho-<ρ>/`` (:func:`replica_dir`), in the same layouts. CelebA's not-blond class,
+which the real data keeps almost balanced (51.7 % female), keeps that lean in proportion to
+``ρ − ½`` (:data:`SPECS` ``lean``), so ρ = ½ means no correlation at all for the two binary
+replicas. In synth-animals at ρ = ½ each class is split evenly between its two backgrounds;
+birds still never appear indoors/outdoors nor dogs on land/water (8 of 16 groups, as SpuCo).
+
+**Counterfactual test images** (the paper's ``x_core`` / ``x_spurious``): every test image
+``<folder>/<path>`` also exists as ``<folder>/counterfactual/core_only/<path>`` (the same
+silhouette, placement and fill on a flat neutral grey, see
+:func:`~robustbench_fvae.data.silhouettes.neutral_background`) and
+``<folder>/counterfactual/background_only/<path>`` (the same background, no silhouette), with
+the labels ``(y, a)`` of the original. The real-data readers never look into ``counterfactual/``.
 
 What an image shows (64×64 RGB PNG): an animal-mnist silhouette (the **core** cue ``y``: needs
 shape) on a background family (the **spurious** cue ``a``: a global colour/texture statistic that
@@ -37,27 +56,36 @@ renamed into place at the end, so a killed build never leaves a half-written rep
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .base import SPLITS, DatasetError
 from ..records import exclusive_lock
-from .silhouettes import instance_pools, load_silhouettes, render_scene
+from .base import SPLITS, DatasetError
+from .silhouettes import (
+    compose,
+    counterfactual_scenes,
+    instance_pools,
+    load_silhouettes,
+    scene_parts,
+)
 
 # Bumped whenever the pictures or tables change; a replica of an older version is rebuilt.
-BUILDER_VERSION = 2
+# 3: spurious strength in the manifest, counterfactual test images.
+BUILDER_VERSION = 3
 IMAGE_SIZE = 64
 SYNTH_DIR = "synth"
 MARKER = "SYNTHETIC.json"
+# Counterfactual test images: <folder>/counterfactual/<kind>/<the test image's path in folder>.
+COUNTERFACTUAL_DIR = "counterfactual"
+COUNTERFACTUAL_KINDS = ("core_only", "background_only")
+STRENGTH_RANGE = (0.5, 1.0)
 REPLICAS = ("synth-waterbirds", "synth-celeba", "synth-animals")
 # Nuisance ranges of the foreground: object box side as a fraction of the image, and rotation.
 SILHOUETTE_SCALE = (0.5, 0.85)
@@ -151,6 +179,10 @@ class ReplicaSpec:
     background: tuple[str, ...]  # background family per a
     tone: str  # foreground tone (see silhouettes.foreground_fill)
     group_stride: int  # g = stride·y + a
+    default_strength: float  # the real dataset's spurious strength (ρ of COUNTS["train"])
+    majority: tuple[int, ...]  # majority background a of each class y in training
+    # Per class: majority share = ½ + lean·(ρ − ½); 1 for a class the real data correlates.
+    lean: tuple[float, ...]
 
     def group(self, y: int, a: int) -> int:
         return self.group_stride * y + a
@@ -169,6 +201,9 @@ SPECS: dict[str, ReplicaSpec] = {
         background=("land", "water"),
         tone="dark",
         group_stride=2,
+        default_strength=0.95,
+        majority=(0, 1),
+        lean=(1.0, 1.0),
     ),
     "synth-celeba": ReplicaSpec(
         name="synth-celeba",
@@ -179,6 +214,11 @@ SPECS: dict[str, ReplicaSpec] = {
         background=("light", "dark"),
         tone="mid",
         group_stride=2,
+        # Real CelebA train: 22880 of 24267 blond faces are female (0.943); not-blond faces are
+        # 71629 of 138503 female (0.517), a lean of (0.517 − ½)/(0.943 − ½) of blond's.
+        default_strength=0.943,
+        majority=(0, 0),
+        lean=((71629 / 138503 - 0.5) / (0.943 - 0.5), 1.0),
     ),
     "synth-animals": ReplicaSpec(
         name="synth-animals",
@@ -189,6 +229,9 @@ SPECS: dict[str, ReplicaSpec] = {
         background=("land", "water", "indoor", "outdoor"),
         tone="dark",
         group_stride=4,
+        default_strength=0.952,  # SpuCo: 10000 of 10500 per class on the majority background
+        majority=(0, 1, 2, 3),
+        lean=(1.0, 1.0, 1.0, 1.0),
     ),
 }
 
@@ -199,14 +242,65 @@ def _spec(name: str) -> ReplicaSpec:
     return SPECS[name]
 
 
-def replica_counts(name: str, scale: float = 1.0) -> dict[str, dict[int, int]]:
-    """Images per split and group index at ``scale`` (each populated group keeps ≥ 1 image)."""
+def default_strength(name: str) -> float:
+    """The replica's default spurious strength ρ: the real dataset's own."""
+    return _spec(name).default_strength
+
+
+def resolve_strength(name: str, strength: float | None) -> float:
+    """ρ as a float: ``None`` → :func:`default_strength`; outside [0.5, 1] is a ReplicaError."""
+    if strength is None:
+        return default_strength(name)
+    try:
+        rho = float(strength)
+    except (TypeError, ValueError):
+        raise ReplicaError(
+            f"spurious strength must be a number in [0.5, 1], got {strength!r}") from None
+    lo, hi = STRENGTH_RANGE
+    if not lo <= rho <= hi:  # also refuses NaN
+        raise ReplicaError(
+            f"spurious strength must be in [{lo}, {hi}] (the fraction of each class's training "
+            f"images on its majority background), got {strength}")
+    return rho
+
+
+def train_counts(name: str, strength: float | None = None) -> dict[int, int]:
+    """Training images per group index at scale 1 and spurious strength ρ.
+
+    Each class keeps its size in :data:`COUNTS`; ``round(share·n_y)`` of its images go to its
+    majority background, the rest to its one minority background, with
+    ``share = ½ + lean_y·(ρ − ½)``. At the default ρ this is exactly ``COUNTS[name]["train"]``.
+    """
+    spec = _spec(name)
+    rho = resolve_strength(name, strength)
+    base = COUNTS[name]["train"]
+    out: dict[int, int] = {}
+    for y in range(len(spec.class_names)):
+        groups = sorted(g for g in base if spec.ya(g)[0] == y)
+        major = spec.group(y, spec.majority[y])
+        minor = [g for g in groups if g != major]
+        assert len(minor) == 1, (name, y, groups)  # every replica class has two backgrounds
+        n = sum(base[g] for g in groups)
+        share = 0.5 + spec.lean[y] * (rho - 0.5)
+        # Round half up (not Python's half-to-even) so counts are easy to reproduce by hand.
+        out[major] = int(np.floor(share * n + 0.5))
+        out[minor[0]] = n - out[major]
+    return dict(sorted(out.items()))
+
+
+def replica_counts(
+    name: str, scale: float = 1.0, strength: float | None = None
+) -> dict[str, dict[int, int]]:
+    """Images per split and group index at ``scale`` and spurious strength ``strength`` (each
+    group keeps ≥ 1 image, except a training group that ρ = 1 empties)."""
     _spec(name)
     if not scale > 0:
         raise ReplicaError(f"scale must be a positive number, got {scale}")
+    full = {split: dict(groups) for split, groups in COUNTS[name].items()}
+    full["train"] = train_counts(name, strength)
     return {
-        split: {g: max(1, int(round(n * scale))) for g, n in groups.items()}
-        for split, groups in COUNTS[name].items()
+        split: {g: max(1, int(round(n * scale))) if n else 0 for g, n in groups.items()}
+        for split, groups in full.items()
     }
 
 
@@ -215,9 +309,33 @@ def synth_root(root: str | Path) -> Path:
     return Path(root) / SYNTH_DIR
 
 
-def replica_folders(name: str, root: str | Path) -> list[Path]:
-    """The top-level folder(s) a replica occupies under ``<root>/synth/``."""
-    return [synth_root(root) / f for f in _spec(name).folders]
+def strength_folder(name: str, strength: float | None) -> str | None:
+    """Subfolder of ``<root>/synth`` for a non-default ρ (``rho-0.75``); None for the default."""
+    rho = resolve_strength(name, strength)
+    return None if rho == default_strength(name) else f"rho-{rho!r}"
+
+
+def replica_dir(name: str, root: str | Path, strength: float | None = None) -> Path:
+    """The folder holding the replica's layout folders: ``<root>/synth`` for the default ρ,
+    ``<root>/synth/rho-<ρ>`` otherwise (pass it to the real-data readers)."""
+    sub = strength_folder(name, strength)
+    return synth_root(root) if sub is None else synth_root(root) / sub
+
+
+def replica_folders(name: str, root: str | Path, strength: float | None = None) -> list[Path]:
+    """The top-level folder(s) a replica occupies (e.g. ``<root>/synth/waterbirds_v1.0``)."""
+    return [replica_dir(name, root, strength) / f for f in _spec(name).folders]
+
+
+def counterfactual_path(folder: str | Path, image: str | Path, kind: str) -> Path:
+    """Where the ``kind`` twin of test image ``image`` (a path inside replica folder ``folder``)
+    lives: ``<folder>/counterfactual/<kind>/<image relative to folder>``."""
+    if kind not in COUNTERFACTUAL_KINDS:
+        raise ValueError(f"unknown counterfactual kind {kind!r}; expected one of "
+                         f"{', '.join(COUNTERFACTUAL_KINDS)}")
+    folder = Path(os.path.abspath(folder))
+    rel = Path(os.path.abspath(image)).relative_to(folder)
+    return folder / COUNTERFACTUAL_DIR / kind / rel
 
 
 def read_manifest(folder: str | Path) -> dict | None:
@@ -229,17 +347,17 @@ def read_manifest(folder: str | Path) -> dict | None:
         return None
 
 
-def is_built(name: str, root: str | Path) -> bool:
+def is_built(name: str, root: str | Path, strength: float | None = None) -> bool:
     """True if every folder of the replica exists with a ``SYNTHETIC.json`` of this builder
     version (older replicas show different pictures and are rebuilt)."""
-    manifests = [read_manifest(f) for f in replica_folders(name, root)]
+    manifests = [read_manifest(f) for f in replica_folders(name, root, strength)]
     return all(m is not None and m.get("builder_version") == BUILDER_VERSION for m in manifests)
 
 
-def stale_manifest(name: str, root: str | Path) -> dict | None:
+def stale_manifest(name: str, root: str | Path, strength: float | None = None) -> dict | None:
     """The ``SYNTHETIC.json`` of a replica folder written by another builder version (its
     pictures differ from what this version draws), or None when no folder is stale."""
-    for folder in replica_folders(name, root):
+    for folder in replica_folders(name, root, strength):
         manifest = read_manifest(folder)
         if manifest is not None and manifest.get("builder_version") not in (None, BUILDER_VERSION):
             return manifest
@@ -269,16 +387,21 @@ def _items(spec: ReplicaSpec, counts: dict[str, dict[int, int]]) -> list[_Item]:
 
 def _render(
     spec: ReplicaSpec, item: _Item, seed: int, size: int, pools: dict[tuple[str, str], np.ndarray]
-) -> np.ndarray:
-    """One image, uint8 (size, size, 3): a pure function of (seed, replica, split, g, k)."""
+) -> list[np.ndarray]:
+    """One image, uint8 (size, size, 3): a pure function of (seed, replica, split, g, k); for a
+    test item also its core-only and background-only twins (from a second, independent
+    generator, so the image itself is the same as without them)."""
     images, _ = load_silhouettes()
-    rng = np.random.default_rng(
-        [seed, REPLICAS.index(spec.name), SPLITS.index(item.split), item.g, item.k]
-    )
+    key = [seed, REPLICAS.index(spec.name), SPLITS.index(item.split), item.g, item.k]
+    rng = np.random.default_rng(key)
     pool = pools[(spec.foreground[item.y], item.split)]
     silhouette = images[pool[int(rng.integers(len(pool)))]]
-    return render_scene(rng, silhouette, spec.background[item.a], size=size, tone=spec.tone,
+    parts = scene_parts(rng, silhouette, spec.background[item.a], size=size, tone=spec.tone,
                         scale=SILHOUETTE_SCALE, max_rotation=MAX_ROTATION)
+    out = [compose(rng, *parts)]
+    if item.split == "test":
+        out.extend(counterfactual_scenes(np.random.default_rng(key + [1]), parts))
+    return out
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -335,13 +458,34 @@ def _write_tables(spec: ReplicaSpec, staging: Path, rows: list[tuple[_Item, str,
 
 
 def _manifest(
-    spec: ReplicaSpec, seed: int, size: int, scale: float, counts: dict[str, dict[int, int]]
+    spec: ReplicaSpec, seed: int, size: int, scale: float, counts: dict[str, dict[int, int]],
+    strength: float,
 ) -> dict:
+    train = counts["train"]
+    shares = {}
+    for y, cls in enumerate(spec.class_names):
+        n = sum(c for g, c in train.items() if spec.ya(g)[0] == y)
+        shares[cls] = round(train[spec.group(y, spec.majority[y])] / n, 6) if n else None
     return {
         "name": spec.name,
         "seed": int(seed),
         "image_size": int(size),
         "scale": float(scale),
+        "spurious_strength": float(strength),
+        "spurious_strength_meaning": (
+            "fraction of each class's training images on its majority background (val/test "
+            "keep their fixed design)"),
+        "train_majority_share": shares,
+        "counterfactual": {
+            "layout": f"<folder>/{COUNTERFACTUAL_DIR}/<kind>/<path of the test image in folder>",
+            "kinds": {
+                "core_only": "the test image's silhouette, placement and fill on flat neutral "
+                             "grey (0.8, or 0.2 behind light objects)",
+                "background_only": "the test image's background with no silhouette",
+            },
+            "split": "test",
+            "images_per_kind": int(sum(counts["test"].values())),
+        },
         "split_group_counts": {
             split: {str(g): int(n) for g, n in sorted(counts[split].items())} for split in SPLITS
         },
@@ -366,28 +510,32 @@ def build_replica(
     scale: float = 1.0,
     image_size: int = IMAGE_SIZE,
     progress: bool = True,
+    strength: float | None = None,
 ) -> Path:
-    """Build one replica under ``<root>/synth/`` and return ``<root>/synth`` (the folder to give the
-    real-data readers, e.g. ``WaterbirdsDataset(root_dir=<root>/synth)``).
+    """Build one replica and return its folder (:func:`replica_dir`: ``<root>/synth``, or
+    ``<root>/synth/rho-<ρ>`` for a non-default ``strength``), the folder to give the real-data
+    readers, e.g. ``WaterbirdsDataset(root_dir=<root>/synth)``.
 
     If the replica exists already (all its folders carry a ``SYNTHETIC.json`` of the current
     :data:`BUILDER_VERSION`) nothing is done unless ``force``. ``scale`` multiplies every group
-    size of :data:`COUNTS` (tests use small scales). One process: the three full-size replicas
-    take well under a minute on 2 CPU cores.
+    size of :data:`COUNTS` (tests use small scales); ``strength`` is the spurious strength ρ
+    (None: the real dataset's). One process: the three full-size replicas take well under a
+    minute on 2 CPU cores.
     """
     from tqdm.auto import tqdm
 
     spec = _spec(name)
-    counts = replica_counts(name, scale)
+    rho = resolve_strength(name, strength)
+    counts = replica_counts(name, scale, rho)
     if int(image_size) < 16:
         raise ReplicaError(f"image_size must be at least 16 pixels, got {image_size}")
-    out = synth_root(root)
+    out = replica_dir(name, root, rho)
     out.mkdir(parents=True, exist_ok=True)
     # Parallel sweep jobs build a replica once.
     with exclusive_lock(out / f".{name}.lock"):
-        targets = replica_folders(name, root)
+        targets = replica_folders(name, root, rho)
         if not force:
-            if is_built(name, root):
+            if is_built(name, root, rho):
                 return out
             versions = [(read_manifest(p) or {}).get("builder_version") for p in targets]
             stale = [p for p, v in zip(targets, versions) if v not in (None, BUILDER_VERSION)]
@@ -398,7 +546,9 @@ def build_replica(
                 raise ReplicaError(
                     f"{foreign[0]} exists but has no {MARKER} (not a replica, or a broken one); "
                     f"move it away or rebuild with `python data_prep/build_synthetic.py --root "
-                    f"{root} --only {name} --force`"
+                    f"{root} --only {name}"
+                    + ("" if strength_folder(name, rho) is None else f" --spurious-strength {rho}")
+                    + " --force`"
                 )
         _clean_stale_staging(out, name)
         staging = Path(tempfile.mkdtemp(prefix=f".building-{name}-{os.getpid()}-", dir=out))
@@ -414,11 +564,15 @@ def build_replica(
                     for serial, item in enumerate(items, start=1)]
             for item, rel, _ in tqdm(rows, desc=f"building {name}", unit="img",
                                      disable=not progress):
-                _save_png(_render(spec, item, seed, int(image_size), pools), staging / rel)
+                pictures = _render(spec, item, seed, int(image_size), pools)
+                _save_png(pictures[0], staging / rel)
+                top, inside = rel.split("/", 1)
+                for kind, picture in zip(COUNTERFACTUAL_KINDS, pictures[1:]):
+                    _save_png(picture, staging / top / COUNTERFACTUAL_DIR / kind / inside)
             for folder in spec.folders:
                 (staging / folder).mkdir(parents=True, exist_ok=True)
             _write_tables(spec, staging, rows)
-            manifest = json.dumps(_manifest(spec, seed, image_size, scale, counts), indent=2)
+            manifest = json.dumps(_manifest(spec, seed, image_size, scale, counts, rho), indent=2)
             for folder in spec.folders:
                 (staging / folder / MARKER).write_text(manifest + "\n")
             _swap_into_place(staging, spec.folders, out)
@@ -458,23 +612,27 @@ def build_all(
     *,
     scale: float = 1.0,
     progress: bool = True,
+    strength: float | None = None,
 ) -> Path:
-    """Build every replica (or those in ``only``); returns ``<root>/synth``."""
+    """Build every replica (or those in ``only``) at spurious strength ``strength`` (None: each
+    replica's default); returns ``<root>/synth``."""
     names = list(only) if only else list(REPLICAS)
     for name in names:
-        _spec(name)
+        resolve_strength(name, strength)
     for name in names:
-        build_replica(name, root, seed, force, scale=scale, progress=progress)
+        build_replica(name, root, seed, force, scale=scale, progress=progress, strength=strength)
     return synth_root(root)
 
 
-def split_group_counts_on_disk(name: str, root: str | Path) -> dict[str, dict[int, int]]:
+def split_group_counts_on_disk(
+    name: str, root: str | Path, strength: float | None = None
+) -> dict[str, dict[int, int]]:
     """Count a built replica's images per split and group from its files and tables (no wilds):
     the independent check of ``SYNTHETIC.json`` used by tests and the build CLI."""
     import pandas as pd
 
     spec = _spec(name)
-    base = synth_root(root)
+    base = replica_dir(name, root, strength)
     counts: dict[str, dict[int, int]] = {s: {} for s in SPLITS}
 
     def add(split: str, g: int, n: int = 1) -> None:

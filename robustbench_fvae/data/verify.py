@@ -3,8 +3,11 @@
 :func:`verify_dataset` checks, in order: the layout (folders, release markers, CSV columns), the
 CSV values, that every referenced image exists, that a sample of images per split opens, and the
 per-split group counts against the expected ones: the released dataset's counts for real names,
-the replica's own ``SYNTHETIC.json`` for ``synth-*``, or an explicit ``expected`` override. It
-collects every problem as one line instead of stopping at the first.
+the replica's own ``SYNTHETIC.json`` for ``synth-*``, or an explicit ``expected`` override. For a
+replica it also checks its spurious strength ρ (the one asked for, and training counts that
+follow it) and that every test image has its core-only and background-only twins under
+``<folder>/counterfactual/``. It collects every problem as one line instead of stopping at the
+first.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     n_images: int = 0
     n_opened: int = 0
+    # Replicas: ρ from SYNTHETIC.json (None: not stated) and counterfactual images present.
+    spurious_strength: float | None = None
+    n_counterfactual: int = 0
 
     @property
     def ok(self) -> bool:
@@ -83,6 +89,11 @@ class VerifyReport:
     def render(self) -> str:
         """The full human-readable report: where, the table, then OK or one line per problem."""
         lines = [f"{self.name}: {', '.join(str(f) for f in self.folders)}"]
+        if self.spurious_strength is not None:
+            lines.append(f"spurious strength rho = {self.spurious_strength:g} (fraction of each "
+                         f"class's training images on its majority background); "
+                         f"{self.n_counterfactual} counterfactual test images present "
+                         f"(core-only + background-only)")
         if self.counts:
             lines += [self.table(), f"expected counts: {self.expected_source}"]
         if self.ok:
@@ -127,21 +138,24 @@ def verify_dataset(
     root: str | Path,
     expected: GroupCounts | None = None,
     sample_per_split: int = 16,
+    strength: float | None = None,
 ) -> VerifyReport:
     """Check dataset ``name`` under data root ``root`` and return a :class:`VerifyReport`.
 
     ``expected`` maps split → {group index → count} and overrides the built-in expectations
     (real: the released counts; ``synth-*``: the replica's SYNTHETIC.json). Groups absent from a
     split's mapping are expected to be empty. ``sample_per_split`` images per split, evenly spaced,
-    are fully decoded. Unknown names raise ValueError; every data problem goes into the report.
+    are fully decoded (and as many counterfactual twins of each kind). ``strength`` picks the
+    replica at that spurious strength (None: the default one); a real dataset refuses it. Unknown
+    names raise ValueError; every data problem goes into the report.
     """
     spec = get_spec(name)
     root = Path(root).expanduser()
-    base = spec.data_dir(root)
+    base = spec.data_dir(root, strength)
     report = VerifyReport(
         name=name,
         root=root,
-        folders=spec.folder_paths(root),
+        folders=spec.folder_paths(root, strength),
         groups=list(spec.groups),
         n_groups=spec.n_groups,
         expected=None,
@@ -154,16 +168,23 @@ def verify_dataset(
             s: {int(g): int(n) for g, n in per.items()} for s, per in expected.items()
         }
         report.expected_source = "given by the caller"
-    elif spec.synthetic:
+    info = None
+    if spec.synthetic:
         try:
-            info = replica_info(name, root)
+            info = replica_info(name, root, strength)
         except DatasetError as err:
-            info = None
-            problems.append(str(err))
+            if expected is None:
+                problems.append(str(err))
         else:
-            if info is None:
+            if info is None and expected is None:
                 wanted = " or ".join(str(f / "SYNTHETIC.json") for f in report.folders)
-                problems.append(f"no {name} replica: {wanted} missing; {spec.fix_hint(root)}")
+                problems.append(f"no {name} replica: {wanted} missing; "
+                                f"{spec.fix_hint(root, strength)}")
+            elif info is not None:
+                problems += _strength_problems(name, info, strength, report)
+    if expected is not None:
+        pass
+    elif spec.synthetic:
         if info is not None:
             report.expected = info["split_group_counts"]
             report.expected_source = "the replica's SYNTHETIC.json"
@@ -187,12 +208,15 @@ def verify_dataset(
         problems += content
         return report
     try:
-        arrays = spec.read(root)
+        arrays = spec.read(root, strength=strength)
     except DatasetError as err:
         problems.append(str(err))
         return report
 
     listings: dict[Path, set[str] | None] = {}
+    if info is not None and info.get("counterfactual"):
+        problems += _counterfactual_problems(spec, root, strength, arrays["test"][0], listings,
+                                             sample_per_split, report)
     for s in SPLITS:
         paths, y, a = arrays[s]
         report.counts[s] = np.bincount(spec.group_index(y, a), minlength=spec.n_groups)
@@ -235,3 +259,66 @@ def verify_dataset(
                         f"expected {exp.get(g, 0)}"
                     )
     return report
+
+
+def _strength_problems(name: str, info: dict, strength: float | None,
+                       report: VerifyReport) -> list[str]:
+    """The replica's ρ is the one asked for, and its training counts are what ρ gives."""
+    from robustbench_fvae.data.synthetic import (
+        ReplicaError,
+        read_manifest,
+        replica_counts,
+        resolve_strength,
+    )
+
+    rho = resolve_strength(name, strength)
+    found = info.get("spurious_strength")
+    if found is None:  # a hand-made replica (test fixture) states no ρ
+        return []
+    report.spurious_strength = float(found)
+    if float(found) != rho:
+        return [f"SYNTHETIC.json gives spurious strength {found}, but the replica for {rho} was "
+                f"asked for"]
+    folder = report.folders[0]
+    try:
+        scale = float((read_manifest(folder) or {}).get("scale", 1.0))
+        want = replica_counts(name, scale, rho)["train"]
+    except (ReplicaError, TypeError, ValueError) as err:
+        return [f"SYNTHETIC.json in {folder} has an unusable scale or strength: {err}"]
+    have = info["split_group_counts"].get("train", {})
+    if {g: n for g, n in have.items() if n} != {g: n for g, n in want.items() if n}:
+        return [f"SYNTHETIC.json's training group counts {have} are not what spurious strength "
+                f"{rho} gives at scale {scale} ({want}); rebuild the replica"]
+    return []
+
+
+def _counterfactual_problems(spec, root: Path, strength: float | None, test_paths: list[Path],
+                             listings: dict, sample: int, report: VerifyReport) -> list[str]:
+    """Every test image has both counterfactual twins; a sample of them decodes."""
+    from robustbench_fvae.data.synthetic import COUNTERFACTUAL_KINDS, counterfactual_path
+
+    problems = []
+    folders = spec.folder_paths(root, strength)
+    for kind in COUNTERFACTUAL_KINDS:
+        twins = []
+        for path in test_paths:
+            absolute = Path(os.path.abspath(path))
+            folder = next((f for f in folders
+                           if absolute.is_relative_to(os.path.abspath(f))), None)
+            if folder is not None:
+                twins.append(counterfactual_path(folder, path, kind))
+        missing = _missing_files(twins, listings) if len(twins) == len(test_paths) else twins
+        report.n_counterfactual += len(twins) - len(missing)
+        if missing:
+            shown = ", ".join(str(p) for p in missing[:3])
+            problems.append(f"test/{kind}: {len(missing)} of {len(test_paths)} counterfactual "
+                            f"images missing, e.g. {shown}; rebuild the replica with "
+                            f"`{spec.build_command(root, strength, force=True)}`")
+            continue
+        picks = np.unique(np.linspace(0, len(twins) - 1, min(sample, len(twins))).astype(int)) \
+            if twins and sample > 0 else []
+        for i in picks:
+            reason = _open_problem(twins[i])
+            if reason:
+                problems.append(f"test/{kind}: cannot open {twins[i]}: {reason}")
+    return problems
