@@ -106,6 +106,11 @@ class TrainConfig:
     patience: int = 5
     select: str = "val_wg"
     seed: int = 0
+    # The data recipe (hashed): augmentation recipe (data/transforms.py: paper, standard, flip,
+    # none) and, for synth-* replicas only, the spurious strength rho = fraction of each class's
+    # training images on its majority background. None: the dataset's default (training.py).
+    augment: str | None = None
+    spurious_strength: float | None = None
 
 
 @dataclass
@@ -123,9 +128,10 @@ class RunConfig:
     device: str = "auto"
     num_workers: int | None = None
     checkpoint_every: int = 0
+    threads: int | None = None
 
     # Fields that say *where* or *how* a run happens, not *what* it computes.
-    UNHASHED = ("data_root", "out", "device", "num_workers", "checkpoint_every")
+    UNHASHED = ("data_root", "out", "device", "num_workers", "checkpoint_every", "threads")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,7 +169,7 @@ def config_hash(cfg: RunConfig) -> str:
 
 # Top-level run settings that a flag or a sweep spec may set, besides the adapter/train fields.
 RUN_FIELDS = ("method", "dataset", "backbone", "weights", "data_root", "out", "device",
-              "num_workers", "checkpoint_every")
+              "num_workers", "checkpoint_every", "threads")
 
 
 def flat_setting_names() -> dict[str, str]:

@@ -14,6 +14,7 @@ import sys
 import typing
 from collections.abc import Sequence
 
+from .cli import EXIT_OK, EXIT_PREEMPTED, ArgumentParser, fail
 from .config import (
     METHODS,
     SELECTION_RULES,
@@ -22,11 +23,14 @@ from .config import (
     TrainConfig,
     config_from_settings,
 )
+from .data import dataset_names
 from .training import REAL_DEFAULTS, SYNTH_DEFAULTS
 
+DATASETS = tuple(dataset_names())
 HELP = {
-    "method": "adaptation method",
-    "dataset": "dataset name (see data_prep/verify.py --help for the list)",
+    "method": f"adaptation method (required): {', '.join(METHODS)}",
+    "dataset": "dataset (required): real ones read from --data-root, synth-* offline "
+               "replicas built there on first use",
     "backbone": "timm model name (default: our offline ViT for synth-*, "
                 "vit_base_patch16_224.orig_in21k otherwise)",
     "weights": "local pretrained weights file (.safetensors/.pth) for the backbone",
@@ -35,6 +39,7 @@ HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "num_workers": "data loader workers (default: 0 on CPU, min(8, cores) on CUDA)",
     "checkpoint_every": "also checkpoint every N steps (0: at epoch ends only)",
+    "threads": "CPU threads for torch (default: torch's own choice, all cores)",
     "rank": "rank r of LoRA = size of z1 and z2",
     "targets": "comma-separated: q, k, v (slices of fused qkv) or Linear names (proj, fc1…)",
     "lora_alpha": "LoRA scaling numerator (delta = alpha/r * BAx)",
@@ -63,10 +68,17 @@ HELP = {
     "warmup_frac": "fraction of steps of linear warm-up, then linear decay",
     "grad_clip": "gradient norm clipping (0: off)",
     "patience": "early stopping patience in epochs on the selection metric (0: off)",
-    "select": "model selection: val_wg (uses val group labels) or val_avg (does not)",
+    "select": "model selection: val_wg (uses val group labels) or val_avg (does not) "
+              "(default: val_wg)",
     "seed": "random seed",
 }
-CHOICES = {"method": METHODS, "select": SELECTION_RULES}
+CHOICES = {"method": METHODS, "select": SELECTION_RULES, "dataset": DATASETS}
+REQUIRED = ("method", "dataset")
+METAVARS = {int: "N", float: "X", str: "TEXT"}
+NAMED_METAVARS = {"backbone": "NAME", "weights": "FILE", "data_root": "DIR", "out": "DIR",
+                  "device": "DEVICE", "targets": "LIST"}
+SHORT_USAGE = ("%(prog)s --method METHOD --dataset DATASET [options]\n"
+               f"  METHOD: {', '.join(METHODS)}\n  DATASET: {', '.join(DATASETS)}")
 
 
 def _flag_type(annotation) -> type:
@@ -75,10 +87,22 @@ def _flag_type(annotation) -> type:
     return kinds[0] if kinds and kinds[0] in (int, float, str) else str
 
 
+def _help(name: str, default) -> str:
+    """The flag's help with its default, stated once (help texts that explain a default that
+    depends on the dataset or method say so themselves)."""
+    text = HELP.get(name, "")
+    if name in REQUIRED or "default" in text or default is None:
+        return text
+    return f"{text} (default: {default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m robustbench_fvae.run", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(
+        prog="python -m robustbench_fvae.run", usage=SHORT_USAGE,
+        description="One benchmark run: train, evaluate val and test every epoch, select an "
+                    "epoch, write the run record; the last line printed is the run directory.",
+        epilog="Exit codes: 0 done, 1 runtime failure, 2 bad input, 143 stopped by SIGTERM "
+               "(relaunch to resume).")
     base = RunConfig()
     sections = [("run", RunConfig, base), ("adapter (lora / FVAE family)", AdapterConfig,
                 base.adapter), ("training", TrainConfig, base.train)]
@@ -92,23 +116,33 @@ def build_parser() -> argparse.ArgumentParser:
             default = getattr(defaults, field.name)
             if field.name == "targets":
                 default = ",".join(default)
+            kind = _flag_type(hints[field.name])
+            required = field.name in REQUIRED
             group.add_argument(
-                f"--{field.name.replace('_', '-')}", dest=field.name, default=default,
-                type=_flag_type(hints[field.name]), choices=CHOICES.get(field.name),
-                help=HELP.get(field.name, ""), metavar=None if field.name in CHOICES else "X")
+                f"--{field.name.replace('_', '-')}", dest=field.name,
+                default=None if required else default, required=required, type=kind,
+                choices=CHOICES.get(field.name), help=_help(field.name, default),
+                metavar=field.name.upper() if field.name in CHOICES
+                else NAMED_METAVARS.get(field.name, METAVARS[kind]))
     parser.add_argument("--force", action="store_true", help="rerun even if the run is done")
+    parser.add_argument("--wait", action="store_true",
+                        help="if another process is training this config, wait for it to end "
+                             "(default: exit with an error naming that process)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
+LAUNCH_FLAGS = ("force", "wait", "no_progress")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    settings = {k: v for k, v in vars(args).items() if k not in ("force", "no_progress")}
+    settings = {k: v for k, v in vars(args).items() if k not in LAUNCH_FLAGS}
     return config_from_settings(settings)
 
 
 def format_summary(metrics: dict) -> str:
     """A short human summary of a run's selected-epoch metrics (WG, averages, per group)."""
-    lines = [f"selected epoch {metrics['selected_epoch'] + 1} by {metrics['selection']} "
+    lines = [f"selected epoch {metrics['selected_epoch']} by {metrics['selection']} "
              f"({metrics['selection_description']})"]
     header = f"{'split':6} {'WG':>6} {'avg':>6} {'adj_avg':>7} {'mean_grp':>8} {'disp':>6} " \
              f"{'ECE':>6}"
@@ -124,33 +158,38 @@ def format_summary(metrics: dict) -> str:
         lines.append(f"  g={grp['g']:<2} {grp['name']:28} n={grp['n']:<6} acc={acc}")
     lines.append("avg = plain test accuracy; adj_avg = group accuracies weighted by training "
                  "group counts (WILDS); mean_grp = mean of group accuracies; disp = |WG - avg|")
+    cf = metrics.get("counterfactual")
+    if cf:  # replicas only (DESIGN §6)
+        lines.append(f"counterfactual test: core-only acc {cf['core_only_acc']:.3f} (class-"
+                     f"balanced; chance {1 / len(cf['core_only_class_acc']):.3f}), background "
+                     f"reliance {cf['background_reliance']:.3f} (0: background alone never moves "
+                     f"the prediction, 1: it decides it)")
     for alarm in metrics.get("alarms", []):
         lines.append(f"ALARM: {alarm}")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: see :mod:`robustbench_fvae.cli` (0 done, 1 failure, 2 bad input, 143
+    SIGTERM)."""
     args = build_parser().parse_args(argv)
-    # Imported late so that --help and argument errors are instant.
+    from .records import RunInUseError
     from .training import Preempted, TrainingError, run
 
     try:
         cfg = config_from_args(args)
-        result = run(cfg, force=args.force, progress=not args.no_progress)
+        result = run(cfg, force=args.force, progress=not args.no_progress, wait=args.wait)
     except Preempted as stop:
         print(str(stop), file=sys.stderr)
-        return 143
-    except (ValueError, FileNotFoundError, TrainingError) as err:
-        if os.environ.get("RBF_TRACEBACK"):
-            raise
-        print(f"error: {err}  (set RBF_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        return 1
+        return EXIT_PREEMPTED
+    except (ValueError, FileNotFoundError, LookupError, TrainingError, RunInUseError) as err:
+        return fail(err)
     finally:
         _leave_process_group()
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(format_summary(result.metrics))
         print(result.run_dir)
-    return 0
+    return EXIT_OK
 
 
 def _leave_process_group() -> None:

@@ -2,9 +2,18 @@
 
 Reproducibility: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)`` and every
 training image's augmentation by ``(seed, e, index)``, independent of loader workers; the model's
-own randomness (dropout, FVAE samples) comes from the global torch RNG, whose state is saved in
-every checkpoint. A run resumed from any checkpoint therefore continues exactly where it stopped,
-and on CPU ends with the same numbers as an uninterrupted run.
+own randomness (dropout, FVAE samples) comes from the global torch RNG, whose state (every rank's,
+under data parallelism) is saved in every checkpoint, and which nothing else draws from: the data
+loaders have generators of their own. A run resumed from any checkpoint, at an epoch end or in the
+middle of an epoch, therefore continues exactly where it stopped, and on CPU ends with the same
+numbers as an uninterrupted run.
+
+Epochs are counted from 1 in the records and on the console (epoch 1 = the evaluation after the
+first pass over the training data); ``_Trainer.epoch`` counts the epochs already completed.
+
+Fault injection for tests: with ``RBF_FAULT_KILL_AFTER_STEP=N`` in the environment the run sends
+itself SIGKILL right after optimisation step N (after that step's checkpoint, if one is due), a
+kill at an exactly known point; never set it otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +32,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import records
 from .adapters import count_parameters
@@ -35,14 +43,28 @@ from .config import (
     RunConfig,
     validate_adapter_config,
 )
-from .data import load_splits, make_transforms
+from .data import (
+    check_data_recipe,
+    counterfactual_splits,
+    data_defaults,
+    load_splits,
+    make_transforms,
+)
 from .data.base import GroupSplit
 from .distributed import SINGLE_PROCESS, Distributed, init_distributed
 from .methods import default_lr, parameter_groups, prepare_model, training_loss
-from .metrics import EmptyGroupError, constant_predictor, evaluate_split
+from .metrics import (
+    EmptyGroupError,
+    constant_predictor,
+    counterfactual_metrics,
+    evaluate_split,
+)
+from .progress import progress_bar
 from .selection import RULES, select_epoch, should_stop_early
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Fault injection for the resume tests (see the module docstring); -1: off.
+_FAULT_KILL_AFTER_STEP = int(os.environ.get("RBF_FAULT_KILL_AFTER_STEP", "-1"))
 WEIGHTS_FILE = "adapter.safetensors"
 LOSS_KEYS = ("loss", "ce", "aux", "R", "K1", "K2", "G")
 
@@ -59,8 +81,15 @@ class Preempted(Exception):
     """SIGTERM arrived; a checkpoint was written and the run can be relaunched to resume."""
 
 
-def dataset_defaults(dataset: str) -> dict[str, int]:
-    return SYNTH_DEFAULTS if dataset.startswith("synth-") else REAL_DEFAULTS
+def dataset_defaults(dataset: str) -> dict[str, int | float | str | None]:
+    """What a None training setting becomes: CPU-sized numbers for the replicas, the released
+    code's for real data, plus the data recipe (``augment``, ``spurious_strength``) of
+    :func:`robustbench_fvae.data.data_defaults`."""
+    try:
+        recipe = data_defaults(dataset)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return {**(SYNTH_DEFAULTS if dataset.startswith("synth-") else REAL_DEFAULTS), **recipe}
 
 
 def resolve_config(cfg: RunConfig) -> RunConfig:
@@ -81,6 +110,11 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     for key, value in dataset_defaults(cfg.dataset).items():
         if getattr(t, key) is None:
             setattr(t, key, value)
+    try:
+        t.augment, t.spurious_strength = check_data_recipe(cfg.dataset, t.augment,
+                                                           t.spurious_strength)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if t.lr is None:
         t.lr = default_lr(cfg.method)
     if cfg.backbone is None:
@@ -134,10 +168,14 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def make_loader(dataset, indices: list[int], batch_size: int, workers: int,
-                device: torch.device) -> torch.utils.data.DataLoader:
+                device: torch.device, seed: int = 0) -> torch.utils.data.DataLoader:
+    """A loader over ``indices`` in that order. It has its own generator (seeded by ``seed``):
+    a DataLoader without one draws its base seed from the global RNG each time it is iterated,
+    which would shift the model's dropout stream when a resumed run builds a mid-epoch loader."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=indices, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
+        generator=torch.Generator().manual_seed(int(seed)),
     )
 
 
@@ -255,16 +293,40 @@ class RunResult:
 
 def build_model_and_data(cfg: RunConfig, device: torch.device):
     """The prepared model and the three splits (transforms set from the backbone)."""
-    splits = load_splits(cfg.dataset, cfg.data_root)
+    splits = load_splits(cfg.dataset, cfg.data_root,
+                         spurious_strength=cfg.train.spurious_strength)
     model = create_backbone(cfg.backbone, splits["train"].num_classes, weights=cfg.weights,
                             data_root=cfg.data_root)
     adapted = prepare_model(model, cfg)
     model.to(device)
     dc = backbone_data_config(model)
-    train_tf, eval_tf = make_transforms(dc.image_size, dc.mean, dc.std)
+    train_tf, eval_tf = make_transforms(dc.image_size, dc.mean, dc.std,
+                                        augment=cfg.train.augment, family=cfg.dataset)
     splits["train"].transform = train_tf
     splits["val"].transform = splits["test"].transform = eval_tf
     return model, splits, adapted
+
+
+def evaluate_counterfactual(model: nn.Module, cfg: RunConfig, test: GroupSplit, weights: Path,
+                            batch_size: int, workers: int, device: torch.device,
+                            dist: Distributed = SINGLE_PROCESS) -> dict | None:
+    """Core-only accuracy and background reliance (metrics.counterfactual_metrics) of the
+    selected epoch's weights (``weights``) on the replica's counterfactual test images; None
+    for a real dataset or a replica without them (a hand-made test fixture). The model keeps the
+    selected weights afterwards."""
+    if not cfg.dataset.startswith("synth-"):
+        return None
+    try:
+        twins = counterfactual_splits(cfg.dataset, cfg.data_root, transform=test.transform,
+                                      spurious_strength=cfg.train.spurious_strength)
+    except FileNotFoundError:  # DatasetError: no counterfactual images in this replica
+        return None
+    dist.barrier()  # rank 0 wrote the selected weights
+    load_trainable_state(model, load_file(str(weights)))
+    prob_core, _ = predict(model, twins["core_only"], batch_size, workers, device, dist)
+    prob_bg, _ = predict(model, twins["background_only"], batch_size, workers, device, dist)
+    return counterfactual_metrics(twins["core_only"].y, prob_core, twins["background_only"].a,
+                                  prob_bg, test.attribute_names)
 
 
 def check_eval_groups(splits: dict[str, GroupSplit]) -> None:
@@ -277,11 +339,24 @@ def check_eval_groups(splits: dict[str, GroupSplit]) -> None:
                 "worst-group accuracy is undefined; check the data with data_prep/verify.py")
 
 
+def _print(message: str) -> None:
+    print(message, flush=True)  # flushed: a log file or a pipe sees each line when it happens
+
+
 def run(cfg: RunConfig, *, force: bool = False, progress: bool = True,
-        log: Callable[[str], None] = print) -> RunResult:
+        log: Callable[[str], None] = _print, wait: bool = False) -> RunResult:
     """Train and evaluate one run; write its record under ``cfg.out``. Idempotent: a finished
-    run is not redone unless ``force``; an unfinished one resumes from its checkpoint."""
+    run is not redone unless ``force``; an unfinished one resumes from its checkpoint.
+
+    One process trains a run directory at a time: while another live process holds it, this
+    raises :class:`records.RunInUseError` naming that process, or with ``wait`` waits for it to
+    end (then finds the run done, or resumes it).
+    """
     cfg = resolve_config(cfg)
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)
     dist, device_name = init_distributed(cfg.device)
     if not dist.is_main:
         progress, log = False, _silent
@@ -292,6 +367,25 @@ def run(cfg: RunConfig, *, force: bool = False, progress: bool = True,
     if records.is_done(rdir) and not force:
         log(f"already done: {rdir} (use --force to rerun)")
         return RunResult(rdir, records.read_json(rdir / records.METRICS_FILE), skipped=True)
+    with contextlib.ExitStack() as held:
+        failure = None
+        if dist.is_main:
+            try:
+                held.enter_context(records.run_lock(rdir, wait=wait, log=log))
+            except records.RunInUseError as err:
+                failure = err
+        if dist.any(failure is not None):  # every rank stops, not only rank 0
+            raise failure or records.RunInUseError(f"{rdir} is held by another process")
+        if records.is_done(rdir) and not force:  # finished by the holder we waited for
+            log(f"already done: {rdir} (use --force to rerun)")
+            return RunResult(rdir, records.read_json(rdir / records.METRICS_FILE),
+                             skipped=True)
+        return _run_held(cfg, rdir, dist, device_name, force, progress, log)
+
+
+def _run_held(cfg: RunConfig, rdir: Path, dist: Distributed, device_name: str, force: bool,
+              progress: bool, log: Callable[[str], None]) -> RunResult:
+    """The body of :func:`run`, with the run directory held by this process."""
     if force and rdir.exists() and dist.is_main:
         shutil.rmtree(rdir)
     dist.barrier()
@@ -359,23 +453,37 @@ class _Trainer:
                 "history": self.history, "train_time": self.train_time}
 
     def _save(self) -> None:
+        # Every rank's RNG state (dropout differs per rank), gathered to rank 0 which writes.
+        cuda = self.device.type == "cuda"
+        rng = self.dist.gather_objects(
+            (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None))
         if self.dist.is_main:
             save_checkpoint(self.checkpoint, self.model, self.optimizer, self.scheduler,
-                            self._state())
+                            {**self._state(), "rng_cpu_ranks": [r[0] for r in rng],
+                             "rng_cuda_ranks": [r[1] for r in rng] if cuda else [],
+                             "record_version": records.RECORD_VERSION})
 
     def _resume(self) -> None:
         ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
         load_trainable_state(self.model, ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if ckpt["rng_cuda"] and torch.cuda.is_available():
+        ranks = ckpt.get("rng_cpu_ranks") or [ckpt["rng_cpu"]]
+        if len(ranks) != self.dist.world_size:
+            raise TrainingError(f"the checkpoint in {self.rdir} was written by {len(ranks)} "
+                                f"process(es); resume it with as many, not "
+                                f"{self.dist.world_size}")
+        torch.set_rng_state(ranks[self.dist.rank])
+        cuda_ranks = ckpt.get("rng_cuda_ranks") or []
+        if self.device.type == "cuda" and len(cuda_ranks) == self.dist.world_size:
+            torch.cuda.set_rng_state(cuda_ranks[self.dist.rank], self.device)
+        elif ckpt["rng_cuda"] and torch.cuda.is_available() and self.dist.world_size == 1:
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-        if self.dist.rank > 0:  # rank 0's RNG state was saved; keep the ranks' dropout distinct
-            torch.manual_seed(self.cfg.train.seed + 7919 * self.dist.rank + ckpt["global_step"])
         self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         self.global_step, self.sums = ckpt["global_step"], ckpt["sums"]
         self.history, self.train_time = ckpt["history"], ckpt["train_time"]
+        if int(ckpt.get("record_version", 1)) < 2:
+            self.history, _ = records.epochs_from_one(self.history)
         # history.jsonl may hold a line written after this checkpoint: rewrite it from the
         # checkpoint so no evaluation is listed twice.
         if self.dist.is_main:
@@ -402,9 +510,9 @@ class _Trainer:
         # ranks' step s is exactly the single-process batch s.
         shard = self.dist.shard(order[self.step_in_epoch * t.batch_size:])
         loader = make_loader(self.train_set, shard, t.batch_size // self.dist.world_size,
-                             self.workers, self.device)
+                             self.workers, self.device, seed=t.seed * 1_000_003 + self.epoch)
         self.model.train()
-        bar = tqdm(loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
+        bar = progress_bar(loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
                    desc=f"epoch {self.epoch + 1}/{t.epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
         start = time.perf_counter()
@@ -442,6 +550,8 @@ class _Trainer:
                 self.train_time += time.perf_counter() - start
                 start = time.perf_counter()
                 self._save()
+            if self.global_step == _FAULT_KILL_AFTER_STEP:
+                os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
         self.train_time += time.perf_counter() - start
 
@@ -454,7 +564,7 @@ class _Trainer:
     def _end_epoch(self) -> None:
         t = self.cfg.train
         n = max(1, self.step_in_epoch)
-        record = {"epoch": self.epoch, "step": self.global_step,
+        record = {"epoch": self.epoch + 1, "step": self.global_step,
                   "lr": self.scheduler.get_last_lr()[0],
                   "train": {k: self.sums[k] / n for k in LOSS_KEYS if k in self.sums}}
         outputs = {}
@@ -473,7 +583,8 @@ class _Trainer:
                  f" | val WG {val['worst_group_acc']:.3f} avg {val['avg_acc']:.3f}"
                  f" | test WG {test['worst_group_acc']:.3f} avg {test['avg_acc']:.3f}"
                  + (f" | ALARM: {'; '.join(record['alarms'])}" if record["alarms"] else ""))
-        if select_epoch(self.history, t.select)["epoch"] == self.epoch and self.dist.is_main:
+        if select_epoch(self.history, t.select)["epoch"] == self.epoch + 1 and \
+                self.dist.is_main:
             self._write_selected(outputs)
         self.epoch += 1
         self.step_in_epoch, self.sums = 0, {}
@@ -486,7 +597,7 @@ class _Trainer:
                                           np.arange(len(s)), s.y, s.a, s.g, pred, prob)
         tmp = self.rdir / (WEIGHTS_FILE + ".tmp")
         save_file(trainable_state(self.model), str(tmp),
-                  metadata={"epoch": str(self.epoch), "method": self.cfg.method})
+                  metadata={"epoch": str(self.epoch + 1), "method": self.cfg.method})
         os.replace(tmp, self.rdir / WEIGHTS_FILE)
 
     def finish(self, params: dict[str, int]) -> dict:
@@ -510,6 +621,11 @@ class _Trainer:
             "epochs_run": len(self.history),
             "train_time_s": round(self.train_time, 2),
         }
+        counterfactual = evaluate_counterfactual(
+            self.model, self.cfg, self.splits["test"], self.rdir / WEIGHTS_FILE,
+            self.cfg.train.eval_batch_size, self.workers, self.device, self.dist)
+        if counterfactual is not None:
+            metrics["counterfactual"] = counterfactual
         if self.dist.is_main:
             records.write_json_atomic(self.rdir / records.METRICS_FILE, metrics)
             records.mark_done(self.rdir)
