@@ -270,6 +270,7 @@ def training_curves_figure(rows: Sequence[GroupRow], dataset: str,
     fig = _new_figure(15.0, 1.3 + 3.1 * len(rhos))
     axes = fig.subplots(len(rhos), len(CURVE_METRICS), squeeze=False, sharex=True)
     epochs = sorted({p["epoch"] for r in rows for run in r.runs for p in run.curve})
+    dodge = min(0.08, 0.4 / len(keys)) if len(keys) > 1 else 0.0
     for i, rho in enumerate(rhos):
         for j, (split, metric) in enumerate(CURVE_METRICS):
             ax = axes[i, j]
@@ -277,7 +278,10 @@ def training_curves_figure(rows: Sequence[GroupRow], dataset: str,
                 stats = epoch_curves(r)[(split, metric)]
                 if not stats:
                     continue
-                x = [s.epoch for s in stats]
+                # methods side by side around each epoch: equal values (all at WG 0, say)
+                # would otherwise hide every line but the last drawn
+                shift = (keys.index(r.base_label) - (len(keys) - 1) / 2) * dodge
+                x = [s.epoch + shift for s in stats]
                 colour = colours[r.base_label]
                 ax.plot(x, [100 * s.mean for s in stats], marker="o", ms=3.5, lw=1.6,
                         color=colour, label=f"{r.base_label} (n={r.n})")
@@ -286,14 +290,14 @@ def training_curves_figure(rows: Sequence[GroupRow], dataset: str,
                                     [100 * s.high for s in stats], color=colour, alpha=0.2,
                                     linewidth=0)
                 # where each seed's selection landed (the reported epoch)
-                chosen = [(run.selected_epoch, p[split][metric]) for run in r.runs
+                chosen = [(p["epoch"] + shift, p[split][metric]) for run in r.runs
                           for p in run.curve if p["epoch"] == run.selected_epoch]
                 if chosen:
                     ax.scatter([e for e, _ in chosen], [100 * v for _, v in chosen],
                                s=45, facecolors="none", edgecolors=[colour], linewidths=1.2,
                                zorder=3, clip_on=False)
             ax.set_ylim(-PAD, 100 + PAD)
-            ax.set_xlim(min(epochs) - 0.3, max(epochs) + 0.3)
+            ax.set_xlim(min(epochs) - 0.4, max(epochs) + 0.4)
             ax.set_xticks(epochs if len(epochs) <= 12 else
                           epochs[::math.ceil(len(epochs) / 12)])
             ax.grid(alpha=0.3)
@@ -313,10 +317,28 @@ def training_curves_figure(rows: Sequence[GroupRow], dataset: str,
                 names.append(n)
     fig.legend(handles, names, loc="outside right upper", frameon=False, fontsize=8,
                title="Method (n = seeds)")
-    fig.suptitle(f"Training curves: {dataset}. Lines: mean over seeds; bands: min–max over "
+    fig.suptitle(f"Training curves: {dataset}\nlines: mean over seeds; bands: min–max over "
                  "seeds (seeds that reached the epoch); rings: each seed's selected epoch "
-                 f"({'/'.join(sorted({r.selection for r in rows}))})", fontsize=10)
+                 f"({'/'.join(sorted({r.selection for r in rows}))})"
+                 + ("\nmethods drawn slightly apart along x so equal values stay visible"
+                    if dodge else ""), fontsize=10)
     return fig
+
+
+def _logit(x: np.ndarray | float) -> np.ndarray:
+    return np.log(np.asarray(x) / (1 - np.asarray(x)))
+
+
+def _dodge(x: np.ndarray, i: int, k: int, logit: bool, span: float) -> np.ndarray:
+    """``x`` moved by line ``i`` of ``k``'s share of a spread of 5 % of the axis ``span`` (in
+    logit units on a logit axis), so that lines on equal values lie side by side instead of on
+    top of each other."""
+    if k < 2:
+        return x
+    step = 0.05 * span * (i - (k - 1) / 2) / (k - 1)
+    if not logit:
+        return x + step
+    return 1 / (1 + np.exp(-(_logit(x) + step)))
 
 
 _RHO_PANELS = (("worst_group_acc", "worst-group accuracy"), ("avg_acc", "average (avg_acc)"),
@@ -344,27 +366,30 @@ def robustness_figure(points: Sequence[CurvePoint], dataset: str,
     colours = _colours(keys, labels)
     rhos = sorted({p.rho for p in points})
     logit = all(0.0 < r < 1.0 for r in rhos)
-    fig = _new_figure(4.3 * len(panels) + 2.4, 4.6)
+    span = float(_logit(rhos[-1]) - _logit(rhos[0])) if logit else rhos[-1] - rhos[0]
+    fig = _new_figure(4.6 * len(panels) + 0.6, 5.2)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (metric, title) in zip(axes, panels):
-        for key in keys:
+        for i, key in enumerate(keys):
             line = sorted((p for p in points if p.label == key and _finite(p.stats[metric].mean)),
                           key=lambda p: p.rho)
             if not line:
                 continue
-            x = np.array([p.rho for p in line])
+            x = _dodge(np.array([p.rho for p in line]), i, len(keys), logit, span)
             mean = np.array([100 * p.stats[metric].mean for p in line])
             half = np.array([100 * p.stats[metric].ci95 if _finite(p.stats[metric].ci95)
                              else 0.0 for p in line])
-            ax.plot(x, mean, marker="o", ms=4, lw=1.6, color=colours[key],
+            # markers shrink line by line, so lines on the same values show as nested rings
+            ax.plot(x, mean, marker="o", ms=max(3.0, 9.0 - 1.5 * i), lw=1.6,
+                    color=colours[key], markerfacecolor="none", markeredgewidth=1.5,
                     label=f"{key} (n={'/'.join(sorted({str(p.n) for p in line}))})",
                     clip_on=False)
             ax.fill_between(x, np.clip(mean - half, 0, 100), np.clip(mean + half, 0, 100),
                             color=colours[key], alpha=0.18, linewidth=0)
         if logit:
             ax.set_xscale("logit")
-            lo, hi = np.log(rhos[0] / (1 - rhos[0])), np.log(rhos[-1] / (1 - rhos[-1]))
-            pad = 0.06 * max(hi - lo, 1.0)
+            lo, hi = float(_logit(rhos[0])), float(_logit(rhos[-1]))
+            pad = 0.08 * max(hi - lo, 1.0)
             ax.set_xlim(1 / (1 + np.exp(-(lo - pad))), 1 / (1 + np.exp(-(hi + pad))))
         ax.set_xticks(rhos, [f"{r:g}" for r in rhos])
         ax.minorticks_off()
@@ -374,12 +399,12 @@ def robustness_figure(points: Sequence[CurvePoint], dataset: str,
         ax.set_xlabel("spurious strength RHO" + (" (logit axis)" if logit else ""))
         ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside right upper", frameon=False, fontsize=8,
-               title="Method (n = seeds)")
-    fig.suptitle(f"Robustness to the spurious strength: {dataset}. RHO = fraction of each "
-                 "class's training images on its majority background\nlines: mean over seeds; "
-                 "bands: 95 % t-interval of the mean (n − 1 dof, none for one seed)",
-                 fontsize=10)
+    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4),
+               frameon=False, fontsize=8, title="Method (n = seeds)")
+    fig.suptitle(f"Robustness to the spurious strength: {dataset}\nRHO = fraction of each "
+                 "class's training images on its majority background\nlines: mean over seeds "
+                 "(methods drawn slightly apart along x); bands: 95 % t-interval of the mean "
+                 "(n − 1 dof, none for one seed)", fontsize=10)
     return fig
 
 
