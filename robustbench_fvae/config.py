@@ -17,6 +17,10 @@ METHODS = ("lora", "fvae", "vae2lat", "bvae2lat", "full", "linear")
 ADAPTER_METHODS = ("lora", "fvae", "vae2lat", "bvae2lat")
 FVAE_FAMILY = ("fvae", "vae2lat", "bvae2lat")
 SELECTION_RULES = ("val_wg", "val_avg")
+# Training algorithms of `run`; "dfr" is a derived run made from a finished one by `dfr`.
+ALGORITHMS = ("erm", "groupdro", "resample", "reweight", "jtt")
+DERIVED_ALGORITHMS = ("dfr",)
+GROUPDRO_SAMPLERS = ("natural", "balanced")
 
 
 class ConfigError(ValueError):
@@ -111,6 +115,14 @@ class TrainConfig:
     # training images on its majority background. None: the dataset's default (training.py).
     augment: str | None = None
     spurious_strength: float | None = None
+    # The training algorithm, orthogonal to the method (robustbench_fvae/algorithms.py): erm,
+    # groupdro, resample, reweight, jtt. None in a jtt_* field: the dataset's default.
+    algorithm: str = "erm"
+    groupdro_eta: float = 0.01
+    groupdro_adjustment: float = 0.0
+    groupdro_sampler: str = "natural"
+    jtt_epochs: int | None = None
+    jtt_upweight: int | None = None
 
 
 @dataclass
