@@ -1,9 +1,11 @@
 """``python -m robustbench_fvae.probe RUN_DIR``: what the latent spaces of a trained run encode.
 
 Linear probes of the label y and the spurious attribute a from each adapted layer's pooled codes —
-z1 and z2 (FVAE family), LoRA's A x, and the frozen backbone's input features as a reference —
-fitted on train, scored on test by group-balanced accuracy; t-SNE maps of the test codes.
-Writes probes.csv (columns layer, latent, target, acc, …), probe.json and tsne_*.png.
+z1 and z2 (FVAE family), LoRA's A x, and the frozen backbone's input features (once per adapted
+module) as a reference — fitted with group-balanced sample weights on train (or val), scored on
+test by group-balanced accuracy; collapse checks of every latent (active units, per-dimension
+std, posterior σ); t-SNE maps of the test codes. Writes probes.csv (columns layer, latent,
+target, acc, …), probe.json, probes.png and tsne_*.png.
 
 ``python -m robustbench_fvae.probe --dataset NAME`` probes the frozen backbone instead (every
 block's output, no run needed): how hard the label and the spurious attribute are to read off
@@ -27,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m robustbench_fvae.probe",
         description="What the latent spaces of a trained run encode: linear probes of the label y "
                     "and the spurious attribute a from z1, z2 (FVAE family), LoRA's A x and the "
-                    "backbone's features, scored on test by group-balanced accuracy; t-SNE maps. "
-                    "Writes probes.csv, probe.json and tsne_*.png.")
+                    "backbone's features, fitted with group-balanced weights, scored on test by "
+                    "group-balanced accuracy; collapse checks (active units, std, posterior "
+                    "sigma); t-SNE maps. Writes probes.csv, probe.json, probes.png and "
+                    "tsne_*.png.")
     parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
                         help="a finished run's folder (the last line printed by "
                              "robustbench_fvae.run); or give --dataset instead")
@@ -54,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, metavar="N",
                         help="cap per split (train and test), subsampled by group with a seed; "
                              f"0: no cap (default: {DEFAULT_MAX_IMAGES})")
+    parser.add_argument("--fit-split", choices=("train", "val"), default="train",
+                        help="split the probes are fitted on (C chosen by CV inside it): train "
+                             "(default) or val, which the adapter never trained on (DFR-style); "
+                             "scored on test either way")
+    parser.add_argument("--weighting", choices=("group", "class"), default="group",
+                        help="probe sample weights: group (default; every (y, a) group weighs "
+                             "the same, so a probe of a cannot ride on y where they correlate) "
+                             "or class (every value of the probed target weighs the same)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default: RUN_DIR/probe)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
@@ -91,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = dict(pool=args.pool, max_images=args.max_images or None, out=args.out,
                   device=args.device, tsne_max=args.tsne_max, seed=args.seed,
                   num_workers=args.num_workers, n_jobs=args.jobs or min(8, os.cpu_count() or 1),
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, fit_split=args.fit_split,
+                  weighting=args.weighting)
     try:
         if args.run_dir is not None:
             result = probe_run(args.run_dir, layers=args.layers, batch_size=args.batch_size,

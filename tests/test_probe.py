@@ -4,6 +4,7 @@ probes on planted signals, t-SNE figures, and the ``probe`` CLI end to end on a 
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,6 +20,7 @@ from robustbench_fvae import probe as probe_cli
 from robustbench_fvae.adapters import inject_adapters
 from robustbench_fvae.analysis.latents import (
     DEFAULT_MAX_IMAGES,
+    LatentSet,
     LayerError,
     PoolError,
     default_layers,
@@ -28,17 +30,28 @@ from robustbench_fvae.analysis.latents import (
     select_layers,
     stratified_subsample,
 )
+from robustbench_fvae.analysis.probe_plot import probe_accuracy_plot
 from robustbench_fvae.analysis.probes import (
     CSV_COLUMNS,
     ProbeError,
+    balance_weights,
     chance_level,
+    collapse_stats,
     format_table,
     group_balanced_accuracy,
     majority_rate,
+    probe_latents,
     run_probe,
     write_probes_csv,
 )
-from robustbench_fvae.analysis.tsne import DEFAULT_TSNE_MAX, figure_name, plot_tsne, tsne_embedding
+from robustbench_fvae.analysis.tsne import (
+    ATTRIBUTE_COLOURS,
+    DEFAULT_TSNE_MAX,
+    LABEL_COLOURS,
+    figure_name,
+    plot_tsne,
+    tsne_embedding,
+)
 from robustbench_fvae.backbones import OFFLINE_ARCH
 from robustbench_fvae.config import AdapterConfig
 from robustbench_fvae.data.base import Group, GroupSplit
@@ -170,19 +183,119 @@ def test_probes_recover_planted_signals_and_noise_gives_chance():
                 tr[col], tr[t], tr[2], te[col], te[t], te[2], n_folds=3, seed=0
             )
     assert fit["z1", "y"].acc > 0.95 and fit["z2", "a"].acc > 0.95
-    # z1 → a can only go through y: right in the 2 majority groups, wrong in the 2 minority ones
+    # z1 carries nothing of a but through y; under group weights a and y are independent, so the
+    # probe finds nothing: chance on both metrics
     assert abs(fit["z1", "a"].acc - 0.5) < 0.06 and abs(fit["z2", "y"].acc - 0.5) < 0.06
-    # ... which plain accuracy on the correlated test split hides (≈ 0.85)
-    assert fit["z1", "a"].plain_acc > 0.78
+    assert abs(fit["z1", "a"].plain_acc - 0.5) < 0.08
+    # class-balanced only, the probe of a reads y: right in the 2 majority groups, wrong in the 2
+    # minority ones (group-balanced ≈ 0.5), which plain accuracy on the correlated test split
+    # hides (≈ 0.85)
+    rides = run_probe(tr[3], tr[1], tr[2], te[3], te[1], te[2], n_folds=3, seed=0,
+                      weighting="class")
+    assert abs(rides.acc - 0.5) < 0.06 and rides.plain_acc > 0.78
+    assert rides.weighting == "class" and fit["z1", "a"].weighting == "group"
     for target in ("y", "a"):
         r = fit["noise", target]
         assert abs(r.acc - 0.5) < 0.06, r
         assert r.chance == pytest.approx(0.5)
-        assert r.n_train == 800 and r.n_test == 800 and r.dim == 8
+        assert r.n_fit == 800 and r.n_test == 800 and r.dim == 8
         assert r.C in (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
     # a single-valued target cannot be probed
     with pytest.raises(ProbeError, match="one value"):
         run_probe(tr[3], np.zeros(800, int), tr[2], te[3], te[0], te[2])
+
+
+def test_balance_weights_equalise_groups_or_classes():
+    t = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    g = np.array([0, 0, 0, 0, 0, 1, 2, 3])
+    w = balance_weights(t, g, "group")
+    assert w.mean() == pytest.approx(1.0)
+    assert [w[g == k].sum() for k in range(4)] == pytest.approx([2.0] * 4)
+    w = balance_weights(t, g, "class")
+    assert [w[t == k].sum() for k in (0, 1)] == pytest.approx([4.0, 4.0])
+    with pytest.raises(ProbeError, match="accepted: group, class"):
+        balance_weights(t, g, "none")
+
+
+def _two_latents(y: np.ndarray, a: np.ndarray, rng: np.random.Generator):
+    """L1: a strong y axis (3σ) and a weak a axis (0.75σ); L2 the mirror image."""
+    n = len(y)
+    l1 = rng.normal(size=(n, 2))
+    l1[:, 0] += 3.0 * (2 * y - 1)
+    l1[:, 1] += 0.75 * (2 * a - 1)
+    l2 = rng.normal(size=(n, 2))
+    l2[:, 0] += 3.0 * (2 * a - 1)
+    l2[:, 1] += 0.75 * (2 * y - 1)
+    return l1, l2
+
+
+def test_group_weights_keep_each_probe_on_its_own_target_under_95pct_correlation():
+    """Training split: a = y for 95 % of the images; test split: four equal groups. Each latent
+    carries one target strongly and the other weakly (0.75σ: a Bayes accuracy of Φ(0.75) =
+    0.773). Class-balanced, the probe of the weak target rides the strong one, which agrees
+    with it on 95 % of the fit data, and fails the minority groups; group-balanced, the strong
+    axis carries nothing of the other target and the probe recovers the weak target's own
+    signal."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    y_tr = rng.integers(0, 2, n)
+    a_tr = np.where(rng.random(n) < 0.95, y_tr, 1 - y_tr)
+    l1_tr, l2_tr = _two_latents(y_tr, a_tr, rng)
+    y_te = np.repeat([0, 0, 1, 1], 500)
+    a_te = np.tile(np.repeat([0, 1], 500), 2)
+    l1_te, l2_te = _two_latents(y_te, a_te, rng)
+    g_tr, g_te = 2 * y_tr + a_tr, 2 * y_te + a_te
+    bayes = 0.773
+    for X_tr, X_te, t_tr, t_te in ((l1_tr, l1_te, a_tr, a_te), (l2_tr, l2_te, y_tr, y_te)):
+        res = {w: run_probe(X_tr, t_tr, g_tr, X_te, t_te, g_te, n_folds=3, seed=0, weighting=w)
+               for w in ("class", "group")}
+        assert abs(res["group"].acc - bayes) < 0.04, res["group"]
+        assert res["class"].acc < 0.65, res["class"]
+        assert res["group"].acc - res["class"].acc > 0.15
+        assert res["group"].chance == res["class"].chance == 0.5
+    # The strong targets are read off either way.
+    for w in ("class", "group"):
+        assert run_probe(l1_tr, y_tr, g_tr, l1_te, y_te, g_te, n_folds=3, weighting=w).acc > 0.99
+
+
+def test_collapse_checks_flag_a_constant_or_near_constant_latent():
+    rng = np.random.default_rng(0)
+    n = 400
+    y = np.repeat([0, 1], n // 2)
+    a = np.tile([0, 1], n // 2)
+    live = rng.normal(size=(n, 4))
+    live[:, 0] += 2.0 * (2 * y - 1)
+    live[:, 3] *= 0.05  # variance 0.0025: not an active unit
+    stats = collapse_stats(live)
+    assert stats["active_units"] == 3 and not stats["collapsed"]
+    assert stats["std_min"] == pytest.approx(live[:, 3].std())
+    assert stats["std_median"] == pytest.approx(np.median(live.std(0)))
+    assert np.isnan(stats["sigma"])
+    const = collapse_stats(np.full((n, 4), 1.5), sigma=0.8)
+    assert const == {"std_median": 0.0, "std_min": 0.0, "active_units": 0, "sigma": 0.8,
+                     "collapsed": True}
+    # Tiny variation that still carries y: the probe scores well after standardisation, which
+    # is why a collapsed latent is flagged rather than read as informative.
+    faint = 1.5 + 1e-3 * rng.normal(size=(n, 4))
+    faint[:, 0] += 0.01 * (2 * y - 1)
+    features = {("blocks.0.attn.qkv:q", "z1"): live, ("blocks.0.attn.qkv:q", "z2"): faint,
+                ("blocks.0.attn.qkv:k", "z2"): np.full((n, 4), 1.5)}
+    split = LatentSet("train", "mean", np.arange(n), y, a, 2 * y + a, features)
+    test = LatentSet("test", "mean", np.arange(n), y, a, 2 * y + a, features,
+                     {("blocks.0.attn.qkv:q", "z1"): 0.3})
+    rows = probe_latents(split, test, n_folds=2)
+    by = {(r["layer"], r["latent"], r["target"]): r for r in rows}
+    faint_y = by["blocks.0.attn.qkv:q", "z2", "y"]
+    assert faint_y["acc"] > 0.95 and faint_y["collapsed"] and faint_y["active_units"] == 0
+    assert by["blocks.0.attn.qkv:k", "z2", "a"]["collapsed"]
+    assert not by["blocks.0.attn.qkv:q", "z1", "y"]["collapsed"]
+    assert by["blocks.0.attn.qkv:q", "z1", "a"]["sigma"] == 0.3
+    assert {r["fit_split"] for r in rows} == {"train"} and {r["weighting"] for r in rows} == {
+        "group"}
+    table = format_table(rows).splitlines()
+    flagged = [line for line in table if "COLLAPSED" in line]
+    assert len(flagged) == 2 and all(" z2 " in line for line in flagged)
+    assert "3/4" in table[2] and "0.300" in table[2]
 
 
 def test_probes_csv_and_table(tmp_path):
@@ -197,10 +310,17 @@ def test_probes_csv_and_table(tmp_path):
             "plain_chance": 0.6,
             "cv_acc": float("nan"),
             "C": 1.0,
-            "n_train": 10,
+            "n_fit": 10,
             "n_test": 8,
             "dim": 4,
             "pool": "mean",
+            "fit_split": "val",
+            "weighting": "group",
+            "std_median": 0.5,
+            "std_min": 0.0 if lat == "z2" else 0.2,
+            "active_units": 0 if lat == "z2" else 3,
+            "sigma": 0.25 if lat == "z1" else float("nan"),
+            "collapsed": lat == "z2",
         }
         for lat, t, acc in (
             ("z1", "y", 0.9),
@@ -219,12 +339,22 @@ def test_probes_csv_and_table(tmp_path):
         ("z2", "y", 0.55),
         ("z2", "a", 0.97),
     ]
-    assert read[0]["cv_acc"] == ""
+    assert read[0]["cv_acc"] == "" and read[2]["sigma"] == ""
+    assert (read[0]["fit_split"], read[0]["weighting"], read[0]["collapsed"]) == (
+        "val", "group", "False")
+    assert read[2]["collapsed"] == "True" and read[0]["active_units"] == "3"
     table = format_table(rows).splitlines()
-    assert "acc(y)" in table[0] and "acc(a)" in table[0]
-    assert table[2].split()[-3:] == ["z1", "0.900", "0.510"]
-    assert table[3].split() == ["z2", "0.550", "0.970"]
+    assert "acc(y)" in table[0] and "acc(a)" in table[0] and "active" in table[0]
+    assert table[2].split()[-6:] == ["z1", "0.900", "0.510", "3/4", "0.5", "0.250"]
+    assert table[3].split()[:6] == ["z2", "0.550", "0.970", "0/4", "0.5", "-"]
+    assert "COLLAPSED" in table[3] and "COLLAPSED" not in table[2]
     assert table[-1].split()[-2:] == ["0.500", "0.500"]
+    # The figure: written, and taller with the collapse panel than without it.
+    with_checks = probe_accuracy_plot(rows, tmp_path / "probes.png", "t")
+    plain = [{k: v for k, v in r.items() if k in CSV_COLUMNS[:13]} for r in rows]
+    without = probe_accuracy_plot(plain, tmp_path / "plain.png", "t")
+    with Image.open(with_checks) as img, Image.open(without) as img2:
+        assert img.size[1] > img2.size[1] > 400
 
 
 # ---------------------------------------------------------------- t-SNE
@@ -256,6 +386,19 @@ def test_tsne_figure_is_written_and_shows_points(tmp_path):
     assert pixels.shape[1] > pixels.shape[0] > 400  # two panels side by side
     assert pixels.std() > 10  # not blank
     assert not list(tmp_path.glob("*.tmp*"))
+    # One colour meaning per figure: no colour marks a class on the left and an attribute on
+    # the right (Animals has 4 of each).
+    assert len(set(LABEL_COLOURS[:4]) | set(ATTRIBUTE_COLOURS[:4])) == 8
+    left, right = pixels[:, : pixels.shape[1] // 2], pixels[:, pixels.shape[1] // 2:]
+
+    def has(colour: str, part: np.ndarray) -> bool:
+        """Pixels of ``colour`` as drawn: at alpha 0.7 on white (a lone dot or a legend mark)."""
+        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=np.float32)
+        drawn = 0.7 * rgb + 0.3 * 255.0
+        return bool((np.abs(part - drawn).max(-1) < 6).sum() > 20)
+
+    assert has(LABEL_COLOURS[0], left) and not has(LABEL_COLOURS[0], right)
+    assert has(ATTRIBUTE_COLOURS[0], right) and not has(ATTRIBUTE_COLOURS[0], left)
 
 
 # ---------------------------------------------------------------- extraction from a real tiny ViT
@@ -308,7 +451,8 @@ def test_extract_latents_matches_a_manual_forward(tmp_path, pool):
     got = extract_latents(
         model, split, ["blocks.1.attn.qkv:k"], pool=pool, indices=idx, batch_size=2
     )
-    assert sorted(got.features) == [("blocks.1.attn.qkv:k", k) for k in ("backbone", "z1", "z2")]
+    assert list(got.features) == [("blocks.1.attn.qkv:k", "z1"), ("blocks.1.attn.qkv:k", "z2"),
+                                  ("blocks.1.attn.qkv", "backbone")]
     assert np.array_equal(got.y, split.y[idx]) and np.array_equal(got.g, split.g[idx])
     # the same codes by hand: the tokens entering block 1's qkv are norm1 of block 0's output
     images = torch.stack([split[i][0] for i in idx])
@@ -322,9 +466,17 @@ def test_extract_latents_matches_a_manual_forward(tmp_path, pool):
             "z1": adapter.encoder1.mean_only(tokens),
             "z2": adapter.encoder2.mean_only(tokens),
         }
+        sigmas = {k: (0.5 * adapter.get_submodule(f"encoder{k[1]}")(tokens)[1]).exp()
+                  for k in ("z1", "z2")}
     width = {"backbone": 192, "z1": 4, "z2": 4}
+    pooled = {"mean": lambda t: t[:, 1:].mean(1), "cls": lambda t: t[:, 0],
+              "both": lambda t: torch.cat([t[:, 0], t[:, 1:].mean(1)], 1)}[pool]
+    for kind, sigma in sigmas.items():  # mean over images, pooled tokens and dims
+        assert got.sigma[("blocks.1.attn.qkv:k", kind)] == pytest.approx(
+            float(pooled(sigma).mean()), rel=1e-5)
     for kind, t in codes.items():
-        feat = got.features[("blocks.1.attn.qkv:k", kind)]
+        layer = "blocks.1.attn.qkv" if kind == "backbone" else "blocks.1.attn.qkv:k"
+        feat = got.features[(layer, kind)]
         expect = {
             "mean": t[:, 1:].mean(1),
             "cls": t[:, 0],
@@ -339,7 +491,10 @@ def test_extract_lora_latents_and_unknown_layer(tmp_path):
     model = _tiny_vit("lora")
     got = extract_latents(model, split, None, batch_size=4)
     assert sorted({k for _, k in got.features}) == ["backbone", "lora"]
-    assert got.pairs()[:2] == [("blocks.0.attn.qkv:q", "lora"), ("blocks.0.attn.qkv:q", "backbone")]
+    # per module: its slices' codes, then the module's input once
+    assert got.pairs()[:3] == [("blocks.0.attn.qkv:q", "lora"), ("blocks.0.attn.qkv:k", "lora"),
+                               ("blocks.0.attn.qkv", "backbone")]
+    assert got.sigma == {}
     assert got.features[("blocks.0.attn.qkv:q", "lora")].shape == (6, 4)
     with pytest.raises(LayerError, match="available"):
         extract_latents(model, split, ["blocks.7.attn.qkv:q"])
@@ -374,28 +529,58 @@ def test_probe_cli_end_to_end(tiny_run, tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:4] == ["layer", "latent", "target", "acc"]
     last = f"blocks.{OFFLINE_ARCH['depth'] - 1}.attn.qkv"
-    layers = ["blocks.0.attn.qkv:q", "blocks.0.attn.qkv:k", f"{last}:k"]
+    # q and k of one module read the same input: its backbone features are probed once, under
+    # the module's name, after the module's slices
+    expected = [("blocks.0.attn.qkv:q", "z1"), ("blocks.0.attn.qkv:q", "z2"),
+                ("blocks.0.attn.qkv:k", "z1"), ("blocks.0.attn.qkv:k", "z2"),
+                ("blocks.0.attn.qkv", "backbone"),
+                (f"{last}:k", "z1"), (f"{last}:k", "z2"), (last, "backbone")]
     assert [(r["layer"], r["latent"], r["target"]) for r in rows] == [
-        (layer, latent, target) for layer in layers for latent in ("z1", "z2", "backbone")
-        for target in ("y", "a")]
+        (layer, latent, target) for layer, latent in expected for target in ("y", "a")]
     for r in rows:
         assert 0.0 <= float(r["acc"]) <= 1.0 and 0.0 <= float(r["plain_acc"]) <= 1.0
         assert float(r["chance"]) == 0.5  # two values per target, every test group present
         # capped at 10 per split, every group kept: 15 train → 10, 12 test → 10
-        assert (r["n_train"], r["n_test"], r["pool"]) == ("10", "10", "mean")
+        assert (r["n_fit"], r["n_test"], r["pool"]) == ("10", "10", "mean")
+        assert (r["fit_split"], r["weighting"]) == ("train", "group")
         width = OFFLINE_ARCH["embed_dim"] if r["latent"] == "backbone" else 4
         assert r["dim"] == str(width)
-    # q and k of one module read the same input, so their backbone probes are the same probe
-    by_key = {(r["layer"], r["latent"], r["target"]): r["acc"] for r in rows}
-    for target in ("y", "a"):
-        assert by_key[layers[0], "backbone", target] == by_key[layers[1], "backbone", target]
+        assert 0 <= int(r["active_units"]) <= width
+        assert r["collapsed"] == str(int(r["active_units"]) == 0)
+        assert float(r["std_min"]) <= float(r["std_median"])
+        # posterior σ for z1/z2 only (positive), none for the backbone's features
+        assert (r["sigma"] == "") == (r["latent"] == "backbone")
+        assert r["sigma"] == "" or float(r["sigma"]) > 0
     figures = sorted(out.glob("tsne_*.png"))
-    assert len(figures) == 9 and all(f.stat().st_size > 10_000 for f in figures)
+    assert len(figures) == len(expected) and all(f.stat().st_size > 10_000 for f in figures)
     assert (out / f"tsne_{last}-k_z2.png") in figures
+    assert (out / f"tsne_{last}_backbone.png") in figures
     assert "acc(y)" in printed and "group-balanced" in printed and str(out) in printed
-    assert (out / "probe.json").is_file()
+    assert "active" in printed and "fitted on train" in printed
+    meta = json.loads((out / "probe.json").read_text())
+    assert (meta["fit_split"], meta["weighting"], meta["n_fit"]) == ("train", "group", 10)
+    assert [(c["layer"], c["latent"]) for c in meta["collapse"]] == expected
+    assert all(set(c) >= {"active_units", "std_median", "std_min", "sigma", "collapsed"}
+               for c in meta["collapse"])
     assert (out / "probes.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "probes.png").stat().st_size > 10_000
+
+
+def test_probe_cli_fits_on_val_with_class_weights(tiny_run, tmp_path, capsys):
+    out = tmp_path / "probe_val"
+    rc = probe_cli.main([str(tiny_run), "--layers", "0", "--max-images", "10", "--tsne-max", "0",
+                         "--device", "cpu", "--no-progress", "--jobs", "1", "--fit-split", "val",
+                         "--weighting", "class", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    with open(out / "probes.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["fit_split"], r["weighting"]) for r in rows} == {("val", "class")}
+    assert "fitted on val" in printed
+    with pytest.raises(SystemExit) as info:
+        probe_cli.main([str(tiny_run), "--fit-split", "test"])
+    assert info.value.code == 2
+    capsys.readouterr()
 
 
 def test_probe_cli_refuses_bad_input_in_one_line(tiny_run, tmp_path, capsys):

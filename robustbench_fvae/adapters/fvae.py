@@ -227,9 +227,17 @@ class FVAEAdapter(nn.Module):
         scaled_b = self.lora_B * self.output_scale
         return trunk.weight, trunk.bias, True, scaled_b @ head.weight, scaled_b @ head.bias
 
-    def latents(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The posterior means ``μ1(x)`` and ``μ2(x)``, each (..., r), for latent analysis."""
-        return {"z1": self.encoder1.mean_only(x), "z2": self.encoder2.mean_only(x)}
+    def latents(self, x: torch.Tensor, sigma: bool = False) -> dict[str, torch.Tensor]:
+        """The posterior means ``μ1(x)`` and ``μ2(x)``, each (..., r), for latent analysis; with
+        ``sigma`` also the posterior standard deviations ``exp(log σ²/2)`` as ``sigma:z1`` and
+        ``sigma:z2`` (same shapes), for collapse checks."""
+        if not sigma:
+            return {"z1": self.encoder1.mean_only(x), "z2": self.encoder2.mean_only(x)}
+        out = {}
+        for key, encoder in (("z1", self.encoder1), ("z2", self.encoder2)):
+            mean, logvar = encoder(x)
+            out[key], out[f"sigma:{key}"] = mean, (0.5 * logvar).exp()
+        return out
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError(

@@ -294,13 +294,15 @@ def collect_aux_loss(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, t
 
 
 @contextlib.contextmanager
-def record_latents(model: nn.Module, layers: Sequence[str] | None = None
+def record_latents(model: nn.Module, layers: Sequence[str] | None = None, sigma: bool = False
                    ) -> Iterator[dict[str, dict[str, list[torch.Tensor]]]]:
     """Record per-token latents of chosen adapted layers during forward passes.
 
     Yields ``store[layer][latent] -> list of tensors`` (one per forward call, each (B, T, r),
     detached, on CPU), where ``latent`` is ``z1``/``z2`` (posterior means, FVAE family) or
-    ``lora`` (``A x``). ``layers=None`` records every adapted layer. Unknown layer names raise.
+    ``lora`` (``A x``); with ``sigma`` also ``sigma:z1``/``sigma:z2``, the posterior standard
+    deviations (FVAE family). ``layers=None`` records every adapted layer. Unknown layer names
+    raise. The hooks make the recorded layers run per adapter (no fused eval).
     """
     available = adapted_layers(model)
     chosen = list(available) if layers is None else list(layers)
@@ -312,7 +314,7 @@ def record_latents(model: nn.Module, layers: Sequence[str] | None = None
     for name in chosen:
         def hook(module, inputs, output, name=name):
             with torch.no_grad():
-                for key, value in module.latents(inputs[0]).items():
+                for key, value in module.latents(inputs[0], sigma=sigma).items():
                     store[name].setdefault(key, []).append(value.detach().float().cpu())
         handles.append(available[name].register_forward_hook(hook))
     try:

@@ -45,8 +45,9 @@ class LoRAAdapter(nn.Module):
         (autograd-tracked); :class:`~.inject.AdaptedLinear` batches the slices of one layer."""
         return self.lora_A, None, False, self.lora_B * self.scaling, None
 
-    def latents(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The low-rank code ``A x`` (no dropout), shape (..., r), for latent analysis."""
+    def latents(self, x: torch.Tensor, sigma: bool = False) -> dict[str, torch.Tensor]:
+        """The low-rank code ``A x`` (no dropout), shape (..., r), for latent analysis (``sigma``
+        is accepted for symmetry with FVAE: a deterministic code has no posterior σ)."""
         return {"lora": x @ self.lora_A.t()}
 
     def inference_parameters(self) -> int:

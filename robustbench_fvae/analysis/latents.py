@@ -7,9 +7,15 @@ image. Latent kinds:
 
 * ``z1``, ``z2`` — posterior means ``μ1(x)``, ``μ2(x)`` of the FVAE family's two encoders;
 * ``lora`` — LoRA's low-rank code ``A x``;
-* ``backbone`` — the frozen backbone's own token features *entering* the adapted layer (the input
-  ``x`` of the adapted Linear, i.e. the block's LayerNorm output for ``qkv``), pooled the same way:
-  the reference a latent space is compared with.
+* ``backbone`` — the frozen backbone's own token features *entering* the adapted module (the
+  input ``x`` of the adapted Linear, i.e. the block's LayerNorm output for ``qkv``), pooled the
+  same way: the reference a latent space is compared with. The slices ``:q``, ``:k``, ``:v`` of
+  one fused ``qkv`` read the same input, so it is recorded once per module, under the module's
+  name (layer ``blocks.3.attn.qkv``, latent ``backbone``).
+
+For the FVAE family the posterior standard deviations ``σ = exp(log σ²/2)`` of z1 and z2 are
+summarised too (:attr:`LatentSet.sigma`: the mean over images, pooled tokens and dimensions), for
+the collapse checks of :mod:`.probes`.
 
 Pooling over the token axis (ViT tokens are ``[CLS, (registers), patches…]``):
 
@@ -182,6 +188,8 @@ class LatentSet:
     a: np.ndarray
     g: np.ndarray
     features: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    # Mean posterior σ of z1/z2 over this set's images (pooled tokens, dims), keyed like features.
+    sigma: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def pairs(self) -> list[tuple[str, str]]:
         """``(layer, latent)`` pairs, layers in extraction order, latents in LATENT_KINDS order."""
@@ -190,9 +198,11 @@ class LatentSet:
         return sorted(self.features, key=lambda k: (layers.index(k[0]), rank.get(k[1], 99)))
 
     def subset(self, rows: np.ndarray) -> LatentSet:
-        """The same set restricted to rows ``rows`` (positions into this set, not the split)."""
+        """The same set restricted to rows ``rows`` (positions into this set, not the split);
+        ``sigma`` stays the whole set's summary."""
         return LatentSet(self.split, self.pool, self.indices[rows], self.y[rows], self.a[rows],
-                         self.g[rows], {k: v[rows] for k, v in self.features.items()})
+                         self.g[rows], {k: v[rows] for k, v in self.features.items()},
+                         dict(self.sigma))
 
 
 def _prepare(model: nn.Module, split: GroupSplit, indices, device, pool: str):
@@ -223,8 +233,10 @@ def extract_latents(model: nn.Module, split: GroupSplit, layers: Sequence[str] |
     """Run ``model`` (eval mode, float32, no autocast) over ``split[indices]`` with the split's
     own transform — pass a split whose transform is the *evaluation* one — and pool the latents
     of ``layers`` (``None``: every adapted layer) per image. With ``backbone`` the input features
-    of each adapted layer are pooled too (latent ``backbone``). Tokens are pooled batch by batch,
-    so memory holds only the pooled (N, D) arrays."""
+    of each adapted module are pooled too (latent ``backbone``, once per module, under the module
+    name). The posterior σ of z1/z2 is summarised in ``sigma``. Tokens are pooled batch by batch,
+    so memory holds only the pooled (N, D) arrays. Feature order: per module, its layers' codes,
+    then the module's backbone input."""
     available = adapted_layers(model)
     layers = list(available) if layers is None else list(layers)
     unknown = [n for n in layers if n not in available]
@@ -232,39 +244,54 @@ def extract_latents(model: nn.Module, split: GroupSplit, layers: Sequence[str] |
         raise LayerError(f"unknown adapted layer(s) {unknown}; available: {', '.join(available)}")
     idx, device, prefix, has_cls = _prepare(model, split, indices, device, pool)
 
-    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    modules = list(dict.fromkeys(_module_of(n) for n in layers))
+    inputs: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
     handles = []
     if backbone:
-        for name in layers:
-            def pre_hook(module, args, name=name):
-                inputs[name].append(args[0].detach().float())
-            handles.append(available[name].register_forward_pre_hook(pre_hook))
+        for module in modules:
+            def pre_hook(_, args, module=module):
+                inputs[module].append(args[0].detach().float())
+            handles.append(model.get_submodule(module).register_forward_pre_hook(pre_hook))
     chunks: dict[tuple[str, str], list[torch.Tensor]] = {}
+    sigma_sums: dict[tuple[str, str], float] = {}
     loader = _loader(split, idx, batch_size, num_workers, device)
+
+    def take(key: tuple[str, str], calls: list[torch.Tensor]) -> None:
+        # One forward call per batch; pool each before anything accumulates.
+        pooled = [pool_tokens(t, pool, prefix, has_cls).cpu() for t in calls]
+        if key[1].startswith("sigma:"):
+            sigma_key = (key[0], key[1].split(":", 1)[1])
+            sigma_sums[sigma_key] = sigma_sums.get(sigma_key, 0.0) + sum(
+                float(p.double().mean(-1).sum()) for p in pooled)
+        else:
+            chunks.setdefault(key, []).extend(pooled)
+        calls.clear()
+
     try:
-        with record_latents(model, layers) as store:
+        with record_latents(model, layers, sigma=True) as store:
             for images, _, _ in tqdm(loader, desc=f"latents {split.split}", disable=not progress,
                                      leave=False, dynamic_ncols=True):
                 model(images.to(device, non_blocking=True))
                 for name in layers:
-                    per_kind = {k: v for k, v in store[name].items() if v}
-                    if backbone:
-                        per_kind["backbone"] = inputs[name]
-                    for kind, calls in per_kind.items():
-                        # One forward call per batch; pool each before anything accumulates.
-                        pooled = [pool_tokens(t, pool, prefix, has_cls).cpu() for t in calls]
-                        chunks.setdefault((name, kind), []).extend(pooled)
-                        calls.clear()
+                    for kind, calls in store[name].items():
+                        if calls:
+                            take((name, kind), calls)
+                for module in modules:
+                    if inputs[module]:
+                        take((module, "backbone"), inputs[module])
     finally:
         for h in handles:
             h.remove()
-    features = {k: torch.cat(v).numpy().astype(np.float32, copy=False) for k, v in chunks.items()}
+    order = [(n, k) for m in modules for n in [*(x for x in layers if _module_of(x) == m), m]
+             for k in LATENT_KINDS if (n, k) in chunks]
+    features = {k: torch.cat(chunks[k]).numpy().astype(np.float32, copy=False) for k in order}
     for key, value in features.items():
         if len(value) != len(idx):
             raise RuntimeError(f"{key} recorded {len(value)} rows for {len(idx)} images: the "
                                "layer ran more than once per forward pass")
+    sigma = {k: v / max(1, len(idx)) for k, v in sigma_sums.items()}
     return LatentSet(split=split.split, pool=pool, indices=idx, y=split.y[idx], a=split.a[idx],
-                     g=split.g[idx], features=features)
+                     g=split.g[idx], features=features, sigma=sigma)
 
 
 @torch.inference_mode()

@@ -1,10 +1,28 @@
 """Linear probes: how linearly decodable the label ``y`` and the spurious attribute ``a`` are from
 a latent code (DESIGN §7: ``probes.csv`` with columns ``layer, latent, target, acc``).
 
-A probe is ``StandardScaler → LogisticRegression(class_weight="balanced")`` fitted on the
-training split's latents; its inverse regularisation ``C`` is chosen by stratified k-fold
-cross-validation on the training split alone (folds stratified by group, fixed seed), scoring the
-same metric as the test report.
+A probe is ``StandardScaler → LogisticRegression``, both fitted with per-sample weights on the
+latents of the *fit split* (``train`` by default; ``val``, DFR-style, is a split the adapter never
+trained on); its inverse regularisation ``C`` is chosen by stratified k-fold cross-validation on
+the fit split alone (folds stratified by group, fixed seed), scoring the same metric as the test
+report.
+
+**Weighting** (:func:`balance_weights`). ``group`` (default): every group ``(y, a)`` present in
+the fit split weighs the same in total. On a spuriously correlated split (Waterbirds' train: y = a
+for about 95 % of the images) class balancing alone (``class``, scikit-learn's
+``class_weight="balanced"``) leaves ``a`` almost a copy of ``y``, so a probe for ``a`` can score
+well on the fit split by reading the *y* direction, and the reverse; its test score then mixes
+what the latent carries about the other target into this one's. Under group weights ``y`` and
+``a`` are independent in the weighted fit data (for the four groups of Waterbirds/CelebA; the
+eight of Animals' sixteen leave some dependence), so each probe has to find its own target's
+signal.
+
+**Collapse checks** (:func:`collapse_stats`), on the pooled test codes of every probed latent: the
+per-dimension standard deviation over images (median and minimum), the number of *active units*
+— dimensions whose variance over images exceeds 0.01 (Burda et al., 2016: ``Cov_x E_q[u]`` of
+a posterior mean) — and, for z1/z2, the mean posterior σ. A latent with no active unit is
+flagged ``collapsed``: its probe still runs, but the standardisation inside the probe blows its
+residual variation up to unit variance, so its accuracy says nothing about an informative code.
 
 **Group-balanced accuracy** (the ``acc`` of ``probes.csv``): for a target ``t`` (``y`` or ``a``)
 and the dataset's groups ``(y, a)`` present in the evaluated set,
@@ -40,6 +58,9 @@ from sklearn.preprocessing import StandardScaler
 from .latents import DEFAULT_MAX_IMAGES, POOLS, LatentSet
 
 TARGETS = ("y", "a")
+WEIGHTINGS = ("group", "class")
+FIT_SPLITS = ("train", "val")
+ACTIVE_VAR = 0.01  # variance over images above which a dimension is an active unit (Burda 2016)
 DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 DEFAULT_FOLDS = 5
 MAX_ITER = 2000
@@ -79,17 +100,30 @@ def majority_rate(target: np.ndarray) -> float:
 # ---------------------------------------------------------------- fitting
 
 
+def balance_weights(t: np.ndarray, g: np.ndarray, weighting: str = "group") -> np.ndarray:
+    """Per-sample weights (N,), mean 1: ``group`` — each group of ``g`` present weighs the same
+    in total; ``class`` — each value of the target ``t`` does (``class_weight="balanced"``)."""
+    if weighting not in WEIGHTINGS:
+        raise ProbeError(f"unknown weighting {weighting!r}; accepted: {', '.join(WEIGHTINGS)}")
+    key = np.asarray(g if weighting == "group" else t)
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    return (len(key) / (len(counts) * counts))[inverse]
+
+
 def make_probe(C: float, seed: int = 0) -> Pipeline:
-    """The probe: standardisation, then class-balanced multinomial logistic regression."""
+    """The probe: standardisation, then multinomial logistic regression (weights come with
+    the fit, see :func:`_fit`)."""
     return make_pipeline(StandardScaler(), LogisticRegression(
-        C=C, class_weight="balanced", max_iter=MAX_ITER, random_state=seed))
+        C=C, max_iter=MAX_ITER, random_state=seed))
 
 
-def _fit(pipe: Pipeline, X: np.ndarray, t: np.ndarray) -> Pipeline:
+def _fit(pipe: Pipeline, X: np.ndarray, t: np.ndarray, w: np.ndarray) -> Pipeline:
     # An unconverged probe at MAX_ITER is still a valid (slightly under-fitted) linear probe.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return pipe.fit(X, t)
+        # The scaler is weighted too: the probe is fitted on the reweighted distribution.
+        return pipe.fit(X, t, standardscaler__sample_weight=w,
+                        logisticregression__sample_weight=w)
 
 
 def _folds(t: np.ndarray, g: np.ndarray, n_folds: int, seed: int) -> list:
@@ -104,10 +138,12 @@ def _folds(t: np.ndarray, g: np.ndarray, n_folds: int, seed: int) -> list:
 
 
 def choose_c(X: np.ndarray, t: np.ndarray, g: np.ndarray, Cs: Sequence[float] = DEFAULT_CS,
-             n_folds: int = DEFAULT_FOLDS, seed: int = 0) -> tuple[float, float]:
+             n_folds: int = DEFAULT_FOLDS, seed: int = 0, weighting: str = "group"
+             ) -> tuple[float, float]:
     """``(C, cv score)``: the C of ``Cs`` with the best mean held-out group-balanced accuracy
-    over the folds (ties → the smaller C, i.e. the simpler probe). Without enough samples for two
-    folds, the middle of ``Cs`` and NaN."""
+    over the folds (ties → the smaller C, i.e. the simpler probe), each fold's probe fitted with
+    ``weighting`` weights of its own training part. Without enough samples for two folds, the
+    middle of ``Cs`` and NaN."""
     folds = _folds(t, g, n_folds, seed)
     Cs = sorted(Cs)
     if not folds:
@@ -118,7 +154,8 @@ def choose_c(X: np.ndarray, t: np.ndarray, g: np.ndarray, Cs: Sequence[float] = 
         for tr, va in folds:
             if len(np.unique(t[tr])) < 2:
                 continue
-            pipe = _fit(make_probe(C, seed), X[tr], t[tr])
+            pipe = _fit(make_probe(C, seed), X[tr], t[tr],
+                        balance_weights(t[tr], g[tr], weighting))
             scores.append(group_balanced_accuracy(t[va], pipe.predict(X[va]), g[va]))
         score = float(np.mean(scores)) if scores else -1.0
         if score > best + 1e-12:
@@ -130,7 +167,8 @@ def choose_c(X: np.ndarray, t: np.ndarray, g: np.ndarray, Cs: Sequence[float] = 
 class ProbeResult:
     """One probe's outcome. ``acc``: test group-balanced accuracy; ``plain_acc``: test accuracy;
     ``chance``/``plain_chance``: the same metrics for the best constant predictor; ``cv_acc``: the
-    chosen C's cross-validated group-balanced accuracy on train."""
+    chosen C's cross-validated group-balanced accuracy on the fit split; ``n_fit``: images the
+    probe was fitted on; ``weighting``: see :func:`balance_weights`."""
 
     acc: float
     plain_acc: float
@@ -138,17 +176,18 @@ class ProbeResult:
     plain_chance: float
     C: float
     cv_acc: float
-    n_train: int
+    n_fit: int
     n_test: int
     dim: int
+    weighting: str = "group"
 
 
 def run_probe(X_train: np.ndarray, t_train: np.ndarray, g_train: np.ndarray,
               X_test: np.ndarray, t_test: np.ndarray, g_test: np.ndarray, *,
               Cs: Sequence[float] = DEFAULT_CS, n_folds: int = DEFAULT_FOLDS,
-              seed: int = 0) -> ProbeResult:
-    """Fit a probe of ``t`` on train features (N, D), choose C by CV on train, refit on all of
-    train, and score it on test."""
+              seed: int = 0, weighting: str = "group") -> ProbeResult:
+    """Fit a probe of ``t`` on fit-split features (N, D) with ``weighting`` sample weights,
+    choose C by CV on the fit split, refit on all of it, and score it on test."""
     X_train = np.asarray(X_train, dtype=np.float64)
     X_test = np.asarray(X_test, dtype=np.float64)
     if X_train.ndim != 2 or X_test.ndim != 2 or X_train.shape[1] != X_test.shape[1]:
@@ -157,29 +196,53 @@ def run_probe(X_train: np.ndarray, t_train: np.ndarray, g_train: np.ndarray,
     if len(np.unique(t_train)) < 2:
         raise ProbeError(f"the target takes one value ({np.unique(t_train).tolist()}) in the "
                          "training latents; a probe needs at least two (raise --max-images?)")
-    C, cv = choose_c(X_train, t_train, g_train, Cs, n_folds, seed)
-    pipe = _fit(make_probe(C, seed), X_train, t_train)
+    C, cv = choose_c(X_train, t_train, g_train, Cs, n_folds, seed, weighting)
+    pipe = _fit(make_probe(C, seed), X_train, t_train,
+                balance_weights(t_train, g_train, weighting))
     pred = pipe.predict(X_test)
     return ProbeResult(
         acc=group_balanced_accuracy(t_test, pred, g_test),
         plain_acc=float(np.mean(pred == t_test)),
         chance=chance_level(t_test, g_test), plain_chance=majority_rate(t_test),
-        C=C, cv_acc=cv, n_train=len(X_train), n_test=len(X_test), dim=X_train.shape[1])
+        C=C, cv_acc=cv, n_fit=len(X_train), n_test=len(X_test), dim=X_train.shape[1],
+        weighting=weighting)
 
 
-def _row(key: tuple[str, str], target: str, result: ProbeResult, pool: str) -> dict:
-    return {"layer": key[0], "latent": key[1], "target": target, **asdict(result), "pool": pool}
+def collapse_stats(X: np.ndarray, sigma: float | None = None) -> dict:
+    """Collapse checks of pooled codes ``X`` (N images, D dims): ``std_median``/``std_min`` of
+    the per-dimension standard deviation over images, ``active_units`` (dimensions with variance
+    over images > :data:`ACTIVE_VAR`), ``sigma`` (the posterior σ summary, NaN when the latent
+    has none) and ``collapsed`` (no active unit)."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or len(X) == 0:
+        raise ProbeError(f"codes must be a non-empty (N, D) array; got shape {X.shape}")
+    var = X.var(axis=0)
+    active = int((var > ACTIVE_VAR).sum())
+    std = np.sqrt(var)
+    return {"std_median": float(np.median(std)), "std_min": float(std.min()),
+            "active_units": active, "sigma": math.nan if sigma is None else float(sigma),
+            "collapsed": active == 0}
+
+
+def _row(key: tuple[str, str], target: str, result: ProbeResult, pool: str, fit_split: str,
+         collapse: dict) -> dict:
+    return {"layer": key[0], "latent": key[1], "target": target, **asdict(result), "pool": pool,
+            "fit_split": fit_split, **collapse}
 
 
 def probe_latents(train: LatentSet, test: LatentSet, targets: Sequence[str] = TARGETS, *,
                   Cs: Sequence[float] = DEFAULT_CS, n_folds: int = DEFAULT_FOLDS, seed: int = 0,
-                  n_jobs: int = 1) -> list[dict]:
-    """Probe every ``(layer, latent)`` of ``train`` for every target; one row per probe with the
-    keys ``layer, latent, target, acc`` first, then the other :class:`ProbeResult` fields and
-    ``pool``. Rows follow ``train.pairs()`` order, targets innermost."""
+                  n_jobs: int = 1, weighting: str = "group") -> list[dict]:
+    """Probe every ``(layer, latent)`` of ``train`` (the fit split, whichever it is) for every
+    target; one row per probe with the keys ``layer, latent, target, acc`` first, then the other
+    :class:`ProbeResult` fields, ``pool``, ``fit_split`` (``train.split``) and the collapse
+    checks of the latent's test codes (:func:`collapse_stats`). Rows follow ``train.pairs()``
+    order, targets innermost."""
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise ProbeError(f"unknown target(s) {unknown}; accepted: {', '.join(TARGETS)}")
+    if weighting not in WEIGHTINGS:
+        raise ProbeError(f"unknown weighting {weighting!r}; accepted: {', '.join(WEIGHTINGS)}")
     missing = [k for k in train.pairs() if k not in test.features]
     if missing:
         raise ProbeError(f"test latents lack {missing}")
@@ -189,7 +252,7 @@ def probe_latents(train: LatentSet, test: LatentSet, targets: Sequence[str] = TA
         return (train.features[key], getattr(train, target), train.g,
                 test.features[key], getattr(test, target), test.g)
 
-    options = {"Cs": Cs, "n_folds": n_folds, "seed": seed}
+    options = {"Cs": Cs, "n_folds": n_folds, "seed": seed, "weighting": weighting}
     if n_jobs == 1 or len(tasks) == 1:
         results = [run_probe(*args(k, t), **options) for k, t in tasks]
     else:
@@ -197,16 +260,19 @@ def probe_latents(train: LatentSet, test: LatentSet, targets: Sequence[str] = TA
 
         results = Parallel(n_jobs=n_jobs)(delayed(run_probe)(*args(k, t), **options)
                                           for k, t in tasks)
-    return [_row(k, t, r, train.pool) for (k, t), r in zip(tasks, results)]
+    collapse = {k: collapse_stats(test.features[k], test.sigma.get(k)) for k in train.pairs()}
+    return [_row(k, t, r, train.pool, train.split, collapse[k])
+            for (k, t), r in zip(tasks, results)]
 
 
 # ---------------------------------------------------------------- a whole run
 
 
 CSV_COLUMNS = ("layer", "latent", "target", "acc", "plain_acc", "chance", "plain_chance",
-               "cv_acc", "C", "n_train", "n_test", "dim", "pool")
+               "cv_acc", "C", "n_fit", "n_test", "dim", "pool", "fit_split", "weighting",
+               "std_median", "std_min", "active_units", "sigma", "collapsed")
 LATENT_LABELS = {"z1": "latent z1 (mean of q1)", "z2": "latent z2 (mean of q2)",
-                 "lora": "LoRA code A·x", "backbone": "backbone features entering the layer"}
+                 "lora": "LoRA code A·x", "backbone": "backbone features entering the module"}
 METRIC_NOTE = ("acc = group-balanced test accuracy: the mean, over the test split's groups (y, a), "
                "of the probe's accuracy within each group; chance = the same for the best "
                "constant predictor")
@@ -233,23 +299,37 @@ def _cell(value) -> str:
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """Rows layer × latent, columns ``acc(y)``, ``acc(a)`` (group-balanced test accuracy), and a
-    last line with the chance level of each target."""
+    """Rows layer × latent, columns ``acc(y)``, ``acc(a)`` (group-balanced test accuracy), the
+    collapse checks (active units of the dimensions, median per-dimension std, posterior σ) and
+    a ``COLLAPSED`` mark on latents without an active unit; a last line with the chance level of
+    each target."""
     targets = [t for t in TARGETS if any(r["target"] == t for r in rows)]
     cells: dict[tuple[str, str], dict[str, float]] = {}
+    checks: dict[tuple[str, str], dict] = {}
     chance: dict[str, float] = {}
     for r in rows:
         cells.setdefault((r["layer"], r["latent"]), {})[r["target"]] = r["acc"]
+        checks[(r["layer"], r["latent"])] = r
         chance[r["target"]] = r["chance"]
     width = max([len("layer")] + [len(layer) for layer, _ in cells])
-    head = f"{'layer':{width}}  {'latent':8}" + "".join(f"  {f'acc({t})':>7}" for t in targets)
+    head = (f"{'layer':{width}}  {'latent':8}" + "".join(f"  {f'acc({t})':>7}" for t in targets)
+            + f"  {'active':>7}  {'std med':>7}  {'σ post':>6}")
     lines = [head, "-" * len(head)]
     previous = None
     for (layer, latent), accs in cells.items():
         shown = layer if layer != previous else ""
         previous = layer
-        lines.append(f"{shown:{width}}  {latent:8}" + "".join(
+        c = checks[(layer, latent)]
+        sigma = c.get("sigma", math.nan)
+        line = (f"{shown:{width}}  {latent:8}" + "".join(
             f"  {accs[t]:7.3f}" if t in accs else f"  {'-':>7}" for t in targets))
+        if "active_units" in c:
+            active = f"{c['active_units']}/{c['dim']}"
+            line += f"  {active:>7}  {c['std_median']:7.3g}  " + (
+                f"{sigma:6.3f}" if not math.isnan(sigma) else f"{'-':>6}")
+            if c["collapsed"]:
+                line += "  COLLAPSED (no active unit: its accuracy is not evidence)"
+        lines.append(line)
     lines.append("-" * len(head))
     lines.append(f"{'chance (best constant predictor)':{width + 10}}" + "".join(
         f"  {chance[t]:7.3f}" for t in targets))
@@ -269,11 +349,14 @@ def probe_run(run_dir: str | Path, *, layers: str | Sequence[str] | None = None,
               pool: str = "mean", max_images: int | None = DEFAULT_MAX_IMAGES,
               out: str | Path | None = None, device: str = "auto", tsne_max: int = 2000,
               seed: int = 0, batch_size: int | None = None, num_workers: int | None = None,
-              n_jobs: int = 1, progress: bool = True, log=print) -> ProbeOutput:
+              n_jobs: int = 1, progress: bool = True, fit_split: str = "train",
+              weighting: str = "group", log=print) -> ProbeOutput:
     """Probe a finished run: extract pooled latents of ``layers`` on (capped, group-stratified
-    subsamples of) train and test with evaluation transforms, fit probes of y and a on train,
-    score them on test, write ``probes.csv``, ``probe.json`` and t-SNE figures of the test
-    latents (``tsne_max`` = 0: none) under ``out`` (default ``RUN_DIR/probe``)."""
+    subsamples of) the fit split (``train`` or ``val``) and test with evaluation transforms, fit
+    probes of y and a on the fit split with ``weighting`` sample weights, score them on test,
+    write ``probes.csv`` (with the collapse checks), ``probe.json``, ``probes.png`` and t-SNE
+    figures of the test latents (``tsne_max`` = 0: none) under ``out`` (default
+    ``RUN_DIR/probe``)."""
     run_dir = Path(run_dir)
     check_finished_run(run_dir)
     # Imported here: checking the arguments above needs none of the model machinery.
@@ -283,7 +366,7 @@ def probe_run(run_dir: str | Path, *, layers: str | Sequence[str] | None = None,
     from ..training import load_trained_model, resolve_device
     from .latents import extract_latents, select_layers
 
-    _check_probe_settings(pool, max_images, tsne_max)
+    _check_probe_settings(pool, max_images, tsne_max, fit_split, weighting)
     dev = resolve_device(device)
     model, cfg, splits = load_trained_model(run_dir, str(dev))
     chosen = select_layers(list(adapted_layers(model)), layers)
@@ -292,7 +375,7 @@ def probe_run(run_dir: str | Path, *, layers: str | Sequence[str] | None = None,
     options = dict(pool=pool, batch_size=batch_size or cfg.train.eval_batch_size or 64,
                    device=dev, num_workers=_loader_workers(num_workers, dev), progress=progress)
     sets = _latent_sets(
-        splits, max_images, seed, f"{pool}-pooled latents of {len(chosen)} layer(s)",
+        splits, fit_split, max_images, seed, f"{pool}-pooled latents of {len(chosen)} layer(s)",
         lambda split, idx, m=model: extract_latents(m, split, chosen, indices=idx, **options),
         log)
     del model
@@ -303,7 +386,7 @@ def probe_run(run_dir: str | Path, *, layers: str | Sequence[str] | None = None,
         sets, splits["test"], f"{cfg.method} on {cfg.dataset}", out_dir,
         {"run_dir": str(run_dir), "dataset": cfg.dataset, "method": cfg.method,
          "layers": chosen}, pool=pool, max_images=max_images, tsne_max=tsne_max, seed=seed,
-        n_jobs=n_jobs, log=log)
+        n_jobs=n_jobs, weighting=weighting, log=log)
 
 
 def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | None = None,
@@ -311,9 +394,11 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
                    max_images: int | None = DEFAULT_MAX_IMAGES, out: str | Path | None = None,
                    device: str = "auto", tsne_max: int = 2000, seed: int = 0,
                    batch_size: int = 256, num_workers: int | None = None, n_jobs: int = 1,
-                   progress: bool = True, log=print) -> ProbeOutput:
+                   progress: bool = True, fit_split: str = "train", weighting: str = "group",
+                   log=print) -> ProbeOutput:
     """How hard a dataset is for a frozen backbone, before any fine-tuning: linear probes of y
-    and a from every block's pooled output (and the final norm's) on train, scored on test.
+    and a from every block's pooled output (and the final norm's) on the fit split, scored on
+    test.
     When ``acc(a)`` exceeds ``acc(y)`` the spurious cue is the easier one, as in Waterbirds.
     ``backbone`` defaults to the dataset's (the offline ViT for ``synth-*``, built on first use).
     Writes the same files as :func:`probe_run` under ``out`` (default
@@ -324,7 +409,7 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
     from ..training import build_model_and_data, resolve_config, resolve_device
     from .latents import extract_block_features
 
-    _check_probe_settings(pool, max_images, tsne_max)
+    _check_probe_settings(pool, max_images, tsne_max, fit_split, weighting)
     cfg = resolve_config(RunConfig(method="linear", dataset=dataset, backbone=backbone,
                                    weights=weights, data_root=data_root))
     dev = resolve_device(device)
@@ -333,7 +418,7 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
     options = dict(pool=pool, batch_size=batch_size, device=dev,
                    num_workers=_loader_workers(num_workers, dev), progress=progress)
     sets = _latent_sets(
-        splits, max_images, seed, f"{pool}-pooled {cfg.backbone} features",
+        splits, fit_split, max_images, seed, f"{pool}-pooled {cfg.backbone} features",
         lambda split, idx, m=model: extract_block_features(m, split, indices=idx, **options),
         log)
     del model
@@ -343,8 +428,9 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
     return _probe_and_write(
         sets, splits["test"], f"frozen {cfg.backbone} on {dataset}", out_dir,
         {"dataset": dataset, "backbone": cfg.backbone, "weights": cfg.weights,
-         "layers": [layer for layer, _ in sets["train"].pairs()]},
-        pool=pool, max_images=max_images, tsne_max=tsne_max, seed=seed, n_jobs=n_jobs, log=log)
+         "layers": [layer for layer, _ in sets["fit"].pairs()]},
+        pool=pool, max_images=max_images, tsne_max=tsne_max, seed=seed, n_jobs=n_jobs,
+        weighting=weighting, log=log)
 
 
 def _loader_workers(num_workers: int | None, dev) -> int:
@@ -352,49 +438,57 @@ def _loader_workers(num_workers: int | None, dev) -> int:
         0 if dev.type == "cpu" else min(8, os.cpu_count() or 1))
 
 
-def _latent_sets(splits: dict, max_images: int | None, seed: int, what: str, extract,
-                 log) -> dict[str, LatentSet]:
-    """``extract(split, indices)`` on group-stratified subsamples of train and test."""
+def _latent_sets(splits: dict, fit_split: str, max_images: int | None, seed: int, what: str,
+                 extract, log) -> dict[str, LatentSet]:
+    """``extract(split, indices)`` on group-stratified subsamples of the fit split (key
+    ``fit``) and of test (key ``test``)."""
     from .latents import stratified_subsample
 
     sets = {}
-    for name in ("train", "test"):
+    for key, name in (("fit", fit_split), ("test", "test")):
         split = splits[name]
         idx = stratified_subsample(split.g, max_images, seed)
         log(f"extracting {what} from {len(idx)} of {len(split)} {name} images")
-        sets[name] = extract(split, idx)
+        sets[key] = extract(split, idx)
     return sets
 
 
-def _check_probe_settings(pool: str, max_images: int | None, tsne_max: int) -> None:
+def _check_probe_settings(pool: str, max_images: int | None, tsne_max: int,
+                          fit_split: str = "train", weighting: str = "group") -> None:
     if pool not in POOLS:
         raise ProbeError(f"unknown pooling {pool!r}; accepted: {', '.join(POOLS)}")
     if max_images is not None and max_images < 1:
         raise ProbeError(f"--max-images must be >= 1, got {max_images}")
     if tsne_max < 0:
         raise ProbeError(f"--tsne-max must be >= 0 (0: no t-SNE), got {tsne_max}")
+    if fit_split not in FIT_SPLITS:
+        raise ProbeError(f"unknown fit split {fit_split!r}; accepted: {', '.join(FIT_SPLITS)}")
+    if weighting not in WEIGHTINGS:
+        raise ProbeError(f"unknown weighting {weighting!r}; accepted: {', '.join(WEIGHTINGS)}")
 
 
 def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir: Path,
                      meta: dict, *, pool: str, max_images: int | None, tsne_max: int, seed: int,
-                     n_jobs: int, log) -> ProbeOutput:
-    """Fit and score the probes of ``sets``, print the table, write probes.csv, the t-SNE
-    figures and probe.json (``meta`` first) to ``out_dir``."""
+                     n_jobs: int, weighting: str, log) -> ProbeOutput:
+    """Fit and score the probes of ``sets`` (``fit`` and ``test``), print the table, write
+    probes.csv, probes.png, the t-SNE figures and probe.json (``meta`` first) to ``out_dir``."""
     from .. import records
     from .latents import LATENT_KINDS
-    from .plots import probe_accuracy_plot
+    from .probe_plot import probe_accuracy_plot
 
-    rows = probe_latents(sets["train"], sets["test"], seed=seed, n_jobs=n_jobs)
+    fit = sets["fit"]
+    rows = probe_latents(fit, sets["test"], seed=seed, n_jobs=n_jobs, weighting=weighting)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_probes_csv(rows, out_dir / "probes.csv")
-    log(f"\nlinear probes of {what} ({pool}-pooled; "
-        f"train {sets['train'].y.size} / test {sets['test'].y.size} images)")
+    log(f"\nlinear probes of {what} ({pool}-pooled; fitted on {fit.split} "
+        f"({fit.y.size} images, {weighting}-balanced weights), scored on test "
+        f"({sets['test'].y.size} images))")
     log(f"{METRIC_NOTE} ({len(np.unique(sets['test'].g))} groups)\n")
     log(format_table(rows))
     figures = [probe_accuracy_plot(
         rows, out_dir / "probes.png",
         f"linear probes of {what}: can y and a be read off each latent?\n"
-        f"test, {pool}-pooled; bars: group-balanced accuracy, dashed: chance")]
+        f"fitted on {fit.split} ({weighting}-balanced), scored on test; {pool}-pooled")]
     if tsne_max:
         figures += _tsne_figures(sets["test"], test_split.class_names,
                                 test_split.attribute_names, tsne_max, seed, out_dir,
@@ -402,13 +496,28 @@ def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir:
     records.write_json_atomic(out_dir / "probe.json", {
         **meta, "latents": [k for k in LATENT_KINDS if any(r["latent"] == k for r in rows)],
         "pool": pool, "max_images": max_images, "seed": seed, "tsne_max": tsne_max,
-        "n_train": int(sets["train"].y.size), "n_test": int(sets["test"].y.size),
+        "fit_split": fit.split, "weighting": weighting,
+        "n_fit": int(fit.y.size), "n_test": int(sets["test"].y.size),
         "Cs": list(DEFAULT_CS), "cv_folds_max": DEFAULT_FOLDS, "metric": METRIC_NOTE,
+        "collapse": _collapse_summary(rows), "active_var_threshold": ACTIVE_VAR,
         "figures": [f.name for f in figures],
     })
     log(f"wrote {out_dir / 'probes.csv'}, probes.png and {len(figures) - 1} t-SNE figure(s) to "
         f"{out_dir}")
     return ProbeOutput(rows, out_dir, figures)
+
+
+def _collapse_summary(rows: Sequence[dict]) -> list[dict]:
+    """One entry per probed latent: its collapse checks (JSON-ready; NaN σ → None)."""
+    seen: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        seen.setdefault((r["layer"], r["latent"]), {
+            "layer": r["layer"], "latent": r["latent"], "dim": int(r["dim"]),
+            "std_median": r["std_median"], "std_min": r["std_min"],
+            "active_units": int(r["active_units"]),
+            "sigma": None if math.isnan(r["sigma"]) else r["sigma"],
+            "collapsed": bool(r["collapsed"])})
+    return list(seen.values())
 
 
 def _tsne_figures(test: LatentSet, class_names, attribute_names, tsne_max: int, seed: int,

@@ -37,11 +37,15 @@ def tsne_embedding(X: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np
     return tsne.fit_transform(X).astype(np.float32)
 
 
-def _panel(ax, emb: np.ndarray, values: np.ndarray, names: Sequence[str], title: str,
-           palette: str) -> None:
-    import matplotlib
+# One colour meaning per figure: the label panel draws from the first colours of tab10 and the
+# attribute panel from its last ones, so no colour stands for a class on the left and for an
+# attribute value on the right (Animals: 4 classes, 4 attribute values: 8 distinct colours).
+LABEL_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#17becf")
+ATTRIBUTE_COLOURS = ("#9467bd", "#bcbd22", "#e377c2", "#8c564b", "#7f7f7f")
 
-    cmap = matplotlib.colormaps[palette]
+
+def _panel(ax, emb: np.ndarray, values: np.ndarray, names: Sequence[str], title: str,
+           colours: Sequence[str], marker: str) -> None:
     # Draw the rarest values last so minority groups are not buried under the majority.
     order = sorted(np.unique(values), key=lambda v: -np.sum(values == v))
     size = float(np.clip(4000 / max(1, len(values)), 6, 40))  # fewer points, bigger dots
@@ -50,8 +54,9 @@ def _panel(ax, emb: np.ndarray, values: np.ndarray, names: Sequence[str], title:
         mask = values == v
         label = names[v] if 0 <= v < len(names) else str(v)
         handles[int(v)] = ax.scatter(
-            emb[mask, 0], emb[mask, 1], s=size, alpha=0.7, linewidths=0,
-            color=cmap(int(v) % cmap.N), label=f"{label} (n={int(mask.sum())})", zorder=2 + k)
+            emb[mask, 0], emb[mask, 1], s=size, alpha=0.7, linewidths=0, marker=marker,
+            color=colours[int(v) % len(colours)], label=f"{label} (n={int(mask.sum())})",
+            zorder=2 + k)
     ax.set_title(title, fontsize=11)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -63,15 +68,16 @@ def _panel(ax, emb: np.ndarray, values: np.ndarray, names: Sequence[str], title:
 
 def plot_tsne(emb: np.ndarray, y: np.ndarray, a: np.ndarray, class_names: Sequence[str],
               attribute_names: Sequence[str], title: str, path: str | Path) -> Path:
-    """Write a two-panel PNG: the embedding (n, 2) coloured by label ``y`` (left) and by
-    spurious attribute ``a`` (right), legends naming the values. Returns ``path``."""
+    """Write a two-panel PNG: the embedding (n, 2) coloured by label ``y`` (left, circles) and
+    by spurious attribute ``a`` (right, triangles), with disjoint colour sets so that a colour
+    means one thing in the figure; legends name the values. Returns ``path``."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 5.6), layout="constrained")
     axes = fig.subplots(1, 2)
-    _panel(axes[0], emb, np.asarray(y), class_names, "coloured by label y", "tab10")
+    _panel(axes[0], emb, np.asarray(y), class_names, "coloured by label y", LABEL_COLOURS, "o")
     _panel(axes[1], emb, np.asarray(a), attribute_names, "coloured by spurious attribute a",
-           "Set1")
+           ATTRIBUTE_COLOURS, "^")
     fig.suptitle(title, fontsize=12)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

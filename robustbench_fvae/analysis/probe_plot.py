@@ -1,0 +1,133 @@
+"""``probes.png``: linear-probe accuracy of y and a per latent, with the collapse checks below.
+
+Top panel: one pair of bars per ``layer · latent`` (label y, spurious attribute a), the value
+written above every bar (readable at any height, 0 included), and each target's chance level as a
+short tick across that target's own bars (y and a chance can differ, e.g. Animals' 4 classes vs
+its attributes, and equal ones no longer hide each other). Bottom panel: the share of active
+units per latent (``k/D`` above the bar) and, for z1/z2, the mean posterior σ. A collapsed latent
+(no active unit) has hatched, greyed probe bars and a red ``collapsed`` tick label. Drawn on a
+bare :class:`~matplotlib.figure.Figure` (Agg), never through pyplot's global state.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+TARGET_LABELS = {"y": "label y", "a": "spurious a"}
+# Colour-blind safe (Okabe-Ito): blue for y, vermillion for a; chance ticks in darker shades.
+TARGET_COLOURS = {"y": "#0072B2", "a": "#D55E00"}
+CHANCE_COLOURS = {"y": "#003A5C", "a": "#7A3500"}
+CHANCE_STYLES = {"y": "-", "a": (0, (2, 1))}
+DPI = 130
+
+
+def probe_accuracy_plot(rows: Sequence[dict], path: str | Path, title: str) -> Path:
+    """Write ``probes.png`` from :func:`~robustbench_fvae.analysis.probes.probe_latents` rows
+    (accuracies in [0, 1], plotted in %). Rows without collapse checks get no bottom panel.
+    Returns ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    if not rows:
+        raise ValueError("no probe rows to plot")
+    keys = list(dict.fromkeys((r["layer"], r["latent"]) for r in rows))
+    targets = [t for t in ("y", "a") if any(r["target"] == t for r in rows)]
+    acc = {(r["layer"], r["latent"], r["target"]): 100.0 * float(r["acc"]) for r in rows}
+    chance = {(r["layer"], r["latent"], r["target"]): 100.0 * float(r["chance"]) for r in rows}
+    info = {(r["layer"], r["latent"]): r for r in rows}
+    has_checks = all("active_units" in r for r in rows)
+    collapsed = {k for k in keys if has_checks and info[k]["collapsed"]}
+
+    n = len(keys)
+    # Room per latent for its two-line tick label (layer name, latent) side by side; past 10
+    # latents the labels turn vertical instead of widening the figure without bound.
+    longest = max(len(layer) for layer, _ in keys)
+    vertical = n > 10
+    per_key = 0.8 if vertical else max(0.8, 0.075 * longest + 0.15)
+    fig = Figure(figsize=(max(7.0, per_key * n + 2.6), (8.4 if vertical else 7.4)
+                          if has_checks else 5.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    if has_checks:
+        ax, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.3))
+    else:
+        ax, ax2 = fig.add_subplot(), None
+    width = 0.8 / len(targets)
+    label_size = 7 if n > 8 else 8
+    for j, t in enumerate(targets):
+        xs = [i + (j - (len(targets) - 1) / 2) * width for i in range(n)]
+        heights = [acc.get((*k, t), math.nan) for k in keys]
+        bars = ax.bar(xs, heights, width * 0.95, color=TARGET_COLOURS[t],
+                      label=TARGET_LABELS[t], zorder=2)
+        for bar, k in zip(bars, keys):
+            if k in collapsed:
+                bar.set_hatch("///")
+                bar.set_alpha(0.45)
+                bar.set_edgecolor("black")
+        # Labels above the bar in dark text: readable on a 0 % bar as on a 100 % one.
+        ax.bar_label(bars, labels=[f"{h:.0f}" if not math.isnan(h) else "" for h in heights],
+                     padding=1.5, fontsize=label_size, color="black",
+                     rotation=90 if n > 14 else 0)
+        for x, k in zip(xs, keys):
+            c = chance.get((*k, t))
+            if c is not None:
+                ax.hlines(c, x - width / 2, x + width / 2, colors=CHANCE_COLOURS[t],
+                          linestyles=CHANCE_STYLES[t], linewidth=2.2, zorder=3)
+    chances = {t: sorted({chance[(*k, t)] for k in keys if (*k, t) in chance}) for t in targets}
+    handles = [Patch(color=TARGET_COLOURS[t], label=TARGET_LABELS[t]) for t in targets]
+    handles += [Line2D([], [], color=CHANCE_COLOURS[t], linestyle=CHANCE_STYLES[t], linewidth=2.2,
+                       label=f"chance of {t}: " + "/".join(f"{c:.0f}%" for c in chances[t]))
+                for t in targets]
+    if collapsed:
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="///",
+                             label="collapsed latent\n(no active unit)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+              fontsize=8)
+    ax.set_ylim(0, 112)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylabel("group-balanced test accuracy (%)")
+    ax.grid(axis="y", alpha=0.3, zorder=0)
+    ax.set_axisbelow(True)
+    ax.set_title(title, fontsize=10)
+
+    bottom = ax2 if ax2 is not None else ax
+    if ax2 is not None:
+        share = [100.0 * info[k]["active_units"] / max(1, int(info[k]["dim"])) for k in keys]
+        colours = ["#C00000" if k in collapsed else "0.45" for k in keys]
+        bars = ax2.bar(range(n), share, 0.6, color=colours, zorder=2)
+        labels = []
+        for k in keys:
+            text = f"{info[k]['active_units']}/{info[k]['dim']}"
+            sigma = float(info[k].get("sigma", math.nan))
+            if not math.isnan(sigma):
+                text += f"\nσ={sigma:.2g}"
+            labels.append(text)
+        ax2.bar_label(bars, labels=labels, padding=1.5, fontsize=label_size - 1)
+        ax2.set_ylim(0, 150)
+        ax2.set_yticks([0, 50, 100])
+        ax2.set_ylabel("active units\n(% of dims)", fontsize=9)
+        ax2.grid(axis="y", alpha=0.3, zorder=0)
+        ax2.set_axisbelow(True)
+        ax2.set_title("collapse check on the test codes: dimensions with variance over images "
+                      "> 0.01 (k/D); σ = mean posterior std of z1/z2", fontsize=8)
+    bottom.set_xticks(range(n))
+    ticks = [f"{layer}\n{latent}" + ("\n(collapsed)" if (layer, latent) in collapsed else "")
+             for layer, latent in keys]
+    bottom.set_xticklabels(ticks, fontsize=7 if n > 8 else 8, rotation=90 if vertical else 0)
+    for tick, k in zip(bottom.get_xticklabels(), keys):
+        if k in collapsed:
+            tick.set_color("#C00000")
+    bottom.set_xlim(-0.6, n - 0.4)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from ..records import write_bytes_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    write_bytes_atomic(path, buf.getvalue())
+    return path
