@@ -87,15 +87,17 @@ def make_transforms(
     image_size: int,
     mean: Sequence[float],
     std: Sequence[float],
-    augment: str = "paper",
+    augment: str | None = "paper",
     family: str | None = None,
 ) -> tuple[Callable, Callable]:
     """Return ``(train_transform, eval_transform)`` mapping a PIL RGB image to a (3, S, S) tensor.
 
-    ``augment`` is a recipe of :data:`AUGMENT_RECIPES`; ``family`` (waterbirds, celeba, animals,
-    or a dataset name such as ``synth-celeba``) picks the dataset's convention for the recipes
-    other than ``paper`` (None: the ImageNet one).
+    ``augment`` is a recipe of :data:`AUGMENT_RECIPES` (None means ``paper``: run records written
+    before recipes existed were trained with it); ``family`` (waterbirds, celeba, animals, or a
+    dataset name such as ``synth-celeba``) picks the dataset's convention for the recipes other
+    than ``paper`` (None: the ImageNet one).
     """
+    augment = "paper" if augment is None else augment
     if int(image_size) < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
     if len(mean) != 3 or len(std) != 3:
@@ -120,6 +122,6 @@ def make_transforms(
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                   augment: str = "paper", family: str | None = None) -> Callable:
+                   augment: str | None = "paper", family: str | None = None) -> Callable:
     """The evaluation transform of a recipe (the second item of :func:`make_transforms`)."""
     return make_transforms(image_size, mean, std, augment, family)[1]
