@@ -911,6 +911,11 @@ def test_runs_of_different_spurious_strength_make_robustness_curves(tmp_path):
     no_core = [p for p in rep.curves if p.method == "fvae"]
     assert len([ax for ax in plots.robustness_figure(no_core, "synth-waterbirds").axes
                 if ax.get_title()]) == 2  # no core-only panel without core-only numbers
+    # bold = best among rows of the same RHO: fvae wins at 0.9 although lora at 0.5 is higher
+    table = tables.summary_table(rep.rows)
+    wg_col = table.header.index("WG")
+    assert {table.rows[i][1] for i, j in table.bold if j == wg_col} == {
+        "lora (spurious_strength=0.5)", "fvae (spurious_strength=0.9)"}
     md = (rep.out / "table.md").read_text()
     assert "## Robustness to the spurious strength: synth-waterbirds" in md
     assert "Core-only" in md.split("## Per-group")[0]  # a main-table column now
@@ -944,3 +949,53 @@ def test_epochs_are_shown_as_recorded(tmp_path):
     assert runs_line.split("|")[5].strip() == "2"  # no +1 on the way
     assert read_csv(rep.out / "runs.csv")[0]["selected_epoch"] == "2"
     assert "counted from 1 (epoch 1 = after the first pass over the training data)" in md
+
+
+def test_robustness_curves_from_real_runs_at_two_strengths(tmp_path):
+    """LoRA trained by the real runner at RHO 0.5 and at the replica's default (0.95, resolved
+    into the record), two seeds each, on tiny hand-made stand-ins of the two replicas: two rows,
+    and curves.csv holds the runs' own metrics, aggregated."""
+    import timm
+    import torch
+    from data_fixtures import make_waterbirds
+    from safetensors.torch import save_file
+    from tiny_models import register_tiny_vit
+
+    from robustbench_fvae import training
+
+    data = tmp_path / "data"
+    make_waterbirds(data / "synth", synthetic_name="synth-waterbirds")  # the default RHO
+    make_waterbirds(data / "synth" / "rho-0.5", seed=1, synthetic_name="synth-waterbirds")
+    name = register_tiny_vit()
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny_vit.safetensors"
+    save_file(timm.create_model(name, pretrained=False, num_classes=0).state_dict(),
+              str(weights))
+    made = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: see test_report_on_real_runs_made_by_the_runner
+    try:
+        for rho in (0.5, None):
+            for seed in (0, 1):
+                cfg = RunConfig(method="lora", dataset="synth-waterbirds", data_root=str(data),
+                                out=str(tmp_path / "out"), backbone=name, weights=str(weights),
+                                device="cpu", num_workers=0, adapter=AdapterConfig(rank=4),
+                                train=TrainConfig(epochs=1, batch_size=8, eval_batch_size=16,
+                                                  seed=seed, spurious_strength=rho))
+                made[(rho, seed)] = training.run(cfg, progress=False, log=lambda _msg: None)
+    finally:
+        torch.set_num_threads(threads)
+    rep = report_cli.build_report(tmp_path / "out")
+    default = rep.rows[1].rho
+    assert default is not None and default != 0.5  # the record holds the resolved default
+    assert [(r.label, r.n) for r in rep.rows] == [
+        ("lora (spurious_strength=0.5)", 2), (f"lora (spurious_strength={default:g})", 2)]
+    curves = read_csv(rep.out / "curves.csv")
+    assert [(c["method"], float(c["rho"]), c["seeds"]) for c in curves] == [
+        ("lora", 0.5, "0 1"), ("lora", default, "0 1")]
+    for c, rho in zip(curves, (0.5, None)):
+        wgs = [made[(rho, s)].metrics["test"]["worst_group_acc"] for s in (0, 1)]
+        assert float(c["worst_group_acc_mean"]) == pytest.approx(np.mean(wgs))
+        assert float(c["worst_group_acc_std"]) == pytest.approx(np.std(wgs, ddof=1))
+        assert c["core_only_acc_mean"] == ""  # hand-made replicas have no core-only twins
+    assert (rep.out / "curves_synth-waterbirds.png").read_bytes()[:8] == PNG_SIGNATURE

@@ -119,14 +119,15 @@ def table_notes(rows: Sequence[GroupRow]) -> list[str]:
         "recorded, counted from 1 (epoch 1 = after the first pass over the training data).",
     ]
     if any(_finite(r.stats[m].mean) for r in rows for m in EXTRA_METRICS):
-        notes.append("Core-only = accuracy on the test images redrawn with the animal on a neutral "
-                     "background; Bg. reliance = how much the background alone moves the "
-                     "predicted class (0: not at all, 100: it decides it), at the selected epoch; "
-                     "recorded on the synth-* replicas only.")
+        notes.append("Core-only = class-balanced accuracy on the test images redrawn with the "
+                     "animal on a neutral background; Bg. reliance = how much the background "
+                     "alone moves the predicted class (0: not at all, 100: it decides it); both "
+                     "at the selected epoch, recorded on the synth-* replicas only.")
     if any(r.rho is not None for r in rows):
         notes.append("spurious_strength = RHO, the fraction of each class's training images on "
                      "its majority background; 'default' = the dataset's own. Different RHO "
-                     "are different settings, never averaged together.")
+                     "are different settings, never averaged together; bold marks the best "
+                     "row among those of the same dataset and RHO.")
     return notes
 
 
@@ -167,8 +168,10 @@ def summary_table(rows: Sequence[GroupRow]) -> Table:
                      *(mean_std(r.stats[m]) for m in metrics),
                      ci_interval(r.stats["worst_group_acc"]),
                      count(r.params.get("trainable")), count(r.params.get("inference"))])
-    for dataset in dict.fromkeys(r.dataset for r in rows):
-        idx = [i for i, r in enumerate(rows) if r.dataset == dataset]
+    # best among the rows that compete: same dataset and same spurious strength (a lower RHO
+    # is an easier task, not a better method)
+    for setting in dict.fromkeys((r.dataset, r.rho) for r in rows):
+        idx = [i for i, r in enumerate(rows) if (r.dataset, r.rho) == setting]
         for j, m in enumerate(metrics):
             for k in _best_cells([rows[i].stats[m].mean for i in idx], HIGHER_IS_BETTER[m]):
                 bold.add((idx[k], 3 + j))
@@ -194,11 +197,13 @@ def group_table(rows: Sequence[GroupRow], dataset: str) -> Table:
                      *(mean_std(by_g[g]) if g in by_g else "–" for g in order),
                      mean_std(r.stats["worst_group_acc"])])
     bold = set()
-    for j, g in enumerate(order):
-        vals = [next((gs.acc.mean for gs in r.groups if gs.g == g), None) for r in rows]
-        bold.update((i, 2 + j) for i in _best_cells(vals, True))
-    bold.update((i, len(header) - 1) for i in
-                _best_cells([r.stats["worst_group_acc"].mean for r in rows], True))
+    for rho in dict.fromkeys(r.rho for r in rows):  # rows of one RHO compete
+        idx = [i for i, r in enumerate(rows) if r.rho == rho]
+        for j, g in enumerate(order):
+            vals = [next((gs.acc.mean for gs in rows[i].groups if gs.g == g), None) for i in idx]
+            bold.update((idx[k], 2 + j) for k in _best_cells(vals, True))
+        bold.update((idx[k], len(header) - 1) for k in
+                    _best_cells([rows[i].stats["worst_group_acc"].mean for i in idx], True))
     notes = [*table_notes(rows)[:1],
              "Accuracy of each (class, attribute) group in percent, mean ± sample std over seeds; "
              "n = the group's size in the evaluated split; WG = the lowest group accuracy of each "
@@ -387,10 +392,13 @@ def to_latex(rows: Sequence[GroupRow], label: str = "tab:group-robustness") -> s
     # best per (dataset, metric) column, by displayed value
     bold: set[tuple[str, tuple, str]] = set()
     for d in datasets:
-        for m, _ in LATEX_METRICS:
-            vals = [cell[(d, *k)].stats[m].mean if (d, *k) in cell else None for k in method_keys]
-            for i in _best_cells(vals, HIGHER_IS_BETTER[m]):
-                bold.add((d, method_keys[i], m))
+        present = [k for k in method_keys if (d, *k) in cell]
+        for rho in dict.fromkeys(cell[(d, *k)].rho for k in present):  # one RHO competes
+            keys = [k for k in present if cell[(d, *k)].rho == rho]
+            for m, _ in LATEX_METRICS:
+                vals = [cell[(d, *k)].stats[m].mean for k in keys]
+                for i in _best_cells(vals, HIGHER_IS_BETTER[m]):
+                    bold.add((d, keys[i], m))
     rule, split = split_rules(rows)
     seeds = sorted({r.n for r in rows})
     seeds_text = (f"{seeds[0]} seed{'s' if seeds[0] > 1 else ''}" if len(seeds) == 1 else
