@@ -406,34 +406,3 @@ def robustness_figure(points: Sequence[CurvePoint], dataset: str,
                  "(methods drawn slightly apart along x); bands: 95 % t-interval of the mean "
                  "(n − 1 dof, none for one seed)", fontsize=10)
     return fig
-
-
-def probe_accuracy_plot(rows: Sequence[dict], path: str | Path, title: str) -> Path:
-    """Grouped bars of linear-probe accuracy (%) per ``layer · latent``: one bar for the label
-    y and one for the spurious attribute a, with each target's chance level as a dashed line.
-    ``rows`` are :func:`robustbench_fvae.analysis.probes.probe_latents` rows."""
-    if not rows:
-        raise ValueError("no probe rows to plot")
-    df = pd.DataFrame([{"latent": f"{r['layer']} · {r['latent']}",
-                        "target": {"y": "label y", "a": "spurious a"}.get(r["target"],
-                                                                         r["target"]),
-                        "acc": 100.0 * float(r["acc"]), "chance": 100.0 * float(r["chance"])}
-                       for r in rows])
-    order = list(dict.fromkeys(df["latent"]))
-    targets = list(dict.fromkeys(df["target"]))
-    fig = _new_figure(max(6.0, 0.55 * len(order) + 2.5), 4.6)
-    ax = fig.add_subplot()
-    palette = dict(zip(targets, sns.color_palette("colorblind", len(targets))))
-    sns.barplot(data=df, x="latent", y="acc", hue="target", order=order, hue_order=targets,
-                palette=palette, ax=ax)
-    for target, chance in df.groupby("target", sort=False)["chance"].first().items():
-        ax.axhline(chance, ls="--", lw=1, color=palette[target],
-                   label=f"chance ({target}) {chance:.0f}%")
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("")
-    ax.set_ylabel("group-balanced test accuracy (%)")
-    ax.tick_params(axis="x", labelrotation=90 if len(order) > 6 else 0, labelsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
-    return _save(fig, Path(path))
