@@ -1,0 +1,582 @@
+"""``python -m robustbench_fvae.dfr RUN_DIR``: Deep Feature Reweighting as a derived run.
+
+Retrains the last layer of a finished run on its frozen penultimate features, on group-balanced
+subsets of the validation split (Kirichenko, Izmailov & Wilson, "Last Layer Re-Training is
+Sufficient for Robustness to Spurious Correlations", ICLR 2023; the DFR^Tr_Val protocol of their
+``dfr_evaluate_spurious.py``):
+
+1. features: the input of the run's classifier head (``forward_head(forward_features(x),
+   pre_logits=True)`` of the timm ViT) on val and test, eval transforms, the selected epoch's
+   weights;
+2. C: validation is split into two random halves (per group, so that every group is in both);
+   for each C of the grid an L1 logistic regression (liblinear) is fitted on a group-balanced
+   subsample of one half (every group cut to the smallest group's size), standardised by a
+   StandardScaler fitted on that subsample, and scored by worst-group accuracy on the other,
+   held-out half; the best C wins (ties: the first in grid order, as ``np.argmax`` there);
+3. refits: on the whole validation split, ``refits`` (20) fits with the chosen C, each on a fresh
+   group-balanced subsample with its own scaler; their coefficients and intercepts, mapped back
+   to raw feature space, are averaged into one linear head that predicts val and test.
+
+It writes a run record of its own (DESIGN §7) beside its parent, ``OUT/<dataset>/<method>/<hash>``,
+with ``config.train.algorithm = "dfr"`` and a ``derived`` object naming the parent. DFR *trains*
+on the validation split with its group labels: its validation numbers are not a selection
+signal. See docs/dfr.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import records
+from .cli import EXIT_OK, ArgumentParser, fail
+from .config import DERIVED_ALGORITHMS, canonical_json
+
+ALGORITHM = "dfr"
+# The C grid of the original Waterbirds/CelebA DFR^Tr_Val runs (dfr_evaluate_spurious.py).
+C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+DEFAULT_REFITS = 20
+# Bumped when the protocol changes what it computes, so old derived runs are not "already done".
+PROTOCOL_VERSION = 1
+HEAD_FILE = "dfr_head.safetensors"
+SELECTION_DESCRIPTION = ("DFR: last layer retrained on group-balanced subsets of the validation "
+                         "split; C chosen by worst-group accuracy on a held-out validation half")
+USES_GROUP_LABELS = ["training (validation split)",
+                     "selection (C by worst-group accuracy on a held-out validation half)"]
+VAL_NOTE = ("val: DFR trained its last layer on this split (group-balanced subsets, with its "
+            "group labels) and chose C on it; these validation numbers are in-sample, not a "
+            "selection signal")
+
+
+class DFRError(ValueError):
+    """The parent is not a finished run DFR can start from (bad input, exit 2)."""
+
+
+# ---------------------------------------------------------------- the fit (numpy features)
+
+
+@dataclass
+class LinearHead:
+    """A linear classifier on raw features: scores ``s = F @ coef.T + intercept``.
+
+    ``coef`` is (1, D) for two classes (a logistic regression: p(class 1) = sigmoid(s)) and
+    (K, D) for K >= 3 (one-vs-rest: p_k = sigmoid(s_k) / sum_j sigmoid(s_j), the convention of
+    scikit-learn's one-vs-rest probabilities).
+    """
+
+    coef: np.ndarray
+    intercept: np.ndarray
+    num_classes: int
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """(N, D) features → (N, 1) or (N, K) float64 scores."""
+        return np.asarray(features, dtype=np.float64) @ self.coef.T + self.intercept
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """(N, D) features → (N, K) float64 class probabilities (rows sum to 1)."""
+        from scipy.special import expit
+
+        s = self.scores(features)
+        if self.num_classes == 2:
+            p1 = expit(s[:, 0])
+            return np.stack([1.0 - p1, p1], axis=1)
+        sig = expit(s)
+        return sig / sig.sum(axis=1, keepdims=True)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """(N, D) features → (N,) int64 classes (argmax of the probabilities)."""
+        return self.predict_proba(features).argmax(axis=1).astype(np.int64)
+
+    @property
+    def n_params(self) -> int:
+        return int(self.coef.size + self.intercept.size)
+
+
+@dataclass
+class DFRFit:
+    """The averaged head and how it was chosen."""
+
+    head: LinearHead
+    chosen_c: float
+    c_scores: list[dict[str, float]]  # per C: worst-group accuracy on the held-out half
+    tune_per_group: int  # images per group in the tuning subsample
+    refit_per_group: int  # images per group in each refit subsample
+    refits: int
+    convergence_warnings: int = 0
+    refit_heads: list[LinearHead] = field(default_factory=list, repr=False)
+
+
+def group_positions(g: np.ndarray) -> dict[int, np.ndarray]:
+    """Positions of each group present in ``g`` (N,), in increasing group order."""
+    g = np.asarray(g)
+    return {int(k): np.flatnonzero(g == k) for k in np.unique(g)}
+
+
+def stratified_halves(g: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions 0..N-1 into (fit half, held-out half), a random half of every group each
+    (the held-out half gets floor(n_g/2), as the original's ``idx[:len//2]``). Per group rather
+    than over the whole split (as the original does) so that no group is missing from either
+    half on a small validation split. Every group needs >= 2 images."""
+    fit, held = [], []
+    for k, pos in group_positions(g).items():
+        if len(pos) < 2:
+            raise DFRError(f"group {k} has {len(pos)} validation image(s); DFR needs at least 2 "
+                           "per group (one to fit on, one to choose C on)")
+        pos = rng.permutation(pos)
+        held.append(pos[: len(pos) // 2])
+        fit.append(pos[len(pos) // 2:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
+
+
+def balanced_subsample(positions: np.ndarray, g: np.ndarray, rng: np.random.Generator
+                       ) -> np.ndarray:
+    """A group-balanced subsample of ``positions`` (indices into ``g``): every group present is
+    cut, without replacement, to the size of the smallest; returned group by group."""
+    positions = np.asarray(positions)
+    per_group = group_positions(g[positions])
+    m = min(len(p) for p in per_group.values())
+    return np.concatenate([positions[rng.permutation(p)[:m]] for p in per_group.values()])
+
+
+def worst_group_accuracy(pred: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
+    """Lowest per-group accuracy over the groups present in ``g`` (fraction in [0, 1])."""
+    return float(min(np.mean(pred[pos] == y[pos]) for pos in group_positions(g).values()))
+
+
+def _l1_logreg(c: float, random_state: int):
+    """An L1 logistic regression solved by liblinear, as in the original. scikit-learn >= 1.8
+    spells L1 ``l1_ratio=1`` (``penalty`` is deprecated there); older versions ``penalty="l1"``."""
+    from sklearn.linear_model import LogisticRegression
+
+    params = inspect.signature(LogisticRegression).parameters
+    l1 = ({"l1_ratio": 1.0} if params["penalty"].default == "deprecated"
+          else {"penalty": "l1"})
+    return LogisticRegression(C=c, solver="liblinear", random_state=random_state, **l1)
+
+
+def fit_l1_head(features: np.ndarray, y: np.ndarray, c: float, num_classes: int,
+                random_state: int) -> tuple[LinearHead, int]:
+    """Standardise ``features`` (N, D) with a StandardScaler fitted on them, fit an L1 logistic
+    regression (one-vs-rest for K >= 3: liblinear is binary, and the original's multi-class fits
+    were one-vs-rest too), and map it back to raw features. Returns the head and the number of
+    liblinear convergence warnings."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    scaler = StandardScaler().fit(x)
+    xs = scaler.transform(x)
+    targets = [y] if num_classes == 2 else [(y == k).astype(np.int64) for k in range(num_classes)]
+    coefs, intercepts, n_warn = [], [], 0
+    for t in targets:
+        if np.unique(t).size < 2:
+            raise DFRError(f"a DFR training subsample holds a single class ({int(t[0])}); "
+                           "every class needs a group in the validation split")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            model = _l1_logreg(c, random_state).fit(xs, t)
+        n_warn += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+        coefs.append(model.coef_[0])
+        intercepts.append(model.intercept_[0])
+    w_std, b_std = np.array(coefs), np.array(intercepts)
+    # s = w·(x − μ)/σ + b = (w/σ)·x + (b − Σ w μ/σ): the same scores on raw features, so heads
+    # fitted under different scalers can be averaged.
+    coef = w_std / scaler.scale_
+    intercept = b_std - coef @ scaler.mean_
+    return LinearHead(coef=coef, intercept=intercept, num_classes=num_classes), n_warn
+
+
+def fit_dfr(features: np.ndarray, y: np.ndarray, g: np.ndarray, num_classes: int, *,
+            c_grid: Sequence[float] = C_GRID, refits: int = DEFAULT_REFITS, seed: int = 0
+            ) -> DFRFit:
+    """DFR^Tr_Val on validation features ``features`` (N, D) with labels ``y`` (N,) and groups
+    ``g`` (N,): choose C on a held-out half, then average ``refits`` group-balanced refits on
+    the whole split (module docstring). Deterministic given ``seed``."""
+    features = np.asarray(features, dtype=np.float64)
+    y, g = np.asarray(y, dtype=np.int64), np.asarray(g, dtype=np.int64)
+    if features.ndim != 2 or not len(features) == len(y) == len(g):
+        raise DFRError(f"features must be (N, D) with N labels and groups; got {features.shape}, "
+                       f"{y.shape}, {g.shape}")
+    if not np.all(np.isfinite(features)):
+        raise DFRError("the penultimate features hold NaN or infinity")
+    if refits < 1 or not c_grid:
+        raise DFRError("DFR needs refits >= 1 and at least one C")
+    rng = np.random.default_rng(seed)
+    fit_half, held = stratified_halves(g, rng)
+    tune = balanced_subsample(fit_half, g, rng)
+    tune_state = int(rng.integers(2**31 - 1))
+    scores, n_warn = [], 0
+    for c in c_grid:
+        head, w = fit_l1_head(features[tune], y[tune], float(c), num_classes, tune_state)
+        n_warn += w
+        scores.append({"C": float(c), "worst_group_acc": worst_group_accuracy(
+            head.predict(features[held]), y[held], g[held])})
+    best = int(np.argmax([s["worst_group_acc"] for s in scores]))  # ties: first in grid order
+    chosen = float(c_grid[best])
+    heads = []
+    everything = np.arange(len(y))
+    for _ in range(refits):
+        sub = balanced_subsample(everything, g, rng)
+        head, w = fit_l1_head(features[sub], y[sub], chosen, num_classes,
+                              int(rng.integers(2**31 - 1)))
+        n_warn += w
+        heads.append(head)
+    averaged = LinearHead(coef=np.mean([h.coef for h in heads], axis=0),
+                          intercept=np.mean([h.intercept for h in heads], axis=0),
+                          num_classes=num_classes)
+    per_group = group_positions(g)
+    return DFRFit(head=averaged, chosen_c=chosen, c_scores=scores,
+                  tune_per_group=len(tune) // len(per_group),
+                  refit_per_group=min(len(p) for p in per_group.values()), refits=refits,
+                  convergence_warnings=n_warn, refit_heads=heads)
+
+
+# ---------------------------------------------------------------- features of a trained model
+
+
+def penultimate_features(model, split, *, batch_size: int, device, num_workers: int = 0
+                         ) -> np.ndarray:
+    """The input of ``model``'s classifier head for every image of ``split`` in order: (N, D)
+    float32. Float32 even on CUDA (no autocast): the retrained head deserves exact features."""
+    import torch
+
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        raise DFRError(f"{type(model).__name__} has no forward_features/forward_head: DFR reads "
+                       "the penultimate features of a timm model")
+    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
+    model.eval()
+    chunks = [np.zeros((0, model.num_features), dtype=np.float32)]
+    with torch.inference_mode():
+        for images, _, _ in loader:
+            x = model.forward_features(images.to(device, non_blocking=True))
+            chunks.append(model.forward_head(x, pre_logits=True).float().cpu().numpy())
+    return np.concatenate(chunks)
+
+
+# ---------------------------------------------------------------- the derived run
+
+
+def dfr_settings(*, c_grid: Sequence[float] = C_GRID, refits: int = DEFAULT_REFITS,
+                 seed: int = 0) -> dict[str, Any]:
+    """The hashed settings of a DFR run (recorded as ``derived.settings``)."""
+    return {"protocol": "DFR^Tr_Val (Kirichenko et al. 2023)",
+            "protocol_version": PROTOCOL_VERSION, "c_grid": [float(c) for c in c_grid],
+            "refits": int(refits), "seed": int(seed), "penalty": "l1", "solver": "liblinear",
+            "multiclass": "one-vs-rest", "standardize": "StandardScaler per training subsample",
+            "tune_split": "random half of each validation group held out",
+            "balance": "every group subsampled to the smallest group's size"}
+
+
+def derived_hash(parent_hash: str, settings: dict[str, Any]) -> str:
+    """First 12 hex digits of sha256(parent config hash + canonical JSON of the settings)."""
+    return hashlib.sha256((parent_hash + canonical_json(settings)).encode()).hexdigest()[:12]
+
+
+def default_out(parent_dir: Path) -> Path:
+    """The parent's output folder: ``OUT`` of ``OUT/<dataset>/<method>/<hash>``."""
+    return parent_dir.resolve().parents[2]
+
+
+@dataclass
+class DFRResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    skipped: bool = False
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def check_parent(parent_dir: str | Path) -> records.RunRecord:
+    """The parent's record, or :class:`DFRError` (exit 2) naming what is wrong with it."""
+    path = Path(parent_dir)
+    if not (path / records.CONFIG_FILE).is_file():
+        raise DFRError(f"not a run directory: {path} (no {records.CONFIG_FILE}; give the folder "
+                       "printed on the last line of `python -m robustbench_fvae.run`)")
+    rec = records.load_run(path)
+    train = rec.config.get("config", {}).get("train", {})
+    if "derived" in rec.config or train.get("algorithm") in DERIVED_ALGORITHMS:
+        parent = (rec.config.get("derived") or {}).get("parent_dir", "its parent")
+        raise DFRError(f"{path} is a {train.get('algorithm', 'derived')} run itself; give the "
+                       f"run it was derived from ({parent})")
+    if not rec.done or rec.metrics is None:
+        raise DFRError(f"{path} is unfinished (no done marker): finish it first by rerunning "
+                       "its `python -m robustbench_fvae.run` command")
+    return rec
+
+
+def run_dfr(parent_dir: str | Path, *, out: str | Path | None = None, seed: int = 0,
+            refits: int = DEFAULT_REFITS, c_grid: Sequence[float] = C_GRID,
+            device: str = "auto", force: bool = False, batch_size: int | None = None,
+            log: Callable[[str], None] = _print) -> DFRResult:
+    """Make (or find) the DFR run of the finished run ``parent_dir``; see the module docstring.
+    Idempotent: a finished DFR run is not redone unless ``force``."""
+    parent_dir = Path(parent_dir)
+    parent = check_parent(parent_dir)
+    if refits < 1:
+        raise DFRError(f"refits must be >= 1, got {refits}")
+    if not c_grid or not all(np.isfinite(c) and c > 0 for c in c_grid):
+        raise DFRError(f"every C must be a positive number, got {list(c_grid)}")
+    settings = dfr_settings(c_grid=c_grid, refits=refits, seed=seed)
+    parent_hash = str(parent.config_hash or parent_dir.name)
+    digest = derived_hash(parent_hash, settings)
+    out_root = Path(out) if out is not None else default_out(parent_dir)
+    rdir = out_root / str(parent.dataset) / str(parent.method) / digest
+    if records.is_done(rdir) and not force:
+        log(f"already done: {rdir} (use --force to redo)")
+        return DFRResult(rdir, records.read_json(rdir / records.METRICS_FILE), skipped=True)
+    with records.run_lock(rdir):
+        if records.is_done(rdir) and not force:
+            log(f"already done: {rdir} (use --force to redo)")
+            return DFRResult(rdir, records.read_json(rdir / records.METRICS_FILE), skipped=True)
+        if rdir.exists():  # --force, or the leftovers of a killed DFR run
+            shutil.rmtree(rdir)
+        metrics = _run_held(parent, rdir, out_root, settings, digest, seed=seed, refits=refits,
+                            c_grid=c_grid, device=device, batch_size=batch_size, log=log)
+    return DFRResult(rdir, metrics)
+
+
+def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: dict[str, Any],
+              digest: str, *, seed: int, refits: int, c_grid: Sequence[float], device: str,
+              batch_size: int | None, log: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+
+    from .data import counterfactual_splits
+    from .metrics import constant_predictor, counterfactual_metrics, evaluate_split
+    from .training import load_trained_model, resolve_device
+
+    dev = resolve_device(device)
+    model, cfg, splits = load_trained_model(parent.path, device=str(dev))
+    head = model.get_classifier()
+    if not isinstance(head, torch.nn.Linear):
+        raise DFRError(f"the run's classifier head is a {type(head).__name__}, not a Linear "
+                       "layer: DFR retrains a linear last layer")
+    bs = batch_size or cfg.train.eval_batch_size or 64
+    workers = cfg.num_workers if cfg.num_workers is not None else (
+        0 if dev.type == "cpu" else min(8, os.cpu_count() or 1))
+    start = time.perf_counter()
+    feats = {s: penultimate_features(model, splits[s], batch_size=bs, device=dev,
+                                     num_workers=workers) for s in ("val", "test")}
+    val, test = splits["val"], splits["test"]
+    log(f"DFR on {parent.path}: {feats['val'].shape[1]}-d penultimate features of "
+        f"{len(val)} val and {len(test)} test images; device {dev}")
+
+    # The parent's own head on these features must reproduce its recorded test predictions;
+    # anything less means the features are not what the head reads (or bf16 noise on CUDA).
+    with torch.inference_mode():
+        parent_logits = head(torch.from_numpy(feats["test"]).to(dev)).float().cpu().numpy()
+    parent_pred = records.read_predictions(records.predictions_path(parent.path, "test"))["pred"]
+    agreement = float(np.mean(parent_logits.argmax(1) == parent_pred))
+    if agreement < 0.99:
+        log(f"warning: the parent's head on the extracted features agrees with its recorded "
+            f"test predictions on only {agreement:.3f} of the images")
+
+    fit = fit_dfr(feats["val"], val.y, val.g, val.num_classes, c_grid=c_grid, refits=refits,
+                  seed=seed)
+    outputs = {}
+    for name in ("val", "test"):
+        prob = fit.head.predict_proba(feats[name])
+        outputs[name] = (prob, prob.argmax(axis=1))
+    info = parent.dataset_info
+    split_metrics = {
+        name: evaluate_split(split.y, split.a, split.g, outputs[name][1], outputs[name][0],
+                             info["groups"], info["train_group_counts"])
+        for name, split in (("val", val), ("test", test))}
+    counterfactual = None
+    if cfg.dataset.startswith("synth-"):
+        try:
+            twins = counterfactual_splits(cfg.dataset, cfg.data_root, transform=test.transform,
+                                          spurious_strength=cfg.train.spurious_strength)
+        except FileNotFoundError:  # a replica without counterfactual images (a test fixture)
+            twins = None
+        if twins is not None:
+            probs = {k: fit.head.predict_proba(penultimate_features(
+                model, twins[k], batch_size=bs, device=dev, num_workers=workers))
+                for k in ("core_only", "background_only")}
+            counterfactual = counterfactual_metrics(
+                twins["core_only"].y, probs["core_only"], twins["background_only"].a,
+                probs["background_only"], test.attribute_names)
+    fit_time = time.perf_counter() - start
+
+    pm = parent.metrics or {}
+    config = {k: v for k, v in parent.config.items() if k not in ("environment", "derived")}
+    config["config_hash"] = digest
+    config["config"] = dict(config.get("config", {}), out=str(out_root), device=str(dev))
+    config["config"]["train"] = dict(config["config"].get("train", {}), algorithm=ALGORITHM)
+    config["derived"] = {
+        "algorithm": ALGORITHM, "parent_dir": str(parent.path.resolve()),
+        "parent_hash": parent.config_hash, "parent_selection": pm.get("selection"),
+        "parent_selected_epoch": pm.get("selected_epoch"), "settings": settings,
+        "chosen_C": fit.chosen_c,
+        "selection": "worst-group accuracy on held-out validation half"}
+    config["environment"] = records.environment_info(device=str(dev))
+    alarms = [f"constant predictor on {s}" for s, (_, pred) in outputs.items()
+              if constant_predictor(pred)]
+    metrics: dict[str, Any] = {
+        "selection": ALGORITHM,
+        "selection_description": SELECTION_DESCRIPTION,
+        "selected_epoch": pm.get("selected_epoch"),
+        "val": split_metrics["val"],
+        "test": split_metrics["test"],
+        "params": {"trainable": fit.head.n_params,
+                   "inference": int((pm.get("params") or {}).get("inference", 0))},
+        "uses_group_labels": list(USES_GROUP_LABELS),
+        "notes": VAL_NOTE,
+        "alarms": alarms,
+        "dfr": {
+            "chosen_C": fit.chosen_c, "c_scores": fit.c_scores, "refits": fit.refits,
+            "tune_images_per_group": fit.tune_per_group,
+            "refit_images_per_group": fit.refit_per_group,
+            "feature_dim": int(feats["val"].shape[1]),
+            "nonzero_coefficients": int(np.count_nonzero(fit.head.coef)),
+            "convergence_warnings": fit.convergence_warnings,
+            "parent_head_agreement_test": agreement,
+        },
+        "parent": {"run_dir": str(parent.path.resolve()), "selection": pm.get("selection"),
+                   "selected_epoch": pm.get("selected_epoch"),
+                   "test_worst_group_acc": (pm.get("test") or {}).get("worst_group_acc"),
+                   "test_avg_acc": (pm.get("test") or {}).get("avg_acc")},
+        "train_time_s": round(fit_time, 2),
+    }
+    if counterfactual is not None:
+        metrics["counterfactual"] = counterfactual
+
+    rdir.mkdir(parents=True, exist_ok=True)
+    records.write_json_atomic(rdir / records.CONFIG_FILE, config)
+    for name, split in (("val", val), ("test", test)):
+        prob, pred = outputs[name]
+        records.write_predictions_csv(records.predictions_path(rdir, name), np.arange(len(split)),
+                                      split.y, split.a, split.g, pred, prob)
+    _write_head(rdir / HEAD_FILE, fit)
+    records.write_json_atomic(rdir / records.METRICS_FILE, metrics)
+    records.mark_done(rdir)
+    return metrics
+
+
+def _write_head(path: Path, fit: DFRFit) -> None:
+    """The averaged head on raw penultimate features (coef (1|K, D), intercept (1|K,)),
+    float64, atomically."""
+    from safetensors.numpy import save
+
+    data = save({"coef": np.ascontiguousarray(fit.head.coef),
+                 "intercept": np.ascontiguousarray(fit.head.intercept)},
+                metadata={"algorithm": ALGORITHM, "chosen_C": repr(fit.chosen_c),
+                          "num_classes": str(fit.head.num_classes),
+                          "scores": "p(class 1) = sigmoid(F @ coef.T + intercept) for 2 "
+                                    "classes; one-vs-rest sigmoids normalised otherwise"})
+    records.write_bytes_atomic(path, data)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _c_grid(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}"
+                                         ) from None
+    if not values or not all(np.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"every C must be a positive number: {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="python -m robustbench_fvae.dfr",
+        usage="%(prog)s RUN_DIR [--out DIR] [--seed S] [--refits N] [--device DEVICE] [options]",
+        description="Deep Feature Reweighting (Kirichenko et al. 2023, DFR^Tr_Val) as a derived "
+                    "run: retrain the last layer of a finished run on its frozen penultimate "
+                    "features, on group-balanced subsets of the validation split (L1 logistic "
+                    "regression, C by worst-group accuracy on a held-out validation half, "
+                    "refits averaged). Writes a run record OUT/<dataset>/<method>/<hash> with "
+                    "algorithm dfr; the last line printed is its directory. DFR trains on the "
+                    "validation group labels: its validation numbers are not a selection "
+                    "signal.",
+        epilog="Exit codes: 0 done (also already done), 1 runtime failure, 2 bad input.")
+    parser.add_argument("run_dir", metavar="RUN_DIR",
+                        help="a finished run's folder (the last line printed by "
+                             "robustbench_fvae.run); not a DFR run")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="output folder; the DFR run goes to OUT/<dataset>/<method>/<hash> "
+                             "(default: the parent's output folder)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="seed of the validation halves, subsamples and fits (default: 0)")
+    parser.add_argument("--refits", type=_positive_int, default=DEFAULT_REFITS, metavar="N",
+                        help=f"balanced refits averaged (default: {DEFAULT_REFITS})")
+    parser.add_argument("--c-grid", type=_c_grid, default=C_GRID, metavar="LIST",
+                        help="comma-separated inverse L1 strengths C to choose from (default: "
+                             f"{','.join(f'{c:g}' for c in C_GRID)})")
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                        help="images per forward pass (default: the run's eval batch size)")
+    parser.add_argument("--force", action="store_true", help="redo a finished DFR run")
+    return parser
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    """A short summary: chosen C, DFR's val/test numbers beside the parent's test numbers."""
+    d, p = metrics["dfr"], metrics.get("parent") or {}
+    lines = [f"chosen C {d['chosen_C']:g} (held-out val WG per C: "
+             + ", ".join(f"{s['C']:g}: {s['worst_group_acc']:.3f}" for s in d["c_scores"])
+             + f"); {d['refits']} refits of {d['refit_images_per_group']} images per group",
+             f"{'split':6} {'WG':>6} {'avg':>6} {'adj_avg':>7} {'mean_grp':>8} {'ECE':>6}"]
+    for split in ("val", "test"):
+        m = metrics[split]
+        lines.append(f"{split:6} {m['worst_group_acc']:6.3f} {m['avg_acc']:6.3f} "
+                     f"{m['adj_avg_acc']:7.3f} {m['mean_group_acc']:8.3f} {m['ece']:6.3f}"
+                     + ("  (trained on: not a selection signal)" if split == "val" else ""))
+    if isinstance(p.get("test_worst_group_acc"), (int, float)):
+        lines.append(f"parent test: WG {p['test_worst_group_acc']:.3f} avg "
+                     f"{p['test_avg_acc']:.3f} (selected by {p.get('selection')})")
+    cf = metrics.get("counterfactual")
+    if cf:
+        lines.append(f"counterfactual test: core-only acc {cf['core_only_acc']:.3f}, background "
+                     f"reliance {cf['background_reliance']:.3f}")
+    lines.extend(f"ALARM: {a}" for a in metrics.get("alarms", []))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run_dfr(args.run_dir, out=args.out, seed=args.seed, refits=args.refits,
+                         c_grid=args.c_grid, device=args.device, force=args.force,
+                         batch_size=args.batch_size)
+    except (ValueError, LookupError, OSError, RuntimeError) as err:
+        return fail(err)  # one line; exit 2 for bad input, 1 for the rest (cli.exit_code)
+    if not result.skipped:
+        print(format_summary(result.metrics), flush=True)
+    print(result.run_dir, flush=True)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
