@@ -23,6 +23,7 @@ from robustbench_fvae.metrics import (
     counterfactual_metrics,
 )
 from robustbench_fvae.run import format_summary
+from robustbench_fvae.run import main as run_main
 from robustbench_fvae.training import resolve_config, run
 
 
@@ -206,3 +207,11 @@ def test_the_data_recipe_is_resolved_checked_and_hashed(tiny):
         with pytest.raises(ConfigError, match=match) as err:
             resolve_config(cfg)
         assert "\n" not in str(err.value)
+
+
+def test_the_cli_refuses_a_strength_for_real_data_in_one_line(tmp_path, capsys):
+    rc = run_main(["--method", "lora", "--dataset", "celeba", "--spurious-strength", "0.9",
+                   "--data-root", str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "not to celeba" in err
+    assert not (tmp_path / "out").exists()

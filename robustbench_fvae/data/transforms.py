@@ -123,5 +123,14 @@ def make_transforms(
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
                    augment: str | None = "paper", family: str | None = None) -> Callable:
-    """The evaluation transform of a recipe (the second item of :func:`make_transforms`)."""
+    """The evaluation transform of a recipe (the second item of :func:`make_transforms`).
+
+    Conventions: ``paper`` (or no ``family``) — the ImageNet protocol of the released code and
+    timm: resize the short side to ``size·256/224``, centre-crop ``size``. Otherwise the
+    dataset's own in the spurious-correlation literature: Waterbirds — resize to a
+    ``size·256/224`` square, centre-crop ``size`` (GroupDRO ``get_transform_cub``,
+    SubpopBench); CelebA — centre-crop the short side (178 px of 178×218), resize to ``size``
+    (GroupDRO ``get_transform_celebA``, SubpopBench); Animals — short side to ``size·256/224``,
+    centre-crop (SpuCo's Resize(256) + CenterCrop(224)). Deterministic; (3, size, size) output.
+    """
     return make_transforms(image_size, mean, std, augment, family)[1]
