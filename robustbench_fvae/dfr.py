@@ -156,7 +156,7 @@ def worst_group_accuracy(pred: np.ndarray, y: np.ndarray, g: np.ndarray) -> floa
 
 
 def _l1_logreg(c: float, random_state: int):
-    """An L1 logistic regression solved by liblinear, as in the original. scikit-learn >= 1.8
+    """An L1 logistic regression solved by liblinear, as in the original. Recent scikit-learn
     spells L1 ``l1_ratio=1`` (``penalty`` is deprecated there); older versions ``penalty="l1"``."""
     from sklearn.linear_model import LogisticRegression
 
