@@ -14,6 +14,7 @@ See docs/report.md for every file, figure and convention.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -171,10 +172,13 @@ def build_report(
     for d in curve_datasets:
         name = f"curves_{_safe_name(d)}.png"
         files[name] = plots.robustness_plot(curves, d, out_dir / name, labels=labels)
-        figures.append(html.FigureItem(files[name], f"Robustness curves on {d}: test "
-                                       "worst-group, average and core-only accuracy (%) against "
-                                       "the spurious strength RHO; lines = mean over seeds, bands "
-                                       "= 95 % t-interval of the mean. Numbers in curves.csv."))
+        core = any(p.dataset == d and math.isfinite(p.stats["core_only_acc"].mean)
+                   for p in curves)
+        shown = "worst-group, average and core-only" if core else "worst-group and average"
+        figures.append(html.FigureItem(files[name], f"Robustness curves on {d}: {split} {shown} "
+                                       "accuracy (%) against the spurious strength RHO; lines = "
+                                       "mean over seeds, bands = 95 % t-interval of the mean. "
+                                       "Numbers in curves.csv."))
     for d in datasets:
         if not any(run.curve for r in rows if r.dataset == d for run in r.runs):
             continue

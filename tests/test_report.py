@@ -922,6 +922,12 @@ def test_runs_of_different_spurious_strength_make_robustness_curves(tmp_path):
     html = (rep.out / "report.html").read_text()
     assert base64.b64encode((rep.out / "curves_synth-waterbirds.png").read_bytes()).decode() \
         in html
+    # --split val: validation numbers, and no core-only (measured on test images only)
+    val = report_cli.build_report(out, tmp_path / "rep_val", split="val")
+    assert {c["core_only_acc_mean"] for c in read_csv(val.out / "curves.csv")} == {""}
+    titles = [ax.get_title() for ax in plots.robustness_figure(val.curves,
+                                                               "synth-waterbirds").axes]
+    assert [t for t in titles if t] == ["val worst-group accuracy", "val average (avg_acc)"]
 
 
 def test_every_row_lists_its_seeds_so_a_mixed_row_shows(tmp_path):

@@ -539,6 +539,7 @@ class CurvePoint:
     rho: float
     seeds: list[int | None]
     stats: dict[str, Stat]  # CURVE_POINT_METRICS
+    split: str = "test"
 
     @property
     def n(self) -> int:
@@ -562,7 +563,8 @@ def robustness_curves(rows: Sequence[GroupRow]) -> list[CurvePoint]:
             assert r.rho is not None
             points.append(CurvePoint(dataset=dataset, method=r.method, label=r.base_label,
                                      rho=r.rho, seeds=list(r.seeds),
-                                     stats={k: r.stats[k] for k in CURVE_POINT_METRICS}))
+                                     stats={k: r.stats[k] for k in CURVE_POINT_METRICS},
+                                     split=r.split))
     return points
 
 

@@ -353,7 +353,7 @@ def robustness_plot(points: Sequence[CurvePoint], dataset: str, path: str | Path
 
 def robustness_figure(points: Sequence[CurvePoint], dataset: str,
                       labels: Sequence[str] | None = None) -> Figure:
-    """Worst-group, average and core-only test accuracy (%) against the spurious strength RHO
+    """Worst-group, average and core-only accuracy (%) against the spurious strength RHO
     for ``dataset``: one line per method (mean over seeds), bands = 95 % t-interval of the mean
     (none for one seed). The core-only panel is left out when no run recorded it. RHO is on a
     logit axis (it spreads 0.9, 0.95, 0.99 apart) when every value lies strictly in (0, 1)."""
@@ -366,6 +366,7 @@ def robustness_figure(points: Sequence[CurvePoint], dataset: str,
     colours = _colours(keys, labels)
     rhos = sorted({p.rho for p in points})
     logit = all(0.0 < r < 1.0 for r in rhos)
+    split = "/".join(sorted({p.split for p in points}))
     span = float(_logit(rhos[-1]) - _logit(rhos[0])) if logit else rhos[-1] - rhos[0]
     fig = _new_figure(4.6 * len(panels) + 0.6, 5.2)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -395,7 +396,7 @@ def robustness_figure(points: Sequence[CurvePoint], dataset: str,
         ax.minorticks_off()
         ax.set_ylim(-PAD, 100 + PAD)
         ax.grid(alpha=0.3)
-        ax.set_title(f"test {title}", fontsize=9)
+        ax.set_title(f"{split} {title}", fontsize=9)
         ax.set_xlabel("spurious strength RHO" + (" (logit axis)" if logit else ""))
         ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
     handles, names = axes[0].get_legend_handles_labels()
