@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -648,3 +649,128 @@ def test_probe_cli_refuses_mixed_or_bad_targets(tiny_run, tmp_path, capsys):
     rc = probe_cli.main(["--dataset", "waterbird", "--data-root", str(tmp_path), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and "waterbirds" in err, err
+
+
+# ---------------------------------------------------------------- counterfactual sensitivity
+
+
+def _planted_images(n: int, rng: np.random.Generator):
+    """Images as [core | background] vectors (16 + 16 values): the core is one of two
+    silhouette prototypes (by y), the background one of two textures (by a), both with noise.
+    Returns the images and their core-only (background set to a neutral 0) and
+    background-only (core set to 0) twins."""
+    y = rng.integers(0, 2, n)
+    a = rng.integers(0, 2, n)
+    protos, textures = rng.normal(size=(2, 16)), rng.normal(size=(2, 16))
+    core = protos[y] + 0.3 * rng.normal(size=(n, 16))
+    back = textures[a] + 0.3 * rng.normal(size=(n, 16))
+    zeros = np.zeros((n, 16))
+    return (np.hstack([core, back]), np.hstack([core, zeros]), np.hstack([zeros, back]))
+
+
+def test_mean_pairwise_distance_equals_scipy():
+    from scipy.spatial.distance import pdist
+
+    from robustbench_fvae.analysis import sensitivity
+
+    X = np.random.default_rng(0).normal(size=(1100, 5))  # more rows than one block
+    assert sensitivity.mean_pairwise_distance(X) == pytest.approx(pdist(X).mean(), rel=1e-9)
+
+
+def test_sensitivity_of_planted_encoders(tmp_path):
+    """An encoder that reads only the silhouette does not move when the background is removed
+    (ratio inf) and moves when the silhouette is; one that reads only the background is the
+    mirror image (ratio 0); a mixed one gives the hand-computed ratio."""
+    from scipy.spatial.distance import pdist
+
+    from robustbench_fvae.analysis.sensitivity import (
+        counterfactual_sensitivity,
+        format_sensitivity_table,
+        sensitivity_rows,
+        write_sensitivity_csv,
+    )
+
+    rng = np.random.default_rng(0)
+    images, core_only, background_only = _planted_images(400, rng)
+    W = rng.normal(size=(16, 8))
+    readers = {
+        "silhouette": lambda x: x[:, :16] @ W,
+        "background": lambda x: x[:, 16:] @ W,
+        "both": lambda x: np.hstack([x[:, :16] @ W, 0.5 * x[:, 16:] @ W]),
+    }
+    got = {name: counterfactual_sensitivity(f(images), f(core_only), f(background_only))
+           for name, f in readers.items()}
+    s = got["silhouette"]
+    assert s["shift_core_only"] == 0.0 and s["ratio"] == math.inf
+    spread = pdist(images[:, :16] @ W).mean()
+    expect = np.linalg.norm(images[:, :16] @ W, axis=1).mean() / spread
+    assert s["shift_background_only"] == pytest.approx(expect, rel=1e-9) and expect > 0.5
+    b = got["background"]
+    assert b["shift_background_only"] == 0.0 and b["ratio"] == 0.0 and b["shift_core_only"] > 0.5
+    f = readers["both"]
+    codes = f(images)
+    spread = pdist(codes).mean()
+    core = np.linalg.norm(codes - f(core_only), axis=1).mean() / spread
+    bg = np.linalg.norm(codes - f(background_only), axis=1).mean() / spread
+    m = got["both"]
+    assert (m["shift_core_only"], m["shift_background_only"]) == (
+        pytest.approx(core, rel=1e-9), pytest.approx(bg, rel=1e-9))
+    assert m["ratio"] == pytest.approx(bg / core) and 1.0 < m["ratio"] < math.inf
+    assert m["spread"] == pytest.approx(spread) and m["n"] == 400
+    # A constant latent has no spread: nothing to move, NaN rather than a fake number.
+    const = counterfactual_sensitivity(np.ones((5, 3)), np.ones((5, 3)), np.zeros((5, 3)))
+    assert math.isnan(const["ratio"]) and math.isnan(const["shift_core_only"])
+    with pytest.raises(ValueError, match="one shape"):
+        counterfactual_sensitivity(codes, codes[:3], codes)
+    # rows, CSV and table
+    keys = {("l0", "z1"): "silhouette", ("l0", "z2"): "background"}
+    rows = sensitivity_rows(*({k: readers[v](x) for k, v in keys.items()}
+                              for x in (images, core_only, background_only)))
+    assert [(r["layer"], r["latent"]) for r in rows] == list(keys)
+    path = write_sensitivity_csv(rows, tmp_path / "sensitivity.csv")
+    with open(path, newline="") as fh:
+        read = list(csv.DictReader(fh))
+    assert read[0]["ratio"] == "inf" and read[1]["ratio"] == "0"
+    table = format_sensitivity_table(rows).splitlines()
+    assert table[2].split()[-1] == "inf" and table[3].split()[-1] == "0.000"
+
+
+def test_probe_cli_measures_sensitivity_on_a_replica_with_twins(tmp_path, capsys):
+    """A real run on a small real replica (core-only and background-only twins on disk): the
+    probe writes sensitivity.csv for every probed latent and its figure."""
+    from tiny_models import register_tiny_vit, save_tiny_weights
+
+    from robustbench_fvae.config import RunConfig, TrainConfig
+    from robustbench_fvae.data.synthetic import build_replica
+    from robustbench_fvae.training import run
+
+    data = tmp_path / "data"
+    build_replica("synth-waterbirds", data, scale=0.03, progress=False)
+    cfg = RunConfig(method="fvae", dataset="synth-waterbirds", data_root=str(data),
+                    out=str(tmp_path / "out"), backbone=register_tiny_vit(),
+                    weights=str(save_tiny_weights(tmp_path / "tiny.safetensors")), device="cpu",
+                    num_workers=0, adapter=AdapterConfig(rank=4),
+                    train=TrainConfig(epochs=1, batch_size=8, eval_batch_size=32, patience=0))
+    run_dir = run(cfg, progress=False, log=lambda _m: None).run_dir
+    out = tmp_path / "probe"
+    rc = probe_cli.main([str(run_dir), "--layers", "0", "--max-images", "16", "--tsne-max", "0",
+                         "--device", "cpu", "--no-progress", "--jobs", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    with open(out / "probes.csv", newline="") as f:
+        probed = list(dict.fromkeys((r["layer"], r["latent"]) for r in csv.DictReader(f)))
+    with open(out / "sensitivity.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["layer"], r["latent"]) for r in rows] == probed
+    assert probed[-1] == ("blocks.0.attn.qkv", "backbone")
+    for r in rows:
+        assert r["n"] == "16"
+        # the frozen input of block 0 changes when either part of the image is removed
+        if r["latent"] == "backbone":
+            assert float(r["shift_core_only"]) > 0 and float(r["shift_background_only"]) > 0
+            assert float(r["ratio"]) == pytest.approx(
+                float(r["shift_background_only"]) / float(r["shift_core_only"]), rel=1e-4)
+    assert "counterfactual sensitivity" in printed
+    assert (out / "sensitivity.png").stat().st_size > 10_000
+    meta = json.loads((out / "probe.json").read_text())
+    assert [(s["layer"], s["latent"]) for s in meta["sensitivity"]] == probed

@@ -131,3 +131,62 @@ def probe_accuracy_plot(rows: Sequence[dict], path: str | Path, title: str) -> P
     fig.savefig(buf, format="png", dpi=DPI)
     write_bytes_atomic(path, buf.getvalue())
     return path
+
+
+SHIFT_COLOURS = {"shift_core_only": "#009E73", "shift_background_only": "#CC79A7"}
+SHIFT_LABELS = {"shift_core_only": "background removed (core-only twin)",
+                "shift_background_only": "object removed (background-only twin)"}
+
+
+def sensitivity_plot(rows: Sequence[dict], path: str | Path, title: str) -> Path:
+    """``sensitivity.png``: per ``layer · latent`` the two normalised code shifts of
+    :func:`~robustbench_fvae.analysis.sensitivity.sensitivity_rows` side by side, values above the
+    bars, the ratio (object / background) under each pair. Returns ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise ValueError("no sensitivity rows to plot")
+    n = len(rows)
+    longest = max(len(r["layer"]) for r in rows)
+    vertical = n > 10
+    per_key = 0.8 if vertical else max(0.8, 0.075 * longest + 0.15)
+    fig = Figure(figsize=(max(9.0, per_key * n + 3.6), 5.8 if vertical else 5.0),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.4
+    top = 0.0
+    for j, key in enumerate(SHIFT_COLOURS):
+        heights = [float(r[key]) for r in rows]
+        finite = [h for h in heights if math.isfinite(h)]
+        top = max([top, *finite])
+        bars = ax.bar([i + (j - 0.5) * width for i in range(n)],
+                      [h if math.isfinite(h) else 0.0 for h in heights], width * 0.95,
+                      color=SHIFT_COLOURS[key], label=SHIFT_LABELS[key], zorder=2)
+        ax.bar_label(bars, labels=[f"{h:.2f}" if math.isfinite(h) else "n/a" for h in heights],
+                     padding=1.5, fontsize=7, rotation=90 if vertical else 0)
+    ax.set_ylim(0, max(0.1, top) * 1.25)
+    ax.set_xticks(range(n))
+    ratios = [float(r["ratio"]) for r in rows]
+    ax.set_xticklabels(
+        [f"{r['layer']}\n{r['latent']}\nratio " + ("n/a" if math.isnan(q) else
+                                                   "inf" if math.isinf(q) else f"{q:.2f}")
+         for r, q in zip(rows, ratios)], fontsize=7 if n > 8 else 8,
+        rotation=90 if vertical else 0)
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_ylabel("mean code shift\n(÷ mean distance between two test images)")
+    ax.grid(axis="y", alpha=0.3, zorder=0)
+    ax.set_axisbelow(True)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8,
+              title="twin of each test image", title_fontsize=8)
+    ax.set_title(title + "\nratio = object removed ÷ background removed; > 1: the code "
+                 "follows the object", fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from ..records import write_bytes_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    write_bytes_atomic(path, buf.getvalue())
+    return path

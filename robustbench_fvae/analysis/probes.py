@@ -374,10 +374,13 @@ def probe_run(run_dir: str | Path, *, layers: str | Sequence[str] | None = None,
     splits["train"].transform = splits["test"].transform
     options = dict(pool=pool, batch_size=batch_size or cfg.train.eval_batch_size or 64,
                    device=dev, num_workers=_loader_workers(num_workers, dev), progress=progress)
+    extract = lambda split, idx, m=model: extract_latents(  # noqa: E731
+        m, split, chosen, indices=idx, **options)
     sets = _latent_sets(
         splits, fit_split, max_images, seed, f"{pool}-pooled latents of {len(chosen)} layer(s)",
-        lambda split, idx, m=model: extract_latents(m, split, chosen, indices=idx, **options),
-        log)
+        extract, log)
+    sets.update(_counterfactual_sets(cfg.dataset, cfg.data_root, cfg.train.spurious_strength,
+                                     splits["test"], sets["test"].indices, extract, log))
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -417,10 +420,13 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
     splits["train"].transform = splits["test"].transform
     options = dict(pool=pool, batch_size=batch_size, device=dev,
                    num_workers=_loader_workers(num_workers, dev), progress=progress)
+    extract = lambda split, idx, m=model: extract_block_features(  # noqa: E731
+        m, split, indices=idx, **options)
     sets = _latent_sets(
-        splits, fit_split, max_images, seed, f"{pool}-pooled {cfg.backbone} features",
-        lambda split, idx, m=model: extract_block_features(m, split, indices=idx, **options),
+        splits, fit_split, max_images, seed, f"{pool}-pooled {cfg.backbone} features", extract,
         log)
+    sets.update(_counterfactual_sets(dataset, data_root, cfg.train.spurious_strength,
+                                     splits["test"], sets["test"].indices, extract, log))
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -451,6 +457,26 @@ def _latent_sets(splits: dict, fit_split: str, max_images: int | None, seed: int
         log(f"extracting {what} from {len(idx)} of {len(split)} {name} images")
         sets[key] = extract(split, idx)
     return sets
+
+
+def _counterfactual_sets(dataset: str, data_root: str, strength: float | None, test_split,
+                         indices: np.ndarray, extract, log) -> dict[str, LatentSet]:
+    """Codes of the core-only and background-only twins of the probed test images (keys
+    ``core_only``, ``background_only``), read with the test transform; empty for a real dataset
+    or a replica without twins (said in one line)."""
+    if not dataset.startswith("synth-"):
+        return {}
+    from ..data import DatasetError, counterfactual_splits
+
+    try:
+        twins = counterfactual_splits(dataset, data_root, transform=test_split.transform,
+                                      spurious_strength=strength)
+    except DatasetError as err:
+        log(f"no counterfactual sensitivity: {err}")
+        return {}
+    log(f"extracting the same codes from the core-only and background-only twins of the "
+        f"{len(indices)} test images")
+    return {kind: extract(twins[kind], indices) for kind in ("core_only", "background_only")}
 
 
 def _check_probe_settings(pool: str, max_images: int | None, tsne_max: int,
@@ -493,6 +519,10 @@ def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir:
         figures += _tsne_figures(sets["test"], test_split.class_names,
                                 test_split.attribute_names, tsne_max, seed, out_dir,
                                 f"test · {what}", n_jobs, log)
+    sensitivity = None
+    if "core_only" in sets:
+        sensitivity = _write_sensitivity(sets, out_dir, what, pool, log)
+        figures.append(out_dir / "sensitivity.png")
     records.write_json_atomic(out_dir / "probe.json", {
         **meta, "latents": [k for k in LATENT_KINDS if any(r["latent"] == k for r in rows)],
         "pool": pool, "max_images": max_images, "seed": seed, "tsne_max": tsne_max,
@@ -500,11 +530,41 @@ def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir:
         "n_fit": int(fit.y.size), "n_test": int(sets["test"].y.size),
         "Cs": list(DEFAULT_CS), "cv_folds_max": DEFAULT_FOLDS, "metric": METRIC_NOTE,
         "collapse": _collapse_summary(rows), "active_var_threshold": ACTIVE_VAR,
+        "sensitivity": sensitivity,
         "figures": [f.name for f in figures],
     })
-    log(f"wrote {out_dir / 'probes.csv'}, probes.png and {len(figures) - 1} t-SNE figure(s) to "
-        f"{out_dir}")
+    n_tsne = sum(f.name.startswith("tsne_") for f in figures)
+    log(f"wrote {out_dir / 'probes.csv'}, probes.png"
+        + (", sensitivity.csv, sensitivity.png" if sensitivity is not None else "")
+        + f" and {n_tsne} t-SNE figure(s) to {out_dir}")
     return ProbeOutput(rows, out_dir, figures)
+
+
+def _write_sensitivity(sets: dict[str, LatentSet], out_dir: Path, what: str, pool: str,
+                       log) -> list[dict]:
+    """sensitivity.csv and sensitivity.png from the test codes and their twins' codes; prints
+    the table; returns the rows JSON-ready (a non-finite ratio as a string)."""
+    from .probe_plot import sensitivity_plot
+    from .sensitivity import (
+        format_sensitivity_table,
+        sensitivity_rows,
+        write_sensitivity_csv,
+    )
+
+    test = sets["test"]
+    rows = sensitivity_rows({k: test.features[k] for k in test.pairs()},
+                            sets["core_only"].features, sets["background_only"].features)
+    write_sensitivity_csv(rows, out_dir / "sensitivity.csv")
+    log(f"\ncounterfactual sensitivity of {what} ({test.y.size} test images, {pool}-pooled): "
+        "mean code shift when the background is removed (core-only twin) and when the object is "
+        "removed (background-only twin), in units of the mean distance between two test "
+        "images; ratio = object / background (> 1: the code follows the object)\n")
+    log(format_sensitivity_table(rows))
+    sensitivity_plot(rows, out_dir / "sensitivity.png",
+                     f"counterfactual sensitivity of {what}\n"
+                     f"test ({test.y.size} images), {pool}-pooled")
+    return [{k: (v if not isinstance(v, float) or math.isfinite(v) else
+                 (None if math.isnan(v) else str(v))) for k, v in r.items()} for r in rows]
 
 
 def _collapse_summary(rows: Sequence[dict]) -> list[dict]:
