@@ -302,6 +302,14 @@ def test_rows_are_named_by_the_settings_that_differ(tmp_path):
     # paper order: waterbirds before celeba; lora before fvae
     assert [(r.dataset, r.method) for r in rows][0] == ("synth-waterbirds", "lora")
     assert rows[-1].dataset == "synth-celeba"
+    # a record written before a setting existed counts as that setting's default
+    old = write_run(out, method="lora", seed=2, lr=1e-3)
+    record = json.loads((old / "config.json").read_text())
+    del record["config"]["train"]["algorithm"], record["config"]["train"]["spurious_strength"]
+    write_json_atomic(old / "config.json", record)
+    rows = aggregate(run_results(collect_runs(out).finished)[0])
+    assert {(r.dataset, r.label): sorted(r.seeds) for r in rows}[
+        ("synth-waterbirds", "lora")] == [0, 1, 2]
     # several settings differing at once are all named
     out2 = tmp_path / "out2"
     write_run(out2, method="fvae", adapter=AdapterConfig(beta=10.0, delta=2.0), lr=1e-3)

@@ -230,10 +230,20 @@ def run_settings(rec: RunRecord) -> dict[str, Any]:
     method = cfg.get("method")
     if method in FVAE_FAMILY and flat.get("adapter.beta") is None:
         flat["adapter.beta"] = 10.0 if method == "bvae2lat" else 1.0
-    # Records written before the spurious-strength knob existed lack it: they ran at the dataset
-    # default, the same setting as an explicit None, so both must land in one row.
+    # A record written before a setting existed (the spurious strength, the training algorithm)
+    # ran at that setting's default: fill it in, so that it shares a row with newer runs that
+    # record the default explicitly.
+    for key, value in _default_settings().items():
+        flat.setdefault(key, value)
     flat.setdefault(SPURIOUS_STRENGTH_SETTING, None)
     return {k: v for k, v in flat.items() if k not in _IGNORED_SETTINGS}
+
+
+def _default_settings() -> dict[str, Any]:
+    """The flat settings of a default RunConfig, as they read back from JSON."""
+    flat: dict[str, Any] = {}
+    _flatten("", json.loads(json.dumps(RunConfig().to_dict())), flat)
+    return flat
 
 
 def spurious_strength(settings: Mapping[str, Any]) -> float | None:
