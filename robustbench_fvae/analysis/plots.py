@@ -89,9 +89,9 @@ def _finite(x: float | None) -> bool:
 
 
 def _bar_panel(ax: Axes, rows: Sequence[GroupRow], hue: Sequence[str], colours: dict[str, tuple],
-               ticks: dict[int, str], bar_width_in: float) -> None:
-    """Grouped bars (groups on x, one bar per row) with ±1 std error bars and value labels
-    written in dark text just above each bar's error bar."""
+               names: dict[str, str], ticks: dict[int, str], bar_width_in: float) -> None:
+    """Grouped bars (groups on x, one bar per row, legend entry ``names[key]``) with ±1 std
+    error bars and value labels written in dark text just above each bar's error bar."""
     order = sorted(ticks)
     width = 0.8 / max(1, len(hue))
     rotate = bar_width_in < HORIZONTAL_LABEL_WIDTH
@@ -108,7 +108,7 @@ def _bar_panel(ax: Axes, rows: Sequence[GroupRow], hue: Sequence[str], colours: 
         stds = [100 * by_g[g].std if g in by_g and _finite(by_g[g].std) else 0.0 for g in order]
         ax.bar(xs, means, width * 0.95, yerr=stds, color=colours[key], edgecolor="0.25",
                linewidth=0.5, capsize=min(4.0, 40 * width), ecolor="0.2",
-               error_kw={"elinewidth": 1.0}, label=f"{key} (n={row.n})")
+               error_kw={"elinewidth": 1.0}, label=names[key])
         if not labelled:
             continue
         for x, mean, std in zip(xs, means, stds):
@@ -120,7 +120,7 @@ def _bar_panel(ax: Axes, rows: Sequence[GroupRow], hue: Sequence[str], colours: 
             ax.text(x, y, f"{mean:.1f}", ha="center", va="bottom", color=LABEL_COLOUR,
                     fontsize=LABEL_FONTSIZE - (1 if rotate else 0),
                     rotation=90 if rotate else 0, gid="value-label")
-    # room above the highest label: about 12 units for horizontal text, 22 for vertical
+    # room above the highest label: about 10 units for horizontal text, 22 for vertical
     ax.set_ylim(0, top + (22 if rotate else 10))
     ax.set_yticks(range(0, 101, 20))
     ax.set_xticks(range(len(order)), [ticks[g] for g in order], fontsize=8)
@@ -152,6 +152,11 @@ def per_group_figure(rows: Sequence[GroupRow], dataset: str,
     panels = [[r for r in rows if r.rho == rho] for rho in rhos]
     hue = list(dict.fromkeys(r.base_label for r in rows))
     colours = _colours(hue, labels)
+    names = {}
+    for key in hue:  # seeds per method line: one number, or its range over the RHO panels
+        counts = sorted({r.n for r in rows if r.base_label == key})
+        shown = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+        names[key] = f"{key} (n={shown})"
     n_bars = len(ticks) * len(hue)
     width = min(15.0, max(6.5, 0.4 * n_bars + 3.5))
     # axes width ≈ figure width minus the legend column; each group spans 0.8 of its slot
@@ -160,7 +165,7 @@ def per_group_figure(rows: Sequence[GroupRow], dataset: str,
     axes = fig.subplots(len(panels), 1, squeeze=False, sharex=True)[:, 0]
     split = rows[0].split
     for ax, panel, rho in zip(axes, panels, rhos):
-        _bar_panel(ax, panel, hue, colours, ticks, bar_width_in)
+        _bar_panel(ax, panel, hue, colours, names, ticks, bar_width_in)
         ax.set_ylabel(f"{split.capitalize()} accuracy (%)")
         if len(panels) > 1:
             ax.set_title(f"spurious strength RHO = {_rho_name(rho)}", fontsize=9)
@@ -172,14 +177,14 @@ def per_group_figure(rows: Sequence[GroupRow], dataset: str,
                  "error bars: ±1 sample std\n"
                  f"epoch selected by {'/'.join(sorted({r.selection for r in rows}))}",
                  fontsize=10)
-    handles, names = [], []
-    for ax in axes:  # one legend entry per method line, with the seeds of its first panel
-        for h, n in zip(*ax.get_legend_handles_labels()):
-            if n.rsplit(" (n=", 1)[0] not in [m.rsplit(" (n=", 1)[0] for m in names]:
-                handles.append(h)
-                names.append(n)
-    axes[0].legend(handles, names, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                   title="Method (n = seeds)", frameon=False, fontsize=8)
+    entries: dict[str, object] = {}  # one legend entry per method line over all panels
+    for ax in axes:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(name, handle)
+    shown = [names[k] for k in hue if names[k] in entries]
+    axes[0].legend([entries[n] for n in shown], shown, loc="upper left",
+                   bbox_to_anchor=(1.01, 1.0), title="Method (n = seeds)", frameon=False,
+                   fontsize=8)
     return fig
 
 
