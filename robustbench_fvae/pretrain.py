@@ -1,151 +1,319 @@
-"""Pretrain the small offline ViT (``rbf_vit_offline``) on a source task built from shipped data.
+"""Pretrain the offline hybrid ViT (``rbf_vit_offline``) on a source task built from shipped data.
 
-    python -m robustbench_fvae.pretrain [--data-root DIR] [--force] [--epochs N] [--seed N]
+    python -m robustbench_fvae.pretrain [--cache-dir DIR] [--force] [--epochs N] [--seed N]
 
-It plays the role of ImageNet-21k pretraining for the offline replicas. The source task uses the
-six animal-mnist classes that no replica uses (Bear, Cow, Elephant, Giraffe, Sheep, Zebra),
-pasted on uninformative backgrounds: any shipped texture or photo, random crops, stretches and
-tints, with a random foreground colour that contrasts with it, random position, scale, flip and
-rotation. Three heads are trained: on the class token, the silhouette class (shape) and, as an
-auxiliary task, which texture/photo the background came from (texture and colour statistics);
-on every patch token, that patch's object mask (figure/ground). The dense mask loss is what makes
-a ViT trained from scratch for a few CPU minutes learn shape features at all.
+It plays the role of ImageNet-21k pretraining for the offline replicas (DESIGN §4). The backbone
+is a small timm ViT whose patch embedding is a *frozen* ImageNet MobileNetV2 stem
+(:mod:`robustbench_fvae.stems`); what is pretrained here is everything after the stem: the 1x1
+projection to tokens, the position embedding, the class token, the transformer blocks (where the
+adapters go) and the final norm.
 
-Images are generated in memory from a fixed seed; training is full fine-tuning in fp32 with
-AdamW, warmup and cosine decay. The backbone (without heads) is cached atomically at
-``<data_root>/backbones/rbf_vit_offline.safetensors`` with ``rbf_vit_offline.json`` beside it
-(source-task held-out accuracy, time, seed, settings). Silhouette instances used for the held-out
-accuracy are disjoint from the training ones.
+Source task: all ten animal-mnist classes, each pasted on a background of any family (land,
+water, indoor, outdoor, light, dark, or any shipped texture/photo) drawn independently of the
+class, with random position, scale, flip, rotation and a foreground tone that contrasts with the
+background. So the source data holds the replicas' concepts but not their correlations, as
+ImageNet-21k holds birds and water but not Waterbirds' pairing of them. The four replica classes
+(Bird, Cat, Dog, Horse) use only :func:`reserved_source_instances`, a fixed set of silhouettes
+that the replica builder must leave out of every replica split (see docs/backbones.md). Three
+losses: the class on the class token and on the mean of the patch tokens; the background family
+(auxiliary, so the final features keep the spurious cue as in21k features keep the background);
+and each token's object mask (dense figure/ground supervision).
+
+The stem is frozen, so its features are computed once for all source images; training then runs
+on the cached features, in fp32 with AdamW, warmup and cosine decay, on the CPU (deterministic for
+a seed). The backbone is cached once per machine in the user cache folder
+(:func:`offline_cache_dir`: ``--cache-dir``, else ``$RBF_CACHE_DIR``, else
+``$XDG_CACHE_HOME/robustbench_fvae`` or ``~/.cache/robustbench_fvae``) as
+``rbf_vit_offline-<key>.safetensors`` with a JSON summary beside it; the key is a digest of
+everything that determines the weights (:func:`offline_backbone_key`), so a changed recipe gets a
+new file and a new run hash, and never a stale one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from .backbones import OFFLINE_ARCH, OFFLINE_BACKBONE, build_offline_vit, offline_cache_path
 from .data.silhouettes import (
-    PRETRAIN_CLASSES,
-    TEXTURE_SOURCES,
+    FAMILIES,
+    REPLICA_CLASSES,
+    SILHOUETTE_CLASSES,
+    class_index,
     compose,
     foreground_fill,
-    instance_pools,
     load_silhouettes,
-    random_background,
+    render_background,
     silhouette_alpha,
 )
 from .records import exclusive_lock
+from .stems import (
+    OFFLINE_ARCH,
+    OFFLINE_BACKBONE,
+    OFFLINE_MEAN,
+    OFFLINE_STD,
+    OFFLINE_STEM_BLOCKS,
+    FrozenMobileNetV2Stem,
+    build_offline_vit,
+    offline_arch_summary,
+)
 
-PRETRAIN_VERSION = 1
+# Bumped whenever the source task or the training code changes what the weights are.
+PRETRAIN_VERSION = 2
+CACHE_ENV = "RBF_CACHE_DIR"
+SOURCE_SIZE = 64  # source scenes are drawn at the replicas' resolution, then resized like them
+# Silhouettes of each replica class kept for the source task (of 1,000 per class).
+RESERVED_PER_CLASS = 150
+_RESERVE_SEED = 271828  # fixed: the reserved set must not depend on any run or replica seed
+MASK_CELLS = 4  # figure/ground targets per token: a MASK_CELLS x MASK_CELLS grid of its area
 
 
 @dataclass
 class PretrainConfig:
-    """Settings of the source task and its optimisation (recorded in the JSON beside the cache)."""
+    """Settings of the source task and its optimisation (in the cache key and the JSON summary)."""
 
     seed: int = 0
-    epochs: int = 6
-    n_train: int = 7200  # generated training images (balanced over the six classes)
-    n_test: int = 1200  # held-out images (held-out silhouette instances)
+    epochs: int = 12
+    n_train: int = 8000  # generated training scenes (balanced over the ten classes)
+    n_test: int = 1000  # held-out scenes (held-out silhouette instances)
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_frac: float = 0.1
     label_smoothing: float = 0.1
-    texture_weight: float = 0.5  # weight of the auxiliary background-source loss
-    mask_weight: float = 10.0  # weight of the per-pixel figure/ground loss on the patch tokens
-    max_shift: int = 4  # random translation (pixels) of each training batch
+    family_weight: float = 0.5  # weight of the auxiliary background-family loss
+    mask_weight: float = 5.0  # weight of the per-token figure/ground loss
+
+
+# ------------------------------------------------------------------------------ cache
+
+
+def offline_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """The user cache folder: ``cache_dir``, else ``$RBF_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/robustbench_fvae``, else ``~/.cache/robustbench_fvae``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "robustbench_fvae"
+
+
+def offline_backbone_key(config: PretrainConfig | None = None) -> str:
+    """12 hex digits of SHA-256 over everything that determines the pretrained weights: the
+    architecture, the stem's weights file digest, the source-task recipe version and settings."""
+    spec = {"name": OFFLINE_BACKBONE, "version": PRETRAIN_VERSION,
+            "architecture": offline_arch_summary(), "config": asdict(config or PretrainConfig())}
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def offline_cache_path(data_root: str | Path | None = None, *, cache_dir: str | Path | None = None,
+                       config: PretrainConfig | None = None) -> Path:
+    """Where the offline backbone of these settings is cached (see :func:`offline_cache_dir`).
+
+    ``data_root`` is accepted for callers written when the cache lived under the data root and is
+    ignored: the backbone does not depend on the data.
+    """
+    del data_root
+    key = offline_backbone_key(config)
+    return offline_cache_dir(cache_dir) / f"{OFFLINE_BACKBONE}-{key}.safetensors"
+
+
+def ensure_offline_backbone(data_root: str | Path | None = None, *,
+                            cache_dir: str | Path | None = None, progress: bool = True,
+                            config: PretrainConfig | None = None) -> Path:
+    """Path of the cached offline backbone; pretrains it first if the cache is missing.
+
+    Pretraining runs with its own fixed seed inside :func:`torch.random.fork_rng`, so whether it
+    happened does not change the caller's random stream (same run seed -> same numbers).
+    ``data_root``: ignored (see :func:`offline_cache_path`).
+    """
+    del data_root
+    path = offline_cache_path(cache_dir=cache_dir, config=config)
+    if path.is_file():
+        return path
+    print(f"{OFFLINE_BACKBONE}: no cached weights at {path}; pretraining it now (a few minutes on "
+          "a CPU, once per machine; or run `python -m robustbench_fvae.pretrain` beforehand)",
+          flush=True)
+    with torch.random.fork_rng(devices=[]):
+        pretrain_offline_backbone(cache_dir, config, progress=progress)
+    return path
+
+
+# ------------------------------------------------------------------------------ source task
+
+
+def reserved_source_instances(class_name: str) -> np.ndarray:
+    """The animal-mnist indices of one *replica* class kept for the source task: int64
+    (:data:`RESERVED_PER_CLASS`,), a fixed seeded choice independent of every other seed.
+    The replica builder must exclude exactly these from its train/val/test pools."""
+    if class_name not in REPLICA_CLASSES:
+        raise ValueError(f"{class_name!r} is not a replica class ({', '.join(REPLICA_CLASSES)}); "
+                         "the other classes are all source-only")
+    _, labels = load_silhouettes()
+    idx = np.flatnonzero(labels == class_index(class_name))
+    rng = np.random.default_rng([_RESERVE_SEED, class_index(class_name)])
+    return np.sort(idx[rng.permutation(len(idx))[:RESERVED_PER_CLASS]])
+
+
+def source_pools(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per class, disjoint (train, test) silhouette indices of the source task (90 % / 10 %)."""
+    _, labels = load_silhouettes()
+    pools = {}
+    for name in SILHOUETTE_CLASSES:
+        idx = (reserved_source_instances(name) if name in REPLICA_CLASSES
+               else np.flatnonzero(labels == class_index(name)))
+        idx = idx[np.random.default_rng([seed, 7919, class_index(name)]).permutation(len(idx))]
+        cut = int(round(0.9 * len(idx)))
+        pools[name] = (idx[:cut], idx[cut:])
+    return pools
 
 
 def make_source_images(
-    n: int, split: str, seed: int, size: int = 64
+    n: int, split: str, seed: int, size: int = SOURCE_SIZE
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``n`` source-task scenes: uint8 images (n, size, size, 3), class labels (n,) indexing
-    :data:`PRETRAIN_CLASSES` (balanced), background-source labels (n,) indexing
-    :data:`TEXTURE_SOURCES`, and uint8 object masks (n, size, size) (alpha·255).
-    ``split`` is ``train`` or ``test`` (disjoint silhouette instances)."""
+    :data:`SILHOUETTE_CLASSES` (balanced), background-family labels (n,) indexing
+    :data:`FAMILIES` (uniform, independent of the class), and uint8 object masks (n, size, size)
+    (alpha·255). ``split`` is ``train`` or ``test`` (disjoint silhouette instances)."""
     images, _ = load_silhouettes()
     part = {"train": 0, "test": 1}[split]
-    pools = [instance_pools(c, seed, (0.9, 0.1))[part] for c in PRETRAIN_CLASSES]
+    pools = source_pools(seed)
     out = np.empty((n, size, size, 3), np.uint8)
     masks = np.empty((n, size, size), np.uint8)
-    classes = np.arange(n) % len(PRETRAIN_CLASSES)
-    textures = np.empty(n, np.int64)
+    classes = np.arange(n) % len(SILHOUETTE_CLASSES)
+    families = np.empty(n, np.int64)
     for i in range(n):
         rng = np.random.default_rng([seed, 104729, part, i])
-        pool = pools[classes[i]]
+        pool = pools[SILHOUETTE_CLASSES[classes[i]]][part]
         silhouette = images[pool[int(rng.integers(len(pool)))]]
-        background, textures[i] = random_background(rng, size, contrast=(0.03, 0.2))
-        # The object must stay visible: its tone is chosen against the background's brightness.
-        tone = "dark" if background.mean() > 0.45 else "light"
-        alpha = silhouette_alpha(rng, silhouette, size, scale=(0.45, 0.8), max_rotation=25.0)
+        families[i] = int(rng.integers(len(FAMILIES)))
+        background = render_background(rng, FAMILIES[families[i]], size)
+        # The object must stay visible: its tone is chosen against the background's brightness,
+        # from the tones the replicas use (dark, mid) and a light one.
+        level = float(background.mean())
+        tones = ("dark", "mid") if level > 0.62 else ("mid", "light") if level < 0.3 else (
+            "dark", "light")
+        tone = tones[int(rng.integers(2))]
+        alpha = silhouette_alpha(rng, silhouette, size, scale=(0.45, 0.85), max_rotation=20.0)
         out[i] = compose(rng, background, alpha, foreground_fill(rng, size, tone))
         masks[i] = (alpha * 255.0 + 0.5).astype(np.uint8)
-    return out, classes.astype(np.int64), textures, masks
+    return out, classes.astype(np.int64), families, masks
+
+
+def _resize_like_eval(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, h, w) float -> (B, C, size, size): resize to ``size·256/224`` and centre-crop
+    ``size``, as the evaluation transform does to the replicas' images."""
+    big = int(size * 256 / 224)
+    x = F.interpolate(x, size=(big, big), mode="bilinear", align_corners=False, antialias=True)
+    top = (big - size) // 2
+    return x[:, :, top: top + size, top: top + size]
 
 
 def _to_input(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) normalised with the backbone's mean = std = 0.5."""
-    return (batch.permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
+    """uint8 (B, h, w, 3) -> the backbone's input (B, 3, S, S), normalised with its mean/std."""
+    x = batch.permute(0, 3, 1, 2).float() / 255.0
+    x = _resize_like_eval(x, OFFLINE_ARCH["img_size"])
+    mean = torch.tensor(OFFLINE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OFFLINE_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _token_masks(masks: torch.Tensor, grid: int) -> torch.Tensor:
+    """uint8 (B, h, w) masks -> float (B, grid², MASK_CELLS²) targets in [0, 1]: each token's
+    area (row-major token order) as a MASK_CELLS x MASK_CELLS grid of mean coverage."""
+    m = masks.float().div(255.0).unsqueeze(1)
+    m = _resize_like_eval(m, OFFLINE_ARCH["img_size"])
+    m = F.adaptive_avg_pool2d(m, grid * MASK_CELLS)[:, 0]
+    b, c = m.shape[0], MASK_CELLS
+    m = m.reshape(b, grid, c, grid, c).permute(0, 1, 3, 2, 4)
+    return m.reshape(b, grid * grid, c * c)
 
 
 class _SourceModel(nn.Module):
-    """The backbone and three heads: class and background source on the class token, and each
-    patch's object mask (patch² pixels) on that patch's token (dense figure/ground supervision,
-    which makes a ViT trained from scratch learn shape features several times faster)."""
+    """The backbone and its source-task heads: class on the class token and on the mean patch
+    token, background family on the class token, and each patch token's object mask."""
 
-    def __init__(self) -> None:
+    def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
-        self.backbone = build_offline_vit(0)
-        width, patch = OFFLINE_ARCH["embed_dim"], OFFLINE_ARCH["patch_size"]
-        self.shape_head = nn.Linear(width, len(PRETRAIN_CLASSES))
-        self.texture_head = nn.Linear(width, len(TEXTURE_SOURCES))
-        self.mask_head = nn.Linear(width, patch * patch)
+        self.backbone = backbone
+        width = OFFLINE_ARCH["embed_dim"]
+        self.class_head = nn.Linear(width, len(SILHOUETTE_CLASSES))
+        self.mean_class_head = nn.Linear(width, len(SILHOUETTE_CLASSES))
+        self.family_head = nn.Linear(width, len(FAMILIES))
+        self.mask_head = nn.Linear(width, MASK_CELLS * MASK_CELLS)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits: class (B, 6), background source (B, 16), mask (B, n_patches, patch²)."""
-        tokens = self.backbone.forward_features(x)  # (B, 1 + n_patches, width), final norm
-        pooled = self.backbone.forward_head(tokens, pre_logits=True)  # class token
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Logits: class from the class token (B, 10) and from the mean patch token (B, 10),
+        family (B, 7), mask (B, n_tokens, MASK_CELLS²). ``x``: images, or stem features while
+        the stem is bypassed (see :func:`_stem_bypassed`)."""
+        tokens = self.backbone.forward_features(x)  # (B, 1 + n_tokens, width), final norm
+        cls = tokens[:, 0]
         patches = tokens[:, self.backbone.num_prefix_tokens:]
-        return self.shape_head(pooled), self.texture_head(pooled), self.mask_head(patches)
+        return (self.class_head(cls), self.mean_class_head(patches.mean(1)),
+                self.family_head(cls), self.mask_head(patches))
 
 
-def _patch_masks(masks: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W) masks -> float (B, n_patches, patch²) targets in [0, 1], patches in the
-    ViT's row-major token order."""
-    p = OFFLINE_ARCH["patch_size"]
-    b, h, w = masks.shape
-    m = masks.float().div(255.0).reshape(b, h // p, p, w // p, p).permute(0, 1, 3, 2, 4)
-    return m.reshape(b, (h // p) * (w // p), p * p)
+@contextlib.contextmanager
+def _stem_bypassed(backbone: nn.Module) -> Iterator[None]:
+    """Within this context the backbone's patch embedding takes stem features instead of
+    images (the stem is frozen, so its features are computed once for all source images)."""
+    embed = backbone.patch_embed
+    stem, embed.backbone = embed.backbone, nn.Identity()
+    try:
+        yield
+    finally:
+        embed.backbone = stem
 
 
 @torch.no_grad()
-def _evaluate(model: _SourceModel, x, y, t, masks) -> tuple[float, float, float]:
-    """Held-out accuracy of class and background source, and pixel accuracy of the mask."""
+def _stem_features(stem: nn.Module, images: torch.Tensor, batch: int = 128,
+                   bar=None) -> torch.Tensor:
+    """Frozen-stem features (N, C, g, g) of uint8 scenes (N, h, w, 3)."""
+    out = []
+    for i in range(0, len(images), batch):
+        out.append(stem(_to_input(images[i: i + batch])).contiguous())
+        if bar is not None:
+            bar.update(len(out[-1]))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _evaluate(model: _SourceModel, x: torch.Tensor, y: torch.Tensor, f: torch.Tensor,
+              masks: torch.Tensor) -> dict[str, float]:
+    """Held-out accuracy of the class (class token, mean token), family, and mask pixels.
+    ``x``: inputs of ``model`` as it is called (images, or features under the bypass)."""
     model.eval()
-    right_y = right_t = 0
-    right_m = 0.0
+    right = np.zeros(4)
     for i in range(0, len(x), 256):
-        logits_y, logits_t, logits_m = model(_to_input(x[i: i + 256]))
-        right_y += int((logits_y.argmax(1) == y[i: i + 256]).sum())
-        right_t += int((logits_t.argmax(1) == t[i: i + 256]).sum())
-        target = _patch_masks(masks[i: i + 256]) > 0.5
-        right_m += float(((logits_m > 0) == target).float().mean(dim=(1, 2)).sum())
+        logits_y, logits_ym, logits_f, logits_m = model(x[i: i + 256])
+        right[0] += int((logits_y.argmax(1) == y[i: i + 256]).sum())
+        right[1] += int((logits_ym.argmax(1) == y[i: i + 256]).sum())
+        right[2] += int((logits_f.argmax(1) == f[i: i + 256]).sum())
+        target = masks[i: i + 256] > 0.5
+        right[3] += float(((logits_m > 0) == target).float().mean(dim=(1, 2)).sum())
     model.train()
-    return right_y / len(x), right_t / len(x), right_m / len(x)
+    acc = right / len(x)
+    return {"class": float(acc[0]), "class_mean_token": float(acc[1]), "family": float(acc[2]),
+            "mask_pixel": float(acc[3])}
 
 
 def pretrain_offline_backbone(
-    data_root: str | Path = "data",
+    cache_dir: str | Path | None = None,
     config: PretrainConfig | None = None,
     *,
     force: bool = False,
@@ -160,8 +328,12 @@ def pretrain_offline_backbone(
     for name in ("epochs", "n_train", "n_test", "batch_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"pretraining setting {name} must be >= 1, got {getattr(cfg, name)}")
-    path = offline_cache_path(data_root)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = offline_cache_path(cache_dir=cache_dir, config=cfg)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the cache folder {path.parent}: {err.strerror}; set "
+                         f"{CACHE_ENV} or --cache-dir to a writable folder") from None
     # Parallel sweep jobs that all find the cache missing pretrain it once: the others wait here.
     with exclusive_lock(path.with_name(f".{path.name}.lock")):
         if path.is_file() and not force:
@@ -178,18 +350,27 @@ def _pretrain(path: Path, cfg: PretrainConfig, progress: bool, log) -> dict:
 
     start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(cfg.seed)
-    size = OFFLINE_ARCH["img_size"]
-    x_train, y_train, t_train, m_train = (torch.from_numpy(a) for a in make_source_images(
-        cfg.n_train, "train", cfg.seed, size))
-    x_test, y_test, t_test, m_test = (torch.from_numpy(a) for a in make_source_images(
-        cfg.n_test, "test", cfg.seed, size))
+    backbone = build_offline_vit(0, stem=FrozenMobileNetV2Stem(OFFLINE_STEM_BLOCKS,
+                                                               pretrained=True))
+    stem = backbone.patch_embed.backbone
+    data = {}
+    for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
+        data[split] = [torch.from_numpy(a) for a in make_source_images(n, split, cfg.seed)]
     gen_seconds = time.perf_counter() - start
-    log(f"{OFFLINE_BACKBONE}: generated {cfg.n_train} + {cfg.n_test} source images in "
+    log(f"{OFFLINE_BACKBONE}: generated {cfg.n_train} + {cfg.n_test} source scenes in "
         f"{gen_seconds:.0f}s")
+    bar = tqdm(total=cfg.n_train + cfg.n_test, desc="frozen stem features", unit="img",
+               disable=not progress)
+    grid = backbone.patch_embed.grid_size[0]
+    feats = {s: _stem_features(stem, d[0], bar=bar) for s, d in data.items()}
+    token_masks = {s: _token_masks(d[3], grid) for s, d in data.items()}
+    bar.close()
+    stem_seconds = time.perf_counter() - start - gen_seconds
 
-    model = _SourceModel()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "pos_embed" in n]
+    model = _SourceModel(backbone)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2 and "pos_embed" not in n]
+    no_decay = [p for n, p in params if p.ndim < 2 or "pos_embed" in n]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
@@ -204,65 +385,71 @@ def _pretrain(path: Path, cfg: PretrainConfig, progress: bool, log) -> dict:
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     gen = torch.Generator().manual_seed(cfg.seed)
+    x_train, y_train, f_train = feats["train"], data["train"][1], data["train"][2]
+    m_train = token_masks["train"]
     bar = tqdm(total=total, desc=f"pretraining {OFFLINE_BACKBONE}", unit="step",
                disable=not progress)
     step = 0
     model.train()
-    for _epoch in range(cfg.epochs):
-        order = torch.randperm(cfg.n_train, generator=gen)
-        for i in range(0, cfg.n_train, cfg.batch_size):
-            idx = order[i: i + cfg.batch_size]
-            x, m = _to_input(x_train[idx]), m_train[idx]
-            if cfg.max_shift:
-                dx, dy = (int(v) for v in torch.randint(-cfg.max_shift, cfg.max_shift + 1, (2,),
-                                                        generator=gen))
-                x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-                m = torch.roll(m, shifts=(dy, dx), dims=(1, 2))
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            logits_y, logits_t, logits_m = model(x)
-            loss = (
-                criterion(logits_y, y_train[idx])
-                + cfg.texture_weight * criterion(logits_t, t_train[idx])
-                + cfg.mask_weight * nn.functional.binary_cross_entropy_with_logits(
-                    logits_m, _patch_masks(m))
-            )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"pretraining loss became {loss.item()} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            step += 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    n = min(cfg.n_test, cfg.n_train)
-    train_acc = _evaluate(model, x_train[:n], y_train[:n], t_train[:n], m_train[:n])
-    test_acc = _evaluate(model, x_test, y_test, t_test, m_test)
+    with _stem_bypassed(backbone):
+        for _epoch in range(cfg.epochs):
+            order = torch.randperm(cfg.n_train, generator=gen)
+            for i in range(0, cfg.n_train, cfg.batch_size):
+                idx = order[i: i + cfg.batch_size]
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step)
+                logits_y, logits_ym, logits_f, logits_m = model(x_train[idx])
+                loss = (
+                    criterion(logits_y, y_train[idx]) + criterion(logits_ym, y_train[idx])
+                    + cfg.family_weight * criterion(logits_f, f_train[idx])
+                    + cfg.mask_weight * F.binary_cross_entropy_with_logits(logits_m,
+                                                                           m_train[idx])
+                )
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"pretraining loss became {loss.item()} at step "
+                                             f"{step}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+                optimizer.step()
+                step += 1
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        n = min(cfg.n_test, cfg.n_train)
+        train_acc = _evaluate(model, x_train[:n], y_train[:n], f_train[:n], m_train[:n])
+    # Held-out accuracy through the whole backbone, stem included, on the images themselves:
+    # this also checks that the saved model computes what was trained.
+    x_test = _to_input(data["test"][0])
+    test_acc = _evaluate(model, x_test, data["test"][1], data["test"][2], token_masks["test"])
     seconds = time.perf_counter() - start
 
     summary = {
         "name": OFFLINE_BACKBONE,
+        "key": path.stem.rsplit("-", 1)[-1],
         "version": PRETRAIN_VERSION,
-        "architecture": dict(OFFLINE_ARCH),
-        "parameters": sum(p.numel() for p in model.backbone.parameters()),
-        "source_task": {"classes": list(PRETRAIN_CLASSES),
-                        "auxiliary_texture_sources": list(TEXTURE_SOURCES)},
-        "source_test_acc": round(test_acc[0], 4),
-        "source_test_texture_acc": round(test_acc[1], 4),
-        "source_test_mask_pixel_acc": round(test_acc[2], 4),
-        "source_train_acc": round(train_acc[0], 4),
+        "architecture": offline_arch_summary(),
+        "trained_parameters": sum(p.numel() for p in backbone.parameters()),
+        "frozen_stem_values": sum(b.numel() for b in stem.buffers()),
+        "source_task": {"classes": list(SILHOUETTE_CLASSES), "families": list(FAMILIES),
+                        "reserved_per_replica_class": RESERVED_PER_CLASS},
+        "source_test_acc": round(test_acc["class"], 4),
+        "source_test_acc_mean_token": round(test_acc["class_mean_token"], 4),
+        "source_test_family_acc": round(test_acc["family"], 4),
+        "source_test_mask_pixel_acc": round(test_acc["mask_pixel"], 4),
+        "source_train_acc": round(train_acc["class"], 4),
         "seconds": round(seconds, 1),
         "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "generation_seconds": round(gen_seconds, 1),
+        "stem_feature_seconds": round(stem_seconds, 1),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "config": asdict(cfg),
     }
-    _save_atomic(model.backbone, path, summary)
-    log(f"{OFFLINE_BACKBONE}: held-out source accuracy {test_acc[0]:.3f} (6 classes, chance "
-        f"0.167; texture {test_acc[1]:.3f}) after {seconds:.0f}s; cached at {path}")
+    _save_atomic(backbone, path, summary)
+    log(f"{OFFLINE_BACKBONE}: held-out source accuracy {test_acc['class']:.3f} (10 classes, "
+        f"chance 0.1; background family {test_acc['family']:.3f}) after {seconds:.0f}s; cached "
+        f"at {path}")
     return summary
 
 
@@ -276,27 +463,35 @@ def _save_atomic(backbone: nn.Module, path: Path, summary: dict) -> None:
     write_json_atomic(path.with_suffix(".json"), summary)
     # One metadata key only: safetensors orders several keys at random, and the file should be
     # byte-identical across runs with the same seed (the weights are).
-    write_bytes_atomic(path, save(state, metadata={"name": OFFLINE_BACKBONE}))
+    write_bytes_atomic(path, save(state, metadata={"name": f"{OFFLINE_BACKBONE}-{summary['key']}"}))
 
 
 def main(argv: list[str] | None = None) -> int:
     defaults = PretrainConfig()
     parser = argparse.ArgumentParser(
-        description="Pretrain the offline ViT backbone on shipped silhouettes and textures.")
-    parser.add_argument("--data-root", default="data",
-                        help="data root; weights go to DATA_ROOT/backbones/ (default: data)")
+        prog="python -m robustbench_fvae.pretrain",
+        description="Pretrain the offline hybrid ViT (frozen ImageNet MobileNetV2 stem, blocks "
+                    "trained here) on shipped silhouettes and textures; cached once per machine.")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help=f"cache folder (default: ${CACHE_ENV}, else "
+                             "$XDG_CACHE_HOME/robustbench_fvae or ~/.cache/robustbench_fvae)")
     parser.add_argument("--force", action="store_true", help="pretrain again even if cached")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs,
-                        help=f"epochs over the generated images (default {defaults.epochs})")
-    parser.add_argument("--seed", type=int, default=defaults.seed,
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, metavar="N",
+                        help=f"epochs over the generated scenes (default {defaults.epochs})")
+    parser.add_argument("--seed", type=int, default=defaults.seed, metavar="N",
                         help=f"seed of data and training (default {defaults.seed})")
-    parser.add_argument("--n-train", type=int, default=defaults.n_train,
-                        help=f"generated training images (default {defaults.n_train})")
+    parser.add_argument("--n-train", type=int, default=defaults.n_train, metavar="N",
+                        help=f"generated training scenes (default {defaults.n_train})")
+    parser.add_argument("--print-path", action="store_true",
+                        help="only print where the backbone of these settings is cached")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     cfg = PretrainConfig(seed=args.seed, epochs=args.epochs, n_train=args.n_train)
+    if args.print_path:
+        print(offline_cache_path(cache_dir=args.cache_dir, config=cfg))
+        return 0
     try:
-        pretrain_offline_backbone(args.data_root, cfg, force=args.force, progress=not args.quiet)
+        pretrain_offline_backbone(args.cache_dir, cfg, force=args.force, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -35,7 +35,12 @@ from torch import nn
 
 from . import records
 from .adapters import count_parameters
-from .backbones import backbone_data_config, create_backbone, default_backbone
+from .backbones import (
+    backbone_data_config,
+    backbone_digest,
+    create_backbone,
+    default_backbone,
+)
 from .config import (
     ADAPTER_METHODS,
     SELECTION_RULES,
@@ -119,6 +124,16 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
         t.lr = default_lr(cfg.method)
     if cfg.backbone is None:
         cfg.backbone = default_backbone(cfg.dataset)
+    # The hash covers what the weights and the replica were built from (DESIGN §4).
+    from .data.synthetic import BUILDER_VERSION
+
+    built = {"backbone_digest": backbone_digest(cfg.backbone, cfg.weights),
+             "replica_version": BUILDER_VERSION if cfg.dataset.startswith("synth-") else None}
+    for key, value in built.items():
+        if getattr(cfg, key) not in (None, value):
+            raise ConfigError(f"{key} {getattr(cfg, key)!r} was asked for, but this machine's "
+                              f"is {value!r}; drop the setting to run with it")
+        setattr(cfg, key, value)
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(t, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(t, key)}")
