@@ -256,6 +256,94 @@ def test_dfr_settings_name_a_different_run(parent_run, dfr_run, tmp_path, capsys
     assert len(records.read_json(other / "metrics.json")["dfr"]["c_scores"]) == 2
 
 
+# ---------------------------------------------------------------- planted images, real pipeline
+
+BACKGROUND_RGB = ((60, 150, 60), (60, 80, 190))  # the spurious cue: the whole image
+CORE_RGB = ((230, 230, 230), (20, 20, 20), (230, 40, 40), (240, 200, 30))  # a square per class
+ANIMAL_CLASSES = {"landbirds": 0, "waterbirds": 1, "small_dogs": 2, "big_dogs": 3}
+ANIMAL_BACKGROUNDS = {"land": 0, "water": 1, "indoor": 0, "outdoor": 1}
+
+
+def _paint(path: Path, y: int, a: int, rng: np.random.Generator) -> None:
+    """Overwrite a fixture image with a planted one: a noisy background colour by ``a`` and a
+    noisy 12x12 square in the middle coloured by the class ``y`` (32x32 px)."""
+    from PIL import Image
+
+    img = np.array(BACKGROUND_RGB[a], float) + 25 * rng.standard_normal((32, 32, 3))
+    img[10:22, 10:22] = np.array(CORE_RGB[y], float) + 20 * rng.standard_normal((12, 12, 1))
+    fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, format=fmt, quality=95)
+
+
+def _planted_replica(root: Path, dataset: str) -> None:
+    """A replica stand-in in the real layout whose training split pairs every class with one
+    background (one image per minority group), with group-balanced val and test splits."""
+    import csv
+
+    from data_fixtures import make_animals, make_waterbirds
+
+    rng = np.random.default_rng(0)
+    if dataset == "synth-waterbirds":
+        train = {0: 30, 1: 1, 2: 1, 3: 30}
+        counts = {"train": train, "val": {g: 12 for g in train}, "test": {g: 12 for g in train}}
+        folder = make_waterbirds(root / "synth", counts=counts, synthetic_name=dataset)
+        with open(folder / "metadata.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                _paint(folder / row["img_filename"], int(row["y"]), int(row["place"]), rng)
+        return
+    # Animals: birds land/water, dogs indoor/outdoor; each class's majority background differs
+    # from the other class of its family, so within a family the background predicts the class.
+    train = {0: 24, 1: 1, 4: 1, 5: 24, 10: 24, 11: 1, 14: 1, 15: 24}
+    counts = {"train": train, "val": {g: 8 for g in train}, "test": {g: 8 for g in train}}
+    base = make_animals(root / "synth", counts=counts, synthetic_name=dataset)
+    for path in sorted(base.rglob("*")):
+        if path.suffix.lower() in (".jpg", ".jpeg", ".png") and not path.name.startswith("."):
+            _paint(path, ANIMAL_CLASSES[path.parent.parent.name],
+                   ANIMAL_BACKGROUNDS[path.parent.name], rng)
+
+
+@pytest.mark.parametrize("dataset,num_classes", [("synth-waterbirds", 2), ("synth-animals", 4)])
+def test_dfr_fixes_an_erm_head_that_reads_the_background(tmp_path, dataset, num_classes, capsys):
+    """Through the real pipeline: a `linear` ERM run (tiny real timm ViT, random weights) on
+    planted images learns the background, which predicts the class in training (test WG 0); DFR
+    on its frozen features, fitted on group-balanced validation subsets, reads the class square
+    instead (test WG >= 0.9). Two classes and Animals' four."""
+    from threadpoolctl import threadpool_limits
+    from tiny_models import register_tiny_vit, save_tiny_weights
+
+    from robustbench_fvae.config import config_from_settings
+    from robustbench_fvae.training import run
+
+    _planted_replica(tmp_path / "data", dataset)
+    cfg = config_from_settings({
+        "method": "linear", "dataset": dataset, "backbone": register_tiny_vit(),
+        "weights": str(save_tiny_weights(tmp_path / "vit.safetensors")),
+        "data_root": str(tmp_path / "data"), "out": str(tmp_path / "out"), "device": "cpu",
+        "num_workers": 0, "epochs": 2, "seed": 0, "batch_size": 16, "eval_batch_size": 64,
+        "patience": 0, "augment": "none", "select": "val_avg", "lr": 0.05})
+    with threadpool_limits(1):
+        parent = run(cfg, progress=False, log=lambda _: None)
+    erm = parent.metrics["test"]
+    # ERM followed the background: right on every majority group, wrong on every minority one
+    assert erm["worst_group_acc"] <= 0.1
+    assert max(gr["acc"] for gr in erm["groups"]) == 1.0
+
+    with threadpool_limits(1):
+        assert dfr.main([str(parent.run_dir), "--device", "cpu"]) == EXIT_OK
+    rdir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = records.read_json(rdir / "metrics.json")
+    assert metrics["test"]["worst_group_acc"] >= 0.9
+    assert min(gr["acc"] for gr in metrics["test"]["groups"]) >= 0.9
+    assert metrics["dfr"]["parent_head_agreement_test"] == 1.0
+    d = metrics["dfr"]["feature_dim"]
+    rows = 1 if num_classes == 2 else num_classes
+    assert metrics["params"]["trainable"] == rows * (d + 1)
+    assert records.read_predictions(rdir / "predictions_test.csv")["prob"].shape[1] == \
+        num_classes
+    assert records.recompute_metrics(rdir) == {"val": metrics["val"], "test": metrics["test"]}
+    assert records.read_json(rdir / "config.json")["config"]["dataset"] == dataset
+
+
 def _one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
