@@ -324,9 +324,11 @@ def check_parent(parent_dir: str | Path) -> records.RunRecord:
 def run_dfr(parent_dir: str | Path, *, out: str | Path | None = None, seed: int = 0,
             refits: int = DEFAULT_REFITS, c_grid: Sequence[float] = C_GRID,
             device: str = "auto", force: bool = False, batch_size: int | None = None,
-            log: Callable[[str], None] = _print) -> DFRResult:
+            wait: bool = False, log: Callable[[str], None] = _print) -> DFRResult:
     """Make (or find) the DFR run of the finished run ``parent_dir``; see the module docstring.
-    Idempotent: a finished DFR run is not redone unless ``force``."""
+    Idempotent: a finished DFR run is not redone unless ``force``. One process writes a DFR run
+    at a time: another live one holding it raises :class:`records.RunInUseError`, or with
+    ``wait`` is waited for (as ``run --wait``)."""
     parent_dir = Path(parent_dir)
     parent = check_parent(parent_dir)
     if refits < 1:
@@ -341,7 +343,7 @@ def run_dfr(parent_dir: str | Path, *, out: str | Path | None = None, seed: int 
     if records.is_done(rdir) and not force:
         log(f"already done: {rdir} (use --force to redo)")
         return DFRResult(rdir, records.read_json(rdir / records.METRICS_FILE), skipped=True)
-    with records.run_lock(rdir):
+    with records.run_lock(rdir, wait=wait, log=log):
         if records.is_done(rdir) and not force:
             log(f"already done: {rdir} (use --force to redo)")
             return DFRResult(rdir, records.read_json(rdir / records.METRICS_FILE), skipped=True)
@@ -538,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
                         help="images per forward pass (default: the run's eval batch size)")
     parser.add_argument("--force", action="store_true", help="redo a finished DFR run")
+    parser.add_argument("--wait", action="store_true",
+                        help="if another process is making this DFR run, wait for it to end "
+                             "(default: exit 1 naming that process)")
     return parser
 
 
@@ -569,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = run_dfr(args.run_dir, out=args.out, seed=args.seed, refits=args.refits,
                          c_grid=args.c_grid, device=args.device, force=args.force,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, wait=args.wait)
     except (ValueError, LookupError, OSError, RuntimeError) as err:
         return fail(err)  # one line; exit 2 for bad input, 1 for the rest (cli.exit_code)
     if not result.skipped:

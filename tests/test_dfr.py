@@ -244,6 +244,15 @@ def test_dfr_is_idempotent_and_force_redoes_it(parent_run, dfr_run, capsys):
     assert after == old
 
 
+def test_dfr_run_held_by_another_process_is_not_touched(parent_run, dfr_run, capsys):
+    rdir, _ = dfr_run
+    stamp = (rdir / "done").read_text()
+    with records.run_lock(rdir):  # a separate open file: flock conflicts as with a process
+        assert dfr.main([str(parent_run), "--device", "cpu", "--force"]) == 1
+        assert "pid" in _one_error_line(capsys)
+    assert (rdir / "done").read_text() == stamp
+
+
 def test_dfr_settings_name_a_different_run(parent_run, dfr_run, tmp_path, capsys):
     rdir, _ = dfr_run
     out = tmp_path / "elsewhere"
