@@ -49,6 +49,16 @@ class Distributed:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over the ranks (returned as is in one process); no gradient."""
+        if not self.enabled:
+            return value
+        out = value.detach().clone()
+        if dist.get_backend() == "nccl" and not out.is_cuda:
+            out = out.cuda()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.to(value.device)
+
     def gather_objects(self, obj: object) -> list:
         """``[obj of rank 0, obj of rank 1, …]`` on every rank (``[obj]`` in one process)."""
         if not self.enabled:

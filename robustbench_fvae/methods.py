@@ -46,20 +46,27 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def training_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, cfg: RunConfig
+def training_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, cfg: RunConfig,
+                  task: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The method's loss for one batch and its logged parts (CE, and R, K1, K2, G when present).
 
-    FVAE family: ``λ_task·CE + λ_fvae·mean_over_adapted_layers(ℓ)`` (paper Eq. 6 as released);
-    other methods: plain CE.
+    ``task``: the training algorithm's task loss (robustbench_fvae/algorithms.py; None: the mean
+    cross-entropy of ERM), logged as ``task`` when given; ``ce`` is always the plain mean CE.
+    FVAE family: ``λ_task·task + λ_fvae·mean_over_adapted_layers(ℓ)`` (paper Eq. 6 as released);
+    other methods: the task loss.
     """
     ce = nn.functional.cross_entropy(logits.float(), y)
     parts = {"ce": ce}
+    if task is None:
+        task = ce
+    else:
+        parts["task"] = task
     if cfg.method not in FVAE_FAMILY:
-        return ce, parts
+        return task, parts
     aux, aux_parts = collect_aux_loss(model)
     if aux is None:
         raise RuntimeError("FVAE method ran no adapter in training mode; call model.train()")
     parts.update(aux_parts)
     parts["aux"] = aux
-    return cfg.adapter.lambda_task * ce + cfg.adapter.lambda_fvae * aux.float(), parts
+    return cfg.adapter.lambda_task * task + cfg.adapter.lambda_fvae * aux.float(), parts

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 from .cli import EXIT_OK, EXIT_PREEMPTED, ArgumentParser, fail
 from .config import (
+    ALGORITHMS,
+    GROUPDRO_SAMPLERS,
     METHODS,
     SELECTION_RULES,
     AdapterConfig,
@@ -24,6 +26,7 @@ from .config import (
     config_from_settings,
 )
 from .data import dataset_names
+from .data.transforms import AUGMENT_RECIPES
 from .training import REAL_DEFAULTS, SYNTH_DEFAULTS
 
 DATASETS = tuple(dataset_names())
@@ -67,12 +70,30 @@ HELP = {
     "weight_decay": "AdamW weight decay (not on biases, norms, 1-D scales)",
     "warmup_frac": "fraction of steps of linear warm-up, then linear decay",
     "grad_clip": "gradient norm clipping (0: off)",
-    "patience": "early stopping patience in epochs on the selection metric (0: off)",
+    "patience": "early stopping: training stops once every selection rule (val_wg and "
+                "val_avg) has gone N epochs without improving; each rule selects as if it had "
+                "stopped alone (0: off)",
     "select": "model selection: val_wg (uses val group labels) or val_avg (does not) "
               "(default: val_wg)",
     "seed": "random seed",
+    "augment": "training augmentation recipe: paper, standard, flip or none (default: the "
+               "dataset's, see docs/datasets.md)",
+    "spurious_strength": "synth-* only: fraction of each class's training images on its "
+                         "majority background (default: the real dataset's own)",
+    "algorithm": "training algorithm, any with any method: erm, groupdro, resample, reweight, "
+                 "jtt (see docs/algorithms.md) (default: erm)",
+    "groupdro_eta": "GroupDRO step size of the group weights q <- q*exp(eta*loss_g)",
+    "groupdro_adjustment": "GroupDRO generalisation adjustment C (adds C/sqrt(n_g) to the "
+                           "group losses in the q update; 0: off)",
+    "groupdro_sampler": "GroupDRO batches: natural (ERM's order) or balanced (group-balanced "
+                        "draws, the released code's reweight_groups) (default: natural)",
+    "jtt_epochs": "JTT stage-1 ERM epochs T (default: 1 on synth-*, JTT paper's otherwise)",
+    "jtt_upweight": "JTT upweight lambda: each error image is seen lambda+1 times per epoch "
+                    "(default: 20 on synth-*, JTT paper's otherwise)",
 }
-CHOICES = {"method": METHODS, "select": SELECTION_RULES, "dataset": DATASETS}
+CHOICES = {"method": METHODS, "select": SELECTION_RULES, "dataset": DATASETS,
+           "algorithm": ALGORITHMS, "groupdro_sampler": GROUPDRO_SAMPLERS,
+           "augment": AUGMENT_RECIPES}
 REQUIRED = ("method", "dataset")
 METAVARS = {int: "N", float: "X", str: "TEXT"}
 NAMED_METAVARS = {"backbone": "NAME", "weights": "FILE", "data_root": "DIR", "out": "DIR",

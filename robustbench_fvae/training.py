@@ -35,6 +35,13 @@ from torch import nn
 
 from . import records
 from .adapters import count_parameters
+from .algorithms import (
+    GROUP_LABELS_IN_TRAINING,
+    JTT_ERROR_FILE,
+    jtt_defaults,
+    make_algorithm,
+    validate_algorithm,
+)
 from .backbones import (
     backbone_data_config,
     backbone_digest,
@@ -65,13 +72,13 @@ from .metrics import (
     evaluate_split,
 )
 from .progress import progress_bar
-from .selection import RULES, select_epoch, should_stop_early
+from .selection import RULES, select_epoch, should_stop_all, stopping_epoch
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Fault injection for the resume tests (see the module docstring); -1: off.
 _FAULT_KILL_AFTER_STEP = int(os.environ.get("RBF_FAULT_KILL_AFTER_STEP", "-1"))
 WEIGHTS_FILE = "adapter.safetensors"
-LOSS_KEYS = ("loss", "ce", "aux", "R", "K1", "K2", "G")
+LOSS_KEYS = ("loss", "ce", "task", "aux", "R", "K1", "K2", "G")
 
 # CPU-sized defaults for the offline replicas; the released code's for real data.
 SYNTH_DEFAULTS = {"epochs": 5, "batch_size": 64, "eval_batch_size": 256}
@@ -143,6 +150,11 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"warmup_frac must be in [0, 1), got {t.warmup_frac}")
     if t.weight_decay < 0 or t.grad_clip < 0 or t.patience < 0:
         raise ConfigError("weight_decay, grad_clip and patience must be >= 0")
+    if t.algorithm == "jtt":
+        epochs, upweight = jtt_defaults(cfg.dataset)
+        t.jtt_epochs = epochs if t.jtt_epochs is None else t.jtt_epochs
+        t.jtt_upweight = upweight if t.jtt_upweight is None else t.jtt_upweight
+    validate_algorithm(t)
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise ConfigError(f"unknown device {cfg.device!r}; expected auto, cpu, cuda or cuda:N")
     return cfg
@@ -161,8 +173,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 class SeededAugmentation(torch.utils.data.Dataset):
-    """A training split whose random augmentation of item ``i`` in epoch ``e`` is seeded by
-    ``(seed, e, i)`` — the same in any worker, after any resume."""
+    """A training split read by ``(position, index)`` keys: item ``index`` at ``position`` of
+    epoch ``e``'s order, its random augmentation seeded by ``(seed, e, position)`` — the same in
+    any worker, after any resume, and different for two visits of one image (resampling, JTT).
+    Yields ``(image, y, g)``."""
 
     def __init__(self, split: GroupSplit, seed: int) -> None:
         self.split, self.seed, self.epoch = split, seed, 0
@@ -170,16 +184,13 @@ class SeededAugmentation(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int):
-        seed = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0]
+    def __getitem__(self, key: tuple[int, int]):
+        position, index = key
+        seed = np.random.SeedSequence([self.seed, self.epoch, int(position)]).generate_state(1)[0]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
-            return self.split[index]
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
+            image, y, _ = self.split[index]
+        return image, y, int(self.split.g[index])
 
 
 def make_loader(dataset, indices: list[int], batch_size: int, workers: int,
@@ -407,6 +418,9 @@ def _run_held(cfg: RunConfig, rdir: Path, dist: Distributed, device_name: str, f
     device = resolve_device(device_name)
     workers = cfg.num_workers if cfg.num_workers is not None else (
         0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
+    error_set = None
+    if cfg.train.algorithm == "jtt":
+        error_set = _jtt_error_set(cfg, rdir, dist, device, workers, progress, log)
     torch.manual_seed(cfg.train.seed)
     model, splits, adapted = build_model_and_data(cfg, device)
     check_eval_groups(splits)
@@ -422,11 +436,52 @@ def _run_held(cfg: RunConfig, rdir: Path, dist: Distributed, device_name: str, f
         f"{params['inference']:,} inference-time added parameters, "
         f"{len(adapted)} adapted layers; device {device}"
         + (f" x {dist.world_size} processes" if dist.enabled else "") + f"; run {rdir}")
-    trainer = _Trainer(cfg, model, splits, device, workers, rdir, progress, log, dist)
+    trainer = _Trainer(cfg, model, splits, device, workers, rdir, progress, log, dist,
+                       error_set=error_set)
     trainer.fit()
     metrics = trainer.finish(params)
     dist.barrier()
     return RunResult(rdir, metrics)
+
+
+def jtt_stage1_config(cfg: RunConfig) -> RunConfig:
+    """JTT's identification run: ERM with the same settings for ``jtt_epochs`` epochs, no early
+    stopping (JTT uses the model at the end of its T epochs). An ordinary run record."""
+    stage1 = RunConfig.from_dict(cfg.to_dict())
+    t = stage1.train
+    t.epochs, t.patience, t.algorithm = cfg.train.jtt_epochs, 0, "erm"
+    t.jtt_epochs = t.jtt_upweight = None
+    return stage1
+
+
+def _jtt_error_set(cfg: RunConfig, rdir: Path, dist: Distributed, device: torch.device,
+                   workers: int, progress: bool, log: Callable[[str], None]) -> list[int]:
+    """JTT's error set: the training images that stage 1's final model misclassifies (eval
+    transform). Computed once and kept in ``rdir/jtt_error_set.json``; a resumed run reads it."""
+    path = rdir / JTT_ERROR_FILE
+    if not path.is_file():
+        stage1 = jtt_stage1_config(cfg)
+        log(f"JTT stage 1: ERM for {stage1.train.epochs} epoch(s)")
+        first = run(stage1, progress=progress, log=log, wait=True)
+        with torch.random.fork_rng(devices=[]):
+            model, splits, _ = build_model_and_data(resolve_config(stage1), device)
+        ckpt = torch.load(first.run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        load_trainable_state(model, ckpt["model"])  # the final epoch's model, not the selected
+        train = splits["train"]
+        train.transform = splits["val"].transform
+        _, pred = predict(model, train, cfg.train.eval_batch_size, workers, device, dist)
+        errors = np.flatnonzero(pred != train.y)
+        per_group = {grp.name: int(np.sum(train.g[errors] == grp.g)) for grp in train.groups}
+        if dist.is_main:
+            rdir.mkdir(parents=True, exist_ok=True)
+            records.write_json_atomic(path, {
+                "stage1_run": str(first.run_dir), "stage1_hash": first.run_dir.name,
+                "n_train": len(train), "n_errors": len(errors), "errors_per_group": per_group,
+                "error_set": [int(i) for i in errors]})
+        dist.barrier()
+        log(f"JTT error set: {len(errors)} of {len(train)} training images ({per_group})")
+    info = records.read_json(path)
+    return [int(i) for i in info["error_set"]]
 
 
 def _silent(_message: str) -> None:
@@ -437,7 +492,7 @@ class _Trainer:
     """The epoch loop of one run, with its checkpoints and records."""
 
     def __init__(self, cfg, model, splits, device, workers, rdir, progress, log,
-                 dist: Distributed) -> None:
+                 dist: Distributed, error_set: list[int] | None = None) -> None:
         self.cfg, self.model, self.splits, self.device = cfg, model, splits, device
         self.workers, self.rdir, self.progress, self.log = workers, rdir, progress, log
         self.dist = dist
@@ -446,8 +501,12 @@ class _Trainer:
         self.train_model = model if not dist.enabled else nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
         self.train_set = SeededAugmentation(splits["train"], t.seed)
+        train = splits["train"]
+        self.algorithm = make_algorithm(t, train.g, train.train_group_counts, dist,
+                                        error_set=lambda: error_set or [])
         # With K processes each epoch drops < K samples so that every rank takes as many steps.
-        self.epoch_size = len(self.train_set) - len(self.train_set) % dist.world_size
+        length = self.algorithm.epoch_length()
+        self.epoch_size = length - length % dist.world_size
         self.steps_per_epoch = math.ceil(self.epoch_size / t.batch_size)
         self.optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr,
                                            eps=1e-8)
@@ -465,7 +524,8 @@ class _Trainer:
     def _state(self) -> dict:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "sums": dict(self.sums),
-                "history": self.history, "train_time": self.train_time}
+                "history": self.history, "train_time": self.train_time,
+                "algorithm": self.algorithm.state_dict()}
 
     def _save(self) -> None:
         # Every rank's RNG state (dropout differs per rank), gathered to rank 0 which writes.
@@ -497,6 +557,7 @@ class _Trainer:
         self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         self.global_step, self.sums = ckpt["global_step"], ckpt["sums"]
         self.history, self.train_time = ckpt["history"], ckpt["train_time"]
+        self.algorithm.load_state_dict(ckpt.get("algorithm", {}))
         if int(ckpt.get("record_version", 1)) < 2:
             self.history, _ = records.epochs_from_one(self.history)
         # history.jsonl may hold a line written after this checkpoint: rewrite it from the
@@ -511,8 +572,11 @@ class _Trainer:
         t = self.cfg.train
         with sigterm_flag() as flag:
             while self.epoch < t.epochs:
-                if self.history and should_stop_early(self.history, t.select, t.patience):
-                    self.log(f"early stop: no {t.select} improvement in {t.patience} epochs")
+                # Stop only when every rule's patience is spent, so that no rule's selection
+                # comes from a history another rule cut short.
+                if self.history and should_stop_all(self.history, t.patience):
+                    self.log(f"early stop: no improvement of {' or '.join(RULES)} in "
+                             f"{t.patience} epochs")
                     break
                 self._train_epoch(flag)
                 self._end_epoch()
@@ -520,7 +584,7 @@ class _Trainer:
     def _train_epoch(self, flag: dict[str, bool]) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.train_set.epoch = self.epoch
-        order = epoch_order(len(self.train_set), t.seed, self.epoch)[:self.epoch_size]
+        order = list(enumerate(self.algorithm.epoch_order(self.epoch)[:self.epoch_size]))
         # Rank r takes every K-th image of the remaining order, b/K per step: the union of the
         # ranks' step s is exactly the single-process batch s.
         shard = self.dist.shard(order[self.step_in_epoch * t.batch_size:])
@@ -531,12 +595,13 @@ class _Trainer:
                    desc=f"epoch {self.epoch + 1}/{t.epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
         start = time.perf_counter()
-        for images, y, _ in bar:
+        for images, y, g in bar:
             images = images.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+            y, g = y.to(self.device, non_blocking=True), g.to(self.device, non_blocking=True)
             with autocast(self.device):
                 logits = self.train_model(images)
-            loss, parts = training_loss(self.model, logits, y, cfg)
+            task = self.algorithm.task_loss(logits, y, g)
+            loss, parts = training_loss(self.model, logits, y, cfg, task=task)
             values = {k: float(v.detach()) for k, v in parts.items()}
             values["loss"] = float(loss.detach())
             if not all(math.isfinite(v) for v in values.values()):
@@ -590,6 +655,9 @@ class _Trainer:
             outputs[split] = (prob, pred)
         record["alarms"] = [f"constant predictor on {s}" for s, (_, pred) in outputs.items()
                             if constant_predictor(pred)]
+        summary = self.algorithm.summary()
+        if summary:
+            record["algorithm"] = summary
         self.history.append(record)
         if self.dist.is_main:
             records.append_jsonl(self.rdir / records.HISTORY_FILE, record)
@@ -598,7 +666,7 @@ class _Trainer:
                  f" | val WG {val['worst_group_acc']:.3f} avg {val['avg_acc']:.3f}"
                  f" | test WG {test['worst_group_acc']:.3f} avg {test['avg_acc']:.3f}"
                  + (f" | ALARM: {'; '.join(record['alarms'])}" if record["alarms"] else ""))
-        if select_epoch(self.history, t.select)["epoch"] == self.epoch + 1 and \
+        if select_epoch(self.history, t.select, t.patience)["epoch"] == self.epoch + 1 and \
                 self.dist.is_main:
             self._write_selected(outputs)
         self.epoch += 1
@@ -616,12 +684,14 @@ class _Trainer:
         os.replace(tmp, self.rdir / WEIGHTS_FILE)
 
     def finish(self, params: dict[str, int]) -> dict:
-        rule = self.cfg.train.select
-        chosen = select_epoch(self.history, rule)
+        t = self.cfg.train
+        rule = t.select
+        # Each rule selects within the history early stopping on it alone would have made.
+        chosen = select_epoch(self.history, rule, t.patience)
         others = {}
         for other in SELECTION_RULES:
             if other != rule:
-                rec = select_epoch(self.history, other)
+                rec = select_epoch(self.history, other, t.patience)
                 others[other] = {"selected_epoch": rec["epoch"], "val": rec["val"],
                                  "test": rec["test"]}
         metrics = {
@@ -634,6 +704,10 @@ class _Trainer:
             "other_selections": others,
             "alarms": chosen.get("alarms", []),
             "epochs_run": len(self.history),
+            "early_stopping": {"patience": t.patience, "stopped_after_epoch": {
+                r: stopping_epoch(self.history, r, t.patience) for r in SELECTION_RULES}},
+            "algorithm": {"name": t.algorithm, **self.algorithm.summary(),
+                          "group_labels_in_training": GROUP_LABELS_IN_TRAINING[t.algorithm]},
             "train_time_s": round(self.train_time, 2),
         }
         counterfactual = evaluate_counterfactual(

@@ -3,6 +3,7 @@ no-op reruns and the sanity alarms — real runs of a tiny timm ViT on replica-l
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -133,6 +134,32 @@ def test_same_seed_same_numbers_and_rerun_is_a_no_op(env, tmp_path, capsys):
     assert (first.run_dir / "done").stat().st_mtime_ns != stamp
 
 
+@pytest.mark.parametrize("algorithm", ["groupdro", "resample", "reweight", "jtt"])
+@pytest.mark.parametrize("method", ["lora", "fvae", "vae2lat", "bvae2lat", "full", "linear"])
+def test_every_method_runs_with_every_algorithm(env, tmp_path, method, algorithm):
+    extra = {"jtt_epochs": 1, "jtt_upweight": 3} if algorithm == "jtt" else {}
+    cfg = tiny_cfg(env, tmp_path, method=method, epochs=1, algorithm=algorithm, **extra)
+    result = run(cfg, progress=False, log=quiet)
+    metrics = result.metrics
+    assert metrics["algorithm"]["name"] == algorithm
+    assert metrics["algorithm"]["group_labels_in_training"] == (
+        None if algorithm == "jtt" else "train")
+    (record,) = records.read_history(result.run_dir / "history.jsonl")
+    assert "task" in record["train"] and math.isfinite(record["train"]["task"])
+    if algorithm == "groupdro":
+        q = record["algorithm"]["q"]
+        assert len(q) == 4 and sum(q) == pytest.approx(1.0, abs=1e-5)
+    if algorithm == "jtt":
+        info = records.read_json(result.run_dir / "jtt_error_set.json")
+        stage1 = records.load_run(info["stage1_run"])
+        assert stage1.done and stage1.run_config.train.algorithm == "erm"
+        assert stage1.run_config.train.epochs == 1 and len(stage1.history) == 1
+        assert record["algorithm"]["error_set_size"] == info["n_errors"] == len(
+            info["error_set"])
+        # stage 2's epoch: every image once, each error image 3 more times (batch 4)
+        assert record["step"] == math.ceil((32 + 3 * info["n_errors"]) / 4)
+
+
 @pytest.mark.parametrize("method", ["lora", "vae2lat", "bvae2lat", "full", "linear"])
 def test_every_method_runs(env, tmp_path, method):
     result = run(tiny_cfg(env, tmp_path, method=method, epochs=1), progress=False, log=quiet)
@@ -147,31 +174,46 @@ def test_every_method_runs(env, tmp_path, method):
 # 32 training images, batch 4: 8 steps per epoch; 2 epochs; a checkpoint every 2 steps. A kill
 # after step 10 hits a step checkpoint in the middle of epoch 2; after step 11 it falls between
 # two, so the resumed run redoes step 11.
-KILL_CASES = [("lora", 10), ("lora", 11), ("fvae", 10), ("fvae", 11), ("vae2lat", 11),
-              ("bvae2lat", 11), ("full", 11), ("linear", 11)]
+KILL_CASES = [("lora", 10, "erm"), ("lora", 11, "erm"), ("fvae", 10, "erm"),
+              ("fvae", 11, "erm"), ("vae2lat", 11, "erm"), ("bvae2lat", 11, "erm"),
+              ("full", 11, "erm"), ("linear", 11, "erm"), ("lora", 11, "groupdro"),
+              ("fvae", 11, "jtt")]
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize(("method", "kill_after"), KILL_CASES)
-def test_killed_mid_epoch_resumes_to_identical_predictions(env, tmp_path, method, kill_after):
+@pytest.mark.parametrize(("method", "kill_after", "algorithm"), KILL_CASES)
+def test_killed_mid_epoch_resumes_to_identical_predictions(env, tmp_path, method, kill_after,
+                                                           algorithm):
     """SIGKILL at an exactly known step (fault injection in the runner, see training.py), then a
     relaunch: the prediction files are byte-identical to an uninterrupted run's. Every source of
-    randomness (dropout, FVAE samples, augmentation, data order) and the optimiser, schedule and
-    loss sums must come back exactly for this to hold."""
-    reference = run(tiny_cfg(env, tmp_path / "ref", method=method, epochs=2), progress=False,
-                    log=quiet)
-    cfg = tiny_cfg(env, tmp_path / "killed", method=method, epochs=2)
+    randomness (dropout, FVAE samples, augmentation, data order), the optimiser, schedule and
+    loss sums, GroupDRO's weights and JTT's error set must come back exactly for this to hold."""
+    extra = {"algorithm": algorithm}
+    flags = ["--algorithm", algorithm]
+    if algorithm == "jtt":  # stage 1: 1 epoch of 8 steps, so step 10 falls in stage 2
+        extra.update(jtt_epochs=1, jtt_upweight=2)
+        flags += ["--jtt-epochs", "1", "--jtt-upweight", "2"]
+    reference = run(tiny_cfg(env, tmp_path / "ref", method=method, epochs=2, **extra),
+                    progress=False, log=quiet)
+    cfg = tiny_cfg(env, tmp_path / "killed", method=method, epochs=2, **extra)
     rdir = records.run_dir(cfg.out, _resolved(cfg))
-    proc = launch(cli_args(cfg, "--checkpoint-every", "2"),
+    proc = launch(cli_args(cfg, "--checkpoint-every", "2", *flags),
                   RBF_FAULT_KILL_AFTER_STEP=str(kill_after))
     with reaped(proc):
         output, _ = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, output
     assert not records.is_done(rdir)
     ckpt = torch.load(rdir / CHECKPOINT_FILE, weights_only=True)
-    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 2)  # mid-epoch 2, after step 10
+    assert ckpt["global_step"] == 10 and ckpt["step_in_epoch"] > 0  # in the middle of an epoch
     assert records.lock_path(rdir).exists()  # left behind by the kill; must not block
+    if algorithm == "jtt":
+        error_file = rdir / "jtt_error_set.json"
+        stamp = error_file.stat().st_mtime_ns
+        ref_info = records.read_json(reference.run_dir / "jtt_error_set.json")
+        assert records.read_json(error_file)["error_set"] == ref_info["error_set"]
     resumed = run(cfg, progress=False, log=quiet)
+    if algorithm == "jtt":  # the recorded error set is reused, not recomputed
+        assert error_file.stat().st_mtime_ns == stamp
     for split in ("val", "test"):
         path = records.predictions_path
         assert path(resumed.run_dir, split).read_bytes() == \
@@ -321,16 +363,18 @@ def test_cli_help_lists_every_setting(capsys):
 
 
 @pytest.mark.processes
-def test_two_process_ddp_matches_one_process(env, tmp_path):
+@pytest.mark.parametrize("algorithm", ["erm", "groupdro"])
+def test_two_process_ddp_matches_one_process(env, tmp_path, algorithm):
     """torchrun with 2 CPU processes (gloo): each rank takes half of every batch and gradients
     are averaged, so with no dropout a LoRA run follows the single-process run; evaluation is
-    sharded and gathered back in order, and only rank 0 writes the record."""
-    single = tiny_cfg(env, tmp_path / "one", method="lora", epochs=2)
+    sharded and gathered back in order, and only rank 0 writes the record. GroupDRO's group
+    losses and weights are taken over the global batch, so they follow the single process too."""
+    single = tiny_cfg(env, tmp_path / "one", method="lora", epochs=2, algorithm=algorithm)
     single.adapter.lora_dropout = 0.0
     reference = run(single, progress=False, log=quiet)
-    cfg = tiny_cfg(env, tmp_path / "two", method="lora", epochs=2)
+    cfg = tiny_cfg(env, tmp_path / "two", method="lora", epochs=2, algorithm=algorithm)
     cfg.adapter.lora_dropout = 0.0
-    args = cli_args(cfg, "--lora-dropout", "0")
+    args = cli_args(cfg, "--lora-dropout", "0", "--algorithm", algorithm)
     env_vars = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{ROOT}", RBF_TEST_THREADS="1",
                     HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
@@ -348,6 +392,10 @@ def test_two_process_ddp_matches_one_process(env, tmp_path):
     one_pred = records.read_predictions(reference.run_dir / "predictions_test.csv")
     assert (ddp_pred["index"] == one_pred["index"]).all()
     assert abs(ddp_pred["prob"] - one_pred["prob"]).max() < 1e-4
+    if algorithm == "groupdro":
+        ddp_q = records.read_history(rdir / "history.jsonl")[-1]["algorithm"]["q"]
+        one_q = records.read_history(reference.run_dir / "history.jsonl")[-1]["algorithm"]["q"]
+        assert ddp_q == pytest.approx(one_q, abs=1e-5)
     # The gathered evaluation equals a single-process evaluation of the same weights.
     model, _, splits = load_trained_model(rdir)
     from robustbench_fvae.training import predict
