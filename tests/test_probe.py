@@ -349,7 +349,8 @@ def test_probes_csv_and_table(tmp_path):
     assert table[2].split()[-6:] == ["z1", "0.900", "0.510", "3/4", "0.5", "0.250"]
     assert table[3].split()[:6] == ["z2", "0.550", "0.970", "0/4", "0.5", "-"]
     assert "COLLAPSED" in table[3] and "COLLAPSED" not in table[2]
-    assert table[-1].split()[-2:] == ["0.500", "0.500"]
+    assert table[-2].split()[-2:] == ["0.500", "0.500"]
+    assert table[-1].startswith("collapsed = no active unit")
     # The figure: written, and taller with the collapse panel than without it.
     with_checks = probe_accuracy_plot(rows, tmp_path / "probes.png", "t")
     plain = [{k: v for k, v in r.items() if k in CSV_COLUMNS[:13]} for r in rows]

@@ -328,11 +328,14 @@ def format_table(rows: Sequence[dict]) -> str:
             line += f"  {active:>7}  {c['std_median']:7.3g}  " + (
                 f"{sigma:6.3f}" if not math.isnan(sigma) else f"{'-':>6}")
             if c["collapsed"]:
-                line += "  COLLAPSED (no active unit: its accuracy is not evidence)"
+                line += "  COLLAPSED"
         lines.append(line)
     lines.append("-" * len(head))
     lines.append(f"{'chance (best constant predictor)':{width + 10}}" + "".join(
         f"  {chance[t]:7.3f}" for t in targets))
+    if any(c.get("collapsed") for c in checks.values()):
+        lines.append(f"collapsed = no active unit (no dimension varies over the test images by "
+                     f"more than {ACTIVE_VAR} in variance): its accuracies are not evidence")
     return "\n".join(lines)
 
 
