@@ -638,6 +638,16 @@ def _run(args: argparse.Namespace, device: torch.device, threads: int) -> dict:
     if peaks:
         result["fvae_over_lora_cuda_peak_bytes"] = _ratio(peaks["fvae"], peaks["lora"])
         result["cuda_peak_bytes"] = peaks
+    # Median over rounds of the within-round ratio: steadier than the ratio of medians when the
+    # machine's load drifts during the run (reported beside it, not judged).
+    result["paired"] = {
+        "fvae_over_lora_train": _paired_ratio(by[("model train", "fvae")],
+                                              by[("model train", "lora")]),
+        "fvae_over_lora_eval": _paired_ratio(by[("model eval", "fvae")],
+                                             by[("model eval", "lora")]),
+        "fvae_unfused_over_fused_eval": _paired_ratio(by[("model eval", "fvae_unfused")],
+                                                      by[("model eval", "fvae")]),
+    }
     result["median_ms"] = {f"{g}/{n}": round(s.median, 3) for (g, n), s in stats.items()}
     result["params"] = {name: count_parameters(m) for name, m in models.items()}
     result["targets_met"] = {key: _meets(result[key], op, bound) for key, op, bound in TARGETS}

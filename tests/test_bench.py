@@ -45,6 +45,8 @@ def test_quick_benchmark_prints_json_with_positive_finite_ratios(capsys):
         value = record[key]
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
         assert value == pytest.approx(result[key])
+    for key in ("fvae_over_lora_train", "fvae_over_lora_eval", "fvae_unfused_over_fused_eval"):
+        assert math.isfinite(record["paired"][key]) and record["paired"][key] > 0
     settings = record["settings"]
     assert settings["quick"] is True and settings["threads"] == threads
     assert settings["device"] == "cpu" and settings["torch"] == torch.__version__
