@@ -95,8 +95,9 @@ def _check_landed(run: PlannedRun) -> str | None:
 
 def prepare_offline_assets(runs: Sequence[PlannedRun], log: Callable[[str], None] = print
                            ) -> None:
-    """Build missing offline replicas and pretrain the offline backbone once, here, before
-    parallel runs start (otherwise every run would wait on, or redo, the same preparation)."""
+    """Build missing offline replicas (one per dataset, data root and spurious strength) and
+    pretrain the offline backbone (once per machine) here, before parallel runs start (otherwise
+    every run would wait on, or redo, the same preparation)."""
     from robustbench_fvae.backbones import (
         OFFLINE_BACKBONE,
         ensure_offline_backbone,
@@ -106,17 +107,15 @@ def prepare_offline_assets(runs: Sequence[PlannedRun], log: Callable[[str], None
 
     todo = [r for r in runs if not records.is_done(r.run_dir)]
     try:
-        for dataset, root in dict.fromkeys((r.dataset, r.config.data_root) for r in todo):
-            if get_spec(dataset).synthetic and replica_info(dataset, root) is None:
-                log(f"building the {dataset} replica under {root} (once, before the runs)")
-                ensure_replica(dataset, root)
-        for root in dict.fromkeys(r.config.data_root for r in todo
-                                  if r.config.backbone == OFFLINE_BACKBONE
-                                  and not r.config.weights):
-            if not offline_cache_path(root).is_file():
-                log(f"pretraining {OFFLINE_BACKBONE} into {offline_cache_path(root)} (once, "
-                    "before the runs)")
-                ensure_offline_backbone(root)
+        for dataset, root, rho in dict.fromkeys(
+                (r.dataset, r.config.data_root, r.config.train.spurious_strength) for r in todo):
+            if get_spec(dataset).synthetic and replica_info(dataset, root, rho) is None:
+                ensure_replica(dataset, root, strength=rho, log=log)
+        if any(r.config.backbone == OFFLINE_BACKBONE and not r.config.weights for r in todo) \
+                and not offline_cache_path().is_file():
+            log(f"pretraining {OFFLINE_BACKBONE} into {offline_cache_path()} (once per machine, "
+                "before the runs)")
+            ensure_offline_backbone()
     except (ValueError, FileNotFoundError) as err:
         raise LauncherError(f"cannot prepare the offline assets: {err}") from None
 
