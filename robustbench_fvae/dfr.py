@@ -382,9 +382,11 @@ def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: d
     # The parent's own head on these features must reproduce its recorded test predictions;
     # anything less means the features are not what the head reads (or bf16 noise on CUDA).
     with torch.inference_mode():
-        parent_logits = head(torch.from_numpy(feats["test"]).to(dev)).float().cpu().numpy()
-    parent_pred = records.read_predictions(records.predictions_path(parent.path, "test"))["pred"]
-    agreement = float(np.mean(parent_logits.argmax(1) == parent_pred))
+        parent_prob = torch.softmax(head(torch.from_numpy(feats["test"]).to(dev)).float(),
+                                    dim=-1).cpu().numpy()
+    recorded = records.read_predictions(records.predictions_path(parent.path, "test"))
+    agreement = float(np.mean(parent_prob.argmax(1) == recorded["pred"]))
+    prob_gap = float(np.abs(parent_prob - recorded["prob"]).max())
     if agreement < 0.99:
         log(f"warning: the parent's head on the extracted features agrees with its recorded "
             f"test predictions on only {agreement:.3f} of the images")
@@ -418,6 +420,9 @@ def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: d
 
     pm = parent.metrics or {}
     config = {k: v for k, v in parent.config.items() if k not in ("environment", "derived")}
+    # This record is written now, epochs counted from 1 (the parent's were converted on reading),
+    # so it carries the current version even when the parent's record is older.
+    config["record_version"] = records.RECORD_VERSION
     config["config_hash"] = digest
     config["config"] = dict(config.get("config", {}), out=str(out_root), device=str(dev))
     config["config"]["train"] = dict(config["config"].get("train", {}), algorithm=ALGORITHM)
@@ -449,6 +454,7 @@ def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: d
             "nonzero_coefficients": int(np.count_nonzero(fit.head.coef)),
             "convergence_warnings": fit.convergence_warnings,
             "parent_head_agreement_test": agreement,
+            "parent_head_max_prob_diff_test": prob_gap,
         },
         "parent": {"run_dir": str(parent.path.resolve()), "selection": pm.get("selection"),
                    "selected_epoch": pm.get("selected_epoch"),
