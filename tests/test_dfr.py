@@ -196,6 +196,7 @@ def test_dfr_cli_writes_a_derived_run_record(parent_run, dfr_run):
     assert metrics["params"]["trainable"] == d + 1  # binary: one coefficient row + intercept
     # the extracted features are what the parent's head reads: it reproduces its predictions
     assert metrics["dfr"]["parent_head_agreement_test"] == 1.0
+    assert metrics["dfr"]["parent_head_max_prob_diff_test"] < 1e-5  # fp32 on CPU
     # every metric can be recomputed from the prediction files alone
     assert records.recompute_metrics(rdir) == {"val": metrics["val"], "test": metrics["test"]}
     pred = records.read_predictions(rdir / "predictions_test.csv")
@@ -344,6 +345,7 @@ def test_dfr_fixes_an_erm_head_that_reads_the_background(tmp_path, dataset, num_
     assert metrics["test"]["worst_group_acc"] >= 0.9
     assert min(gr["acc"] for gr in metrics["test"]["groups"]) >= 0.9
     assert metrics["dfr"]["parent_head_agreement_test"] == 1.0
+    assert metrics["dfr"]["parent_head_max_prob_diff_test"] < 1e-5  # fp32 on CPU
     d = metrics["dfr"]["feature_dim"]
     rows = 1 if num_classes == 2 else num_classes
     assert metrics["params"]["trainable"] == rows * (d + 1)
