@@ -475,6 +475,19 @@ def test_fused_eval_is_not_used_with_gradients_or_in_training(monkeypatch):
     with record_latents(model) as store, torch.no_grad():
         model(x)
     assert calls == [] and all(store[n]["z1"] for n in store)
+    # Likewise a hook on every module (a profiler): it must see each adapter run.
+    seen: list[str] = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, *_: seen.append(type(m).__name__))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    assert calls == [] and seen.count("FVAEAdapter") == len(adapted_layers(model))
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 2  # hooks gone: fused again, once per adapted module
 
 
 @pytest.mark.parametrize("method", ["lora", "fvae"])

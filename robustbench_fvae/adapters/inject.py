@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules import module as _torch_module
 
 from ..config import FVAE_FAMILY, AdapterConfig, validate_adapter_config
 from .fvae import LOSS_PARTS, FVAEAdapter, FVAEObjective
@@ -51,7 +51,6 @@ class AdaptedLinear(nn.Module):
         self.slices: dict[str, tuple[int, int]] = {}
         self.merged = False
         self.fuse_eval = True  # see the module docstring; set_eval_fusion switches it off
-
 
     @property
     def in_features(self) -> int:
@@ -91,7 +90,10 @@ class AdaptedLinear(nn.Module):
                     or adapter._forward_hooks or adapter._forward_pre_hooks):
                 return False
             kinds.add(type(adapter))
-        return len(kinds) == 1 and not (_global_forward_hooks or _global_forward_pre_hooks)
+        # Hooks registered for every module (profilers, debuggers) expect the adapters to run.
+        global_hooks = (getattr(_torch_module, "_global_forward_hooks", None)
+                        or getattr(_torch_module, "_global_forward_pre_hooks", None))
+        return len(kinds) == 1 and not global_hooks
 
     def fused_eval_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, bool, torch.Tensor,
                                           torch.Tensor | None, tuple[int, int]]:
