@@ -1,7 +1,10 @@
-"""``python -m robustbench_fvae.report RUNS_DIR [--out DIR] [--select RULE] [--split SPLIT]``.
+"""``python -m robustbench_fvae.report RUNS_DIR [--out DIR] [--select RULE] [--split SPLIT]
+[--best-by RULE]``.
 
-Collects every finished run under RUNS_DIR, groups them by dataset × method × the settings that
-differ between runs of that dataset/method (other than the seed), aggregates over seeds and writes
+Collects every finished run under RUNS_DIR (derived DFR runs included), groups them by dataset ×
+method × training algorithm × the settings that differ between runs of that dataset/method
+(other than the seed) — or, with ``--best-by``, keeps per dataset × method × algorithm only the
+setting with the best seed-mean validation score — aggregates over seeds and writes
 ``table.md``, ``table.csv``, ``table.tex``, ``groups.csv``, ``runs.csv``, per-group bar plots,
 a WG-vs-average scatter, training curves and a self-contained ``report.html`` to ``--out``
 (default ``RUNS_DIR/report``); when runs of a dataset differ in spurious strength, also
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 import warnings
@@ -39,6 +41,7 @@ from robustbench_fvae.analysis.aggregate import (
     robustness_curves,
     run_results,
 )
+from robustbench_fvae.cli import EXIT_OK, ArgumentParser, fail
 from robustbench_fvae.records import write_text_atomic
 from robustbench_fvae.selection import RULES
 
@@ -100,14 +103,26 @@ def build_report(
     *,
     select: str | None = None,
     split: str = "test",
+    best_by: str | None = None,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> Report:
     """Collect, aggregate and write the report of ``runs_dir`` into ``out``.
 
     ``select`` None reports each run at its own selected epoch; ``"val_wg"``/``"val_avg"``
     re-selects every run by that rule. ``split`` is the evaluated split shown (test by default).
+    ``best_by`` (``"val_wg"``/``"val_avg"``) keeps, per dataset × method × algorithm × RHO, only
+    the setting with the best seed-mean validation score of that rule; the epochs are then
+    selected by the same rule (``select`` None becomes ``best_by``; another rule is refused).
     Raises :class:`ReportError` when nothing can be reported.
     """
+    if best_by is not None:
+        if best_by not in RULES:
+            raise ReportError(f"unknown --best-by rule {best_by!r}; accepted: {', '.join(RULES)}")
+        if select is not None and select != best_by:
+            raise ReportError(f"--best-by {best_by} with --select {select}: settings and epochs "
+                              "are chosen by the same rule (DESIGN §6); drop --select or make "
+                              "it the same")
+        select = best_by
     found = collect_runs(runs_dir)
     if not found.finished:
         raise ReportError(_no_finished_message(found))
@@ -117,7 +132,7 @@ def build_report(
     if not results:
         raise ReportError(f"none of the {len(found.finished)} finished run(s) under {found.root} "
                           f"can be reported with --select {select}: {skipped[0][1]}")
-    rows = aggregate(results)
+    rows = aggregate(results, best_by=best_by)
     out_dir = Path(out) if out is not None else found.root / REPORT_DIRNAME
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = robustness_curves(rows)
@@ -214,9 +229,13 @@ def build_report(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m robustbench_fvae.report",
-        description=__doc__.split("\n\n")[1].replace("``", ""))
+        usage="%(prog)s RUNS_DIR [--out DIR] [--select val_wg|val_avg] [--split test|val] "
+              "[--best-by val_wg|val_avg]",
+        description=__doc__.split("\n\n")[1].replace("``", ""),
+        epilog="Exit status: 0 written, 1 writing failed, 2 bad input (no such folder, no "
+               "finished run, bad option).")
     parser.add_argument("runs_dir", metavar="RUNS_DIR",
                         help="folder holding run records (the --out of run/sweep)")
     parser.add_argument("--out", metavar="DIR", default=None,
@@ -227,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "val_avg does not")
     parser.add_argument("--split", choices=SPLITS, default="test",
                         help="evaluated split whose metrics are reported (default: test)")
+    parser.add_argument("--best-by", choices=tuple(RULES), default=None, metavar="RULE",
+                        help="val_wg or val_avg: per dataset × method × algorithm, keep only the "
+                             "setting (lr, beta, …) with the best seed-mean validation score of "
+                             "this rule, named in a Setting column (DomainBed style); epochs are "
+                             "selected by the same rule (default: show every setting)")
     return parser
 
 
@@ -236,17 +260,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("always")
         try:
             report = build_report(args.runs_dir, args.out, select=args.select, split=args.split,
-                                  log=print)
-        except (ValueError, FileNotFoundError) as err:
-            if os.environ.get("RBF_TRACEBACK"):
-                raise
+                                  best_by=args.best_by, log=print)
+        except Exception as err:  # noqa: BLE001 - bad input exits 2, anything else 1 (cli.py)
             _print_warnings(caught)
-            print(f"error: {err}  (set RBF_TRACEBACK=1 for the traceback)", file=sys.stderr)
-            return 1
+            return fail(err)
     _print_warnings(caught)
     print("wrote " + ", ".join(sorted(report.files)) + f" to {report.out}")
     print(report.files["report.html"])
-    return 0
+    return EXIT_OK
 
 
 def _print_warnings(caught: Sequence[warnings.WarningMessage]) -> None:

@@ -349,20 +349,33 @@ def test_unfinished_and_unreadable_runs_are_skipped_counted_and_named(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert report_cli.main([str(tmp_path / "nope")]) == 1
+    # missing or unfinished records are bad input (exit 2, cli.py), as for every command
+    assert report_cli.main([str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "runs folder not found: " in err and "nope" in err
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert report_cli.main([str(empty)]) == 1
+    assert report_cli.main([str(empty)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no runs under" in err and "robustbench_fvae.run" in err
+
+    # a bad flag: the short usage line and the error, exit 2
+    with pytest.raises(SystemExit) as exc:
+        report_cli.main([str(empty), "--best-by", "test_wg"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("usage:") and "--best-by" in err[1]
+    # two rules for one report: refused in one line
+    write_run(empty, method="lora", seed=0)
+    assert report_cli.main([str(empty), "--best-by", "val_wg", "--select", "val_avg"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "same rule" in err
 
     out = tmp_path / "out"
     a = write_run(out, method="lora", seed=0, done=False, lr=1e-3)
     write_run(out, method="fvae", seed=3, done=False, adapter=AdapterConfig(beta=10.0))
-    assert report_cli.main([str(out)]) == 1
+    assert report_cli.main([str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "found 2 unfinished" in err and str(a) in err
     cmd = re.search(r"`(python -m robustbench_fvae\.run [^`]*)`", err).group(1)
@@ -502,11 +515,18 @@ def test_csv_has_fractions_mean_std_ci_and_params(built_report):
     assert list(rows[0]) == [
         "dataset",
         "method",
+        "algorithm",
         "settings",
         "label",
         "spurious_strength",
         "selection",
         "split",
+        "group_labels",
+        "group_labels_training",
+        "group_labels_selection",
+        "best_by",
+        "best_by_score",
+        "best_by_candidates",
         "n_seeds",
         "seeds",
         *metric_cols,

@@ -35,8 +35,14 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
-from robustbench_fvae.config import FVAE_FAMILY, METHODS, RunConfig
-from robustbench_fvae.records import RecordNotFoundError, RunRecord, iter_runs
+from robustbench_fvae.config import (
+    ALGORITHMS,
+    DERIVED_ALGORITHMS,
+    FVAE_FAMILY,
+    METHODS,
+    RunConfig,
+)
+from robustbench_fvae.records import RecordNotFoundError, RunRecord, iter_runs, load_run
 from robustbench_fvae.selection import RULES, get_rule, select_epoch
 
 # The scalar metrics of one evaluated split, in table order (see metrics.py for definitions).
@@ -71,6 +77,14 @@ CURVE_METRICS = (("val", "worst_group_acc"), ("val", "avg_acc"), ("test", "worst
                  ("test", "avg_acc"))
 # Config fields that never name a row: where/how a run happens, and the seed (averaged over).
 _IGNORED_SETTINGS = frozenset({*RunConfig.UNHASHED, "train.seed", "method", "dataset"})
+# The training algorithm is part of the row's name ("lora + groupdro"), not one of its settings.
+ALGORITHM_SETTING = "train.algorithm"
+# Where a run records its early-stopping patience (re-selection emulates it, see _selected).
+PATIENCE_SETTING = "train.patience"
+# Prefix of the settings a DFR run adds from its ``derived.settings`` (e.g. ``dfr_refits``).
+DERIVED_PREFIX = "derived.dfr_"
+# Table order of the training algorithms; a derived run (DFR) follows its parent's algorithm.
+ALGORITHM_ORDER = (*ALGORITHMS, *DERIVED_ALGORITHMS)
 
 
 class ReportError(ValueError):
@@ -202,6 +216,16 @@ class RunResult:
     extra: dict[str, float] = field(default_factory=dict)
     # one entry per history record: {"epoch": int, "val": {metric: value}, "test": {...}}
     curve: list[dict[str, Any]] = field(default_factory=list)
+    # "erm", "groupdro", …; a DFR run: "dfr" on an ERM parent, else e.g. "groupdro+dfr"
+    algorithm: str = "erm"
+    derived: bool = False  # a derived run (DFR): no training history of its own
+    # the splits whose group labels trained the run ("train": GroupDRO/ReSample/ReWeight,
+    # "val": DFR) and whether its selection (epoch rule, DFR's C) read validation group labels
+    group_labels_training: tuple[str, ...] = ()
+    group_labels_selection: bool = False
+    # {rule: validation score the rule maximises, at the epoch it selects} (--best-by); a DFR
+    # run carries its parent's (its own validation numbers are in-sample)
+    val_scores: dict[str, float] = field(default_factory=dict)
 
     @property
     def rho(self) -> float | None:
@@ -236,7 +260,26 @@ def run_settings(rec: RunRecord) -> dict[str, Any]:
     for key, value in _default_settings().items():
         flat.setdefault(key, value)
     flat.setdefault(SPURIOUS_STRENGTH_SETTING, None)
+    derived = rec.config.get("derived")
+    if isinstance(derived, Mapping) and isinstance(derived.get("settings"), Mapping):
+        for key, value in derived["settings"].items():
+            flat[f"{DERIVED_PREFIX}{key}"] = tuple(value) if isinstance(value, list) else value
     return {k: v for k, v in flat.items() if k not in _IGNORED_SETTINGS}
+
+
+def relevant_settings(settings: Mapping[str, Any], algorithm: str) -> dict[str, Any]:
+    """``settings`` without the algorithm itself and without the hyperparameters of algorithms
+    the run did not use (``train.groupdro_eta`` of a JTT run is a default nobody chose)."""
+    used = set(algorithm.split("+"))
+    out = {}
+    for key, value in settings.items():
+        if key == ALGORITHM_SETTING:
+            continue
+        owner = next((a for a in ALGORITHM_ORDER if key.startswith(f"train.{a}_")), None)
+        if owner is not None and owner not in used:
+            continue
+        out[key] = value
+    return out
 
 
 def _default_settings() -> dict[str, Any]:
@@ -299,22 +342,124 @@ def _float(value: Any) -> float:
     return out
 
 
+def is_derived(rec: RunRecord) -> bool:
+    """True for a derived run (DFR): fitted on a finished parent, no training of its own."""
+    train = (rec.config.get("config") or {}).get("train") or {}
+    return "derived" in rec.config or train.get("algorithm") in DERIVED_ALGORITHMS
+
+
+def run_patience(rec: RunRecord) -> int | None:
+    """The early-stopping patience the run trained with (None: not recorded, no emulation)."""
+    value = ((rec.config.get("config") or {}).get("train") or {}).get("patience")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _selected(rec: RunRecord, select: str | None) -> tuple[str, int | None, Mapping, Mapping]:
-    """(rule, epoch, val M, test M) of ``rec`` under ``select`` (None: the run's own rule)."""
+    """(rule, epoch, val M, test M) of ``rec`` under ``select`` (None: the run's own rule).
+
+    Re-selecting from ``history.jsonl`` emulates early stopping on ``select`` alone with the
+    run's own patience (the runner trains until every rule's patience is spent, so the history
+    holds what that rule alone would have seen), as the runner's ``other_selections`` do.
+    A DFR run was fitted at its parent's selected epoch: it serves ``select`` only when that is
+    its parent's rule.
+    """
     metrics = rec.metrics or {}
     own = str(metrics.get("selection"))
+    if is_derived(rec):
+        parent_rule = (rec.config.get("derived") or {}).get("parent_selection")
+        if select is not None and select != parent_rule:
+            raise ValueError(f"a derived ({own}) run is fitted at its parent's epoch selected by "
+                             f"{parent_rule}, and has no epochs of its own to re-select by "
+                             f"{select}")
+        return own, metrics.get("selected_epoch"), metrics["val"], metrics["test"]
     if select is None or select == own:
         return own, metrics.get("selected_epoch"), metrics["val"], metrics["test"]
     other = (metrics.get("other_selections") or {}).get(select)
     if isinstance(other, Mapping) and isinstance(other.get("test"), Mapping) \
             and isinstance(other.get("val"), Mapping):
         return select, other.get("selected_epoch"), other["val"], other["test"]
-    chosen = select_epoch(rec.history, select)  # ValueError when the history cannot serve it
+    # ValueError when the history cannot serve it
+    chosen = select_epoch(rec.history, select, run_patience(rec))
     for split in SPLITS:
         if not isinstance(chosen.get(split), Mapping):
             raise ValueError(f"the history record of epoch {chosen.get('epoch')} has no "
                              f"{split} metrics")
     return select, chosen.get("epoch"), chosen["val"], chosen["test"]
+
+
+def validation_scores(rec: RunRecord) -> dict[str, float]:
+    """``{rule: the validation metric the rule maximises, at the epoch it selects}`` for every
+    rule the run can serve (NaN otherwise): what ``--best-by`` ranks settings by."""
+    out = {}
+    for name, rule in RULES.items():
+        try:
+            val = _selected(rec, name)[2]
+        except (ValueError, KeyError):
+            out[name] = math.nan
+            continue
+        out[name] = _float(val.get(rule.metric)) if isinstance(val, Mapping) else math.nan
+    return out
+
+
+def _recorded_algorithm(rec: RunRecord) -> str:
+    """The training algorithm a (non-derived) run recorded; records from before the field
+    existed trained with ERM."""
+    train = (rec.config.get("config") or {}).get("train") or {}
+    return str(train.get("algorithm") or "erm")
+
+
+def _training_labels(rec: RunRecord, algorithm: str) -> tuple[str, ...]:
+    """The splits whose group labels trained a non-derived run, as its metrics.json records
+    (``algorithm.group_labels_in_training``); older records trained with ERM (none)."""
+    block = (rec.metrics or {}).get("algorithm")
+    if isinstance(block, Mapping) and "group_labels_in_training" in block:
+        split = block.get("group_labels_in_training")
+        return (str(split),) if split else ()
+    if algorithm == "erm":
+        return ()
+    from robustbench_fvae.algorithms import GROUP_LABELS_IN_TRAINING  # imports torch
+
+    split = GROUP_LABELS_IN_TRAINING.get(algorithm)
+    return (split,) if split else ()
+
+
+def _parent_of(rec: RunRecord, by_hash: Mapping[str, RunRecord]) -> RunRecord | None:
+    """The finished run a derived run was made from: among the reported runs, else read from
+    the ``derived.parent_dir`` it names; None when neither is there."""
+    derived = rec.config.get("derived") or {}
+    parent = by_hash.get(str(derived.get("parent_hash")))
+    if parent is not None:
+        return parent
+    try:
+        parent = load_run(derived.get("parent_dir") or "")
+    except (ValueError, OSError):
+        return None
+    return parent if parent.metrics else None
+
+
+def _provenance(rec: RunRecord, by_hash: Mapping[str, RunRecord]
+                ) -> tuple[str, tuple[str, ...], bool, dict[str, float]]:
+    """(algorithm chain, group-label splits used in training, whether selection read
+    validation group labels, validation scores) of a run; for a derived run, its parent's
+    training algorithm and labels come first."""
+    selection = str((rec.metrics or {}).get("selection"))
+    if not is_derived(rec):
+        algorithm = _recorded_algorithm(rec)
+        return (algorithm, _training_labels(rec, algorithm), selection == "val_wg",
+                validation_scores(rec))
+    own = str((rec.config.get("config") or {}).get("train", {}).get("algorithm") or "dfr")
+    parent = _parent_of(rec, by_hash)
+    if parent is None:
+        warnings.warn(f"the parent of derived run {rec.path} is not among the reported runs nor "
+                      f"at {(rec.config.get('derived') or {}).get('parent_dir')}: its training "
+                      f"algorithm is unknown (shown as ERM) and it cannot be ranked by "
+                      "--best-by", UserWarning, stacklevel=3)
+        return own, ("val",), True, {name: math.nan for name in RULES}
+    base = _recorded_algorithm(parent)
+    chain = own if base == "erm" else f"{base}+{own}"
+    splits = tuple(dict.fromkeys((*_training_labels(parent, base), "val")))
+    # DFR chooses C by worst-group accuracy on held-out validation images: group labels
+    return chain, splits, True, validation_scores(parent)
 
 
 def _alarms(rec: RunRecord, epoch: int | None) -> list[str]:
@@ -336,13 +481,17 @@ def run_results(
 
     ``select`` None keeps each run's own selection (``metrics.json``); ``"val_wg"``/``"val_avg"``
     re-selects: from ``metrics.json``'s ``other_selections`` when it holds the rule, otherwise from
-    ``history.jsonl``. ``split`` is the evaluated split shown ("test" by default; "val" shows the
-    numbers the selection itself looked at).
+    ``history.jsonl`` (early stopping on that rule emulated with the run's patience). ``split``
+    is the evaluated split shown ("test" by default; "val" shows the numbers the selection itself
+    looked at). A derived (DFR) run is found its parent among ``runs`` (or at the parent
+    directory it records) for its parent's algorithm and validation scores.
     """
     if select is not None:
         get_rule(select)  # unknown names → ValueError listing the rules
     if split not in SPLITS:
         raise ReportError(f"unknown split {split!r}; accepted: {', '.join(SPLITS)}")
+    runs = list(runs)
+    by_hash = {str(rec.config_hash): rec for rec in runs}
     results: list[RunResult] = []
     skipped: list[tuple[Path, str]] = []
     for rec in runs:
@@ -359,6 +508,7 @@ def run_results(
         params = (rec.metrics or {}).get("params") or {}
         own_epoch = (rec.metrics or {}).get("selected_epoch")
         at_own = split == "test" and epoch == own_epoch
+        algorithm, trained_on, selection_labels, scores = _provenance(rec, by_hash)
         results.append(RunResult(
             path=rec.path, dataset=str(rec.dataset), method=str(rec.method), seed=rec.seed,
             config_hash=str(rec.config_hash), selection=rule,
@@ -366,11 +516,16 @@ def run_results(
             metrics={k: _float(m[k]) for k in METRICS},
             groups=[dict(gr) for gr in m["groups"]],
             params={k: int(v) for k, v in params.items() if isinstance(v, (int, float))},
-            settings=run_settings(rec),
+            settings=relevant_settings(run_settings(rec), algorithm),
             alarms=_alarms(rec, epoch),
             extra={k: counterfactual_metric(rec.metrics, m, k, at_own_epoch=at_own)
                    for k in EXTRA_METRICS},
             curve=training_curve(rec),
+            algorithm=algorithm, derived=is_derived(rec),
+            group_labels_training=trained_on,
+            group_labels_selection=selection_labels if select is None or is_derived(rec)
+            else select == "val_wg",
+            val_scores=scores,
         ))
     return results, skipped
 
@@ -385,12 +540,24 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def assign_labels(results: Sequence[RunResult]) -> None:
-    """Set ``row_settings`` and ``label`` of every result (in place).
+def algorithm_label(method: str, algorithm: str) -> str:
+    """``"lora"`` for ERM, ``"lora + groupdro"``, ``"lora + dfr"`` (DFR of an ERM run),
+    ``"lora + groupdro + dfr"`` (DFR of a GroupDRO run)."""
+    parts = [a for a in algorithm.split("+") if a and a != "erm"]
+    return " + ".join([method, *parts])
 
-    Within each dataset/method, the settings whose values differ between its runs name the row:
-    ``label = "fvae (beta=10, lr=0.001)"``; a setting is shown by its last name component unless
-    two differing settings share it (then by its dotted name).
+
+def assign_labels(results: Sequence[RunResult], *, best_by: bool = False) -> None:
+    """Set ``row_settings``, ``label`` and ``base_label`` of every result (in place).
+
+    The method and training algorithm name the row (``lora + groupdro``); within each
+    dataset/method, the settings whose values differ between its runs are added:
+    ``label = "fvae (beta=10, lr=0.001)"``. A setting is shown by its last name component unless
+    two differing settings share it (then by its dotted name). An algorithm's own
+    hyperparameters count only among the runs of that algorithm (see
+    :func:`relevant_settings`). With ``best_by`` (one setting kept per dataset × method ×
+    algorithm × RHO, see :func:`choose_best`) only RHO names the row; ``row_settings`` still
+    holds every differing setting (the chosen one, shown in its own column).
     """
     by_dm: dict[tuple[str, str], list[RunResult]] = {}
     for r in results:
@@ -398,21 +565,79 @@ def assign_labels(results: Sequence[RunResult]) -> None:
     for runs in by_dm.values():
         keys = sorted({k for r in runs for k in r.settings})
         differing = [k for k in keys
-                     if len({repr(r.settings.get(k, "<unset>")) for r in runs}) > 1]
+                     if len({repr(r.settings[k]) for r in runs if k in r.settings}) > 1]
         short = {k: k.rsplit(".", 1)[-1] for k in differing}
         clashes = {s for s in short.values() if list(short.values()).count(s) > 1}
         names = {k: (k if short[k] in clashes else short[k]) for k in differing}
+        rho_name = names.get(SPURIOUS_STRENGTH_SETTING)
         for r in runs:
-            r.row_settings = {names[k]: _show(r.settings.get(k, "unset")) for k in differing}
-            r.label = _label(r.method, r.row_settings)
-            rho_name = names.get(SPURIOUS_STRENGTH_SETTING)
-            r.base_label = _label(r.method, {k: v for k, v in r.row_settings.items()
-                                             if k != rho_name})
+            r.row_settings = {names[k]: _show(r.settings[k]) for k in differing
+                              if k in r.settings}
+            r.base_label = _label(algorithm_label(r.method, r.algorithm),
+                                  {} if best_by else {k: v for k, v in r.row_settings.items()
+                                                      if k != rho_name})
+            shown = {k: v for k, v in r.row_settings.items()
+                     if not best_by or k == rho_name}
+            r.label = _label(algorithm_label(r.method, r.algorithm), shown)
 
 
 def _label(method: str, settings: Mapping[str, str]) -> str:
     inner = ", ".join(f"{k}={v}" for k, v in settings.items())
     return f"{method} ({inner})" if inner else method
+
+
+@dataclass
+class Choice:
+    """How ``--best-by`` chose the setting of one dataset × method × algorithm × RHO cell."""
+
+    rule: str
+    chosen: str  # the chosen setting, e.g. "lr=0.001, beta=10" ("" when there was one)
+    score: float  # its seed-mean validation score (NaN: none could be ranked)
+    # every candidate setting compared, in rank order: (setting text, seed-mean score, n runs)
+    candidates: list[tuple[str, float, int]] = field(default_factory=list)
+    via_parent: bool = False  # derived runs: ranked by their parents' validation scores
+
+
+def setting_text(settings: Mapping[str, str]) -> str:
+    """``{"lr": "0.001", "beta": "10"}`` → ``"lr=0.001, beta=10"``; the spurious strength is
+    left out (it is a condition of the comparison, not a setting to choose)."""
+    rho = SPURIOUS_STRENGTH_SETTING.rsplit(".", 1)[-1]
+    return ", ".join(f"{k}={v}" for k, v in settings.items() if k.rsplit(".", 1)[-1] != rho)
+
+
+def choose_best(results: Sequence[RunResult], rule: str
+                ) -> tuple[list[RunResult], dict[tuple, Choice]]:
+    """DomainBed-style hyperparameter selection: per dataset × method × algorithm × RHO, keep
+    only the runs of the setting with the best seed-mean validation score of ``rule`` (each
+    run's validation worst-group or average accuracy at the epoch ``rule`` selects).
+
+    Ties go to the setting whose text sorts first (``"lr=0.001" < "lr=0.005"``); settings no run
+    of which has a score rank last. Derived runs (DFR) are ranked by their parents' scores:
+    their own validation numbers are their training data. Returns the kept results and
+    ``{(dataset, method, algorithm, rho): Choice}``.
+    """
+    get_rule(rule)  # unknown names → ValueError listing the rules
+    assign_labels(results)
+    cells: dict[tuple, dict[str, list[RunResult]]] = {}
+    for r in results:
+        cells.setdefault((r.dataset, r.method, r.algorithm, r.rho), {}).setdefault(
+            r.label, []).append(r)
+    kept: list[RunResult] = []
+    choices: dict[tuple, Choice] = {}
+    for cell, candidates in cells.items():
+        ranked = []
+        for label in sorted(candidates):
+            runs = candidates[label]
+            score = summarize(r.val_scores.get(rule, math.nan) for r in runs).mean
+            ranked.append((setting_text(runs[0].row_settings), score, len(runs), label))
+        # stable: sorted by text above, so among equal scores the first text stays first
+        ranked.sort(key=lambda c: -c[1] if math.isfinite(c[1]) else math.inf)
+        best = ranked[0]
+        kept += candidates[best[3]]
+        choices[cell] = Choice(rule=rule, chosen=best[0], score=best[1],
+                               candidates=[c[:3] for c in ranked],
+                               via_parent=any(r.derived for r in candidates[best[3]]))
+    return kept, choices
 
 
 # --------------------------------------------------------------------------- statistics
@@ -469,15 +694,38 @@ class GroupRow:
     runs: list[RunResult]
     base_label: str = ""  # the label without the spurious strength (one curve line)
     rho: float | None = None  # spurious strength of the row's runs (None: dataset default)
+    algorithm: str = "erm"  # see RunResult.algorithm
+    derived: bool = False  # DFR rows: fitted on their parents, no training history
+    group_labels_training: tuple[str, ...] = ()  # see RunResult
+    group_labels_selection: bool = False
+    choice: Choice | None = None  # with --best-by: how this row's setting was chosen
 
     @property
     def n(self) -> int:
         return len(self.runs)
 
     @property
+    def group_labels(self) -> str:
+        """Which group labels the row used and what for, e.g. ``"train (training) + val
+        (selection)"``, ``"val (DFR training) + val (selection)"``, ``"none"``."""
+        return group_labels_text(self.group_labels_training, self.group_labels_selection)
+
+    @property
     def seeds_text(self) -> str:
         """The seeds of the row's runs, e.g. ``"1, 2, 42"`` (``?`` for a run without one)."""
         return ", ".join("?" if s is None else str(s) for s in self.seeds)
+
+
+def group_labels_text(training: Sequence[str], selection: bool) -> str:
+    """The group-label column of a table (see :attr:`GroupRow.group_labels`)."""
+    parts = []
+    if "train" in training:
+        parts.append("train (training)")
+    if "val" in training:
+        parts.append("val (DFR training)")
+    if selection:
+        parts.append("val (selection)")
+    return " + ".join(parts) or "none"
 
 
 def _dataset_key(name: str) -> tuple[int, str]:
@@ -488,25 +736,38 @@ def _method_key(name: str) -> tuple[int, str]:
     return (METHODS.index(name) if name in METHODS else len(METHODS), name)
 
 
-def sort_key(dataset: str, method: str, label: str) -> tuple:
-    """Table order: datasets as in the paper, methods as in config.METHODS, then label."""
-    return (_dataset_key(dataset), _method_key(method), label)
+def _algorithm_key(chain: str) -> tuple[int, ...]:
+    """ERM, GroupDRO, ReSample, ReWeight, JTT, then each one's DFR (a DFR row after its
+    parent's algorithm)."""
+    return tuple(ALGORITHM_ORDER.index(a) if a in ALGORITHM_ORDER else len(ALGORITHM_ORDER)
+                 for a in chain.split("+"))
 
 
-def aggregate(results: Sequence[RunResult]) -> list[GroupRow]:
+def sort_key(dataset: str, method: str, label: str, algorithm: str = "erm") -> tuple:
+    """Table order: datasets as in the paper, methods as in config.METHODS, algorithms as in
+    ALGORITHM_ORDER (a DFR row right after its parents' algorithm), then label."""
+    return (_dataset_key(dataset), _method_key(method), _algorithm_key(algorithm), label)
+
+
+def aggregate(results: Sequence[RunResult], best_by: str | None = None) -> list[GroupRow]:
     """Group ``results`` into rows (labels assigned here) and aggregate each metric over seeds.
 
+    ``best_by`` (``"val_wg"``/``"val_avg"``) keeps one setting per dataset × method ×
+    algorithm × RHO (:func:`choose_best`); the rows then carry their :class:`Choice`.
     Per-group accuracies are aggregated by group index ``g``; a group empty in a run
     (``acc`` None) does not count for that run. Parameter counts come from the first run and are
     expected to be identical across seeds (a warning says otherwise).
     """
-    assign_labels(results)
-    buckets: dict[tuple[str, str, str], list[RunResult]] = {}
+    choices: dict[tuple, Choice] = {}
+    if best_by is not None:
+        results, choices = choose_best(results, best_by)
+    assign_labels(results, best_by=best_by is not None)
+    buckets: dict[tuple[str, str, str, str], list[RunResult]] = {}
     for r in results:
-        buckets.setdefault((r.dataset, r.method, r.label), []).append(r)
+        buckets.setdefault((r.dataset, r.method, r.label, r.algorithm), []).append(r)
     rows: list[GroupRow] = []
-    for (dataset, method, label), runs in sorted(buckets.items(),
-                                                  key=lambda kv: sort_key(*kv[0])):
+    for (dataset, method, label, algorithm), runs in sorted(buckets.items(),
+                                                             key=lambda kv: sort_key(*kv[0])):
         runs = sorted(runs, key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0))
         rules = sorted({r.selection for r in runs})
         group_meta: dict[int, tuple[str, int]] = {}
@@ -532,6 +793,13 @@ def aggregate(results: Sequence[RunResult]) -> list[GroupRow]:
             groups=[GroupStat(g, group_meta[g][0], group_meta[g][1], summarize(group_vals[g]))
                     for g in sorted(group_meta)],
             params=params, runs=runs, base_label=runs[0].base_label, rho=runs[0].rho,
+            algorithm=algorithm, derived=any(r.derived for r in runs),
+            group_labels_training=tuple(dict.fromkeys(
+                s for r in runs for s in r.group_labels_training)),
+            # hyperparameters chosen by validation worst-group accuracy read group labels too
+            group_labels_selection=any(r.group_labels_selection for r in runs)
+            or best_by == "val_wg",
+            choice=choices.get((dataset, method, algorithm, runs[0].rho)),
         ))
     return rows
 
@@ -569,7 +837,8 @@ def robustness_curves(rows: Sequence[GroupRow]) -> list[CurvePoint]:
         mine = [r for r in rows if r.dataset == dataset and r.rho is not None]
         if len({r.rho for r in mine}) < 2:
             continue
-        for r in sorted(mine, key=lambda r: (sort_key(r.dataset, r.method, r.base_label), r.rho)):
+        for r in sorted(mine, key=lambda r: (sort_key(r.dataset, r.method, r.base_label,
+                                                      r.algorithm), r.rho)):
             assert r.rho is not None
             points.append(CurvePoint(dataset=dataset, method=r.method, label=r.base_label,
                                      rho=r.rho, seeds=list(r.seeds),
@@ -613,5 +882,13 @@ def selection_description(rule: str) -> str:
     parts = []
     for name in rule.split("/"):
         spec = RULES.get(name)
-        parts.append(f"{name}: {spec.description}" if spec else name)
+        text = spec.description if spec else DERIVED_SELECTION.get(name)
+        parts.append(f"{name}: {text}" if text else name)
     return "; ".join(parts)
+
+
+# What the ``selection`` of a derived run's metrics.json means (docs/dfr.md).
+DERIVED_SELECTION = {
+    "dfr": "the parent run's selected epoch, its last layer refitted on the validation split "
+           "with C chosen by worst-group accuracy on a held-out validation half (uses "
+           "validation group labels)"}

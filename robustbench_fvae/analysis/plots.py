@@ -209,7 +209,7 @@ def wg_vs_avg_figure(results: Sequence[RunResult], labels: Sequence[str] | None 
     line, marker = dataset; the diagonal is zero disparity (points below it by |WG − Avg|)."""
     if not results:
         raise ValueError("no run to plot")
-    results = sorted(results, key=lambda r: sort_key(r.dataset, r.method, r.label))
+    results = sorted(results, key=lambda r: sort_key(r.dataset, r.method, r.label, r.algorithm))
     df = pd.DataFrame([{"Method": r.base_label or r.label, "Dataset": r.dataset,
                         "avg": 100.0 * r.metrics["avg_acc"],
                         "wg": 100.0 * r.metrics["worst_group_acc"]} for r in results])
@@ -268,6 +268,10 @@ def training_curves_figure(rows: Sequence[GroupRow], dataset: str,
     rows = [r for r in rows if r.dataset == dataset]
     if not rows or not any(run.curve for r in rows for run in r.runs):
         raise ValueError(f"no training history for dataset {dataset!r}")
+    # Derived runs (DFR) have no epochs of their own: no line, named in the title instead.
+    no_history = list(dict.fromkeys(r.label for r in rows
+                                    if not any(run.curve for run in r.runs)))
+    rows = [r for r in rows if any(run.curve for run in r.runs)]
     rhos = list(dict.fromkeys(r.rho for r in rows))
     rhos.sort(key=lambda v: (v is not None, v or 0.0))
     keys = list(dict.fromkeys(r.base_label for r in rows))
@@ -326,7 +330,9 @@ def training_curves_figure(rows: Sequence[GroupRow], dataset: str,
                  "seeds (seeds that reached the epoch); rings: each seed's selected epoch "
                  f"({'/'.join(sorted({r.selection for r in rows}))})"
                  + ("\nmethods drawn slightly apart along x so equal values stay visible"
-                    if dodge else ""), fontsize=10)
+                    if dodge else "")
+                 + (f"\nnot drawn (no training history of their own): {', '.join(no_history)}"
+                    if no_history else ""), fontsize=10)
     return fig
 
 

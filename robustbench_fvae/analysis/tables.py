@@ -24,6 +24,7 @@ from robustbench_fvae.analysis.aggregate import (
     GroupRow,
     RunResult,
     Stat,
+    group_labels_text,
     selection_description,
     sort_key,
 )
@@ -34,6 +35,8 @@ TABLE_METRICS = ("worst_group_acc", "avg_acc", "adj_avg_acc", "mean_group_acc", 
 METHOD_NAMES = {"lora": "LoRA", "fvae": "FVAE-LoRA", "vae2lat": "VAE2LAT",
                 "bvae2lat": r"$\beta$-VAE2LAT", "full": "Full fine-tuning",
                 "linear": "Linear probe"}
+ALGORITHM_NAMES = {"groupdro": "GroupDRO", "resample": "ReSample", "reweight": "ReWeight",
+                   "jtt": "JTT", "dfr": "DFR"}
 DATASET_NAMES = {"waterbirds": "Waterbirds", "celeba": "CelebA", "animals": "Animals",
                  "synth-waterbirds": "Waterbirds (synthetic)",
                  "synth-celeba": "CelebA (synthetic)", "synth-animals": "Animals (synthetic)"}
@@ -94,6 +97,13 @@ def settings_text(settings: dict[str, str]) -> str:
     return "; ".join(f"{k}={v}" for k, v in settings.items())
 
 
+def chosen_text(row: GroupRow) -> str:
+    """The setting --best-by chose for ``row`` (``"only one"`` when nothing differed)."""
+    if row.choice is None:
+        return ""
+    return row.choice.chosen or "only one"
+
+
 def split_rules(rows: Sequence[GroupRow]) -> tuple[str, str]:
     """(selection rule(s), split(s)) shown by ``rows``, each joined by '/' when mixed."""
     rules = sorted({part for r in rows for part in r.selection.split("/")})
@@ -123,11 +133,44 @@ def table_notes(rows: Sequence[GroupRow]) -> list[str]:
                      "animal on a neutral background; Bg. reliance = how much the background "
                      "alone moves the predicted class (0: not at all, 100: it decides it); both "
                      "at the selected epoch, recorded on the synth-* replicas only.")
+    notes += group_label_notes(rows)
     if any(r.rho is not None for r in rows):
         notes.append("spurious_strength = RHO, the fraction of each class's training images on "
                      "its majority background; 'default' = the dataset's own. Different RHO "
                      "are different settings, never averaged together; bold marks the best "
                      "row among those of the same dataset and RHO.")
+    return notes
+
+
+def group_label_notes(rows: Sequence[GroupRow]) -> list[str]:
+    """Notes on group labels (DESIGN §6: a row that used them says so), DFR and --best-by."""
+    notes = [
+        "Group labels = which split's group labels a row used and for what: 'train (training)' "
+        "= GroupDRO, ReSample, ReWeight train with the training split's group labels; 'val "
+        "(DFR training)' = DFR retrains the last layer on the validation split with its group "
+        "labels; 'val (selection)' = the epoch (rule val_wg), DFR's C or the hyperparameters "
+        "(--best-by val_wg) were chosen by validation worst-group accuracy; 'none' = class "
+        "labels only (ERM and JTT selected by val_avg)."]
+    if any(r.derived for r in rows):
+        notes.append("DFR rows (+ dfr): the parent run's model at its selected epoch with the "
+                     "last layer retrained on group-balanced subsets of the validation split "
+                     "(Kirichenko et al. 2023); the validation split is its training data, so "
+                     "its validation numbers are in-sample and not a selection signal. It has "
+                     "no training curve of its own.")
+    chosen = [r for r in rows if r.choice is not None]
+    if chosen:
+        rule = chosen[0].choice.rule
+        metric = ("validation worst-group accuracy" if rule == "val_wg"
+                  else "validation average accuracy (avg_acc)")
+        compared = sorted({len(r.choice.candidates) for r in chosen})
+        span = str(compared[0]) if len(compared) == 1 else f"{compared[0]}–{compared[-1]}"
+        notes.append(
+            f"Setting = the hyperparameter setting shown, chosen with --best-by {rule} "
+            f"(DomainBed style): per dataset × method × algorithm (and RHO), out of {span} "
+            f"setting(s) run, the one with the best seed-mean {metric} at each run's epoch "
+            f"selected by {rule}; ties go to the setting whose text sorts first. DFR rows "
+            "follow the parent setting with the best parents' validation score (DFR's own "
+            "validation numbers are not used). Every candidate's score is in table.csv.")
     return notes
 
 
@@ -160,13 +203,16 @@ def _best_cells(values: list[float | None], higher: bool, digits: int = 1) -> li
 def summary_table(rows: Sequence[GroupRow]) -> Table:
     """Main table: one line per row, metrics as mean ± std (%), best per dataset in bold."""
     metrics = [*TABLE_METRICS, *extra_metrics_shown(rows)]
+    best_by = any(r.choice is not None for r in rows)
     header = ["Dataset", "Method", "Seeds", *(METRIC_LABELS[m] for m in metrics),
-              "WG 95% CI", "Trainable params", "Inference params"]
+              "WG 95% CI", "Group labels", *(["Setting"] if best_by else []),
+              "Trainable params", "Inference params"]
     body, bold = [], set()
     for r in rows:
+        setting = [chosen_text(r)] if best_by else []
         body.append([r.dataset, r.label, seeds_cell(r),
                      *(mean_std(r.stats[m]) for m in metrics),
-                     ci_interval(r.stats["worst_group_acc"]),
+                     ci_interval(r.stats["worst_group_acc"]), r.group_labels, *setting,
                      count(r.params.get("trainable")), count(r.params.get("inference"))])
     # best among the rows that compete: same dataset and same spurious strength (a lower RHO
     # is an easier task, not a better method)
@@ -175,9 +221,10 @@ def summary_table(rows: Sequence[GroupRow]) -> Table:
         for j, m in enumerate(metrics):
             for k in _best_cells([rows[i].stats[m].mean for i in idx], HIGHER_IS_BETTER[m]):
                 bold.add((idx[k], 3 + j))
+    text_columns = {header.index("Group labels"), *([header.index("Setting")] if best_by else [])}
     return Table(title="Group robustness: worst-group and average accuracy", header=header,
                  rows=body, notes=table_notes(rows), bold=bold,
-                 numeric=set(range(2, len(header))))
+                 numeric=set(range(2, len(header))) - text_columns)
 
 
 def group_table(rows: Sequence[GroupRow], dataset: str) -> Table:
@@ -204,7 +251,7 @@ def group_table(rows: Sequence[GroupRow], dataset: str) -> Table:
             bold.update((idx[k], 2 + j) for k in _best_cells(vals, True))
         bold.update((idx[k], len(header) - 1) for k in
                     _best_cells([rows[i].stats["worst_group_acc"].mean for i in idx], True))
-    notes = [*table_notes(rows)[:1],
+    notes = [*table_notes(rows)[:1], *group_label_notes(rows)[:1],
              "Accuracy of each (class, attribute) group in percent, mean ± sample std over seeds; "
              "n = the group's size in the evaluated split; WG = the lowest group accuracy of each "
              "run, averaged over seeds (so it can be below every group's mean)."]
@@ -217,7 +264,8 @@ def runs_table(results: Sequence[RunResult]) -> Table:
     header = ["Dataset", "Method", "Seed", "Rule", "Epoch", "WG", "Avg", "Adj. avg", "Alarms",
               "Run directory"]
     body = []
-    for r in sorted(results, key=lambda r: (*sort_key(r.dataset, r.method, r.label),
+    for r in sorted(results, key=lambda r: (*sort_key(r.dataset, r.method, r.label,
+                                                      r.algorithm),
                                             r.seed if r.seed is not None else -1)):
         epoch = "" if r.selected_epoch is None else str(r.selected_epoch)  # as recorded
         body.append([r.dataset, r.label, "" if r.seed is None else str(r.seed), r.selection,
@@ -259,10 +307,21 @@ def summary_records(rows: Sequence[GroupRow]) -> list[dict[str, object]]:
     """The rows of ``table.csv``: fractions, with mean/std/ci95 of every metric."""
     out = []
     for r in rows:
+        choice = r.choice
         rec: dict[str, object] = {
-            "dataset": r.dataset, "method": r.method, "settings": settings_text(r.settings),
+            "dataset": r.dataset, "method": r.method, "algorithm": r.algorithm,
+            "settings": settings_text(r.settings) if choice is None else choice.chosen,
             "label": r.label, "spurious_strength": r.rho, "selection": r.selection,
-            "split": r.split, "n_seeds": r.n,
+            "split": r.split, "group_labels": r.group_labels,
+            "group_labels_training": "+".join(r.group_labels_training),
+            "group_labels_selection": r.group_labels_selection,
+            "best_by": choice.rule if choice else "",
+            "best_by_score": choice.score if choice else None,
+            # every candidate setting compared: "text: score (n runs)", best first
+            "best_by_candidates": " | ".join(f"{t or 'only one'}: {v!r} ({n})"
+                                             for t, v, n in choice.candidates)
+            if choice else "",
+            "n_seeds": r.n,
             "seeds": " ".join("" if s is None else str(s) for s in r.seeds),
         }
         for m in (*METRICS, *EXTRA_METRICS):
@@ -276,8 +335,9 @@ def summary_records(rows: Sequence[GroupRow]) -> list[dict[str, object]]:
 
 def group_records(rows: Sequence[GroupRow]) -> list[dict[str, object]]:
     """The rows of ``groups.csv``: per-group accuracy (fractions) of every row."""
-    return [{"dataset": r.dataset, "method": r.method, "settings": settings_text(r.settings),
-             "label": r.label, "selection": r.selection, "split": r.split, "g": gs.g,
+    return [{"dataset": r.dataset, "method": r.method, "algorithm": r.algorithm,
+             "settings": settings_text(r.settings), "label": r.label, "selection": r.selection,
+             "split": r.split, "g": gs.g,
              "group": gs.name, "n_samples": gs.n_samples, "n_seeds": gs.acc.n,
              "acc_mean": gs.acc.mean, "acc_std": gs.acc.std, "acc_ci95": gs.acc.ci95}
             for r in rows for gs in r.groups]
@@ -288,8 +348,11 @@ def run_records(results: Sequence[RunResult]) -> list[dict[str, object]]:
     out = []
     for r in results:
         rec: dict[str, object] = {
-            "dataset": r.dataset, "method": r.method, "settings": settings_text(r.row_settings),
+            "dataset": r.dataset, "method": r.method, "algorithm": r.algorithm,
+            "settings": settings_text(r.row_settings),
             "label": r.label, "spurious_strength": r.rho, "seed": r.seed,
+            "group_labels": group_labels_text(r.group_labels_training, r.group_labels_selection),
+            **{f"val_score_{k}": v for k, v in r.val_scores.items()},
             "selection": r.selection, "selected_epoch": r.selected_epoch, "split": r.split,
             **r.metrics, **r.extra,
             "trainable_params": r.params.get("trainable"),
@@ -360,8 +423,17 @@ def latex_escape(text: str) -> str:
 def latex_method_name(row: GroupRow) -> str:
     """Paper-style method name plus the row's differing settings, LaTeX-safe."""
     name = METHOD_NAMES.get(row.method, latex_escape(row.method))
-    if row.settings:
-        name += " (" + latex_escape(", ".join(f"{k}={v}" for k, v in row.settings.items())) + ")"
+    for algorithm in row.algorithm.split("+"):
+        if algorithm != "erm":
+            name += " + " + ALGORITHM_NAMES.get(algorithm, latex_escape(algorithm))
+    if row.group_labels_training:  # marked: trained with group labels (see the caption)
+        name += r"$^\dagger$"
+    shown = dict(row.settings)
+    if row.choice is not None and row.choice.chosen:
+        shown = {"": row.choice.chosen, **shown}
+    if shown:
+        name += " (" + latex_escape(", ".join(v if k == "" else f"{k}={v}"
+                                              for k, v in shown.items())) + ")"
     return name
 
 
@@ -376,6 +448,28 @@ def _latex_cell(stat: Stat, bold: bool) -> str:
     return f"${mean}$"
 
 
+def latex_group_label_caption(rows: Sequence[GroupRow]) -> str:
+    """The caption sentences on group labels, DFR and --best-by (LaTeX-safe)."""
+    text = ""
+    trained = [r for r in rows if r.group_labels_training]
+    if trained:
+        text += (" $^\\dagger$ trained with group labels (GroupDRO, ReSample, ReWeight: of the "
+                 "training split; DFR: of the validation split).")
+    if any(r.group_labels_selection for r in rows):
+        text += " Rows selected by validation worst-group accuracy used validation group labels."
+    else:
+        text += " No row used group labels for selection."
+    if any(r.derived for r in rows):
+        text += (" DFR retrains the last layer on the validation split: its validation "
+                 "numbers are not a selection signal.")
+    chosen = [r for r in rows if r.choice is not None]
+    if chosen:
+        rule = chosen[0].choice.rule
+        text += (f" Hyperparameters chosen per method and algorithm by the best seed-mean "
+                 f"validation score of {latex_escape(rule)} (DomainBed style).")
+    return text
+
+
 LATEX_METRICS = (("worst_group_acc", r"WG $\uparrow$"), ("avg_acc", r"AVG $\uparrow$"),
                  ("disparity", r"Disparity $\downarrow$"))
 
@@ -385,7 +479,7 @@ def to_latex(rows: Sequence[GroupRow], label: str = "tab:group-robustness") -> s
     (WG, AVG, Disparity), methods as rows, ``mean ± std`` in percent, best per column in bold."""
     datasets = list(dict.fromkeys(r.dataset for r in rows))
     methods: dict[tuple, GroupRow] = {}
-    for r in sorted(rows, key=lambda r: sort_key("", r.method, r.label)):
+    for r in sorted(rows, key=lambda r: sort_key("", r.method, r.label, r.algorithm)):
         methods.setdefault((r.method, r.label), r)
     cell = {(r.dataset, r.method, r.label): r for r in rows}
     method_keys = list(methods)
@@ -412,6 +506,7 @@ def to_latex(rows: Sequence[GroupRow], label: str = "tab:group-robustness") -> s
         f"AVG is the plain sample-mean accuracy (avg\\_acc), not the train-weighted or "
         f"group-mean average. Epoch selected by {latex_escape(selection_description(rule))}. "
         f"Best per column in bold."
+        + latex_group_label_caption(rows)
     )
     lines = [
         "% Requires \\usepackage{booktabs} (and graphicx for \\resizebox). Written by "
