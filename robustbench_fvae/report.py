@@ -37,6 +37,7 @@ from robustbench_fvae.analysis.aggregate import (
     RunResult,
     aggregate,
     collect_runs,
+    jtt_stage1_hashes,
     resume_command,
     robustness_curves,
     run_results,
@@ -59,6 +60,8 @@ class Report:
     curves: list[CurvePoint] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # JTT's stage-1 ERM runs, not shown as rows: (stage-1 run, the JTT run it served)
+    jtt_stage1: list[tuple[Path, Path]] = field(default_factory=list)
 
 
 def _no_finished_message(found: Collection) -> str:
@@ -82,8 +85,13 @@ def _safe_name(text: str) -> str:
 
 
 def _status_lines(found: Collection, skipped: Sequence[tuple[Path, str]],
-                  results: Sequence[RunResult]) -> list[str]:
+                  results: Sequence[RunResult],
+                  stage1: Sequence[tuple[Path, Path]] = ()) -> list[str]:
     lines = []
+    if stage1:
+        lines.append(f"{len(stage1)} JTT stage-1 run(s) not shown as rows (the ERM model whose "
+                     "errors a JTT run upweights; a step of JTT, not a result):")
+        lines += [f"  {path} (for {jtt})" for path, jtt in stage1]
     alarmed = [r for r in results if r.alarms]
     if alarmed:
         lines.append(f"{len(alarmed)} reported run(s) raised alarms at the reported epoch (see "
@@ -126,7 +134,9 @@ def build_report(
     found = collect_runs(runs_dir)
     if not found.finished:
         raise ReportError(_no_finished_message(found))
-    results, skipped = run_results(found.finished, select=select, split=split)
+    stage1 = jtt_stage1_hashes(found.finished)
+    shown = [rec for rec in found.finished if str(rec.config_hash) not in stage1]
+    results, skipped = run_results(shown, select=select, split=split)
     for path, reason in skipped:
         warnings.warn(f"skipping run {path}: {reason}", UserWarning, stacklevel=2)
     if not results:
@@ -137,7 +147,9 @@ def build_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = robustness_curves(rows)
     report = Report(out=out_dir, collection=found, results=results, rows=rows, curves=curves,
-                    skipped=skipped)
+                    skipped=skipped,
+                    jtt_stage1=[(rec.path, stage1[str(rec.config_hash)])
+                                for rec in found.finished if str(rec.config_hash) in stage1])
 
     from robustbench_fvae.analysis import html, plots  # plotting stack only when writing
 
@@ -147,7 +159,7 @@ def build_report(
     group_tables = [tables.group_table(rows, d) for d in datasets]
     curve_tables = [tables.curves_table(curves, d) for d in curve_datasets]
     runs_table = tables.runs_table(results)
-    status = _status_lines(found, skipped, results)
+    status = _status_lines(found, skipped, results, report.jtt_stage1)
     latex = tables.to_latex(rows)
 
     md = [f"# Group-robustness report: {found.root}", "",

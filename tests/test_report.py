@@ -1033,3 +1033,183 @@ def test_robustness_curves_from_real_runs_at_two_strengths(tmp_path):
         assert float(c["worst_group_acc_std"]) == pytest.approx(np.std(wgs, ddof=1))
         assert c["core_only_acc_mean"] == ""  # hand-made replicas have no core-only twins
     assert (rep.out / "curves_synth-waterbirds.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+# --------------------------------------------------------------------------- algorithms, DFR
+
+
+def test_reselection_emulates_early_stopping_with_the_runs_patience(tmp_path):
+    """Re-selecting from history.jsonl picks the epoch early stopping on that rule alone would
+    have chosen with the run's recorded patience (5): the late val-average peak at epoch 8 lies
+    after val_avg would have stopped (epoch 6), so epoch 1 is selected, not 8."""
+    out = tmp_path / "out"
+    val = ([0.9, 0.9, 0.9, 0.9], *([[0.8, 0.8, 0.8, 0.8]] * 6), [1.0, 0.8, 0.8, 1.0])
+    rd = write_run(out, method="lora", seed=0, val_accs=val, test_accs=val,
+                   other_selections=False)
+    assert json.loads((rd / "config.json").read_text())["config"]["train"]["patience"] == 5
+    (result,), _ = run_results(collect_runs(out).finished, select="val_avg")
+    assert (result.selection, result.selected_epoch) == ("val_avg", 1)
+    from robustbench_fvae.records import load_run
+    from robustbench_fvae.selection import select_epoch
+
+    assert select_epoch(load_run(rd).history, "val_avg")["epoch"] == 8  # without patience
+    # the validation score --best-by ranks by is the one at that epoch too
+    assert result.val_scores["val_avg"] == pytest.approx(0.9)
+
+
+def test_best_by_ties_go_to_the_setting_whose_text_sorts_first(tmp_path):
+    out = tmp_path / "out"
+    for lr in (1e-2, 1e-3):  # equal validation scores; different test numbers
+        for seed in (0, 1):
+            write_run(out, method="lora", seed=seed, lr=lr,
+                      test_accs=([0.9, 0.5 if lr == 1e-2 else 0.7, 0.9, 0.9],))
+    results = run_results(collect_runs(out).finished, select="val_wg")[0]
+    (row,) = aggregate(results, best_by="val_wg")
+    assert row.label == "lora" and row.choice.chosen == "lr=0.001"
+    assert [c[0] for c in row.choice.candidates] == ["lr=0.001", "lr=0.01"]
+    assert row.stats["worst_group_acc"].mean == pytest.approx(0.7)
+    assert row.group_labels == "val (selection)"
+
+
+@pytest.fixture(scope="module")
+def robust_runs(tmp_path_factory) -> dict:
+    """Real runs on planted images (the class is a coloured square, the background is balanced
+    in every split, so a trained linear head reads the class and gets everything right): a
+    tiny timm ViT, `linear` at lr 0.05 and at lr 1e-9 (learns nothing: a constant predictor,
+    validation WG 0) × seeds 0, 1 with ERM; GroupDRO and JTT at lr 0.05; and DFR runs made by
+    `python -m robustbench_fvae.dfr` of two ERM runs and of the GroupDRO run."""
+    import contextlib
+    import io
+
+    from data_fixtures import make_waterbirds
+    from test_dfr import _paint
+    from threadpoolctl import threadpool_limits
+    from tiny_models import register_tiny_vit, save_tiny_weights
+
+    from robustbench_fvae import dfr
+    from robustbench_fvae.config import config_from_settings
+    from robustbench_fvae.training import run
+
+    root = tmp_path_factory.mktemp("robust")
+    counts = {split: {g: n for g in range(4)} for split, n in
+              (("train", 12), ("val", 6), ("test", 6))}
+    folder = make_waterbirds(root / "data" / "synth", counts=counts,
+                             synthetic_name="synth-waterbirds")
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.csv", newline="") as fh:
+        for line in csv.DictReader(fh):
+            _paint(folder / line["img_filename"], int(line["y"]), int(line["place"]), rng)
+    weights = save_tiny_weights(root / "vit.safetensors")
+    made: dict = {}
+    with threadpool_limits(1):
+        for algorithm, lr, seed in (("erm", 0.05, 0), ("erm", 0.05, 1), ("erm", 1e-9, 0),
+                                    ("erm", 1e-9, 1), ("groupdro", 0.05, 0), ("jtt", 0.05, 0)):
+            cfg = config_from_settings({
+                "method": "linear", "dataset": "synth-waterbirds", "backbone": register_tiny_vit(),
+                "weights": str(weights), "data_root": str(root / "data"),
+                "out": str(root / "out"), "device": "cpu", "num_workers": 0, "epochs": 2,
+                "seed": seed, "batch_size": 16, "eval_batch_size": 64, "patience": 0,
+                "augment": "none", "lr": lr, "algorithm": algorithm})
+            made[(algorithm, lr, seed)] = run(cfg, progress=False, log=lambda _: None).run_dir
+        for key in (("erm", 0.05, 0), ("erm", 0.05, 1), ("groupdro", 0.05, 0)):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                assert dfr.main([str(made[key]), "--device", "cpu", "--refits", "3"]) == 0
+            made[("dfr", *key)] = Path(buf.getvalue().strip().splitlines()[-1])
+    return {"out": root / "out", "runs": made}
+
+
+def test_rows_by_algorithm_with_dfr_runs_and_group_label_columns(robust_runs, tmp_path):
+    runs = robust_runs["runs"]
+    rep = report_cli.build_report(robust_runs["out"], tmp_path / "rep")
+    got = [(r.label, r.algorithm, r.n, r.group_labels) for r in rep.rows]
+    assert got == [
+        ("linear (lr=0.05)", "erm", 2, "val (selection)"),
+        ("linear (lr=1e-09)", "erm", 2, "val (selection)"),
+        ("linear + groupdro (lr=0.05)", "groupdro", 1, "train (training) + val (selection)"),
+        ("linear + jtt (lr=0.05)", "jtt", 1, "val (selection)"),
+        ("linear + dfr (lr=0.05)", "dfr", 2, "val (DFR training) + val (selection)"),
+        ("linear + groupdro + dfr (lr=0.05)", "groupdro+dfr", 1,
+         "train (training) + val (DFR training) + val (selection)"),
+    ]
+    # JTT's stage-1 ERM run is a step of JTT, not an ERM row; the report says where it is
+    (stage1, jtt), = rep.jtt_stage1
+    assert jtt == runs[("jtt", 0.05, 0)] and stage1.parent == jtt.parent
+    assert str(stage1) in (rep.out / "table.md").read_text()
+    # a DFR run: its parent's epoch, its own numbers (the runner's record, aggregated)
+    from robustbench_fvae.records import load_run
+
+    dfr_row = rep.rows[4]
+    for r in dfr_row.runs:
+        rec = load_run(r.path)
+        parent = load_run(rec.config["derived"]["parent_dir"])
+        assert r.selected_epoch == parent.metrics["selected_epoch"] and r.selection == "dfr"
+        assert r.metrics["worst_group_acc"] == rec.metrics["test"]["worst_group_acc"]
+        assert r.curve == [] and r.derived
+        # ranked by the parent's validation score, never by its own (in-sample) one
+        assert r.val_scores["val_wg"] == parent.metrics["val"]["worst_group_acc"]
+    table = read_csv(rep.out / "table.csv")
+    assert [(t["algorithm"], t["group_labels_training"], t["group_labels_selection"])
+            for t in table] == [("erm", "", "True"), ("erm", "", "True"),
+                                ("groupdro", "train", "True"), ("jtt", "", "True"),
+                                ("dfr", "val", "True"), ("groupdro+dfr", "train+val", "True")]
+    assert {r["algorithm"] for r in read_csv(rep.out / "runs.csv")} == {
+        "erm", "groupdro", "jtt", "dfr", "groupdro+dfr"}
+    md = (rep.out / "table.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Dataset"))
+    assert "| Group labels |" in header and "Setting" not in header
+    assert "not a selection signal" in md and "'val (DFR training)'" in md
+    assert "selected by dfr: the parent run's selected epoch" in md
+    tex = (rep.out / "table.tex").read_text()
+    assert r"Linear probe + GroupDRO + DFR$^\dagger$ (lr=0.05)" in tex
+    assert r"Linear probe (lr=1e-09) &" in tex and "not a selection signal" in tex
+    html_text = (rep.out / "report.html").read_text()
+    assert "val (DFR training) + val (selection)" in html_text
+    # training curves: drawn for the trained rows, DFR named as having no history of its own
+    from robustbench_fvae.analysis import plots
+
+    fig = plots.training_curves_figure(rep.rows, "synth-waterbirds")
+    title = fig._suptitle.get_text()
+    assert "not drawn (no training history of their own): linear + dfr (lr=0.05), " \
+           "linear + groupdro + dfr (lr=0.05)" in title
+    labels = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert not any("dfr" in t for t in labels) and "linear + jtt (lr=0.05) (n=1)" in labels
+    assert (rep.out / "training_curves_synth-waterbirds.png").read_bytes()[:8] == PNG_SIGNATURE
+    # re-selection by another rule than the parents' cannot serve a DFR run: listed, skipped
+    with pytest.warns(UserWarning, match="fitted at its parent's epoch selected by val_wg"):
+        rep2 = report_cli.build_report(robust_runs["out"], tmp_path / "rep2", select="val_avg")
+    assert not any(r.derived for r in rep2.rows) and len(rep2.skipped) == 3
+    assert {r.group_labels for r in rep2.rows} == {"none", "train (training)"}
+
+
+def test_best_by_keeps_the_setting_with_the_best_validation_score(robust_runs, tmp_path):
+    """lr 1e-9 learns nothing (validation WG 0), lr 0.05 everything (validation WG 1): with
+    --best-by val_wg only the lr 0.05 runs remain, named in the Setting column."""
+    runs = robust_runs["runs"]
+    for lr, wg in ((0.05, 1.0), (1e-9, 0.0)):  # the premise, from the runs' own records
+        for seed in (0, 1):
+            metrics = json.loads((runs[("erm", lr, seed)] / "metrics.json").read_text())
+            assert metrics["val"]["worst_group_acc"] == wg
+    assert report_cli.main([str(robust_runs["out"]), "--out", str(tmp_path / "rep"),
+                            "--best-by", "val_wg"]) == 0
+    table = read_csv(tmp_path / "rep" / "table.csv")
+    assert [(t["label"], t["settings"], t["best_by"], t["seeds"]) for t in table] == [
+        ("linear", "lr=0.05", "val_wg", "0 1"),
+        ("linear + groupdro", "lr=0.05", "val_wg", "0"),
+        ("linear + jtt", "lr=0.05", "val_wg", "0"),
+        ("linear + dfr", "lr=0.05", "val_wg", "0 1"),
+        ("linear + groupdro + dfr", "lr=0.05", "val_wg", "0"),
+    ]
+    assert table[0]["best_by_candidates"] == "lr=0.05: 1.0 (2) | lr=1e-09: 0.0 (2)"
+    assert float(table[0]["worst_group_acc_mean"]) == 1.0
+    md = (tmp_path / "rep" / "table.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Dataset"))
+    assert "| Group labels | Setting |" in header
+    assert "| synth-waterbirds | linear | 2 (0, 1) |" in md
+    assert "chosen with --best-by val_wg (DomainBed style)" in md
+    assert "out of 1–2 setting(s) run" in md and "sorts first" in md
+    tex = (tmp_path / "rep" / "table.tex").read_text()
+    assert "Linear probe (lr=0.05) &" in tex and "DomainBed style" in tex
+    # without --best-by every setting is a row of its own
+    rows = report_cli.build_report(robust_runs["out"], tmp_path / "all").rows
+    assert sum(r.algorithm == "erm" for r in rows) == 2

@@ -167,6 +167,29 @@ def collect_runs(runs_dir: str | Path) -> Collection:
     return found
 
 
+# JTT's record of its error set (algorithms.JTT_ERROR_FILE; not imported from there because
+# that module pulls in torch): it names the stage-1 ERM run the error set came from.
+JTT_ERROR_FILE = "jtt_error_set.json"
+
+
+def jtt_stage1_hashes(runs: Iterable[RunRecord]) -> dict[str, Path]:
+    """``{stage-1 hash: JTT run}`` for every JTT run among ``runs``: JTT's identification
+    model is an ordinary ERM run record (``jtt_epochs`` epochs, no early stopping), a step of
+    JTT rather than a result of its own, so the report does not show it as an ERM row."""
+    out: dict[str, Path] = {}
+    for rec in runs:
+        path = rec.path / JTT_ERROR_FILE
+        if _recorded_algorithm(rec) != "jtt" or not path.is_file():
+            continue
+        try:
+            stage1 = json.loads(path.read_text()).get("stage1_hash")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if stage1:
+            out[str(stage1)] = rec.path
+    return out
+
+
 def resume_command(rec: RunRecord) -> str:
     """The ``python -m robustbench_fvae.run`` command that resumes (or re-creates) run ``rec``:
     its stored, resolved settings as flags (only those that differ from the defaults)."""
@@ -737,15 +760,19 @@ def _method_key(name: str) -> tuple[int, str]:
 
 
 def _algorithm_key(chain: str) -> tuple[int, ...]:
-    """ERM, GroupDRO, ReSample, ReWeight, JTT, then each one's DFR (a DFR row after its
-    parent's algorithm)."""
-    return tuple(ALGORITHM_ORDER.index(a) if a in ALGORITHM_ORDER else len(ALGORITHM_ORDER)
-                 for a in chain.split("+"))
+    """ERM, GroupDRO, ReSample, ReWeight, JTT, then the derived rows (DFR) in the order of
+    their parents' algorithms."""
+    parts = chain.split("+")
+    derived = parts[-1] in DERIVED_ALGORITHMS
+    if derived and len(parts) == 1:
+        parts = ["erm", *parts]  # "dfr" is DFR of an ERM run
+    return (int(derived), *(ALGORITHM_ORDER.index(a) if a in ALGORITHM_ORDER
+                            else len(ALGORITHM_ORDER) for a in parts))
 
 
 def sort_key(dataset: str, method: str, label: str, algorithm: str = "erm") -> tuple:
     """Table order: datasets as in the paper, methods as in config.METHODS, algorithms as in
-    ALGORITHM_ORDER (a DFR row right after its parents' algorithm), then label."""
+    ALGORITHM_ORDER (derived DFR rows after the trained ones), then label."""
     return (_dataset_key(dataset), _method_key(method), _algorithm_key(algorithm), label)
 
 
