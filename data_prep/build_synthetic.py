@@ -12,13 +12,13 @@ dataset's own) other than the default puts the replica under ROOT/synth/rho-RHO/
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
+from robustbench_fvae.cli import EXIT_OK, ArgumentParser, fail  # noqa: E402
 from robustbench_fvae.data.base import DatasetError  # noqa: E402
 from robustbench_fvae.data.synthetic import (  # noqa: E402
     REPLICAS,
@@ -30,7 +30,10 @@ from robustbench_fvae.data.synthetic import (  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python data_prep/build_synthetic.py",
+                            usage="%(prog)s [--root DIR] [--only NAME] [--spurious-strength RHO] "
+                                  "[options]",
+                            description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="data", help="data root; replicas go to ROOT/synth/")
     parser.add_argument("--only", action="append", choices=REPLICAS, metavar="NAME",
                         help=f"build only this replica (repeatable): {', '.join(REPLICAS)}")
@@ -64,9 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{manifest.get('spurious_strength')} at {', '.join(map(str, folders))}, "
                   f"{status}; {summary}")
     except (DatasetError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return fail(err)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

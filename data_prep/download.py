@@ -14,7 +14,6 @@ Offline, every failure is one line naming what failed and the manual alternative
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,11 +22,14 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from robustbench_fvae.data import DatasetError, dataset_names, download_dataset
+from robustbench_fvae.cli import EXIT_BAD_INPUT, EXIT_OK, ArgumentParser, fail
+from robustbench_fvae.data import DatasetError, DownloadError, dataset_names, download_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        prog="python data_prep/download.py",
+        usage="%(prog)s NAME [--root DIR] [--manual PATH [--copy]]",
         description="Download (or place with --manual) a dataset under a data root and verify it.",
         epilog=f"datasets: {', '.join(dataset_names())}",
     )
@@ -49,11 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         report = download_dataset(
             args.name, args.root, manual=args.manual, copy=args.copy, seed=args.seed
         )
-    except (DatasetError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except DownloadError as err:  # the host or the network failed: a runtime failure
+        fail(err)
         return 1
+    except (DatasetError, ValueError) as err:
+        return fail(err)
     print(report.render())
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

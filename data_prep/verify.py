@@ -3,7 +3,8 @@
     python data_prep/verify.py NAME [--root DIR] [--sample N] [--spurious-strength RHO]
 
 Prints a table of group counts (rows: groups; columns: train/val/test) and exits 0 when every
-check passes; otherwise prints one line per problem and exits 1. NAME is one of waterbirds,
+check passes; otherwise prints one line per problem and exits 2 (bad input: the data; the exit
+codes of every command are in robustbench_fvae/cli.py). NAME is one of waterbirds,
 celeba, animals, synth-waterbirds, synth-celeba, synth-animals. Real datasets are expected under
 DIR, replicas under DIR/synth (DIR/synth/rho-RHO for a non-default --spurious-strength). For a
 replica it also prints its spurious strength and checks the counterfactual test images.
@@ -11,7 +12,6 @@ replica it also prints its spurious strength and checks the counterfactual test 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,11 +20,14 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from robustbench_fvae.cli import EXIT_BAD_INPUT, EXIT_OK, ArgumentParser, fail
 from robustbench_fvae.data import DatasetError, dataset_names, verify_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        prog="python data_prep/verify.py",
+        usage="%(prog)s NAME [--root DIR] [--sample N] [--spurious-strength RHO]",
         description="Check a dataset folder and print its group counts per split.",
         epilog=f"datasets: {', '.join(dataset_names())}",
     )
@@ -42,10 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         report = verify_dataset(args.name, args.root, sample_per_split=args.sample,
                                 strength=args.spurious_strength)
     except (DatasetError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return fail(err)
     print(report.render())
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -374,16 +374,16 @@ def test_verify_cli_exit_codes_and_one_line_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "big_dog/outdoor" in out and "SYNTHETIC.json" in out and "OK:" in out
     shutil.rmtree(tmp_path / "synth" / "spuco_dogs" / "val" / "big_dogs" / "indoor")
-    assert cli.main(["synth-animals", "--root", str(tmp_path)]) == 1
+    assert cli.main(["synth-animals", "--root", str(tmp_path)]) == 2
     out = capsys.readouterr().out
     assert (
         out.splitlines()[-1]
         == f"PROBLEM: missing folder {tmp_path}/synth/spuco_dogs/val/big_dogs/indoor"
     )
-    assert cli.main(["celeba", "--root", str(tmp_path)]) == 1
+    assert cli.main(["celeba", "--root", str(tmp_path)]) == 2
     out = capsys.readouterr().out
     assert out.count("PROBLEM:") == 1 and "celebA_v1.0" in out
-    assert cli.main(["celebA", "--root", str(tmp_path)]) == 1
+    assert cli.main(["celebA", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: unknown dataset 'celebA'")
 
