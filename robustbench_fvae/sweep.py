@@ -5,7 +5,10 @@ named by their config hash, skips the ones already done, and launches the rest: 
 (``--launcher local``, ``--jobs N`` at a time) or as one Slurm job array through submitit
 (``--launcher slurm``). Killed or preempted runs resume from their checkpoint when the sweep is
 launched again. ``--dry-run`` lists the runs; ``--status`` tells what is done, running, failed
-(with the tail of its log) or missing.
+(with the tail of its log) or missing. A spec with ``dfr: true`` then makes the DFR run of each
+finished run here (``python -m robustbench_fvae.dfr RUN_DIR --wait``): after the local launcher,
+after waiting for submitit jobs, or, on Slurm without ``--wait``, when the sweep is launched
+again once its jobs are done.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from robustbench_fvae import records
 from robustbench_fvae.cli import (
     BAD_INPUT_ERRORS,
     EXIT_BAD_INPUT,
@@ -98,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         launch_submitit,
         load_spec,
     )
-    from robustbench_fvae.sweeps.launchers import prepare_offline_assets
+    from robustbench_fvae.sweeps.launchers import launch_dfr, prepare_offline_assets
 
     try:
         if args.threads is not None and args.threads < 1:
@@ -126,6 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             cluster = "slurm" if args.launcher == "slurm" else "local"
             results = launch_submitit(spec, runs, state, cluster=cluster, resources=resources,
                                       wait=True if cluster == "local" else args.wait)
+        # Slurm jobs submitted and not waited for: the DFR step comes with a later launch
+        waited = args.launcher != "slurm" or args.wait or not results and all(
+            records.is_done(r.run_dir) for r in runs)
+        if spec.dfr and waited:
+            dfr_failed = [h for h, code in launch_dfr(spec, runs, threads=args.threads).items()
+                          if code != 0]
+            results = {**results, **{f"dfr:{h}": 1 for h in dfr_failed}}
+        elif spec.dfr:
+            print(f"DFR step (dfr: true): launch this sweep again once its jobs are done, "
+                  f"e.g. python -m robustbench_fvae.sweep {args.spec} --launcher slurm")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except (SpecError, LauncherError) as err:  # a bad spec, or a launcher this machine lacks

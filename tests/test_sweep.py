@@ -290,6 +290,7 @@ def test_committed_specs():
             "run synth-waterbirds/fvae seed 1: beta=0.05 <= 2*delta/rank",
         ),
         ({"settings": {"epochs": 0}}, "run synth-waterbirds/lora seed 1: epochs must be >= 1"),
+        ({"dfr": "yes"}, "dfr: expected true or false (true: DFR on each finished run)"),
     ],
 )
 def test_malformed_specs_name_the_key(tmp_path, change, message):
@@ -555,6 +556,37 @@ def test_local_launcher_kill_resume_and_relaunch(tmp_path, tiny, capsys):
 
 
 @pytest.mark.processes
+def test_dfr_step_makes_the_dfr_run_of_each_finished_run(tmp_path, tiny, capsys):
+    """A spec with `dfr: true`: after its runs, the sweep makes each one's DFR run (a derived
+    run beside it, through `python -m robustbench_fvae.dfr RUN_DIR --wait`); a relaunch makes
+    nothing; --dry-run and --status count them; the report shows `lora` and `lora + dfr`."""
+    from robustbench_fvae.report import build_report
+    from robustbench_fvae.sweeps.spec import dfr_run_dir
+
+    spec_path = write_spec(tmp_path, {
+        "methods": ["lora"], "datasets": ["synth-waterbirds"], "seeds": [0, 1],
+        "settings": {**tiny, "out": str(tmp_path / "out"), "epochs": 1}, "dfr": True}, "dfr")
+    runs = expand(load_spec(spec_path))
+    capsys.readouterr()
+    assert sweep_main([str(spec_path), "--dry-run"]) == 0
+    assert "then DFR on each finished run" in capsys.readouterr().out
+    assert sweep_main([str(spec_path), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "DFR step: 2 finished run(s), 0 with a DFR run already, 2 to make" in out
+    for run in runs:
+        rec = records.load_run(dfr_run_dir(run))
+        assert rec.done and rec.config["derived"]["parent_hash"] == run.hash
+        assert rec.run_config.train.algorithm == "dfr"
+        assert "(DFR step): " in run.log_path.read_text()
+    assert sweep_main([str(spec_path)]) == 0
+    assert "DFR step: 2 finished run(s), 2 with a DFR run already, 0 to make" in \
+        capsys.readouterr().out
+    assert "2 of 2 DFR runs done" in status_text(capsys, spec_path)
+    rows = build_report(tmp_path / "out", tmp_path / "report").rows
+    assert [(r.label, r.n) for r in rows] == [("lora", 2), ("lora + dfr", 2)]
+
+
+@pytest.mark.processes
 def test_submitit_local_executor_requeues_a_preempted_run(tmp_path, tiny):
     """The Slurm code path through submitit's local executor: a task preempted (USR2, as Slurm
     sends before a preemption or timeout) stops its run with SIGTERM (checkpoint), is requeued
@@ -620,3 +652,22 @@ def test_a_run_that_outlives_its_grace_period_is_killed_not_orphaned(tmp_path):
         task.checkpoint({"log": str(log), "grace_s": 0.2})
         assert stubborn.returncode == -signal.SIGKILL
     assert "killed after its grace period" in log.read_text()
+
+
+def test_robust_specs_cross_methods_with_every_algorithm_and_share_the_erm_runs():
+    synth = expand(load_spec(REPO / "runs" / "robust-synth.yaml"))
+    real = expand(load_spec(REPO / "runs" / "robust.yaml"))
+    algorithms = {"erm", "groupdro", "resample", "reweight", "jtt"}
+    assert len(synth) == 2 * 5 * 3 and len(real) == 2 * 3 * 5 * 3
+    for runs, datasets in ((synth, {"synth-waterbirds"}), (real, {"waterbirds", "celeba",
+                                                                  "animals"})):
+        assert {r.method for r in runs} == {"lora", "fvae"}
+        assert {r.config.train.algorithm for r in runs} == algorithms
+        assert {r.dataset for r in runs} == datasets and {r.seed for r in runs} == {1, 2, 42}
+    assert load_spec(REPO / "runs" / "robust-synth.yaml").dfr
+    assert load_spec(REPO / "runs" / "robust.yaml").dfr
+    # ERM runs are the ones of the existing specs (same settings, same hash: not rerun)
+    erm = {r.hash for r in synth if r.config.train.algorithm == "erm"}
+    assert erm <= {r.hash for r in expand(load_spec(REPO / "runs" / "synth-waterbirds-all.yaml"))}
+    erm = {r.hash for r in real if r.config.train.algorithm == "erm"}
+    assert erm <= {r.hash for r in expand(load_spec(REPO / "runs" / "table5.yaml"))}

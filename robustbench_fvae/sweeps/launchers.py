@@ -2,6 +2,8 @@
 
 * :func:`launch_local` — N concurrent runs on this machine (``--jobs N``), threads split between
   them, Ctrl-C/SIGTERM forwarded as SIGTERM so every run checkpoints before the sweep exits.
+* :func:`launch_dfr` — the DFR step of a spec with ``dfr: true``: ``python -m
+  robustbench_fvae.dfr RUN_DIR --wait`` for each finished run, one after the other, here.
 * :func:`launch_submitit` — one job array over the runs through ``submitit``: on Slurm
   (``cluster="slurm"``, returns after submission) or with submitit's local executor
   (``cluster="local"``, waits; the same code path, handy to try it without a cluster). A
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from robustbench_fvae import records
-from robustbench_fvae.sweeps.spec import LOG_FILE, PlannedRun, SweepSpec, run_flags
+from robustbench_fvae.sweeps.spec import LOG_FILE, PlannedRun, SweepSpec, dfr_run_dir, run_flags
 from robustbench_fvae.sweeps.state import SweepState, pid_alive, process_start_time, tail
 
 # How long a run gets to write its checkpoint after SIGTERM before it is killed.
@@ -269,6 +271,46 @@ def _stop_processes(procs: Sequence[subprocess.Popen], grace: float = STOP_GRACE
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------- DFR step
+
+
+def dfr_command(run_dir: str | Path, python: str | None = None) -> list[str]:
+    """The DFR command of one finished run; ``--wait``: another sweep process making the same
+    DFR run is waited for, not failed (as for runs)."""
+    return [python or sys.executable, "-m", "robustbench_fvae.dfr", str(Path(run_dir).resolve()),
+            "--wait"]
+
+
+def launch_dfr(spec: SweepSpec, runs: Sequence[PlannedRun], *, threads: int | None = None,
+               python: str | None = None, log: Callable[[str], None] = print) -> dict[str, int]:
+    """Make the DFR run of every finished run of ``runs`` that lacks one, one at a time (a DFR
+    run is a feature pass over val and test plus small fits: minutes at most). Output goes to
+    the parent's ``log.txt``. Returns ``{parent hash: exit code}`` of the DFR runs started;
+    runs that did not finish are left out (their failure is reported by the launch)."""
+    done = [r for r in runs if records.is_done(r.run_dir)]
+    todo = [r for r in done if not records.is_done(dfr_run_dir(r))]
+    log(f"sweep {spec.name}: DFR step: {len(done)} finished run(s), "
+        f"{len(done) - len(todo)} with a DFR run already, {len(todo)} to make"
+        + (f" ({len(runs) - len(done)} run(s) not finished: no DFR for them)"
+           if len(done) < len(runs) else ""))
+    env = run_env(threads or available_cores())
+    results: dict[str, int] = {}
+    for index, run in enumerate(todo, start=1):
+        cmd = dfr_command(run.run_dir, python)
+        with open(run.log_path, "ab") as fh:
+            _header(fh, f"sweep {spec.name} (DFR step): {' '.join(cmd)}")
+            code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+        results[run.hash] = code
+        if code == 0:
+            log(f"[DFR {index}/{len(todo)}] done  {run.describe()} -> {dfr_run_dir(run)}")
+        else:
+            log(f"[DFR {index}/{len(todo)}] FAILED {run.describe()}: exit code {code}; log "
+                f"{run.log_path}")
+            for line in tail(run.log_path, 3):
+                log(f"    | {line}")
+    return results
 
 
 # ---------------------------------------------------------------- submitit (Slurm / local)

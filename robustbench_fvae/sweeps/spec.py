@@ -15,6 +15,7 @@ A spec is a YAML mapping; only ``methods``, ``datasets`` and ``seeds`` are requi
     per_dataset: {synth-celeba: {epochs: 6}}
     per_method: {full: {lr: 1.0e-4}}
     slurm: {partition: gpu, gpus_per_node: 1, timeout_min: 720}
+    dfr: true                              # then DFR (python -m robustbench_fvae.dfr) on each run
 
 Expansion is ``methods × datasets × (grid points × random draws) × seeds``; a run's settings are,
 later ones winning: ``settings`` < the trial's grid/random values < ``per_dataset[dataset]`` <
@@ -57,7 +58,7 @@ from robustbench_fvae.config import (
 )
 
 TOP_LEVEL_KEYS = ("description", "methods", "datasets", "seeds", "settings", "grid", "random",
-                  "per_method", "per_dataset", "slurm")
+                  "per_method", "per_dataset", "slurm", "dfr")
 REQUIRED_KEYS = ("methods", "datasets", "seeds")
 RANDOM_KEYS = ("n", "hparam_seed", "space")
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
@@ -290,6 +291,8 @@ class SweepSpec:
     slurm: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     path: Path | None = None
+    # after its runs finish, make the DFR run (robustbench_fvae.dfr, default settings) of each
+    dfr: bool = False
 
     def trials(self) -> list[dict[str, Any]]:
         """The hyperparameter settings of each trial: grid points × random draws (≥ 1 trial)."""
@@ -397,12 +400,16 @@ def parse_spec(data: Any, name: str, path: Path | None = None) -> SweepSpec:
     description = data.get("description") or ""
     if not isinstance(description, str):
         raise SpecError("description: expected text")
+    dfr = data.get("dfr", False)
+    if not isinstance(dfr, bool):
+        raise SpecError(f"dfr: expected true or false (true: DFR on each finished run), "
+                        f"got {dfr!r}")
     return SweepSpec(
         name=name, methods=methods, datasets=datasets, seeds=list(dict.fromkeys(seeds)),
         settings=settings, grid=grid, random=random,
         per_method=_overrides(data.get("per_method"), "per_method", METHODS),
         per_dataset=_overrides(data.get("per_dataset"), "per_dataset", _dataset_names()),
-        slurm=slurm_section(data.get("slurm")), description=description, path=path)
+        slurm=slurm_section(data.get("slurm")), description=description, path=path, dfr=dfr)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -513,6 +520,14 @@ def expand(spec: SweepSpec, *, out: str | Path | None = None,
                     runs.append(PlannedRun(method, dataset, seed, t_index, settings, cfg, digest,
                                            records.run_dir(cfg.out, cfg)))
     return runs
+
+
+def dfr_run_dir(run: PlannedRun) -> Path:
+    """Where the DFR run of ``run`` (default DFR settings) lives: beside it, named by
+    robustbench_fvae.dfr's hash of the parent hash and its settings."""
+    from robustbench_fvae.dfr import derived_hash, dfr_settings
+
+    return run.run_dir.parent / derived_hash(run.hash, dfr_settings())
 
 
 def varying_settings(runs: list[PlannedRun]) -> list[str]:

@@ -7,9 +7,11 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from robustbench_fvae import records
 from robustbench_fvae.sweeps.spec import (
     PlannedRun,
     SweepSpec,
+    dfr_run_dir,
     format_value,
     varying_settings,
 )
@@ -85,7 +87,16 @@ def format_plan(spec: SweepSpec, runs: Sequence[PlannedRun], statuses: Sequence[
     if todo:
         lines.append("command of the first run not done: python -m robustbench_fvae.run "
                      + shlex.join(todo[0].flags()))
+    if spec.dfr:
+        lines.append(_dfr_line(runs))
     return "\n".join(lines)
+
+
+def _dfr_line(runs: Sequence[PlannedRun]) -> str:
+    """The DFR step of a ``dfr: true`` spec: how many DFR runs exist of how many."""
+    made = sum(records.is_done(dfr_run_dir(r)) for r in runs)
+    return (f"then DFR on each finished run (python -m robustbench_fvae.dfr RUN_DIR --wait, a "
+            f"derived run beside it): {made} of {len(runs)} DFR runs done")
 
 
 def format_status(spec: SweepSpec, runs: Sequence[PlannedRun], statuses: Sequence[RunStatus],
@@ -111,6 +122,8 @@ def format_status(spec: SweepSpec, runs: Sequence[PlannedRun], statuses: Sequenc
         for run, st in failed:
             lines.append(f"  {run.describe()}: {st.detail}; log {run.log_path}")
             lines += [f"    | {line}" for line in tail(run.log_path, tail_lines)]
+    if spec.dfr:
+        lines.append(_dfr_line(runs))
     if by_status.get("missing") or failed:
         lines.append(f"relaunch to run the missing/failed ones: python -m robustbench_fvae.sweep "
                      f"{spec.path or spec.name}")
