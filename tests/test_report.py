@@ -946,6 +946,10 @@ def test_runs_of_different_spurious_strength_make_robustness_curves(tmp_path):
         "lora (spurious_strength=0.5)", "fvae (spurious_strength=0.9)"}
     md = (rep.out / "table.md").read_text()
     assert "## Robustness to the spurious strength: synth-waterbirds" in md
+    # like every table, the curves table names its rule, split and average
+    curves_md = md.split("## Robustness to the spurious strength")[1].split("\n## ")[0]
+    assert "Metrics on the test split at the epoch selected by val_wg" in curves_md
+    assert "Avg = avg_acc, the plain sample-mean accuracy" in curves_md
     assert "Core-only" in md.split("## Per-group")[0]  # a main-table column now
     html = (rep.out / "report.html").read_text()
     assert base64.b64encode((rep.out / "curves_synth-waterbirds.png").read_bytes()).decode() \
@@ -1213,3 +1217,23 @@ def test_best_by_keeps_the_setting_with_the_best_validation_score(robust_runs, t
     # without --best-by every setting is a row of its own
     rows = report_cli.build_report(robust_runs["out"], tmp_path / "all").rows
     assert sum(r.algorithm == "erm" for r in rows) == 2
+
+
+def test_an_unfinished_dfr_run_is_listed_with_the_dfr_command_that_redoes_it(robust_runs,
+                                                                              tmp_path):
+    import shutil
+
+    from robustbench_fvae import dfr
+    from robustbench_fvae.analysis.aggregate import resume_command
+
+    out = tmp_path / "out"
+    shutil.copytree(robust_runs["out"], out, ignore=shutil.ignore_patterns("*.lock"))
+    name = robust_runs["runs"][("dfr", "erm", 0.05, 0)].name
+    killed = next(out.rglob(name))
+    (killed / "done").unlink()  # as if killed before its last write
+    (unfinished,) = collect_runs(out).unfinished
+    cmd = resume_command(unfinished)
+    assert cmd.startswith("python -m robustbench_fvae.dfr ") and "--refits 3" in cmd
+    assert f"--out {out}" in cmd
+    assert dfr.main([*cmd.split()[3:], "--device", "cpu"]) == 0
+    assert (killed / "done").is_file() and not collect_runs(out).unfinished

@@ -192,7 +192,10 @@ def jtt_stage1_hashes(runs: Iterable[RunRecord]) -> dict[str, Path]:
 
 def resume_command(rec: RunRecord) -> str:
     """The ``python -m robustbench_fvae.run`` command that resumes (or re-creates) run ``rec``:
-    its stored, resolved settings as flags (only those that differ from the defaults)."""
+    its stored, resolved settings as flags (only those that differ from the defaults). For an
+    unfinished derived run, the ``python -m robustbench_fvae.dfr`` command that redoes it."""
+    if is_derived(rec):
+        return _derived_command(rec)
     cfg = rec.config.get("config", {})
     # JSON round trip so that tuples in the defaults compare equal to the lists read from disk
     default = json.loads(json.dumps(RunConfig().to_dict()))
@@ -209,6 +212,28 @@ def resume_command(rec: RunRecord) -> str:
     base = f"--method {cfg.get('method')} --dataset {cfg.get('dataset')}"
     rest = [f for f in flags if not f.startswith(("--method ", "--dataset "))]
     return " ".join(["python -m robustbench_fvae.run", base, *rest])
+
+
+def _derived_command(rec: RunRecord) -> str:
+    """``python -m robustbench_fvae.dfr PARENT_DIR`` with the recorded DFR settings that differ
+    from dfr's defaults and the output folder the run is in (so it lands in the same
+    derived-run folder)."""
+    from robustbench_fvae import dfr  # numpy only; the record names what it ran
+
+    derived = rec.config.get("derived") or {}
+    settings = derived.get("settings") or {}
+    flags = []
+    if settings.get("seed", 0) != 0:
+        flags.append(f"--seed {settings['seed']}")
+    if settings.get("refits", dfr.DEFAULT_REFITS) != dfr.DEFAULT_REFITS:
+        flags.append(f"--refits {settings['refits']}")
+    grid = settings.get("c_grid")
+    if grid is not None and [float(c) for c in grid] != [float(c) for c in dfr.C_GRID]:
+        flags.append("--c-grid " + ",".join(f"{float(c):g}" for c in grid))
+    # where the run lives (OUT/<dataset>/<method>/<hash>), even if its folder was moved
+    flags.append(f"--out {rec.path.parents[2]}")
+    return " ".join(["python -m robustbench_fvae.dfr",
+                     str(derived.get("parent_dir", "PARENT_RUN_DIR")), *flags])
 
 
 # --------------------------------------------------------------------------- per-run results
@@ -845,6 +870,7 @@ class CurvePoint:
     seeds: list[int | None]
     stats: dict[str, Stat]  # CURVE_POINT_METRICS
     split: str = "test"
+    selection: str = ""  # the row's selection rule(s), for the table notes
 
     @property
     def n(self) -> int:
@@ -870,7 +896,7 @@ def robustness_curves(rows: Sequence[GroupRow]) -> list[CurvePoint]:
             points.append(CurvePoint(dataset=dataset, method=r.method, label=r.base_label,
                                      rho=r.rho, seeds=list(r.seeds),
                                      stats={k: r.stats[k] for k in CURVE_POINT_METRICS},
-                                     split=r.split))
+                                     split=r.split, selection=r.selection))
     return points
 
 

@@ -387,7 +387,13 @@ def curves_table(points: Sequence[CurvePoint], dataset: str) -> Table:
     body = [[p.label, rho_text(p.rho), f"{p.n} ({', '.join(map(str, p.seeds))})",
              *(mean_std(p.stats[m]) for m in metrics), ci_interval(p.stats["worst_group_acc"])]
             for p in points]
-    notes = ["RHO = spurious strength: the fraction of each class's training images on its "
+    rules = "/".join(sorted({part for p in points for part in p.selection.split("/") if part}))
+    split = "/".join(sorted({p.split for p in points}))
+    notes = [f"Metrics on the {split} split at the epoch selected by "
+             f"{selection_description(rules)}. WG = worst-group accuracy; Avg = avg_acc, the "
+             "plain sample-mean accuracy; Core-only = class-balanced accuracy on the test images "
+             "redrawn on a neutral background.",
+             "RHO = spurious strength: the fraction of each class's training images on its "
              "majority background (validation and test stay balanced). Values in percent, mean ± "
              "sample std over seeds; WG 95 % CI = t-interval of the mean. Numbers in curves.csv."]
     return Table(title=f"Robustness to the spurious strength: {dataset}", header=header,
