@@ -343,19 +343,23 @@ def _sync(device: torch.device) -> None:
 
 
 def run_interleaved(contenders: Sequence[Contender], warmup: int, repeats: int,
-                    device: torch.device) -> None:
+                    device: torch.device, clock: str = "wall") -> None:
     """Time every contender once per round, in an order rotated each round, so slow drifts and
-    bursts of machine load fall on all of them alike; the first ``warmup`` rounds are dropped."""
+    bursts of machine load fall on all of them alike; the first ``warmup`` rounds are dropped.
+    ``clock``: ``wall`` (perf_counter) or ``cpu`` (this process's CPU time, all its threads:
+    time the OS gave to other processes is not counted, so a loaded machine inflates it far less
+    — exact for one thread; with more, their spin-waits count)."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     n = len(contenders)
     for rnd in range(warmup + repeats):
         order = [contenders[(i + rnd) % n] for i in range(n)]
         for c in order:
             c.setup()
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = timer()
             c.step()
             _sync(device)
-            elapsed = (time.perf_counter() - t0) * 1e3
+            elapsed = (timer() - t0) * 1e3
             if rnd >= warmup:
                 c.times_ms.append(elapsed)
 
@@ -504,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads; default: the cores this process may use")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and the fixed batch")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what is timed: wall-clock time, or this process's CPU time (CPU only; "
+                        "on a machine busy with other work, --threads 1 --clock cpu leaves out "
+                        "the time other processes take)")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes (32 px, patch 8, width 64, depth 1, batch 2) for smoke tests; "
                         "overrides --depth and --batch-size; the ratios mean nothing")
@@ -538,13 +546,16 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace, device: torch.device, threads: int) -> dict:
+    if args.clock == "cpu" and device.type != "cpu":
+        raise BenchError("--clock cpu times CPU work and says nothing of a GPU; use --clock wall "
+                         "with --device cuda")
     load_before = _load_average()
     shape = QUICK_SHAPE if args.quick else Shape(depth=args.depth, batch_size=args.batch_size)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     cfg = AdapterConfig(rank=args.rank, targets=targets)
     dtype_name = "bf16-autocast" if device.type == "cuda" else "fp32"
     print(f"robustbench_fvae.bench: device={device} ({dtype_name}), torch {torch.__version__}, "
-          f"threads={threads}, {platform.machine()}")
+          f"threads={threads}, clock={args.clock}, {platform.machine()}")
     print(f"model: ViT depth={shape.depth} width={shape.embed_dim} heads={shape.num_heads} "
           f"tokens={shape.tokens} batch={shape.batch_size}, targets={','.join(targets)}, "
           f"rank={cfg.rank}, warmup={args.warmup}, repeats={args.repeats}")
@@ -598,7 +609,7 @@ def _run(args: argparse.Namespace, device: torch.device, threads: int) -> dict:
                                     make_module_train_step(layer, x, grad_out, device),
                                     setup=layer.train))
 
-    run_interleaved(contenders, args.warmup, args.repeats, device)
+    run_interleaved(contenders, args.warmup, args.repeats, device, args.clock)
     set_eval_fusion(models["fvae"], True)
     load_after = _load_average()
 
@@ -656,7 +667,7 @@ def _run(args: argparse.Namespace, device: torch.device, threads: int) -> dict:
         "embed_dim": shape.embed_dim, "num_heads": shape.num_heads, "threads": threads,
         "device": str(device), "precision": dtype_name, "torch": torch.__version__,
         "targets": list(targets), "rank": cfg.rank, "repeats": args.repeats,
-        "warmup": args.warmup, "quick": bool(args.quick), "seed": args.seed,
+        "warmup": args.warmup, "quick": bool(args.quick), "seed": args.seed, "clock": args.clock,
         "released_layers": n_swapped, "python": platform.python_version(),
         "cores": available_cores(), "load_avg_before": load_before, "load_avg_after": load_after,
     }
@@ -664,7 +675,7 @@ def _run(args: argparse.Namespace, device: torch.device, threads: int) -> dict:
     _print_table(contenders, stats)
     _print_memory(saved, peaks)
     _print_targets(result)
-    _print_load_warning(load_before, load_after, threads, device)
+    _print_load_warning(load_before, load_after, threads, device, args.clock)
     return result
 
 
@@ -677,7 +688,7 @@ def _load_average() -> float | None:
 
 
 def _print_load_warning(before: float | None, after: float | None, threads: int,
-                        device: torch.device) -> None:
+                        device: torch.device, clock: str = "wall") -> None:
     """Warn when other processes competed for the CPU. With several torch threads, each op waits
     for its slowest thread, so a preempted thread stalls every op: contenders made of many small
     ops (the FVAE family) slow down far more than LoRA and the ratios stop meaning anything."""
@@ -686,10 +697,15 @@ def _print_load_warning(before: float | None, after: float | None, threads: int,
     # Our own run adds about `threads` to the 1-minute average by its end.
     others = max(before, after - threads)
     if others > 0.5:
+        if clock == "cpu" and threads == 1:
+            print(f"note: the machine was busy (1-min load {before:.2f} before, {after:.2f} "
+                  "after); CPU-time clock at one thread leaves other processes' time out, but "
+                  "shared caches and memory bandwidth still add noise")
+            return
         print(f"WARNING: the machine was busy (1-min load {before:.2f} before, {after:.2f} after, "
               f"{available_cores()} cores): CPU timings with --threads {threads} are inflated, "
-              "most for many-small-op contenders; rerun on an idle machine"
-              + (" or compare with --threads 1" if threads > 1 else ""))
+              "most for many-small-op contenders; rerun on an idle machine or compare with "
+              "--threads 1 --clock cpu")
 
 
 def _module_adapter(method: str, cfg: AdapterConfig, d: int) -> nn.Module:

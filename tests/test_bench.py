@@ -63,6 +63,14 @@ def test_quick_benchmark_prints_json_with_positive_finite_ratios(capsys):
                    for line in lines)
 
 
+def test_cpu_clock_times_cpu_work(capsys):
+    result = main(["--quick", "--repeats", "1", "--warmup", "0", "--threads", "1", "--clock",
+                   "cpu"])
+    assert result["settings"]["clock"] == "cpu"
+    assert all(v > 0 for v in result["median_ms"].values())
+    assert "clock=cpu" in capsys.readouterr().out
+
+
 def test_bad_device_is_one_line_error(capsys, monkeypatch):
     # The error is for asking for CUDA where torch sees none; on a CUDA machine, hide it.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
