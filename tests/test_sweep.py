@@ -189,7 +189,7 @@ def test_flags_give_the_run_cli_the_same_hash(tmp_path):
     assert {r.config.train.lr for r in runs} == {1e-4}
     for run in runs:
         assert cli_hash(run.flags()) == run.hash
-    for name in ("table5.yaml", "table5-synth.yaml", "hparam-grid.yaml"):
+    for name in ("table5.yaml", "table5-synth.yaml", "hparam-grid.yaml", "hparam-grid-fvae.yaml"):
         for run in expand(load_spec(REPO / "runs" / name)):
             assert cli_hash(run.flags()) == run.hash, (name, run.flags())
 
@@ -212,14 +212,20 @@ def test_committed_specs():
     assert {r.config.adapter.resolved_beta(r.method) for r in table5 if r.method == "bvae2lat"} == {
         10.0
     }
-    assert len(grid) == 3 * 12 and {r.method for r in grid} == {"fvae"}
-    assert {(r.config.adapter.beta, r.config.adapter.alpha) for r in grid} == {
+    # every adapter method gets the same lr grid; FVAE-LoRA additionally its coefficients
+    assert len(grid) == 4 * 3 * 3 and {r.method for r in grid} == methods
+    lr_grid = {r.config.train.lr for r in grid}
+    assert all({r.config.train.lr for r in grid if r.method == m} == lr_grid for m in methods)
+    fvae_grid = expand(load_spec(REPO / "runs" / "hparam-grid-fvae.yaml"))
+    assert len(fvae_grid) == 3 * 12 and {r.method for r in fvae_grid} == {"fvae"}
+    assert {r.config.train.lr for r in fvae_grid} == lr_grid
+    assert {(r.config.adapter.beta, r.config.adapter.alpha) for r in fvae_grid} == {
         (1.0, 0.1),
         (1.0, 1.0),
         (10.0, 0.1),
         (10.0, 1.0),
     }
-    assert len({r.config.train.lr for r in grid}) == 3
+    assert len(lr_grid) == 3
     spec = load_spec(REPO / "runs" / "table5.yaml")
     assert spec.slurm["gpus_per_node"] == 1 and spec.slurm["timeout_min"] > 0
 
