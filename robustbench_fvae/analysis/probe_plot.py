@@ -49,7 +49,10 @@ def probe_accuracy_plot(rows: Sequence[dict], path: str | Path, title: str) -> P
     longest = max(len(layer) for layer, _ in keys)
     vertical = n > 10
     per_key = 0.8 if vertical else max(0.8, 0.075 * longest + 0.15)
-    fig = Figure(figsize=(max(7.0, per_key * n + 2.6), (8.4 if vertical else 7.4)
+    # Wide enough for the longest title line (≈ 0.085 in per character at 10 pt) beside the
+    # legend column, so the title is never clipped.
+    title_width = 0.085 * max(len(line) for line in title.splitlines()) + 2.2
+    fig = Figure(figsize=(max(7.0, per_key * n + 2.6, title_width), (8.4 if vertical else 7.4)
                           if has_checks else 5.2), layout="constrained")
     FigureCanvasAgg(fig)
     if has_checks:
@@ -151,7 +154,8 @@ def sensitivity_plot(rows: Sequence[dict], path: str | Path, title: str) -> Path
     longest = max(len(r["layer"]) for r in rows)
     vertical = n > 10
     per_key = 0.8 if vertical else max(0.8, 0.075 * longest + 0.15)
-    fig = Figure(figsize=(max(9.0, per_key * n + 3.6), 5.8 if vertical else 5.0),
+    title_width = 0.085 * max(len(line) for line in title.splitlines()) + 3.0
+    fig = Figure(figsize=(max(9.0, per_key * n + 3.6, title_width), 5.8 if vertical else 5.0),
                  layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
