@@ -86,7 +86,7 @@ class PretrainConfig:
     """Settings of the source task and its optimisation (in the cache key and the JSON summary)."""
 
     seed: int = 0
-    epochs: int = 12
+    epochs: int = 4
     n_train: int = 8000  # generated training scenes (balanced over the ten classes)
     n_test: int = 1000  # held-out scenes (held-out silhouette instances)
     batch_size: int = 64
