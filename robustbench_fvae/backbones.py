@@ -135,8 +135,7 @@ def backbone_data_config(model: nn.Module) -> DataConfig:
     return DataConfig(image_size=int(size[0]), mean=mean, std=std)
 
 
-def backbone_digest(name: str, weights: str | Path | None = None,
-                    cache_dir: str | Path | None = None) -> str | None:
+def backbone_digest(name: str, weights: str | Path | None = None) -> str | None:
     """A short digest of the weights a run starts from, for the run hash (DESIGN §4):
 
     * ``weights`` given: ``sha256:<16 hex>`` of the file's bytes;
@@ -146,7 +145,6 @@ def backbone_digest(name: str, weights: str | Path | None = None,
       pretraining it;
     * any other timm name: None (its pretrained tag already names the weights).
     """
-    del cache_dir  # the key does not depend on where the cache lives
     if weights is not None:
         path = _check_weights_file(weights)
         return "sha256:" + _file_digest(str(path.resolve()), *_file_stamp(path))[:16]

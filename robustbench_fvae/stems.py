@@ -97,8 +97,7 @@ class FrozenMobileNetV2Stem(nn.Module):
                             f"its last 1x1 conv), got {blocks}")
         source = mobilenet_v2()
         if pretrained:
-            result = source.load_state_dict(load_mobilenet_v2_state(), strict=True)
-            assert not result.missing_keys and not result.unexpected_keys
+            source.load_state_dict(load_mobilenet_v2_state(), strict=True)
         source.eval()
         with torch.no_grad():
             self.blocks = nn.Sequential(*(_fold_block(b) for b in source.features[:int(blocks)]))

@@ -228,7 +228,7 @@ def test_cache_folder_is_per_machine_and_keyed_by_the_settings(tmp_path, monkeyp
     assert offline_backbone_key() in offline_cache_path().name
 
 
-def test_offline_backbone_loads_from_cache(tmp_path):
+def test_offline_backbone_loads_from_cache(tmp_path, monkeypatch):
     torch.manual_seed(7)
     reference = build_offline_vit(0)
     path = offline_cache_path(cache_dir=tmp_path)
@@ -238,6 +238,12 @@ def test_offline_backbone_loads_from_cache(tmp_path):
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
     assert model.head.out_features == 5
+    # Once per machine: any data root finds the backbone in the cache folder of $RBF_CACHE_DIR.
+    monkeypatch.setenv("RBF_CACHE_DIR", str(tmp_path))
+    for root in (tmp_path / "data", tmp_path / "typo"):
+        model = create_backbone(OFFLINE_BACKBONE, 2, data_root=root)
+        torch.testing.assert_close(model.pos_embed, reference.pos_embed, rtol=0, atol=0)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "typo").exists()
     # A file of another architecture is refused, with the rebuild command.
     save_file({"pos_embed": torch.zeros(1, 5, 192)}, str(path))
     with pytest.raises(BackboneError, match="robustbench_fvae.pretrain --force"):
@@ -275,6 +281,16 @@ def test_run_hash_changes_with_the_backbone_weights(tmp_path, monkeypatch):
     # A pinned digest that this machine does not have is refused, in one line.
     with pytest.raises(ConfigError, match="backbone_digest 'key:000' was asked for"):
         run_hash(backbone_digest="key:000")
+
+
+def test_pretrain_cli_prints_the_cache_path_of_its_settings(tmp_path, capsys):
+    from robustbench_fvae import pretrain
+
+    assert pretrain.main(["--cache-dir", str(tmp_path), "--print-path"]) == 0
+    assert capsys.readouterr().out.strip() == str(offline_cache_path(cache_dir=tmp_path))
+    assert pretrain.main(["--cache-dir", str(tmp_path), "--seed", "5", "--print-path"]) == 0
+    assert capsys.readouterr().out.strip() != str(offline_cache_path(cache_dir=tmp_path))
+    assert not list(tmp_path.iterdir())  # printing the path trains nothing
 
 
 def test_pretrain_does_not_import_backbones():
