@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from . import records
@@ -678,10 +679,11 @@ class _Trainer:
             s = self.splits[split]
             records.write_predictions_csv(records.predictions_path(self.rdir, split),
                                           np.arange(len(s)), s.y, s.a, s.g, pred, prob)
-        tmp = self.rdir / (WEIGHTS_FILE + ".tmp")
-        save_file(trainable_state(self.model), str(tmp),
-                  metadata={"epoch": str(self.epoch + 1), "method": self.cfg.method})
-        os.replace(tmp, self.rdir / WEIGHTS_FILE)
+        # Bytes written atomically by records (fsync, rename, the umask's permissions), not
+        # save_file, which creates the file readable by its owner only.
+        records.write_bytes_atomic(self.rdir / WEIGHTS_FILE, save_safetensors(
+            trainable_state(self.model),
+            metadata={"epoch": str(self.epoch + 1), "method": self.cfg.method}))
 
     def finish(self, params: dict[str, int]) -> dict:
         t = self.cfg.train

@@ -89,9 +89,13 @@ def test_record_is_complete_and_metrics_recompute_from_predictions(env, tmp_path
     result = run(tiny_cfg(env, tmp_path), progress=False, log=quiet)
     rdir = result.run_dir
     assert rdir.parent.parent.name == "synth-waterbirds" and rdir.parent.name == "fvae"
+    umask = os.umask(0)
+    os.umask(umask)
     for name in ("config.json", "history.jsonl", "metrics.json", "predictions_val.csv",
                  "predictions_test.csv", WEIGHTS_FILE, CHECKPOINT_FILE, "done"):
         assert (rdir / name).is_file(), name
+    for name in ("config.json", "metrics.json", "predictions_test.csv", WEIGHTS_FILE):
+        assert (rdir / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # not 0600
     metrics = records.read_json(rdir / "metrics.json")
     assert metrics["selection"] == "val_wg"
     assert set(metrics["params"]) >= {"trainable", "inference"}
