@@ -7,7 +7,7 @@
   the local Hugging Face cache, or from the hub when online. Offline without a file this fails
   within about a second with a :class:`BackboneError` that says how to pass ``--weights FILE``.
 * :data:`OFFLINE_BACKBONE` ``rbf_vit_offline``: a hybrid timm VisionTransformer for the offline
-  replicas (128 px input; patch embedding = a frozen ImageNet MobileNetV2 stem, 8 x 8 tokens;
+  replicas (96 px input; patch embedding = a frozen ImageNet MobileNetV2 stem, 6 x 6 tokens;
   width 128, depth 4, 2 heads), see :mod:`robustbench_fvae.stems`. Everything after the stem is
   pretrained by this project on shipped data (:mod:`robustbench_fvae.pretrain`), once per
   machine, into the user cache folder (``$RBF_CACHE_DIR``, default ``~/.cache/robustbench_fvae``);

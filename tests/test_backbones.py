@@ -120,9 +120,9 @@ def test_random_init_and_data_config():
     offline = create_backbone(OFFLINE_BACKBONE, 3, pretrained=False)
     cfg = backbone_data_config(offline)
     # The offline ViT's stem is an ImageNet CNN: its input is normalised as ImageNet's.
-    assert cfg.image_size == 128 and cfg.mean == (0.485, 0.456, 0.406)
-    assert offline(torch.randn(2, 3, 128, 128)).shape == (2, 3)
-    assert offline.patch_embed.grid_size == (8, 8)
+    assert cfg.image_size == 96 and cfg.mean == (0.485, 0.456, 0.406)
+    assert offline(torch.randn(2, 3, 96, 96)).shape == (2, 3)
+    assert offline.patch_embed.grid_size == (6, 6)
     assert default_backbone("synth-celeba") == OFFLINE_BACKBONE
     assert default_backbone("waterbirds") == REAL_BACKBONE
 
@@ -171,7 +171,7 @@ def test_stem_stays_frozen_for_every_method_and_in_train_mode(tmp_path):
         stem = model.patch_embed.backbone
         assert not list(stem.parameters())
         before = {k: v.clone() for k, v in stem.state_dict().items()}
-        x = torch.randn(4, 3, 128, 128)
+        x = torch.randn(4, 3, 96, 96)
         model.eval()
         with torch.no_grad():
             eval_features = stem(x)
@@ -326,7 +326,7 @@ def test_pretraining_writes_the_cache_and_keeps_the_callers_rng(tmp_path):
     from robustbench_fvae.stems import FrozenMobileNetV2Stem
 
     stem = FrozenMobileNetV2Stem(14, pretrained=True)
-    x = torch.randn(1, 3, 128, 128)
+    x = torch.randn(1, 3, 96, 96)
     torch.testing.assert_close(model.patch_embed.backbone(x), stem(x), rtol=0, atol=0)
     assert model(x).shape == (1, 2)
     assert not list(path.parent.glob("*.tmp"))
