@@ -51,12 +51,14 @@ from torch.nn import functional as F
 from .data.silhouettes import (
     FAMILIES,
     REPLICA_CLASSES,
+    RESERVED_PER_CLASS,
     SILHOUETTE_CLASSES,
     class_index,
     compose,
     foreground_fill,
     load_silhouettes,
     render_background,
+    reserved_source_instances,
     silhouette_alpha,
 )
 from .records import exclusive_lock
@@ -76,8 +78,6 @@ PRETRAIN_VERSION = 2
 CACHE_ENV = "RBF_CACHE_DIR"
 SOURCE_SIZE = 64  # source scenes are drawn at the replicas' resolution, then resized like them
 # Silhouettes of each replica class kept for the source task (of 1,000 per class).
-RESERVED_PER_CLASS = 150
-_RESERVE_SEED = 271828  # fixed: the reserved set must not depend on any run or replica seed
 MASK_CELLS = 4  # figure/ground targets per token: a MASK_CELLS x MASK_CELLS grid of its area
 
 
@@ -155,19 +155,6 @@ def ensure_offline_backbone(data_root: str | Path | None = None, *,
 
 
 # ------------------------------------------------------------------------------ source task
-
-
-def reserved_source_instances(class_name: str) -> np.ndarray:
-    """The animal-mnist indices of one *replica* class kept for the source task: int64
-    (:data:`RESERVED_PER_CLASS`,), a fixed seeded choice independent of every other seed.
-    The replica builder must exclude exactly these from its train/val/test pools."""
-    if class_name not in REPLICA_CLASSES:
-        raise ValueError(f"{class_name!r} is not a replica class ({', '.join(REPLICA_CLASSES)}); "
-                         "the other classes are all source-only")
-    _, labels = load_silhouettes()
-    idx = np.flatnonzero(labels == class_index(class_name))
-    rng = np.random.default_rng([_RESERVE_SEED, class_index(class_name)])
-    return np.sort(idx[rng.permutation(len(idx))[:RESERVED_PER_CLASS]])
 
 
 def source_pools(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -43,6 +43,10 @@ HELP = {
     "num_workers": "data loader workers (default: 0 on CPU, min(8, cores) on CUDA)",
     "checkpoint_every": "also checkpoint every N steps (0: at epoch ends only)",
     "threads": "CPU threads for torch (default: torch's own choice, all cores)",
+    "backbone_digest": "filled in by the run (a digest of the backbone's weights, in the hash); "
+                       "given, the run refuses to start unless this machine's backbone has it",
+    "replica_version": "filled in by the run for synth-* (the replica builder's version, in the "
+                       "hash); given, it is checked the same way",
     "rank": "rank r of LoRA = size of z1 and z2",
     "targets": "comma-separated: q, k, v (slices of fused qkv) or Linear names (proj, fc1…)",
     "lora_alpha": "LoRA scaling numerator (delta = alpha/r * BAx)",

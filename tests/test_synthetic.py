@@ -227,12 +227,20 @@ def test_images_show_the_documented_silhouette_class_and_background(built):
 
 
 def test_instance_pools_are_disjoint_and_replicas_avoid_pretraining_classes():
+    """Pools are disjoint; a replica class's pools leave out the silhouettes the offline backbone
+    pretrains on (it must have seen the concept, never a replica's instances)."""
     _, labels = sil.load_silhouettes()
     for name in sil.SILHOUETTE_CLASSES:
         pools = sil.instance_pools(name, seed=0)
         flat = np.concatenate(pools)
-        assert len(flat) == len(set(flat.tolist())) == 1000
+        reserved = (sil.reserved_source_instances(name) if name in sil.REPLICA_CLASSES
+                    else np.array([], dtype=np.int64))
+        assert len(flat) == len(set(flat.tolist())) == 1000 - len(reserved)
         assert (labels[flat] == sil.class_index(name)).all()
+        assert not np.intersect1d(flat, reserved).size
+        if name in sil.REPLICA_CLASSES:
+            assert len(reserved) == sil.RESERVED_PER_CLASS
+            assert (labels[reserved] == sil.class_index(name)).all()
     used = {c for spec in SPECS.values() for c in spec.foreground}
     assert used == set(sil.REPLICA_CLASSES) and not used & set(sil.PRETRAIN_CLASSES)
 

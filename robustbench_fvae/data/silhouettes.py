@@ -98,16 +98,39 @@ def class_index(name: str) -> int:
         ) from None
 
 
+# Silhouettes of each replica class kept for the offline backbone's source task (pretrain.py)
+# and never used by a replica split: the backbone must have seen the concepts, not the test
+# instances (as ImageNet-21k holds birds but not Waterbirds' test images).
+RESERVED_PER_CLASS = 150
+_RESERVE_SEED = 271828  # fixed: the reserved set must not depend on any run or replica seed
+
+
+def reserved_source_instances(class_name: str) -> np.ndarray:
+    """The animal-mnist indices of one *replica* class kept for the source task: int64
+    (:data:`RESERVED_PER_CLASS`,), a fixed seeded choice independent of every other seed.
+    The replica builder must exclude exactly these from its train/val/test pools."""
+    if class_name not in REPLICA_CLASSES:
+        raise ValueError(f"{class_name!r} is not a replica class ({', '.join(REPLICA_CLASSES)}); "
+                         "the other classes are all source-only")
+    _, labels = load_silhouettes()
+    idx = np.flatnonzero(labels == class_index(class_name))
+    rng = np.random.default_rng([_RESERVE_SEED, class_index(class_name)])
+    return np.sort(idx[rng.permutation(len(idx))[:RESERVED_PER_CLASS]])
+
+
 def instance_pools(
     class_name: str, seed: int, fractions: tuple[float, ...] = (0.6, 0.15, 0.25)
 ) -> list[np.ndarray]:
     """Split one class's silhouette indices into disjoint pools (e.g. train/val/test).
 
     Returns one int64 index array per fraction, into the arrays of :func:`load_silhouettes`.
-    The split is a seeded permutation, so the same ``seed`` gives the same pools.
+    The split is a seeded permutation, so the same ``seed`` gives the same pools. For a replica
+    class the silhouettes reserved for the backbone's source task are left out of every pool.
     """
     _, labels = load_silhouettes()
     idx = np.flatnonzero(labels == class_index(class_name))
+    if class_name in REPLICA_CLASSES:
+        idx = np.setdiff1d(idx, reserved_source_instances(class_name))
     rng = np.random.default_rng([seed, 7919, class_index(class_name)])
     idx = idx[rng.permutation(len(idx))]
     bounds = np.round(np.cumsum((0.0,) + tuple(fractions)) / sum(fractions) * len(idx)).astype(int)
