@@ -321,11 +321,16 @@ def _hist(wg: list, avg: list) -> list[dict]:
 
 def test_select_epoch_direction_and_ties():
     history = _hist(wg=[0.5, 0.7, 0.7, 0.6], avg=[0.90, 0.80, 0.95, 0.95])
-    assert select_epoch(history, "val_wg")["epoch"] == 1  # max, tie → earliest
+    # val_wg: max WG; the tie between epochs 1 and 2 goes to the better validation average
+    assert select_epoch(history, "val_wg")["epoch"] == 2
+    # val_avg: max average; the tie between epochs 2 and 3 goes to the earliest
     assert select_epoch(history, "val_avg")["epoch"] == 2
-    assert {k: v["epoch"] for k, v in select_all(history).items()} == {"val_wg": 1, "val_avg": 2}
+    assert {k: v["epoch"] for k, v in select_all(history).items()} == {"val_wg": 2, "val_avg": 2}
+    tied = _hist(wg=[0.5, 0.7, 0.7], avg=[0.9, 0.8, 0.8])  # a full tie → the earliest epoch
+    assert select_epoch(tied, "val_wg")["epoch"] == 1
     # order in the file does not matter, the epoch does
-    assert select_epoch(list(reversed(history)), "val_wg")["epoch"] == 1
+    assert select_epoch(list(reversed(history)), "val_wg")["epoch"] == 2
+    assert select_epoch(list(reversed(tied)), "val_wg")["epoch"] == 1
     assert set(RULES) == set(SELECTION_RULES)
 
 
