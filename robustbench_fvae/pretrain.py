@@ -333,7 +333,7 @@ def pretrain_offline_backbone(
 
 
 def _pretrain(path: Path, cfg: PretrainConfig, progress: bool, log) -> dict:
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(cfg.seed)
@@ -346,7 +346,7 @@ def _pretrain(path: Path, cfg: PretrainConfig, progress: bool, log) -> dict:
     gen_seconds = time.perf_counter() - start
     log(f"{OFFLINE_BACKBONE}: generated {cfg.n_train} + {cfg.n_test} source scenes in "
         f"{gen_seconds:.0f}s")
-    bar = tqdm(total=cfg.n_train + cfg.n_test, desc="frozen stem features", unit="img",
+    bar = progress_bar(total=cfg.n_train + cfg.n_test, desc="frozen stem features", unit="img",
                disable=not progress)
     grid = backbone.patch_embed.grid_size[0]
     feats = {s: _stem_features(stem, d[0], bar=bar) for s, d in data.items()}
@@ -374,7 +374,7 @@ def _pretrain(path: Path, cfg: PretrainConfig, progress: bool, log) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     x_train, y_train, f_train = feats["train"], data["train"][1], data["train"][2]
     m_train = token_masks["train"]
-    bar = tqdm(total=total, desc=f"pretraining {OFFLINE_BACKBONE}", unit="step",
+    bar = progress_bar(total=total, desc=f"pretraining {OFFLINE_BACKBONE}", unit="step",
                disable=not progress)
     step = 0
     model.train()

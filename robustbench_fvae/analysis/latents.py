@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..adapters import adapted_layers, record_latents
 from ..data.base import GroupSplit
+from ..progress import progress_bar
 
 POOLS = ("cls", "mean", "both")
 LATENT_KINDS = ("z1", "z2", "lora", "backbone")
@@ -269,8 +269,9 @@ def extract_latents(model: nn.Module, split: GroupSplit, layers: Sequence[str] |
 
     try:
         with record_latents(model, layers, sigma=True) as store:
-            for images, _, _ in tqdm(loader, desc=f"latents {split.split}", disable=not progress,
-                                     leave=False, dynamic_ncols=True):
+            for images, _, _ in progress_bar(loader, desc=f"latents {split.split}",
+                                             disable=not progress, leave=False,
+                                             dynamic_ncols=True):
                 model(images.to(device, non_blocking=True))
                 for name in layers:
                     for kind, calls in store[name].items():
@@ -319,8 +320,8 @@ def extract_block_features(model: nn.Module, split: GroupSplit, *, pool: str = "
     handles = [m.register_forward_hook(hook_for(n)) for n, m in taps.items()]
     loader = _loader(split, idx, batch_size, num_workers, device)
     try:
-        for images, _, _ in tqdm(loader, desc=f"features {split.split}", disable=not progress,
-                                 leave=False, dynamic_ncols=True):
+        for images, _, _ in progress_bar(loader, desc=f"features {split.split}",
+                                         disable=not progress, leave=False, dynamic_ncols=True):
             model.forward_features(images.to(device, non_blocking=True))
     finally:
         for h in handles:

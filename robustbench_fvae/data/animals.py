@@ -144,11 +144,11 @@ def read_arrays(base: Path, name: str, hint: str) -> dict[str, SplitArrays]:
 
 def _fetch(url: str, dest: Path, label: str, timeout: float = 60.0) -> None:
     """Stream ``url`` to ``dest`` with a progress bar (to stderr)."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr) as bar:
+        with progress_bar(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr) as bar:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 bar.update(len(chunk))

@@ -523,7 +523,7 @@ def build_replica(
     (None: the real dataset's). One process: the three full-size replicas take well under a
     minute on 2 CPU cores.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     spec = _spec(name)
     rho = resolve_strength(name, strength)
@@ -563,7 +563,7 @@ def build_replica(
             items = _items(spec, counts)
             rows = [(item, _relative_path(spec, item, serial), serial)
                     for serial, item in enumerate(items, start=1)]
-            for item, rel, _ in tqdm(rows, desc=f"building {name}", unit="img",
+            for item, rel, _ in progress_bar(rows, desc=f"building {name}", unit="img",
                                      disable=not progress):
                 pictures = _render(spec, item, seed, int(image_size), pools)
                 _save_png(pictures[0], staging / rel)
