@@ -401,7 +401,7 @@ def _pretrain(path: Path, cfg: PretrainConfig, progress: bool, log) -> dict:
                 optimizer.step()
                 step += 1
                 bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()
         n = min(cfg.n_test, cfg.n_train)
         train_acc = _evaluate(model, x_train[:n], y_train[:n], f_train[:n], m_train[:n])

@@ -620,8 +620,9 @@ class _Trainer:
             self.step_in_epoch += 1
             for k, v in values.items():
                 self.sums[k] = self.sums.get(k, 0.0) + v
+            # refresh=False: shown at the bar's next redraw, which progress_bar throttles in logs
             bar.set_postfix({k: f"{values[k]:.3g}" for k in ("ce", "R", "K1", "K2", "G")
-                             if k in values})
+                             if k in values}, refresh=False)
             if self.dist.any(flag["stop"]):
                 self.train_time += time.perf_counter() - start
                 self._save()
