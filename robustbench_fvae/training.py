@@ -724,8 +724,36 @@ class _Trainer:
         return metrics
 
 
+def check_rebuildable(cfg: RunConfig, git_commit: str | None = None) -> None:
+    """Raise :class:`records.RecordError` when this checkout would rebuild a different backbone or
+    replica than the one a finished run trained on: its adapter weights would then load into the
+    wrong model and every number derived from them (probes, DFR) would be silently wrong.
+
+    Compares the run's recorded ``backbone_digest`` and ``replica_version`` (run hash inputs) with
+    what the current code builds; a record without them predates both and cannot be checked.
+    """
+    from .data.synthetic import BUILDER_VERSION
+
+    now = {"backbone_digest": backbone_digest(cfg.backbone, cfg.weights),
+           "replica_version": BUILDER_VERSION if cfg.dataset.startswith("synth-") else None}
+    where = f"commit {git_commit[:12]}" if git_commit else "the code it was trained with"
+    for key, current in now.items():
+        recorded = getattr(cfg, key)
+        if recorded is None and current is not None:
+            raise records.RecordError(
+                f"this run's record has no {key} (it predates it), so its model cannot be "
+                f"rebuilt safely with this checkout; rerun it, or check out {where}")
+        if recorded != current:
+            raise records.RecordError(
+                f"this run trained on {key} {recorded!r}, but this checkout builds {current!r}; "
+                f"its weights would load into a different model: rerun it, or check out {where}")
+
+
 def load_trained_model(run_dir: str | Path, device: str = "cpu"):
     """The trained model of a finished run (selected epoch's weights), its config and splits.
+
+    Refuses (:func:`check_rebuildable`) when this checkout would rebuild another backbone or
+    replica than the run trained on.
 
     Returns ``(model, cfg, splits)`` with eval-mode model and transforms set on the splits.
     """
@@ -735,6 +763,7 @@ def load_trained_model(run_dir: str | Path, device: str = "cpu"):
         raise records.RecordNotFoundError(f"{weights} not found: the run has not selected an "
                                           "epoch yet (run it to completion first)")
     cfg = record.run_config
+    check_rebuildable(cfg, record.config.get("environment", {}).get("git_commit"))
     model, splits, _ = build_model_and_data(cfg, torch.device(device))
     load_trainable_state(model, load_file(str(weights)))
     model.eval()

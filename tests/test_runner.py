@@ -118,6 +118,12 @@ def test_record_is_complete_and_metrics_recompute_from_predictions(env, tmp_path
     from robustbench_fvae.training import predict
     _, pred = predict(model, splits["test"], 16, 0, torch.device("cpu"))
     assert (pred == records.read_predictions(rdir / "predictions_test.csv")["pred"]).all()
+    # A checkout that would rebuild a different replica (or backbone) refuses to load the
+    # weights into it, naming both versions.
+    config["config"]["replica_version"] = 1
+    records.write_json_atomic(rdir / "config.json", config)
+    with pytest.raises(records.RecordError, match="replica_version 1, but this checkout builds"):
+        load_trained_model(rdir)
 
 
 def test_same_seed_same_numbers_and_rerun_is_a_no_op(env, tmp_path, capsys):
