@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -113,23 +113,35 @@ _UMASK = _current_umask()
 
 
 @contextlib.contextmanager
+def _flocked(path: Path, on_busy: Callable[[], None] | None = None) -> Iterator[IO[str] | None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) and yield its handle (opened
+    ``a+``), or None without POSIX ``fcntl``. With ``on_busy``, a held lock first calls it (it may
+    raise instead of waiting), then waits; without, it just waits."""
+    try:
+        import fcntl
+    except ImportError:
+        yield None
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if on_busy else 0))
+        except BlockingIOError:
+            on_busy()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield handle
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def exclusive_lock(path: str | Path) -> Iterator[None]:
     """Hold an exclusive inter-process lock on the file ``path`` (created if missing), so that
     parallel jobs build a shared cache once. Without POSIX ``fcntl`` there is no lock; the atomic
     renames of the writers still keep every file whole."""
-    try:
-        import fcntl
-    except ImportError:
+    with _flocked(Path(path)):
         yield
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -535,34 +547,25 @@ def run_lock(run_dir: str | Path, *, wait: bool = False,
     host, start time) for the message a second launch gets: :class:`RunInUseError`, or with
     ``wait`` a wait until the holder ends. Without POSIX ``fcntl`` there is no lock.
     """
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
     path = lock_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(path)
-            if not wait:
-                raise RunInUseError(
-                    f"{run_dir} is being trained by {holder}; wait for it to finish (or pass "
-                    "--wait), or stop that process first") from None
-            if log is not None:
-                log(f"waiting for {holder}, which is training {run_dir}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
+
+    def busy() -> None:
+        holder = _lock_holder(path)
+        if not wait:
+            raise RunInUseError(
+                f"{run_dir} is being trained by {holder}; wait for it to finish (or pass "
+                "--wait), or stop that process first")
+        if log is not None:
+            log(f"waiting for {holder}, which is training {run_dir}")
+
+    with _flocked(path, on_busy=busy) as handle:
+        if handle is not None:
             handle.seek(0)
             handle.truncate()
             handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
                          f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
             handle.flush()
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 def _lock_holder(path: Path) -> str:

@@ -209,7 +209,7 @@ def test_eval_path_runs_only_encoder1_mean_and_B_and_is_deterministic(fused):
     set_eval_fusion(model, fused)
     called: list[str] = []
     for name, adapter in adapted_layers(model).items():
-        for part in ("encoder2", "decoder", "encoder1.logvar"):
+        for part in ("encoder2", "decoder.net.0", "encoder1.logvar"):
             adapter.get_submodule(part).register_forward_hook(
                 lambda *_, n=f"{name}.{part}": called.append(n))
     x = torch.randn(2, 3, 32, 32)
@@ -380,22 +380,31 @@ def test_vit_b16_parameter_counts_match_the_reference_arithmetic():
 
 
 def test_reconstruction_gradients_equal_autograd_of_the_density():
-    """The hand-written backward of the reconstruction term equals autograd's, in float64."""
+    """The hand-written output layer + density node equals autograd's Linear + Normal, in
+    float64, in value and in every gradient (input, hidden, weight, bias, log-scale)."""
     torch.manual_seed(0)
     x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
-    mean = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     log_scale = (0.3 * torch.randn(7, dtype=torch.float64)).requires_grad_()
+    inputs = (x, hidden, weight, bias, log_scale)
     weights = torch.randn(3, 5, dtype=torch.float64)
-    from robustbench_fvae.adapters.fvae import _DiagonalGaussianNLL
+    from robustbench_fvae.adapters.fvae import _LinearGaussianNLL
 
-    ours = _DiagonalGaussianNLL.apply(x, mean, log_scale)
-    grads = torch.autograd.grad((ours * weights).sum(), (x, mean, log_scale))
+    ours = _LinearGaussianNLL.apply(*inputs)
+    grads = torch.autograd.grad((ours * weights).sum(), inputs)
+    mean = torch.nn.functional.linear(hidden, weight, bias)
     direct = -torch.distributions.Normal(mean, log_scale.exp()).log_prob(x).sum(-1)
-    expected = torch.autograd.grad((direct * weights).sum(), (x, mean, log_scale))
+    expected = torch.autograd.grad((direct * weights).sum(), inputs)
     torch.testing.assert_close(ours, direct)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
-    assert torch.autograd.gradcheck(_DiagonalGaussianNLL.apply, (x, mean, log_scale))
+    assert torch.autograd.gradcheck(_LinearGaussianNLL.apply, inputs)
+    # Inputs that need no gradient get none (the first layer's x is a frozen activation).
+    x.requires_grad_(False)
+    out = _LinearGaussianNLL.apply(*inputs)
+    assert torch.autograd.grad(out.sum(), hidden)[0].shape == hidden.shape
 
 
 # ---------------------------------------------------------------- fused evaluation

@@ -9,6 +9,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import nbformat
+import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
@@ -59,18 +60,36 @@ def test_group_report_notebook_runs_on_real_runs(offline_runs, tmp_path, monkeyp
     assert (report_dir / "report.html").stat().st_size > 0
 
 
-def test_latent_probing_notebook_runs_on_a_real_fvae_run(offline_runs, tmp_path, monkeypatch):
+def test_latent_probing_notebook_puts_a_real_fvae_run_beside_a_lora_run(
+        offline_runs, tmp_path, monkeypatch):
     root, made = offline_runs
     probe_dir = tmp_path / "probe"
     nb = _execute("latent_probing.ipynb", {
         "RBF_RUNS_DIR": str(root / "out"), "RBF_MAX_IMAGES": "10", "RBF_TSNE_MAX": "9",
         "RBF_PROBE_DIR": str(probe_dir)}, monkeypatch)
-    chosen = _stdout(nb).splitlines()[0]
+    lines = _stdout(nb).splitlines()
+    chosen = lines[0]
     assert chosen.startswith("probing ") and "fvae on synth-waterbirds" in chosen
     assert any(str(made[("fvae", s)]) in chosen for s in (0, 1))
+    # the only lora run of the fixture, on the same dataset, is the reference
+    reference = lines[1]
+    assert reference.startswith("LoRA reference ") and str(made[("lora", 0)]) in reference
+    assert "lora on synth-waterbirds" in reference
     tables = "\n".join(_outputs(nb, "text/html"))
     assert "z1" in tables and "z2" in tables and "blocks.0" in tables and "norm" in tables
-    images = _outputs(nb, "image/png")
-    tsne = sorted(probe_dir.glob("tsne_*.png"))
-    assert tsne and len(images) == 1 + len(tsne)  # the probe bars, then every t-SNE map
-    assert (probe_dir / "frozen_backbone" / "probes.csv").is_file()
+    assert "acc(y)" in tables and "active_units" in tables  # the comparison table is shown
+    comparison = pd.read_csv(probe_dir / "fvae_vs_lora.csv")
+    assert {"z1", "z2", "lora"} <= set(comparison.latent)
+    assert set(comparison.method[comparison.latent.isin(["z1", "z2"])]) == {"fvae"}
+    assert set(comparison.method[comparison.latent == "lora"]) == {"lora"}
+    assert comparison[["acc(y)", "acc(a)"]].notna().all().all()
+    for run in ("fvae", "lora"):
+        assert (probe_dir / run / "probes.csv").is_file()
+        assert sorted((probe_dir / run).glob("tsne_*.png"))
+    # every figure written (the comparison, then each run's probe bars, sensitivity figure when
+    # its data has twins, t-SNE maps) is displayed once; frozen_backbone/ is a table only
+    written = [p for folder in (probe_dir, probe_dir / "fvae", probe_dir / "lora")
+               for p in folder.glob("*.png")]
+    assert (probe_dir / "fvae_vs_lora.png") in written
+    assert len(_outputs(nb, "image/png")) == len(written)
+    assert (probe_dir / "fvae" / "frozen_backbone" / "probes.csv").is_file()

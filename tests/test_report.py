@@ -936,6 +936,10 @@ def test_runs_of_different_spurious_strength_make_robustness_curves(tmp_path):
     half = 100 * T_975_2 * 0.1 / math.sqrt(3)
     assert max(band) == pytest.approx(min(100, 90 + half), rel=1e-4)
     assert min(band) == pytest.approx(40 - half, rel=1e-4)
+    # a row at a single RHO is a point, not a curve: left out while another row has a curve
+    one_rho = [p for p in rep.curves if p.method == "lora" or p.rho == 0.5]
+    drawn = plots.robustness_figure(one_rho, "synth-waterbirds").axes[0].get_lines()
+    assert [ln.get_label().split(" (")[0] for ln in drawn] == ["lora"]
     no_core = [p for p in rep.curves if p.method == "fvae"]
     assert len([ax for ax in plots.robustness_figure(no_core, "synth-waterbirds").axes
                 if ax.get_title()]) == 2  # no core-only panel without core-only numbers

@@ -102,37 +102,57 @@ class GaussianDecoder(nn.Module):
         return self.net(z)
 
     def negative_log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``−log p(x|z)`` per token, summed over the input dims: shape ``x.shape[:-1]``."""
-        mean = self(z)
-        dtype = torch.promote_types(mean.dtype, torch.float32)
-        return _DiagonalGaussianNLL.apply(x.to(dtype), mean.to(dtype), self.log_scale.to(dtype))
+        """``−log p(x|z)`` per token, summed over the input dims: shape ``x.shape[:-1]``.
+
+        The output Linear and the Gaussian density run as one fused step in fp32
+        (:class:`_LinearGaussianNLL`), also under autocast."""
+        hidden = self.net[:-1](z)
+        last = self.net[-1]
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        return _LinearGaussianNLL.apply(x.to(dtype), hidden.to(dtype), last.weight.to(dtype),
+                                        last.bias.to(dtype), self.log_scale.to(dtype))
 
 
-class _DiagonalGaussianNLL(torch.autograd.Function):
-    """``−log N(x; μ, diag(s²))`` per token, summed over the last dim, ``s = exp(log_scale)``.
+class _LinearGaussianNLL(torch.autograd.Function):
+    """``−log N(x; h Wᵀ + b, diag(s²))`` per token, summed over the last dim;
+    ``s = exp(log_scale)`` per input dim.
 
-    Written out because autograd would keep two (…, d) tensors per token for backward
-    (``x − μ`` and its standardised square); this keeps only ``x − μ``, which is what keeps
-    FVAE-LoRA's training activation memory close to LoRA's.
+    The decoder's output layer and the density in one autograd node, written out because this
+    is the widest part of FVAE-LoRA's training step (tokens × d, like the adapted layer itself):
+    the residual comes straight out of one ``addmm`` (``x − h Wᵀ``), the standardised residual
+    ``u = (x − μ)/s`` is formed in place and is the only (…, d) tensor kept for backward (autograd
+    would keep the mean, the residual and its square), and backward needs three passes over it.
+    Gradients: ``∂/∂μ = −u/s``, ``∂/∂x = u/s``, ``∂/∂log s = 1 − u²`` (per token, times the incoming
+    gradient).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor
-                ) -> torch.Tensor:
-        diff = x - mean
-        ctx.save_for_backward(diff, log_scale)
-        inv_var = torch.exp(-2.0 * log_scale)
-        return (0.5 * (diff.square() * inv_var).sum(-1) + log_scale.sum()
-                + x.shape[-1] * _HALF_LOG_2PI)
+    def forward(ctx, x: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            d = x.shape[-1]
+            x2, h2 = x.reshape(-1, d), hidden.reshape(-1, hidden.shape[-1])
+            u = torch.addmm(x2, h2, weight.t(), alpha=-1.0).sub_(bias).mul_(torch.exp(-log_scale))
+            nll = (0.5 * torch.linalg.vector_norm(u, dim=-1).square() + log_scale.sum()
+                   + d * _HALF_LOG_2PI)
+        ctx.save_for_backward(u, h2, weight, log_scale)
+        ctx.shapes = (x.shape, hidden.shape)
+        return nll.reshape(x.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        diff, log_scale = ctx.saved_tensors
-        inv_var = torch.exp(-2.0 * log_scale)
-        g = grad.unsqueeze(-1)
-        grad_x = g * diff * inv_var
-        grad_log_scale = (g * (1.0 - diff.square() * inv_var)).reshape(-1, diff.shape[-1]).sum(0)
-        return grad_x, -grad_x, grad_log_scale
+        u, h2, weight, log_scale = ctx.saved_tensors
+        x_shape, hidden_shape = ctx.shapes
+        need_x, need_h, need_w, need_b, need_s = ctx.needs_input_grad
+        g = grad.reshape(-1, 1)
+        grad_res = u * g  # ∂/∂(x − μ) · s, per token
+        grad_log_scale = grad.sum() - (grad_res * u).sum(0) if need_s else None
+        grad_res.mul_(torch.exp(-log_scale))  # ∂/∂x = −∂/∂μ
+        grad_x = grad_res.reshape(x_shape) if need_x else None
+        grad_h = (grad_res @ weight).neg_().reshape(hidden_shape) if need_h else None
+        grad_w = (grad_res.t() @ h2).neg_() if need_w else None
+        grad_b = grad_res.sum(0).neg_() if need_b else None
+        return grad_x, grad_h, grad_w, grad_b, grad_log_scale
 
 
 def gaussian_kl_to_standard(mean: torch.Tensor, logvar: torch.Tensor,

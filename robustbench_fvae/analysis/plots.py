@@ -366,7 +366,8 @@ def robustness_figure(points: Sequence[CurvePoint], dataset: str,
                       labels: Sequence[str] | None = None) -> Figure:
     """Worst-group, average and core-only accuracy (%) against the spurious strength RHO
     for ``dataset``: one line per method (mean over seeds), bands = 95 % t-interval of the mean
-    (none for one seed). The core-only panel is left out when no run recorded it. RHO is on a
+    (none for one seed). Rows measured at a single RHO are left out when any row has several.
+    The core-only panel is left out when no run recorded it. RHO is on a
     logit axis (it spreads 0.9, 0.95, 0.99 apart) when every value lies strictly in (0, 1)."""
     points = [p for p in points if p.dataset == dataset]
     if not points:
@@ -374,7 +375,15 @@ def robustness_figure(points: Sequence[CurvePoint], dataset: str,
     panels = [(m, t) for m, t in _RHO_PANELS
               if any(_finite(p.stats[m].mean) for p in points)]
     keys = list(dict.fromkeys(p.label for p in points))
-    colours = _colours(keys, labels)
+    # A row measured at one RHO only (e.g. a group-robust baseline at the default strength) is
+    # a point, not a curve: it stays in the tables, and the curves stay legible.
+    curves = [k for k in keys if len({p.rho for p in points if p.label == k}) > 1]
+    if curves:
+        keys, points = curves, [p for p in points if p.label in curves]
+    shared = list(labels or [])
+    # Past 10 rows the shared palette runs out of distinct colours; then the few curves get
+    # their own.
+    colours = _colours(keys, shared) if len(set(shared) | set(keys)) <= 10 else palette(keys)
     rhos = sorted({p.rho for p in points})
     logit = all(0.0 < r < 1.0 for r in rhos)
     split = "/".join(sorted({p.split for p in points}))
