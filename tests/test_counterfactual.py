@@ -215,3 +215,46 @@ def test_the_cli_refuses_a_strength_for_real_data_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "not to celeba" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.processes
+def test_two_process_ddp_records_the_counterfactual_metrics_of_one_process(tiny, tmp_path):
+    """Under torchrun (2 CPU processes, gloo) the twins are evaluated sharded and gathered back:
+    the recorded core-only accuracy and background reliance equal a single process's (LoRA
+    without dropout follows the single-process run step for step)."""
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    single_cfg = _cfg(tiny, seed=3, lr=0.05)
+    single_cfg.out = str(tmp_path / "one")
+    single_cfg.adapter.lora_dropout = 0.0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run(single_cfg, progress=False, log=lambda _m: None)
+    finally:
+        torch.set_num_threads(threads)
+    args = ["--method", "lora", "--dataset", "synth-waterbirds", "--data-root", tiny["data"],
+            "--out", tmp_path / "two", "--backbone", tiny["name"], "--weights", tiny["weights"],
+            "--device", "cpu", "--num-workers", "0", "--rank", "2", "--epochs", "2",
+            "--batch-size", "8", "--eval-batch-size", "32", "--seed", "3", "--patience", "0",
+            "--lr", "0.05", "--lora-dropout", "0", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=f"{tests}{os.pathsep}{tests.parent}",
+               RBF_TEST_THREADS="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(28500 + os.getpid() % 1000), str(tests / "tiny_models.py"),
+         *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rdir = Path(proc.stdout.strip().splitlines()[-1])
+    assert rdir.name == Path(single.run_dir).name  # same settings, same hash
+    ddp = json.loads((rdir / "metrics.json").read_text())["counterfactual"]
+    one = single.metrics["counterfactual"]
+    assert ddp["n_core_only"] == one["n_core_only"] > 0
+    assert ddp["n_background_only"] == one["n_background_only"]
+    assert ddp["core_only_acc"] == pytest.approx(one["core_only_acc"], abs=1e-9)
+    assert ddp["background_pred_dist"] == one["background_pred_dist"]  # per background, in order
+    for key in ("background_reliance", "background_reliance_prob"):
+        assert ddp[key] == pytest.approx(one[key], abs=1e-4), key
