@@ -77,7 +77,6 @@ from .stems import (
 PRETRAIN_VERSION = 2
 CACHE_ENV = "RBF_CACHE_DIR"
 SOURCE_SIZE = 64  # source scenes are drawn at the replicas' resolution, then resized like them
-# Silhouettes of each replica class kept for the source task (of 1,000 per class).
 MASK_CELLS = 4  # figure/ground targets per token: a MASK_CELLS x MASK_CELLS grid of its area
 
 
@@ -347,7 +346,7 @@ def _pretrain(path: Path, cfg: PretrainConfig, progress: bool, log) -> dict:
     log(f"{OFFLINE_BACKBONE}: generated {cfg.n_train} + {cfg.n_test} source scenes in "
         f"{gen_seconds:.0f}s")
     bar = progress_bar(total=cfg.n_train + cfg.n_test, desc="frozen stem features", unit="img",
-               disable=not progress)
+                       disable=not progress)
     grid = backbone.patch_embed.grid_size[0]
     feats = {s: _stem_features(stem, d[0], bar=bar) for s, d in data.items()}
     token_masks = {s: _token_masks(d[3], grid) for s, d in data.items()}
@@ -375,7 +374,7 @@ def _pretrain(path: Path, cfg: PretrainConfig, progress: bool, log) -> dict:
     x_train, y_train, f_train = feats["train"], data["train"][1], data["train"][2]
     m_train = token_masks["train"]
     bar = progress_bar(total=total, desc=f"pretraining {OFFLINE_BACKBONE}", unit="step",
-               disable=not progress)
+                       disable=not progress)
     step = 0
     model.train()
     with _stem_bypassed(backbone):

@@ -133,11 +133,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     if cfg.backbone is None:
         cfg.backbone = default_backbone(cfg.dataset)
     # The hash covers what the weights and the replica were built from (DESIGN §4).
-    from .data.synthetic import BUILDER_VERSION
-
-    built = {"backbone_digest": backbone_digest(cfg.backbone, cfg.weights),
-             "replica_version": BUILDER_VERSION if cfg.dataset.startswith("synth-") else None}
-    for key, value in built.items():
+    for key, value in built_versions(cfg).items():
         if getattr(cfg, key) not in (None, value):
             raise ConfigError(f"{key} {getattr(cfg, key)!r} was asked for, but this machine's "
                               f"is {value!r}; drop the setting to run with it")
@@ -724,20 +720,27 @@ class _Trainer:
         return metrics
 
 
+def built_versions(cfg: RunConfig) -> dict[str, str | int | None]:
+    """What this checkout builds for ``cfg``: ``backbone_digest`` (backbones.backbone_digest) and
+    ``replica_version`` (the replica builder's version for ``synth-*``, else None); both are run
+    hash inputs."""
+    from .data.synthetic import BUILDER_VERSION
+
+    return {"backbone_digest": backbone_digest(cfg.backbone, cfg.weights),
+            "replica_version": BUILDER_VERSION if cfg.dataset.startswith("synth-") else None}
+
+
 def check_rebuildable(cfg: RunConfig, git_commit: str | None = None) -> None:
     """Raise :class:`records.RecordError` when this checkout would rebuild a different backbone or
     replica than the one a finished run trained on: its adapter weights would then load into the
     wrong model and every number derived from them (probes, DFR) would be silently wrong.
 
-    Compares the run's recorded ``backbone_digest`` and ``replica_version`` (run hash inputs) with
-    what the current code builds; a record without them predates both and cannot be checked.
+    Compares the run's recorded ``backbone_digest`` and ``replica_version`` with
+    :func:`built_versions`; a record without them (older than both) is refused too, since it
+    cannot be checked.
     """
-    from .data.synthetic import BUILDER_VERSION
-
-    now = {"backbone_digest": backbone_digest(cfg.backbone, cfg.weights),
-           "replica_version": BUILDER_VERSION if cfg.dataset.startswith("synth-") else None}
     where = f"commit {git_commit[:12]}" if git_commit else "the code it was trained with"
-    for key, current in now.items():
+    for key, current in built_versions(cfg).items():
         recorded = getattr(cfg, key)
         if recorded is None and current is not None:
             raise records.RecordError(

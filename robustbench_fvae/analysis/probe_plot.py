@@ -24,6 +24,12 @@ CHANCE_STYLES = {"y": "-", "a": (0, (2, 1))}
 DPI = 130
 
 
+def _title_width(title: str, margin_in: float) -> float:
+    """Figure width (inches) that fits the longest title line (≈ 0.085 in per character at
+    10 pt) plus ``margin_in`` for the legend column, so the title is never clipped."""
+    return 0.085 * max(len(line) for line in title.splitlines()) + margin_in
+
+
 def probe_accuracy_plot(rows: Sequence[dict], path: str | Path, title: str) -> Path:
     """Write ``probes.png`` from :func:`~robustbench_fvae.analysis.probes.probe_latents` rows
     (accuracies in [0, 1], plotted in %). Rows without collapse checks get no bottom panel.
@@ -49,11 +55,9 @@ def probe_accuracy_plot(rows: Sequence[dict], path: str | Path, title: str) -> P
     longest = max(len(layer) for layer, _ in keys)
     vertical = n > 10
     per_key = 0.8 if vertical else max(0.8, 0.075 * longest + 0.15)
-    # Wide enough for the longest title line (≈ 0.085 in per character at 10 pt) beside the
-    # legend column, so the title is never clipped.
-    title_width = 0.085 * max(len(line) for line in title.splitlines()) + 2.2
-    fig = Figure(figsize=(max(7.0, per_key * n + 2.6, title_width), (8.4 if vertical else 7.4)
-                          if has_checks else 5.2), layout="constrained")
+    width = max(7.0, per_key * n + 2.6, _title_width(title, 2.2))
+    fig = Figure(figsize=(width, (8.4 if vertical else 7.4) if has_checks else 5.2),
+                 layout="constrained")
     FigureCanvasAgg(fig)
     if has_checks:
         ax, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.3))
@@ -154,9 +158,8 @@ def sensitivity_plot(rows: Sequence[dict], path: str | Path, title: str) -> Path
     longest = max(len(r["layer"]) for r in rows)
     vertical = n > 10
     per_key = 0.8 if vertical else max(0.8, 0.075 * longest + 0.15)
-    title_width = 0.085 * max(len(line) for line in title.splitlines()) + 3.0
-    fig = Figure(figsize=(max(9.0, per_key * n + 3.6, title_width), 5.8 if vertical else 5.0),
-                 layout="constrained")
+    width = max(9.0, per_key * n + 3.6, _title_width(title, 3.0))
+    fig = Figure(figsize=(width, 5.8 if vertical else 5.0), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     width = 0.4

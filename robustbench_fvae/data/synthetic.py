@@ -564,7 +564,7 @@ def build_replica(
             rows = [(item, _relative_path(spec, item, serial), serial)
                     for serial, item in enumerate(items, start=1)]
             for item, rel, _ in progress_bar(rows, desc=f"building {name}", unit="img",
-                                     disable=not progress):
+                                             disable=not progress):
                 pictures = _render(spec, item, seed, int(image_size), pools)
                 _save_png(pictures[0], staging / rel)
                 top, inside = rel.split("/", 1)
