@@ -61,6 +61,12 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("released_over_ours_module_train", ">=", 1.5),
     ("fvae_over_lora_saved_activation_bytes", "<=", 1.3),  # DESIGN §8
 )
+# Ratios also reported paired (within-round): (JSON key, group, numerator, denominator).
+_PAIRED = (
+    ("fvae_over_lora_train", "model train", "fvae", "lora"),
+    ("fvae_over_lora_eval", "model eval", "fvae", "lora"),
+    ("fvae_unfused_over_fused_eval", "model eval", "fvae_unfused", "fvae"),
+)
 LR = 5e-3  # the released AdamW learning rate (also used for its LoRA baseline)
 
 
@@ -461,9 +467,28 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else float("inf")
 
 
+def _round_ratios(a: Contender, b: Contender) -> list[float]:
+    return [x / y for x, y in zip(a.times_ms, b.times_ms)]
+
+
 def _paired_ratio(a: Contender, b: Contender) -> float:
     """Median over rounds of a/b measured in the same round (robust to load drifting)."""
-    return statistics.median(x / y for x, y in zip(a.times_ms, b.times_ms))
+    return statistics.median(_round_ratios(a, b))
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> list[float] | None:
+    """Distribution-free confidence interval of the median: the order statistics
+    ``[x_(k), x_(n+1−k)]`` with the largest ``k`` such that ``P(Binomial(n, ½) < k) ≤ (1 −
+    level)/2``; None when ``n`` is too small for the level (n < 6 at 95 %)."""
+    xs = sorted(values)
+    n = len(xs)
+    tail, k = 0.0, 0
+    while k < n // 2:
+        tail_next = tail + math.comb(n, k) / 2**n  # P(B <= k)
+        if tail_next > (1.0 - level) / 2:
+            break
+        tail, k = tail_next, k + 1
+    return None if k == 0 else [xs[k - 1], xs[n - k]]
 
 
 def _fmt_bytes(n: float) -> str:
@@ -496,8 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of ViT-B blocks kept (the full model has 12; every block costs "
                         "the same, so fewer keeps CPU time short at similar ratios)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per step")
-    p.add_argument("--repeats", type=_positive_int, default=5,
-                   help="timed rounds; every contender runs once per round, medians are reported")
+    p.add_argument("--repeats", type=_positive_int, default=15,
+                   help="timed rounds; every contender runs once per round, medians are reported "
+                        "(with 6 or more, also a 95%% interval of each paired ratio)")
     p.add_argument("--warmup", type=_non_negative_int, default=2,
                    help="untimed rounds first (allocator, kernels, caches)")
     p.add_argument("--targets", default="q,k",
@@ -651,14 +677,11 @@ def _run(args: argparse.Namespace, device: torch.device, threads: int) -> dict:
         result["cuda_peak_bytes"] = peaks
     # Median over rounds of the within-round ratio: steadier than the ratio of medians when the
     # machine's load drifts during the run (reported beside it, not judged).
-    result["paired"] = {
-        "fvae_over_lora_train": _paired_ratio(by[("model train", "fvae")],
-                                              by[("model train", "lora")]),
-        "fvae_over_lora_eval": _paired_ratio(by[("model eval", "fvae")],
-                                             by[("model eval", "lora")]),
-        "fvae_unfused_over_fused_eval": _paired_ratio(by[("model eval", "fvae_unfused")],
-                                                      by[("model eval", "fvae")]),
-    }
+    result["paired"] = {key: _paired_ratio(by[(group, a)], by[(group, b)])
+                        for key, group, a, b in _PAIRED}
+    # How far the paired ratio could move on a rerun: its median's 95 % interval over rounds.
+    result["paired_ci95"] = {key: median_interval(_round_ratios(by[(group, a)], by[(group, b)]))
+                             for key, group, a, b in _PAIRED}
     result["median_ms"] = {f"{g}/{n}": round(s.median, 3) for (g, n), s in stats.items()}
     result["params"] = {name: count_parameters(m) for name, m in models.items()}
     result["targets_met"] = {key: _meets(result[key], op, bound) for key, op, bound in TARGETS}
@@ -762,7 +785,12 @@ def _print_targets(result: dict) -> None:
     for key, op, bound in TARGETS:
         value = result[key]
         verdict = "met" if _meets(value, op, bound) else "MISSED"
-        print(f"target {key} {op} {bound}: {value:.3f}  {verdict}")
+        line = f"target {key} {op} {bound}: {value:.3f}  {verdict}"
+        if key in result["paired"]:
+            line += f"  (paired {result['paired'][key]:.3f}"
+            ci = result["paired_ci95"][key]
+            line += f", 95% interval {ci[0]:.3f}-{ci[1]:.3f})" if ci else ")"
+        print(line)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

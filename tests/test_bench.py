@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from robustbench_fvae.adapters import FVAEAdapter
-from robustbench_fvae.bench import BenchError, ReleasedFVAELayer, main, released_from_ours
+from robustbench_fvae.bench import (
+    BenchError,
+    ReleasedFVAELayer,
+    main,
+    median_interval,
+    released_from_ours,
+)
 
 REQUIRED_KEYS = (
     "fvae_over_lora_train", "fvae_over_lora_eval", "released_over_ours_module_train",
@@ -59,8 +65,19 @@ def test_quick_benchmark_prints_json_with_positive_finite_ratios(capsys):
     # Every target is judged in the text output.
     for key in ("fvae_over_lora_train", "fvae_over_lora_eval",
                 "released_over_ours_module_train"):
-        assert any(line.startswith(f"target {key}") and line.split()[-1] in ("met", "MISSED")
+        assert any(line.startswith(f"target {key}") and line.split()[5] in ("met", "MISSED")
                    for line in lines)
+    # One round: no interval can be given, and the JSON says so rather than inventing one.
+    assert record["paired_ci95"]["fvae_over_lora_train"] is None
+
+
+@pytest.mark.parametrize("n,expected", [(5, None), (6, [1, 6]), (9, [2, 8]), (15, [4, 12]),
+                                        (25, [8, 18])])
+def test_median_interval_is_the_binomial_order_statistic_interval(n, expected):
+    """Standard tables: the 95 % interval of a median from n samples (n = 5 cannot reach 95 %:
+    even the full range covers only 93.75 %)."""
+    values = [float(v) for v in range(n, 0, -1)]  # unsorted on purpose
+    assert median_interval(values) == expected
 
 
 def test_cpu_clock_times_cpu_work(capsys):

@@ -10,6 +10,7 @@ methods share these modules; only :class:`FVAEObjective` differs (DESIGN §3).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -132,7 +133,10 @@ class _LinearGaussianNLL(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             d = x.shape[-1]
             x2, h2 = x.reshape(-1, d), hidden.reshape(-1, hidden.shape[-1])
-            u = torch.addmm(x2, h2, weight.t(), alpha=-1.0).sub_(bias).mul_(torch.exp(-log_scale))
+            inv_scale = torch.exp(-log_scale)
+            # u = x/s − b/s − h (W/s)ᵀ: one elementwise pass, then the matmul accumulates in place.
+            u = torch.addcmul(bias * -inv_scale, x2, inv_scale).addmm_(
+                h2, (weight * inv_scale.unsqueeze(1)).t(), alpha=-1.0)
             nll = (0.5 * torch.linalg.vector_norm(u, dim=-1).square() + log_scale.sum()
                    + d * _HALF_LOG_2PI)
         ctx.save_for_backward(u, h2, weight, log_scale)
@@ -155,10 +159,20 @@ class _LinearGaussianNLL(torch.autograd.Function):
         return grad_x, grad_h, grad_w, grad_b, grad_log_scale
 
 
-def gaussian_kl_to_standard(mean: torch.Tensor, logvar: torch.Tensor,
-                            prior_mean: float = 0.0) -> torch.Tensor:
-    """``KL(N(μ, σ²) ‖ N(m, I))`` per token, summed over the latent dims (closed form)."""
-    return 0.5 * ((mean - prior_mean).square() + logvar.exp() - 1.0 - logvar).sum(-1)
+def _dropout_each(hidden: torch.Tensor, dropouts: Sequence[nn.Dropout]) -> torch.Tensor:
+    """``dropouts[k]`` applied to ``hidden[k]`` (shape (K, …)) as K module calls would apply
+    them: one Bernoulli draw per slice, in order, scaled by ``1/(1 − p)``; by torch's rules, no
+    draw for a module in eval or with ``p = 0``, and zeros without a draw for ``p = 1``."""
+    drawn = [d.training and d.p > 0 for d in dropouts]
+    if not any(drawn):
+        return hidden
+    keep = torch.ones(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    for k, (dropout, draw) in enumerate(zip(dropouts, drawn)):
+        if draw and dropout.p == 1:
+            keep[k] = 0.0
+        elif draw:
+            keep[k].bernoulli_(1.0 - dropout.p).div_(1.0 - dropout.p)
+    return hidden * keep
 
 
 class FVAEAdapter(nn.Module):
@@ -219,20 +233,39 @@ class FVAEAdapter(nn.Module):
         ``K1 = KL(q1‖p1)``, ``K2 = KL(q2‖p2)`` summed over latent dims;
         ``G = mean_j E[z1_j²] − mean_j E[(z2_j − μ_p2)²]`` with closed-form expectations
         ``E[(z − m)²] = (μ − m)² + σ²`` — the released one-sample estimate, in expectation.
+
+        Both encoders run as one computation over a leading axis of 2 (z1, z2): one matmul for
+        the two trunks, one batched matmul for the four heads, and every Gaussian term once for
+        both, from the encoders' own parameters (read directly, so forward hooks on the encoder
+        submodules do not fire here). The random draws are those of running encoder 1 then
+        encoder 2 as modules (trunk dropout 1, 2, then noise 1, 2), in the same order and shapes,
+        so the values equal the per-encoder formulation up to float rounding.
         """
-        mean1, logvar1 = self.encoder1(x)
-        mean2, logvar2 = self.encoder2(x)
-        var1, var2 = logvar1.exp(), logvar2.exp()
-        z1 = mean1 + (0.5 * logvar1).exp() * torch.randn_like(mean1)
-        z2 = mean2 + (0.5 * logvar2).exp() * torch.randn_like(mean2)
-        nll = self.decoder.negative_log_likelihood(x, torch.cat([z1, z2], dim=-1))
-        parts = {
-            "R": nll.mean(),
-            "K1": gaussian_kl_to_standard(mean1, logvar1).mean(),
-            "K2": gaussian_kl_to_standard(mean2, logvar2, self.mu_p2).mean(),
-            "G": (mean1.square() + var1).mean() - ((mean2 - self.mu_p2).square() + var2).mean(),
-        }
-        return z1, parts
+        r = self.rank
+        tokens = x.reshape(-1, self.in_features)
+        encoders = (self.encoder1, self.encoder2)
+        trunks = [e.trunk[0] for e in encoders]
+        hidden = torch.addmm(torch.cat([t.bias for t in trunks]), tokens,
+                             torch.cat([t.weight for t in trunks]).t()).relu_()
+        hidden = hidden.view(-1, 2, trunks[0].out_features).transpose(0, 1)  # (2, T, h)
+        hidden = _dropout_each(hidden, [e.trunk[2] for e in encoders])
+        heads_w = torch.stack([torch.cat([e.mean.weight, e.logvar.weight]).t() for e in encoders])
+        heads_b = torch.stack([torch.cat([e.mean.bias, e.logvar.bias]) for e in encoders])
+        stats = torch.baddbmm(heads_b.unsqueeze(1), hidden, heads_w)  # (2, T, 2r)
+        clamp = self.encoder1.logvar_clamp
+        mean, logvar = stats[..., :r], stats[..., r:].clamp(-clamp, clamp)
+        noise = torch.empty(mean.shape, dtype=mean.dtype, device=mean.device)
+        for k in range(2):  # one draw per encoder, as randn_like(mean_k) would
+            noise[k].normal_()
+        z = torch.addcmul(mean, torch.exp(0.5 * logvar), noise)  # (2, T, r)
+        nll = self.decoder.negative_log_likelihood(tokens, z.transpose(0, 1).reshape(-1, 2 * r))
+        prior = mean.new_zeros(2, 1, 1)
+        prior[1] = self.mu_p2
+        second_moment = (mean - prior).square() + logvar.exp()  # E[(z − m)²] per dim
+        kl = 0.5 * (second_moment - 1.0 - logvar).sum(-1).mean(-1)  # (2,)
+        moments = second_moment.mean((1, 2))
+        parts = {"R": nll.mean(), "K1": kl[0], "K2": kl[1], "G": moments[0] - moments[1]}
+        return z[0].reshape(*x.shape[:-1], r), parts
 
     def eval_factors(self) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor,
                                     torch.Tensor]:
