@@ -26,13 +26,14 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import platform
 import socket
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -169,6 +170,20 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Atomically write UTF-8 text (see :func:`write_bytes_atomic`)."""
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_csv_atomic(path: str | Path, columns: Sequence[str], rows: Iterable[dict]) -> Path:
+    """Atomically write ``rows`` as CSV with the header ``columns`` (in that order); floats with
+    6 significant digits, NaN as an empty cell, ``inf`` as ``inf``. Returns ``path``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if isinstance(v, float) and math.isnan(v)
+                         else f"{v:.6g}" if isinstance(v, float) else str(v)
+                         for v in (row[c] for c in columns)])
+    write_text_atomic(path, buf.getvalue())
+    return Path(path)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -36,6 +36,7 @@ from robustbench_fvae.records import (
     recompute_metrics,
     run_dir,
     run_lock,
+    write_csv_atomic,
     write_json_atomic,
     write_jsonl_atomic,
     write_predictions_csv,
@@ -370,3 +371,13 @@ def test_atomic_writes_have_ordinary_file_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_csv_rows_in_column_order_and_a_bad_row_leaves_the_old_file(tmp_path):
+    path = tmp_path / "out" / "t.csv"
+    rows = [{"b": 1 / 3, "a": "z1", "c": float("nan")}, {"a": "z2", "b": float("inf"), "c": 7}]
+    assert write_csv_atomic(path, ["a", "b", "c"], rows) == path
+    assert path.read_text() == "a,b,c\nz1,0.333333,\nz2,inf,7\n"
+    with pytest.raises(KeyError):
+        write_csv_atomic(path, ["a", "missing"], rows)
+    assert path.read_text() == "a,b,c\nz1,0.333333,\nz2,inf,7\n"

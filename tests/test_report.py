@@ -897,16 +897,21 @@ def test_runs_of_different_spurious_strength_make_robustness_curves(tmp_path):
                       test_accs=([1.0, wg, wg, 1.0],),
                       counterfactual={"core_only_acc": c, "background_reliance": 1 - c})
         write_run(out, method="fvae", seed=1, rho=rho, test_accs=([1.0, 0.7, 0.7, 1.0],))
-    write_run(out, method="lora", seed=1)  # recorded without RHO: the dataset default
+    # A record written before RHO was recorded trained at the replica's default: it shares the
+    # row of a run that records that default (another dataset here, so the curves above stay).
+    write_run(out, method="lora", seed=1, dataset="synth-celeba")
+    write_run(out, method="lora", seed=2, dataset="synth-celeba", rho=0.943)
     rep = report_cli.build_report(out, tmp_path / "rep")
-    assert [(r.label, r.rho, r.n) for r in rep.rows] == [
-        ("lora (spurious_strength=0.5)", 0.5, 3), ("lora (spurious_strength=0.9)", 0.9, 3),
-        ("lora (spurious_strength=default)", None, 1),
-        ("fvae (spurious_strength=0.5)", 0.5, 1), ("fvae (spurious_strength=0.9)", 0.9, 1)]
+    assert [(r.dataset, r.label, r.rho, r.n) for r in rep.rows] == [
+        ("synth-waterbirds", "lora (spurious_strength=0.5)", 0.5, 3),
+        ("synth-waterbirds", "lora (spurious_strength=0.9)", 0.9, 3),
+        ("synth-waterbirds", "fvae (spurious_strength=0.5)", 0.5, 1),
+        ("synth-waterbirds", "fvae (spurious_strength=0.9)", 0.9, 1),
+        ("synth-celeba", "lora", 0.943, 2)]
     curves = read_csv(rep.out / "curves.csv")
     assert [(c["method"], c["rho"], c["n_seeds"], c["seeds"]) for c in curves] == [
         ("lora", "0.5", "3", "1 2 42"), ("lora", "0.9", "3", "1 2 42"),
-        ("fvae", "0.5", "1", "1"), ("fvae", "0.9", "1", "1")]  # the default-RHO run has no x
+        ("fvae", "0.5", "1", "1"), ("fvae", "0.9", "1", "1")]  # celeba: one RHO, no curve
     lora = curves[1]
     assert float(lora["worst_group_acc_mean"]) == pytest.approx(0.4)
     assert float(lora["worst_group_acc_std"]) == pytest.approx(0.1)
@@ -1241,3 +1246,12 @@ def test_an_unfinished_dfr_run_is_listed_with_the_dfr_command_that_redoes_it(rob
     assert f"--out {out}" in cmd
     assert dfr.main([*cmd.split()[3:], "--device", "cpu"]) == 0
     assert (killed / "done").is_file() and not collect_runs(out).unfinished
+
+
+def test_default_spurious_strength_of_replicas_real_and_unknown_datasets():
+    from robustbench_fvae.analysis.aggregate import default_spurious_strength
+
+    assert default_spurious_strength("synth-waterbirds") == 0.95
+    assert default_spurious_strength("synth-celeba") == 0.943
+    assert default_spurious_strength("waterbirds") is None  # real data: no knob
+    assert default_spurious_strength("no-such-dataset") is None

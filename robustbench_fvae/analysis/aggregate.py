@@ -277,7 +277,8 @@ class RunResult:
 
     @property
     def rho(self) -> float | None:
-        """The run's spurious strength RHO; None = the dataset's default (or a real dataset)."""
+        """The run's spurious strength RHO; None for a real dataset (a replica run recorded
+        without one trained at the replica's default, filled in by :func:`run_settings`)."""
         return spurious_strength(self.settings)
 
 
@@ -307,7 +308,8 @@ def run_settings(rec: RunRecord) -> dict[str, Any]:
     # record the default explicitly.
     for key, value in _default_settings().items():
         flat.setdefault(key, value)
-    flat.setdefault(SPURIOUS_STRENGTH_SETTING, None)
+    if flat.get(SPURIOUS_STRENGTH_SETTING) is None:  # newer records hold the resolved value
+        flat[SPURIOUS_STRENGTH_SETTING] = default_spurious_strength(cfg.get("dataset"))
     derived = rec.config.get("derived")
     if isinstance(derived, Mapping) and isinstance(derived.get("settings"), Mapping):
         for key, value in derived["settings"].items():
@@ -337,8 +339,19 @@ def _default_settings() -> dict[str, Any]:
     return flat
 
 
+def default_spurious_strength(dataset: Any) -> float | None:
+    """The spurious strength ρ a run of ``dataset`` trains at by default: the replica's own (the
+    real dataset's); None for a real or unknown dataset."""
+    from robustbench_fvae.data import data_defaults
+
+    try:
+        return data_defaults(dataset)["spurious_strength"]
+    except ValueError:
+        return None
+
+
 def spurious_strength(settings: Mapping[str, Any]) -> float | None:
-    """RHO of a run from its :func:`run_settings` (None: the dataset default, or not a replica).
+    """RHO of a run from its :func:`run_settings` (None: not a replica).
 
     The one place that knows where the knob lives in the record (see SPURIOUS_STRENGTH_SETTING).
     """
@@ -883,8 +896,8 @@ CURVE_POINT_METRICS = ("worst_group_acc", "avg_acc", "core_only_acc")
 
 def robustness_curves(rows: Sequence[GroupRow]) -> list[CurvePoint]:
     """The rows of every dataset whose rows span two or more spurious strengths, as curve points
-    sorted by dataset, line and RHO. Rows at the dataset default (RHO None) have no position on
-    the axis and are left out; so are datasets with a single RHO (nothing to draw)."""
+    sorted by dataset, line and RHO. Rows without a RHO (real datasets) have no position on the
+    axis and are left out; so are datasets with a single RHO (nothing to draw)."""
     points: list[CurvePoint] = []
     for dataset in dict.fromkeys(r.dataset for r in rows):
         mine = [r for r in rows if r.dataset == dataset and r.rho is not None]

@@ -11,7 +11,6 @@ bare :class:`~matplotlib.figure.Figure` (Agg), never through pyplot's global sta
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,6 @@ TARGET_LABELS = {"y": "label y", "a": "spurious a"}
 TARGET_COLOURS = {"y": "#0072B2", "a": "#D55E00"}
 CHANCE_COLOURS = {"y": "#003A5C", "a": "#7A3500"}
 CHANCE_STYLES = {"y": "-", "a": (0, (2, 1))}
-DPI = 130
 
 
 def _title_width(title: str, margin_in: float) -> float:
@@ -130,14 +128,9 @@ def probe_accuracy_plot(rows: Sequence[dict], path: str | Path, title: str) -> P
             tick.set_color("#C00000")
     bottom.set_xlim(-0.6, n - 0.4)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from ..records import write_bytes_atomic
+    from .plots import save_png
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    write_bytes_atomic(path, buf.getvalue())
-    return path
+    return save_png(fig, path)
 
 
 SHIFT_COLOURS = {"shift_core_only": "#009E73", "shift_background_only": "#CC79A7"}
@@ -189,11 +182,6 @@ def sensitivity_plot(rows: Sequence[dict], path: str | Path, title: str) -> Path
               title="twin of each test image", title_fontsize=8)
     ax.set_title(title + "\nratio = object removed ÷ background removed; > 1: the code "
                  "follows the object", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from ..records import write_bytes_atomic
+    from .plots import save_png
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    write_bytes_atomic(path, buf.getvalue())
-    return path
+    return save_png(fig, path)

@@ -39,8 +39,6 @@ is ``c``; chance is the largest such fraction (Waterbirds/CelebA: 0.5 for y and 
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import warnings
@@ -281,21 +279,9 @@ METRIC_NOTE = ("acc = group-balanced test accuracy: the mean, over the test spli
 def write_probes_csv(rows: Sequence[dict], path: str | Path) -> Path:
     """``probes.csv``: columns :data:`CSV_COLUMNS` (DESIGN §7's ``layer, latent, target, acc``
     first), written atomically."""
-    from ..records import write_text_atomic
+    from ..records import write_csv_atomic
 
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for row in rows:
-        writer.writerow([_cell(row[c]) for c in CSV_COLUMNS])
-    write_text_atomic(path, buf.getvalue())
-    return Path(path)
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
+    return write_csv_atomic(path, CSV_COLUMNS, rows)
 
 
 def format_table(rows: Sequence[dict]) -> str:

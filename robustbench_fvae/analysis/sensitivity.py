@@ -22,8 +22,6 @@ Pure functions over arrays; the wiring to a run is in :mod:`.probes`.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,21 +89,9 @@ def sensitivity_rows(codes: dict[tuple[str, str], np.ndarray],
 
 def write_sensitivity_csv(rows: Sequence[dict], path: str | Path) -> Path:
     """``sensitivity.csv`` with :data:`SENSITIVITY_COLUMNS`, written atomically."""
-    from ..records import write_text_atomic
+    from ..records import write_csv_atomic
 
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(SENSITIVITY_COLUMNS)
-    for row in rows:
-        writer.writerow([_cell(row[c]) for c in SENSITIVITY_COLUMNS])
-    write_text_atomic(path, buf.getvalue())
-    return Path(path)
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.6g}")
-    return str(value)
+    return write_csv_atomic(path, SENSITIVITY_COLUMNS, rows)
 
 
 def format_sensitivity_table(rows: Sequence[dict]) -> str:

@@ -136,9 +136,9 @@ def table_notes(rows: Sequence[GroupRow]) -> list[str]:
     notes += group_label_notes(rows)
     if any(r.rho is not None for r in rows):
         notes.append("spurious_strength = RHO, the fraction of each class's training images on "
-                     "its majority background; 'default' = the dataset's own. Different RHO "
-                     "are different settings, never averaged together; bold marks the best "
-                     "row among those of the same dataset and RHO.")
+                     "its majority background (a run recorded without it: the replica's "
+                     "default). Different RHO are different settings, never averaged together; "
+                     "bold marks the best row among those of the same dataset and RHO.")
     return notes
 
 
