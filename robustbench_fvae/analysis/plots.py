@@ -132,7 +132,7 @@ def _bar_panel(ax: Axes, rows: Sequence[GroupRow], hue: Sequence[str], colours: 
 def per_group_plot(rows: Sequence[GroupRow], dataset: str, path: str | Path,
                    labels: Sequence[str] | None = None) -> Path:
     """:func:`per_group_figure` written to ``path`` as PNG."""
-    return save_png(per_group_figure(rows, dataset, labels), Path(path))
+    return save_png(per_group_figure(rows, dataset, labels), path)
 
 
 def per_group_figure(rows: Sequence[GroupRow], dataset: str,
@@ -202,7 +202,7 @@ def _percent_limits(values: Sequence[float]) -> tuple[float, float]:
 def wg_vs_avg_plot(results: Sequence[RunResult], path: str | Path,
                    labels: Sequence[str] | None = None) -> Path:
     """:func:`wg_vs_avg_figure` written to ``path`` as PNG."""
-    return save_png(wg_vs_avg_figure(results, labels), Path(path))
+    return save_png(wg_vs_avg_figure(results, labels), path)
 
 
 def wg_vs_avg_figure(results: Sequence[RunResult], labels: Sequence[str] | None = None) -> Figure:
@@ -257,7 +257,7 @@ _CURVE_TITLES = {("val", "worst_group_acc"): "validation worst-group",
 def training_curves_plot(rows: Sequence[GroupRow], dataset: str, path: str | Path,
                          labels: Sequence[str] | None = None) -> Path:
     """:func:`training_curves_figure` written to ``path`` as PNG."""
-    return save_png(training_curves_figure(rows, dataset, labels), Path(path))
+    return save_png(training_curves_figure(rows, dataset, labels), path)
 
 
 def training_curves_figure(rows: Sequence[GroupRow], dataset: str,
@@ -360,7 +360,7 @@ _RHO_PANELS = (("worst_group_acc", "worst-group accuracy"), ("avg_acc", "average
 def robustness_plot(points: Sequence[CurvePoint], dataset: str, path: str | Path,
                     labels: Sequence[str] | None = None) -> Path:
     """:func:`robustness_figure` written to ``path`` as PNG."""
-    return save_png(robustness_figure(points, dataset, labels), Path(path))
+    return save_png(robustness_figure(points, dataset, labels), path)
 
 
 def robustness_figure(points: Sequence[CurvePoint], dataset: str,
