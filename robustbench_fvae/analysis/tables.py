@@ -74,7 +74,7 @@ def ci_interval(stat: Stat, digits: int = 1) -> str:
 
 
 def rho_text(rho: float | None) -> str:
-    """A spurious strength as text; empty for the dataset default (None)."""
+    """A spurious strength as text; empty when there is none (a real dataset)."""
     return "" if rho is None else f"{rho:g}"
 
 
