@@ -439,32 +439,156 @@ def test_vit_b16_parameter_counts_match_the_reference_arithmetic():
     assert 1.0 < ratio < 1.02
 
 
-def test_reconstruction_gradients_equal_autograd_of_the_density():
-    """The hand-written output layer + density node equals autograd's Linear + Normal, in
-    float64, in value and in every gradient (input, hidden, weight, bias, log-scale)."""
-    torch.manual_seed(0)
-    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
-    hidden = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    log_scale = (0.3 * torch.randn(7, dtype=torch.float64)).requires_grad_()
-    inputs = (x, hidden, weight, bias, log_scale)
-    weights = torch.randn(3, 5, dtype=torch.float64)
-    from robustbench_fvae.adapters.fvae import _LinearGaussianNLL
+def _decoder_reference(decoder, x, z, masks, k):
+    """``−log p(x|z)`` through the decoder's own Linear modules, ReLU, decoder ``k``'s drawn 0/1
+    keep masks times their scales and ``torch.distributions.Normal``: autograd end to end."""
+    linears = [m for m in decoder.net if isinstance(m, nn.Linear)]
+    h = z
+    for lin, mask in zip(linears[:-1], masks):
+        h = torch.relu(lin(h))
+        if mask.values is not None:
+            h = h * mask.values[k] * mask.scales[k]
+    return -torch.distributions.Normal(linears[-1](h), decoder.log_scale.exp()).log_prob(x).sum(-1)
 
-    ours = _LinearGaussianNLL.apply(*inputs)
-    grads = torch.autograd.grad((ours * weights).sum(), inputs)
-    mean = torch.nn.functional.linear(hidden, weight, bias)
-    direct = -torch.distributions.Normal(mean, log_scale.exp()).log_prob(x).sum(-1)
-    expected = torch.autograd.grad((direct * weights).sum(), inputs)
+
+@pytest.mark.parametrize("layers", [3, 1])
+def test_decoder_node_equals_autograd_of_the_decoder_and_density(layers):
+    """The hand-written decoder + density node, for K = 3 decoders at once (dropout p = 0.3,
+    one decoder with dropout off, one hidden layer of another at p = 1), equals autograd through
+    the modules in float64, in value and in every gradient (target, latents, weights, biases,
+    log-scales); gradcheck on top; an input that needs no gradient gets none."""
+    from robustbench_fvae.adapters.fvae import GaussianDecoder, KeepMasks, decoder_nll
+
+    torch.manual_seed(0)
+    decoders = [GaussianDecoder(6, 5, layers, 7, dropout=0.3).double().train() for _ in range(3)]
+    for seed, dec in enumerate(decoders):
+        randomize_(dec, seed=seed)
+    decoders[1].eval()
+    decoders[2].dropouts()[0].p = 1.0
+    x = torch.randn(9, 7, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(3, 9, 6, dtype=torch.float64, requires_grad=True)
+    masks = [KeepMasks(layer, 9, 5, x) for layer in zip(*(d.dropouts() for d in decoders))]
+    for k in range(3):
+        for mask in masks:
+            mask.draw(k)
+    assert masks[0].values[1].eq(1).all() and masks[0].values[2].eq(0).all()
+    assert 0 < masks[0].values[0].mean() < 1 and masks[0].scales == [1 / 0.7, 1.0, 1.0]
+    weights = torch.randn(3, 9, dtype=torch.float64)
+    params = [p for dec in decoders for p in dec.parameters()]
+    ours = decoder_nll(decoders, x, z, masks)
+    grads = torch.autograd.grad((ours * weights).sum(), [x, z, *params])
+    direct = torch.stack([_decoder_reference(dec, x, z[k], masks, k)
+                          for k, dec in enumerate(decoders)])
+    expected = torch.autograd.grad((direct * weights).sum(), [x, z, *params])
     torch.testing.assert_close(ours, direct)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
-    assert torch.autograd.gradcheck(_LinearGaussianNLL.apply, inputs)
-    # Inputs that need no gradient get none (the first layer's x is a frozen activation).
+    assert torch.autograd.gradcheck(lambda x, z: decoder_nll(decoders, x, z, masks), (x, z))
     x.requires_grad_(False)
-    out = _LinearGaussianNLL.apply(*inputs)
-    assert torch.autograd.grad(out.sum(), hidden)[0].shape == hidden.shape
+    assert torch.autograd.grad(decoder_nll(decoders, x, z, masks).sum(), z)[0].shape == z.shape
+
+
+def _qkv_layer(dropouts: dict[str, float], dtype=torch.float64) -> AdaptedLinear:
+    """A 12-wide ``qkv`` layer with an FVAE adapter on each slice, off its init."""
+    torch.manual_seed(0)
+    layer = AdaptedLinear(nn.Linear(12, 36))
+    for i, (key, p) in enumerate(dropouts.items()):
+        layer.add_adapter(key, FVAEAdapter(12, 12, 4, encoder_hidden=8, decoder_hidden=16,
+                                           dropout=p), 12 * i, 12 * (i + 1))
+    randomize_(layer)
+    return layer.to(dtype).train()
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (7,)])
+def test_fvae_slices_train_as_one_batch_equal_to_the_per_encoder_formulation(shape):
+    """A qkv layer with three FVAE slices in training (one batch, :func:`training_deltas`)
+    gives the output, every adapter's loss parts and every gradient of the plain per-adapter,
+    per-encoder computation run slice after slice, with the same random draws (float64;
+    dropout differs per slice, one slice's decoder dropout in eval)."""
+    layer = _qkv_layer({"q": 0.2, "k": 0.0, "v": 0.4})
+    layer.adapters["v"].decoder.dropouts()[1].eval()
+    assert layer._fvae_batch()
+    x = torch.randn(*shape, 12, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(*shape, 36, dtype=torch.float64)
+    params = [x, *layer.parameters()]
+
+    def reference():
+        out = layer.base(x)
+        deltas, parts = [], {}
+        for key, adapter in layer.adapters.items():
+            z1, parts[key] = _per_encoder_sample_and_score(adapter, x)
+            deltas.append(adapter.output_scale * z1 @ adapter.lora_B.t())
+        return out + torch.cat(deltas, -1), parts
+
+    def batched():
+        out = layer(x)
+        return out, {key: a.loss_parts for key, a in layer.adapters.items()}
+
+    results = []
+    for compute in (batched, reference):
+        torch.manual_seed(5)
+        out, parts = compute()
+        total = (out * weights).sum() + sum((i + 1) * v for i, p in enumerate(parts.values())
+                                            for v in p.values())
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+        results.append((out, parts, grads, torch.rand(())))
+    (out, parts, grads, after), (out_ref, parts_ref, grads_ref, after_ref) = results
+    torch.testing.assert_close(out, out_ref)
+    for key in parts_ref:
+        for part in parts_ref[key]:
+            torch.testing.assert_close(parts[key][part], parts_ref[key][part])
+    names = ["x", *(n for n, _ in layer.named_parameters())]
+    for name, got, want in zip(names, grads, grads_ref):
+        if want is None:  # the frozen-in-spirit eval head is unused in training
+            assert got is None or not got.any(), name
+        else:
+            torch.testing.assert_close(got, want, msg=name)
+    assert torch.equal(after, after_ref), "both paths must consume the same random numbers"
+
+
+def test_fvae_slices_train_under_bf16_autocast_with_the_density_in_fp32():
+    """Under bf16 autocast the encoders run in bf16 and the decoder node in fp32: the same
+    draws give loss parts close to the fp32 ones, the reconstruction term in fp32, and
+    gradients in the parameters' dtype."""
+    layer = _qkv_layer({"q": 0.1, "k": 0.1, "v": 0.1}, dtype=torch.float32)
+    x = torch.randn(2, 5, 12)
+    parts = []
+    for enabled in (False, True):
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out = layer(x)
+        parts.append({k: dict(a.loss_parts) for k, a in layer.adapters.items()})
+    assert out.dtype == torch.bfloat16
+    for key, reference in parts[0].items():
+        assert parts[1][key]["R"].dtype == torch.float32
+        for name, value in reference.items():
+            torch.testing.assert_close(parts[1][key][name].float(), value, rtol=0.05, atol=0.05)
+    (out.float().sum() + sum(a.loss.float() for a in layer.adapters.values())).backward()
+    grads = [p.grad for p in layer.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+
+
+def test_fvae_slices_train_one_by_one_when_hooked_or_of_different_shapes():
+    """A forward hook on an adapter, or adapters of different shapes, take the per-adapter
+    path (so the hook fires), with the same values as the batch."""
+    layer = _qkv_layer({"q": 0.1, "k": 0.1}, dtype=torch.float32)
+    x = torch.randn(2, 5, 12)
+    torch.manual_seed(3)
+    batched = layer(x)
+    calls = []
+    handle = layer.adapters["k"].register_forward_hook(lambda *args: calls.append(1))
+    assert not layer._fvae_batch()
+    torch.manual_seed(3)
+    torch.testing.assert_close(layer(x), batched)
+    assert calls == [1]
+    handle.remove()
+    layer.add_adapter("v", FVAEAdapter(12, 12, 2), 24, 36)  # rank 2 next to rank 4
+    assert not layer._fvae_batch()
+    layer(x)
+    assert all(a.loss is not None for a in layer.adapters.values())
+    with pytest.raises(ValueError, match="different shapes"):
+        from robustbench_fvae.adapters.fvae import sample_and_score
+        sample_and_score(list(layer.adapters.values()), x)
 
 
 # ---------------------------------------------------------------- fused evaluation

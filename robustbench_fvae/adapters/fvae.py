@@ -105,74 +105,167 @@ class GaussianDecoder(nn.Module):
     def negative_log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``−log p(x|z)`` per token, summed over the input dims: shape ``x.shape[:-1]``.
 
-        The output Linear and the Gaussian density run as one fused step in fp32
-        (:class:`_LinearGaussianNLL`), also under autocast."""
-        hidden = self.net[:-1](z)
-        last = self.net[-1]
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
-        return _LinearGaussianNLL.apply(x.to(dtype), hidden.to(dtype), last.weight.to(dtype),
-                                        last.bias.to(dtype), self.log_scale.to(dtype))
+        Dropout follows the module's mode (its masks drawn as the modules would draw them); the
+        whole decoder and the density run as one fp32 node (:class:`_DecoderGaussianNLL`), also
+        under autocast."""
+        tokens = x.reshape(-1, x.shape[-1])
+        masks = [KeepMasks([d], tokens.shape[0], self.net[0].out_features, tokens)
+                 for d in self.dropouts()]
+        for mask in masks:
+            mask.draw(0)
+        return decoder_nll([self], tokens, z.reshape(1, -1, z.shape[-1]),
+                           masks).reshape(x.shape[:-1])
+
+    def dropouts(self) -> list[nn.Dropout]:
+        """The hidden layers' dropout modules, in order."""
+        return [m for m in self.net if isinstance(m, nn.Dropout)]
 
 
-class _LinearGaussianNLL(torch.autograd.Function):
-    """``−log N(x; h Wᵀ + b, diag(s²))`` per token, summed over the last dim;
-    ``s = exp(log_scale)`` per input dim.
+class KeepMasks:
+    """The dropout keep masks of K modules applied at one place (one hidden layer of K adapters),
+    drawn into one (K, rows, cols) buffer of ``like``'s dtype and device.
 
-    The decoder's output layer and the density in one autograd node, written out because this
-    is the widest part of FVAE-LoRA's training step (tokens × d, like the adapted layer itself):
-    the residual comes straight out of one ``addmm`` (``x − h Wᵀ``), the standardised residual
-    ``u = (x − μ)/s`` is formed in place and is the only (…, d) tensor kept for backward (autograd
-    would keep the mean, the residual and its square), and backward needs three passes over it.
-    Gradients: ``∂/∂μ = −u/s``, ``∂/∂x = u/s``, ``∂/∂log s = 1 − u²`` (per token, times the incoming
-    gradient).
+    ``draw(k)`` draws module k's mask as the module would draw it for a (rows, cols) input, by
+    torch's rules: one ``bernoulli_(1 − p)`` in training with ``0 < p < 1`` (kept units scaled by
+    ``1/(1 − p)``); no draw in eval or with ``p = 0`` (ones), nor with ``p = 1`` (zeros). The
+    caller draws in the order the modules would run. ``values`` is None when none of the K
+    modules draws (all the identity).
+    """
+
+    def __init__(self, dropouts: Sequence[nn.Dropout], rows: int, cols: int,
+                 like: torch.Tensor) -> None:
+        self.dropouts = list(dropouts)
+        self.values = (like.new_empty(len(self.dropouts), rows, cols)
+                       if any(d.training and d.p > 0 for d in self.dropouts) else None)
+        self.scales = [1.0] * len(self.dropouts)
+
+    def draw(self, k: int) -> None:
+        dropout, values = self.dropouts[k], self.values
+        if values is None:
+            return
+        if not dropout.training or dropout.p == 0:
+            values[k].fill_(1.0)
+        elif dropout.p == 1:
+            values[k].zero_()
+        else:
+            values[k].bernoulli_(1.0 - dropout.p)
+            self.scales[k] = 1.0 / (1.0 - dropout.p)
+
+    def scale(self) -> float | torch.Tensor:
+        """The kept units' scales: one float when the K agree, else a (K, 1, 1) tensor."""
+        if len(set(self.scales)) == 1:
+            return self.scales[0]
+        return torch.tensor(self.scales, dtype=self.values.dtype,
+                            device=self.values.device).view(-1, 1, 1)
+
+
+def _times(t: torch.Tensor, factor: float | torch.Tensor, in_place: bool = True
+           ) -> torch.Tensor:
+    """``t · factor``, skipping the pass when ``factor`` is the float 1."""
+    if isinstance(factor, float) and factor == 1.0:
+        return t
+    return t.mul_(factor) if in_place else t * factor
+
+
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` along a new first dim; a view (no copy) for a single tensor."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
+
+
+def decoder_nll(decoders: Sequence[GaussianDecoder], tokens: torch.Tensor, z: torch.Tensor,
+                masks: Sequence[KeepMasks]) -> torch.Tensor:
+    """``−log p_k(x|z_k)`` of K decoders of one shape at once, per token, summed over the input
+    dims: ``tokens`` (T, d) the target they share, ``z`` (K, T, i), ``masks`` the hidden layers'
+    drawn :class:`KeepMasks`, in layer order. Returns (K, T). Runs in (at least) fp32, also
+    under autocast."""
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    linears = [[m for m in dec.net if isinstance(m, nn.Linear)] for dec in decoders]
+    params = []
+    for layer in zip(*linears):
+        params.append(_stack([lin.weight for lin in layer]).transpose(1, 2).to(dtype))
+        params.append(_stack([lin.bias for lin in layer]).unsqueeze(1).to(dtype))
+    log_scale = _stack([dec.log_scale for dec in decoders]).to(dtype)
+    values = tuple(None if m.values is None else m.values.to(dtype) for m in masks)
+    scales = tuple(m.scale() for m in masks)
+    return _DecoderGaussianNLL.apply(tokens.to(dtype), z.to(dtype), log_scale, values, scales,
+                                     *params)
+
+
+class _DecoderGaussianNLL(torch.autograd.Function):
+    """``−log N(x; g_k(z_k), diag(s_k²))`` per decoder k and token, summed over the last dim, for
+    K decoders of one shape at once; ``g_k`` the decoder MLP (hidden layers Linear → ReLU →
+    dropout, then the output Linear), ``s_k = exp(log_scale_k)`` per input dim.
+
+    Inputs: ``x`` (T, d), the target all K decoders share; ``z`` (K, T, i); ``log_scale`` (K, d);
+    ``masks``: per hidden layer a 0/1 keep mask (K, T, h), or None for no dropout; ``scales``: per
+    hidden layer the kept units' scale ``1/(1 − p)``, a float or a (K, 1, 1) tensor; then per
+    Linear its weight transposed (K, in, out) and its bias (K, 1, out). Output (K, T).
+
+    Written out because the decoder is most of FVAE-LoRA's training cost, as one node over the
+    K slices of a layer (batched matmuls, not K sets of small ones):
+    - each hidden layer keeps only its output ``ĥ = ReLU(a)·mask`` for backward (autograd would
+      keep the ReLU output, the mask and the product), and ``ĥ > 0`` exactly where the gradient
+      passes, so ReLU and dropout go back in one ``threshold_backward`` pass;
+    - the dropout scale ``1/(1 − p)`` rides on the next layer's (small) weight, not on the
+      (T, h) activations;
+    - the standardised residual ``u = (x − μ)/s`` comes out of one broadcast ``addcmul`` and one
+      ``baddbmm``, and is the only (K, T, d) tensor kept; ``∂/∂μ = −u/s``, ``∂/∂x = Σ_k u_k/s_k``,
+      ``∂/∂log s = 1 − u²`` (per token, times the incoming gradient).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, z: torch.Tensor, log_scale: torch.Tensor,
+                masks: tuple[torch.Tensor | None, ...], scales: tuple[float | torch.Tensor, ...],
+                *params: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             d = x.shape[-1]
-            x2, h2 = x.reshape(-1, d), hidden.reshape(-1, hidden.shape[-1])
-            inv_scale = torch.exp(-log_scale)
-            # u = x/s − b/s − h (W/s)ᵀ: one elementwise pass, then the matmul accumulates in place.
-            u = torch.addcmul(bias * -inv_scale, x2, inv_scale).addmm_(
-                h2, (weight * inv_scale.unsqueeze(1)).t(), alpha=-1.0)
-            nll = (0.5 * torch.linalg.vector_norm(u, dim=-1).square() + log_scale.sum()
-                   + d * _HALF_LOG_2PI)
-        ctx.save_for_backward(u, h2, weight, log_scale)
-        ctx.shapes = (x.shape, hidden.shape)
-        return nll.reshape(x.shape[:-1])
+            weights = list(params[0::2])
+            # Weights as applied: each layer's carries the previous dropout's scale.
+            for i, scale in enumerate(scales, start=1):
+                weights[i] = _times(weights[i], scale, in_place=False)
+            outputs = [z]
+            for i, mask in enumerate(masks):
+                h = torch.baddbmm(params[2 * i + 1], outputs[-1], weights[i]).relu_()
+                outputs.append(h if mask is None else h.mul_(mask))
+            inv_scale = torch.exp(-log_scale).unsqueeze(1)  # (K, 1, d)
+            u = torch.addcmul(params[-1] * -inv_scale, x, inv_scale).baddbmm_(
+                outputs[-1], weights[-1] * inv_scale, alpha=-1.0)
+            nll = (0.5 * torch.linalg.vector_norm(u, dim=-1).square()
+                   + log_scale.sum(-1, keepdim=True) + d * _HALF_LOG_2PI)
+        ctx.save_for_backward(u, log_scale, *outputs, *weights)
+        ctx.layers = len(weights)
+        ctx.scales = scales
+        return nll
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        u, h2, weight, log_scale = ctx.saved_tensors
-        x_shape, hidden_shape = ctx.shapes
-        need_x, need_h, need_w, need_b, need_s = ctx.needs_input_grad
-        g = grad.reshape(-1, 1)
-        grad_res = u * g  # ∂/∂(x − μ) · s, per token
-        grad_log_scale = grad.sum() - (grad_res * u).sum(0) if need_s else None
-        grad_res.mul_(torch.exp(-log_scale))  # ∂/∂x = −∂/∂μ
-        grad_x = grad_res.reshape(x_shape) if need_x else None
-        grad_h = (grad_res @ weight).neg_().reshape(hidden_shape) if need_h else None
-        grad_w = (grad_res.t() @ h2).neg_() if need_w else None
-        grad_b = grad_res.sum(0).neg_() if need_b else None
-        return grad_x, grad_h, grad_w, grad_b, grad_log_scale
-
-
-def _dropout_each(hidden: torch.Tensor, dropouts: Sequence[nn.Dropout]) -> torch.Tensor:
-    """``dropouts[k]`` applied to ``hidden[k]`` (shape (K, …)) as K module calls would apply
-    them: one Bernoulli draw per slice, in order, scaled by ``1/(1 − p)``; by torch's rules, no
-    draw for a module in eval or with ``p = 0``, and zeros without a draw for ``p = 1``."""
-    drawn = [d.training and d.p > 0 for d in dropouts]
-    if not any(drawn):
-        return hidden
-    keep = torch.ones(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-    for k, (dropout, draw) in enumerate(zip(dropouts, drawn)):
-        if draw and dropout.p == 1:
-            keep[k] = 0.0
-        elif draw:
-            keep[k].bernoulli_(1.0 - dropout.p).div_(1.0 - dropout.p)
-    return hidden * keep
+        n = ctx.layers
+        u, log_scale, *rest = ctx.saved_tensors
+        outputs, weights = rest[:n], rest[n:]
+        need = ctx.needs_input_grad
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_res = u * grad.unsqueeze(-1)  # ∂/∂(x − μ) · s, per token
+            grad_log_scale = (grad.sum(-1, keepdim=True) - (grad_res * u).sum(1)
+                              if need[2] else None)
+            grad_res.mul_(torch.exp(-log_scale).unsqueeze(1))  # ∂/∂x_k = −∂/∂μ_k
+            # One slice: a view (a sum over a size-1 dim would still be a full reduction pass).
+            grad_x = ((grad_res[0] if len(grad_res) == 1 else grad_res.sum(0)) if need[0]
+                      else None)
+            grad_params: list[torch.Tensor | None] = [None] * (2 * n)
+            # ∂/∂ (output of layer i), from the last layer down; for the output layer it is
+            # ∂/∂μ = −grad_res, whose sign goes onto the (narrower) products instead.
+            grad_out, sign = grad_res, -1.0
+            for i in range(n - 1, -1, -1):
+                if i < n - 1:  # through this hidden layer's dropout and ReLU
+                    grad_out = torch.ops.aten.threshold_backward(grad_out, outputs[i + 1], 0)
+                scale = ctx.scales[i - 1] if i > 0 else 1.0
+                grad_params[2 * i] = _times(outputs[i].transpose(1, 2) @ grad_out, sign * scale)
+                grad_params[2 * i + 1] = _times(grad_out.sum(1, keepdim=True), sign)
+                if i > 0 or need[1]:
+                    grad_out = _times(grad_out @ weights[i].transpose(1, 2), sign)
+                sign = 1.0
+        grad_z = grad_out if need[1] else None
+        return grad_x, grad_z, grad_log_scale, None, None, *grad_params
 
 
 class FVAEAdapter(nn.Module):
@@ -180,7 +273,9 @@ class FVAEAdapter(nn.Module):
 
     Training (``self.training``): ``z1``/``z2`` are reparameterised samples; the forward pass also
     computes the per-layer loss parts R, K1, K2, G (means over tokens) and stores them in
-    ``self.loss_parts`` and the weighted loss in ``self.loss`` for the model to collect.
+    ``self.loss_parts`` and the weighted loss in ``self.loss`` for the model to collect. It is
+    :func:`training_deltas` for this adapter alone; an :class:`~.inject.AdaptedLinear` with
+    several FVAE slices (q, k, v of one ``qkv``) runs them as one batch, with the same values.
     Eval: ``z1 = μ1(x)``; only encoder 1's trunk and mean head and ``B`` run.
     Shapes: ``x`` (..., in_features) → delta (..., out_features).
     """
@@ -221,51 +316,19 @@ class FVAEAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.output_scale * (self.encoder1.mean_only(x) @ self.lora_B.t())
-        z1, parts = self.sample_and_score(x)
-        self.loss_parts = parts
-        self.loss = self.objective(parts)
-        return self.output_scale * (z1 @ self.lora_B.t())
+        return training_deltas([self], x)[0]
 
     def sample_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One reparameterised sample of z1 (returned) and the loss parts, means over tokens.
+        """One reparameterised sample of z1 (returned) and the loss parts, means over tokens
+        (:func:`sample_and_score` for this adapter alone)."""
+        return sample_and_score([self], x)[0]
 
-        ``R = −log p(x|z1, z2)`` (one sample of each, summed over input dims);
-        ``K1 = KL(q1‖p1)``, ``K2 = KL(q2‖p2)`` summed over latent dims;
-        ``G = mean_j E[z1_j²] − mean_j E[(z2_j − μ_p2)²]`` with closed-form expectations
-        ``E[(z − m)²] = (μ − m)² + σ²`` — the released one-sample estimate, in expectation.
-
-        Both encoders run as one computation over a leading axis of 2 (z1, z2): one matmul for
-        the two trunks, one batched matmul for the four heads, and every Gaussian term once for
-        both, from the encoders' own parameters (read directly, so forward hooks on the encoder
-        submodules do not fire here). The random draws are those of running encoder 1 then
-        encoder 2 as modules (trunk dropout 1, 2, then noise 1, 2), in the same order and shapes,
-        so the values equal the per-encoder formulation up to float rounding.
-        """
-        r = self.rank
-        tokens = x.reshape(-1, self.in_features)
-        encoders = (self.encoder1, self.encoder2)
-        trunks = [e.trunk[0] for e in encoders]
-        hidden = torch.addmm(torch.cat([t.bias for t in trunks]), tokens,
-                             torch.cat([t.weight for t in trunks]).t()).relu_()
-        hidden = hidden.view(-1, 2, trunks[0].out_features).transpose(0, 1)  # (2, T, h)
-        hidden = _dropout_each(hidden, [e.trunk[2] for e in encoders])
-        heads_w = torch.stack([torch.cat([e.mean.weight, e.logvar.weight]).t() for e in encoders])
-        heads_b = torch.stack([torch.cat([e.mean.bias, e.logvar.bias]) for e in encoders])
-        stats = torch.baddbmm(heads_b.unsqueeze(1), hidden, heads_w)  # (2, T, 2r)
-        clamp = self.encoder1.logvar_clamp
-        mean, logvar = stats[..., :r], stats[..., r:].clamp(-clamp, clamp)
-        noise = torch.empty(mean.shape, dtype=mean.dtype, device=mean.device)
-        for k in range(2):  # one draw per encoder, as randn_like(mean_k) would
-            noise[k].normal_()
-        z = torch.addcmul(mean, torch.exp(0.5 * logvar), noise)  # (2, T, r)
-        nll = self.decoder.negative_log_likelihood(tokens, z.transpose(0, 1).reshape(-1, 2 * r))
-        prior = mean.new_zeros(2, 1, 1)
-        prior[1] = self.mu_p2
-        second_moment = (mean - prior).square() + logvar.exp()  # E[(z − m)²] per dim
-        kl = 0.5 * (second_moment - 1.0 - logvar).sum(-1).mean(-1)  # (2,)
-        moments = second_moment.mean((1, 2))
-        parts = {"R": nll.mean(), "K1": kl[0], "K2": kl[1], "G": moments[0] - moments[1]}
-        return z[0].reshape(*x.shape[:-1], r), parts
+    def batch_key(self) -> tuple:
+        """Adapters with equal keys can train as one batch (:func:`sample_and_score`): the same
+        input width, latent size, encoder and decoder shapes and log-variance clamp."""
+        return (self.in_features, self.rank, self.encoder1.trunk[0].out_features,
+                tuple(m.out_features for m in self.decoder.net if isinstance(m, nn.Linear)),
+                self.encoder1.logvar_clamp, self.encoder2.logvar_clamp)
 
     def eval_factors(self) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor,
                                     torch.Tensor]:
@@ -300,3 +363,79 @@ class FVAEAdapter(nn.Module):
 
     def inference_parameters(self) -> int:
         return self.encoder1.inference_parameters() + self.lora_B.numel()
+
+
+def sample_and_score(adapters: Sequence[FVAEAdapter], x: torch.Tensor
+                     ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """For each of K adapters reading the same input ``x`` (…, d) (equal :meth:`batch_key`s),
+    one reparameterised sample of z1 (…, r) and its loss parts, means over tokens:
+
+    ``R = −log p(x|z1, z2)`` (one sample of each, summed over input dims);
+    ``K1 = KL(q1‖p1)``, ``K2 = KL(q2‖p2)`` summed over latent dims;
+    ``G = mean_j E[z1_j²] − mean_j E[(z2_j − μ_p2)²]`` with closed-form expectations
+    ``E[(z − m)²] = (μ − m)² + σ²`` — the released one-sample estimate, in expectation.
+
+    The 2K encoders run as one computation: one matmul for all trunks, one batched matmul for
+    all heads, every Gaussian term once; the K decoders and their densities as one node
+    (:class:`_DecoderGaussianNLL`). Parameters are read directly, so forward hooks on the
+    submodules do not fire. The random draws are made first, in the order and shapes of running
+    the adapters one after the other as modules (per adapter: encoder 1's then encoder 2's
+    dropout, z1's then z2's noise, the decoder's dropouts), in the input's dtype, so the values
+    equal the per-module formulation up to float rounding.
+    """
+    first = adapters[0]
+    if any(a.batch_key() != first.batch_key() for a in adapters):
+        raise ValueError("FVAE adapters of different shapes cannot be scored as one batch")
+    k, r = len(adapters), first.rank
+    tokens = x.reshape(-1, first.in_features)
+    t = tokens.shape[0]
+    encoders = [e for a in adapters for e in (a.encoder1, a.encoder2)]
+    trunks = [e.trunk[0] for e in encoders]
+    noise = tokens.new_empty(2 * k, t, r)
+    encoder_keep = KeepMasks([e.trunk[2] for e in encoders], t, trunks[0].out_features, tokens)
+    decoder_keep = [KeepMasks(list(layer), t, first.decoder.net[0].out_features, tokens)
+                    for layer in zip(*(a.decoder.dropouts() for a in adapters))]
+    for i in range(k):
+        encoder_keep.draw(2 * i)
+        encoder_keep.draw(2 * i + 1)
+        noise[2 * i].normal_()  # as randn_like(μ) of each encoder would draw it
+        noise[2 * i + 1].normal_()
+        for masks in decoder_keep:
+            masks.draw(i)
+
+    hidden = torch.addmm(torch.cat([m.bias for m in trunks]), tokens,
+                         torch.cat([m.weight for m in trunks]).t()).relu_()
+    hidden = hidden.view(t, 2 * k, -1).transpose(0, 1)  # (2K, T, h)
+    if encoder_keep.values is not None:
+        hidden = hidden * encoder_keep.values.mul_(encoder_keep.scale()).to(hidden.dtype)
+    heads_w = torch.stack([torch.cat([e.mean.weight, e.logvar.weight]).t() for e in encoders])
+    heads_b = torch.stack([torch.cat([e.mean.bias, e.logvar.bias]) for e in encoders])
+    stats = torch.baddbmm(heads_b.unsqueeze(1), hidden, heads_w)  # (2K, T, 2r)
+    clamp = first.encoder1.logvar_clamp
+    mean, logvar = stats[..., :r], stats[..., r:].clamp(-clamp, clamp)
+    z = torch.addcmul(mean, torch.exp(0.5 * logvar), noise.to(mean.dtype))  # (2K, T, r)
+    decoder_in = z.view(k, 2, t, r).transpose(1, 2).reshape(k, t, 2 * r)  # [z1, z2] per token
+    nll = decoder_nll([a.decoder for a in adapters], tokens, decoder_in, decoder_keep)
+    prior = mean.new_zeros(k, 2, 1, 1)
+    for i, adapter in enumerate(adapters):
+        prior[i, 1] = adapter.mu_p2
+    prior = prior.view(2 * k, 1, 1)
+    second_moment = (mean - prior).square() + logvar.exp()  # E[(z − m)²] per dim
+    kl = 0.5 * (second_moment - 1.0 - logvar).sum(-1).mean(-1)  # (2K,)
+    moments = second_moment.mean((1, 2))
+    lead = x.shape[:-1]
+    return [(z[2 * i].reshape(*lead, r),
+             {"R": nll[i].mean(), "K1": kl[2 * i], "K2": kl[2 * i + 1],
+              "G": moments[2 * i] - moments[2 * i + 1]}) for i in range(k)]
+
+
+def training_deltas(adapters: Sequence[FVAEAdapter], x: torch.Tensor) -> list[torch.Tensor]:
+    """The training forward of K FVAE adapters reading the same input, as one batch
+    (:func:`sample_and_score`): each adapter's delta ``s_B · B z1`` (…, out), its loss parts
+    stored in ``loss_parts`` and its weighted loss in ``loss``, as K module calls would."""
+    deltas = []
+    for adapter, (z1, parts) in zip(adapters, sample_and_score(adapters, x)):
+        adapter.loss_parts = parts
+        adapter.loss = adapter.objective(parts)
+        deltas.append(adapter.output_scale * (z1 @ adapter.lora_B.t()))
+    return deltas

@@ -18,6 +18,11 @@ the per-token matmuls), never cached and never registered, so no optimizer step,
 update, ``load_state_dict`` or ``.to()`` can leave them stale, and checkpoints are unchanged.
 Training, and any forward with gradients enabled, takes the per-adapter path; so does a layer
 whose adapters carry forward hooks (e.g. :func:`record_latents`), since fusing would skip them.
+
+**Batched FVAE training.** A layer with several FVAE adapters of one shape, all training and
+unhooked, runs them as one batch (:func:`~.fvae.training_deltas`: all encoders in one matmul, all
+decoders and densities in one node), with the random draws of the per-adapter calls in their
+order, so the values are those of the per-adapter path up to float rounding.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from ..config import FVAE_FAMILY, AdapterConfig, validate_adapter_config
-from .fvae import LOSS_PARTS, FVAEAdapter, FVAEObjective
+from .fvae import LOSS_PARTS, FVAEAdapter, FVAEObjective, training_deltas
 from .lora import LoRAAdapter
 
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
@@ -73,27 +78,42 @@ class AdaptedLinear(nn.Module):
         if self.fuse_eval and not torch.is_grad_enabled() and self._fusable():
             return self.fused_eval_forward(x)
         out = self.base(x)
-        for name, adapter in self.adapters.items():
+        if self._fvae_batch():
+            deltas = training_deltas(list(self.adapters.values()), x)
+        else:
+            deltas = [adapter(x) for adapter in self.adapters.values()]
+        for name, delta in zip(self.adapters, deltas):
             start, stop = self.slices[name]
             if start == 0 and stop == out.shape[-1]:
-                out = out + adapter(x)
+                out = out + delta
             else:
                 # In place on a fresh output is safe: linear's backward does not need its output.
-                out[..., start:stop] += adapter(x)
+                out[..., start:stop] += delta
         return out
+
+    def _unhooked(self) -> bool:
+        """No adapter carries forward hooks, and no hook is registered for every module
+        (profilers, debuggers): the batched paths skip the adapters' module calls."""
+        if any(a._forward_hooks or a._forward_pre_hooks for a in self.adapters.values()):
+            return False
+        return not (getattr(_torch_module, "_global_forward_hooks", None)
+                    or getattr(_torch_module, "_global_forward_pre_hooks", None))
 
     def _fusable(self) -> bool:
         """All adapters in eval mode, of one kind with :meth:`eval_factors`, and unhooked."""
-        kinds = set()
-        for adapter in self.adapters.values():
-            if (adapter.training or not hasattr(adapter, "eval_factors")
-                    or adapter._forward_hooks or adapter._forward_pre_hooks):
-                return False
-            kinds.add(type(adapter))
-        # Hooks registered for every module (profilers, debuggers) expect the adapters to run.
-        global_hooks = (getattr(_torch_module, "_global_forward_hooks", None)
-                        or getattr(_torch_module, "_global_forward_pre_hooks", None))
-        return len(kinds) == 1 and not global_hooks
+        adapters = list(self.adapters.values())
+        if any(a.training or not hasattr(a, "eval_factors") for a in adapters):
+            return False
+        return len({type(a) for a in adapters}) == 1 and self._unhooked()
+
+    def _fvae_batch(self) -> bool:
+        """Several FVAE adapters, all in training mode, of one shape and unhooked: they train
+        as one batch (:func:`~.fvae.training_deltas`, equal to the per-adapter calls)."""
+        adapters = list(self.adapters.values())
+        if len(adapters) < 2 or not all(isinstance(a, FVAEAdapter) and a.training
+                                        for a in adapters):
+            return False
+        return len({a.batch_key() for a in adapters}) == 1 and self._unhooked()
 
     def fused_eval_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, bool, torch.Tensor,
                                           torch.Tensor | None, tuple[int, int]]:
