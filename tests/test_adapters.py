@@ -587,8 +587,8 @@ def test_fvae_slices_train_one_by_one_when_hooked_or_of_different_shapes():
     layer(x)
     assert all(a.loss is not None for a in layer.adapters.values())
     with pytest.raises(ValueError, match="different shapes"):
-        from robustbench_fvae.adapters.fvae import sample_and_score
-        sample_and_score(list(layer.adapters.values()), x)
+        from robustbench_fvae.adapters.fvae import sample_and_score_batch
+        sample_and_score_batch(list(layer.adapters.values()), x)
 
 
 # ---------------------------------------------------------------- fused evaluation

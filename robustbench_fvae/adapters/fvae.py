@@ -320,12 +320,12 @@ class FVAEAdapter(nn.Module):
 
     def sample_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One reparameterised sample of z1 (returned) and the loss parts, means over tokens
-        (:func:`sample_and_score` for this adapter alone)."""
-        return sample_and_score([self], x)[0]
+        (:func:`sample_and_score_batch` for this adapter alone)."""
+        return sample_and_score_batch([self], x)[0]
 
     def batch_key(self) -> tuple:
-        """Adapters with equal keys can train as one batch (:func:`sample_and_score`): the same
-        input width, latent size, encoder and decoder shapes and log-variance clamp."""
+        """Adapters with equal keys can train as one batch (:func:`sample_and_score_batch`):
+        the same input width, latent size, encoder and decoder shapes and log-variance clamps."""
         return (self.in_features, self.rank, self.encoder1.trunk[0].out_features,
                 tuple(m.out_features for m in self.decoder.net if isinstance(m, nn.Linear)),
                 self.encoder1.logvar_clamp, self.encoder2.logvar_clamp)
@@ -365,8 +365,8 @@ class FVAEAdapter(nn.Module):
         return self.encoder1.inference_parameters() + self.lora_B.numel()
 
 
-def sample_and_score(adapters: Sequence[FVAEAdapter], x: torch.Tensor
-                     ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+def sample_and_score_batch(adapters: Sequence[FVAEAdapter], x: torch.Tensor
+                           ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """For each of K adapters reading the same input ``x`` (…, d) (equal :meth:`batch_key`s),
     one reparameterised sample of z1 (…, r) and its loss parts, means over tokens:
 
@@ -431,10 +431,10 @@ def sample_and_score(adapters: Sequence[FVAEAdapter], x: torch.Tensor
 
 def training_deltas(adapters: Sequence[FVAEAdapter], x: torch.Tensor) -> list[torch.Tensor]:
     """The training forward of K FVAE adapters reading the same input, as one batch
-    (:func:`sample_and_score`): each adapter's delta ``s_B · B z1`` (…, out), its loss parts
+    (:func:`sample_and_score_batch`): each adapter's delta ``s_B · B z1`` (…, out), its loss parts
     stored in ``loss_parts`` and its weighted loss in ``loss``, as K module calls would."""
     deltas = []
-    for adapter, (z1, parts) in zip(adapters, sample_and_score(adapters, x)):
+    for adapter, (z1, parts) in zip(adapters, sample_and_score_batch(adapters, x)):
         adapter.loss_parts = parts
         adapter.loss = adapter.objective(parts)
         deltas.append(adapter.output_scale * (z1 @ adapter.lora_B.t()))
