@@ -457,7 +457,7 @@ def test_decoder_node_equals_autograd_of_the_decoder_and_density(layers):
     one decoder with dropout off, one hidden layer of another at p = 1), equals autograd through
     the modules in float64, in value and in every gradient (target, latents, weights, biases,
     log-scales); gradcheck on top; an input that needs no gradient gets none."""
-    from robustbench_fvae.adapters.fvae import GaussianDecoder, KeepMasks, decoder_nll
+    from robustbench_fvae.adapters.fvae import GaussianDecoder, decoder_keep_masks, decoder_nll
 
     torch.manual_seed(0)
     decoders = [GaussianDecoder(6, 5, layers, 7, dropout=0.3).double().train() for _ in range(3)]
@@ -467,7 +467,7 @@ def test_decoder_node_equals_autograd_of_the_decoder_and_density(layers):
     decoders[2].dropouts()[0].p = 1.0
     x = torch.randn(9, 7, dtype=torch.float64, requires_grad=True)
     z = torch.randn(3, 9, 6, dtype=torch.float64, requires_grad=True)
-    masks = [KeepMasks(layer, 9, 5, x) for layer in zip(*(d.dropouts() for d in decoders))]
+    masks = decoder_keep_masks(decoders, 9, x)
     for k in range(3):
         for mask in masks:
             mask.draw(k)

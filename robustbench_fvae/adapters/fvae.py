@@ -109,8 +109,7 @@ class GaussianDecoder(nn.Module):
         whole decoder and the density run as one fp32 node (:class:`_DecoderGaussianNLL`), also
         under autocast."""
         tokens = x.reshape(-1, x.shape[-1])
-        masks = [KeepMasks([d], tokens.shape[0], self.net[0].out_features, tokens)
-                 for d in self.dropouts()]
+        masks = decoder_keep_masks([self], tokens.shape[0], tokens)
         for mask in masks:
             mask.draw(0)
         return decoder_nll([self], tokens, z.reshape(1, -1, z.shape[-1]),
@@ -157,6 +156,15 @@ class KeepMasks:
             return self.scales[0]
         return torch.tensor(self.scales, dtype=self.values.dtype,
                             device=self.values.device).view(-1, 1, 1)
+
+
+def decoder_keep_masks(decoders: Sequence[GaussianDecoder], tokens: int, like: torch.Tensor
+                       ) -> list[KeepMasks]:
+    """Undrawn :class:`KeepMasks` of K decoders of one shape, one per hidden layer in layer
+    order, each for ``tokens`` rows."""
+    width = decoders[0].net[0].out_features
+    return [KeepMasks(layer, tokens, width, like)
+            for layer in zip(*(dec.dropouts() for dec in decoders))]
 
 
 def _times(t: torch.Tensor, factor: float | torch.Tensor, in_place: bool = True
@@ -393,8 +401,7 @@ def sample_and_score_batch(adapters: Sequence[FVAEAdapter], x: torch.Tensor
     trunks = [e.trunk[0] for e in encoders]
     noise = tokens.new_empty(2 * k, t, r)
     encoder_keep = KeepMasks([e.trunk[2] for e in encoders], t, trunks[0].out_features, tokens)
-    decoder_keep = [KeepMasks(list(layer), t, first.decoder.net[0].out_features, tokens)
-                    for layer in zip(*(a.decoder.dropouts() for a in adapters))]
+    decoder_keep = decoder_keep_masks([a.decoder for a in adapters], t, tokens)
     for i in range(k):
         encoder_keep.draw(2 * i)
         encoder_keep.draw(2 * i + 1)
