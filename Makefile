@@ -13,7 +13,7 @@ DEMO_OUT ?= runs/demo
 STRESS_N ?= 10
 STRESS_HOGS ?= 2
 
-.PHONY: setup demo test stress-test lint bench clean-venv
+.PHONY: setup demo test stress-test lint bench bench-stem clean-venv
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m robustbench_fvae.bench
+
+# One replica run with the frozen-stem cache against the same run without it, side by side.
+bench-stem: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/stem_cache.py
 
 clean-venv:
 	rm -rf $(VENV)

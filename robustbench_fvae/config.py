@@ -146,6 +146,11 @@ class RunConfig:
     # backbone or replica never counts as the same run. Given explicitly, they are checked.
     backbone_digest: str | None = None
     replica_version: int | None = None
+    # The offline backbone's frozen stem read from features computed once per replica image and
+    # view (robustbench_fvae/stem_cache.py): auto (on wherever it applies), on, off. Resolved
+    # to on/off by training.resolve_config; hashed only when on, so the hashes of runs that
+    # compute the stem per batch (every run recorded before the cache) are unchanged.
+    stem_cache: str = "auto"
 
     # Fields that say *where* or *how* a run happens, not *what* it computes.
     UNHASHED = ("data_root", "out", "device", "num_workers", "checkpoint_every", "threads")
@@ -179,6 +184,8 @@ def config_hash(cfg: RunConfig) -> str:
     data = cfg.to_dict()
     for name in RunConfig.UNHASHED:
         data.pop(name, None)
+    if data.get("stem_cache") != "on":
+        data.pop("stem_cache", None)
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:12]
 
 
@@ -187,7 +194,7 @@ def config_hash(cfg: RunConfig) -> str:
 # Top-level run settings that a flag or a sweep spec may set, besides the adapter/train fields.
 RUN_FIELDS = ("method", "dataset", "backbone", "weights", "data_root", "out", "device",
               "num_workers", "checkpoint_every", "threads", "backbone_digest",
-              "replica_version")
+              "replica_version", "stem_cache")
 
 
 def flat_setting_names() -> dict[str, str]:

@@ -359,8 +359,8 @@ def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: d
               batch_size: int | None, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
-    from .data import counterfactual_splits
-    from .metrics import constant_predictor, counterfactual_metrics, evaluate_split
+    from .metrics import constant_predictor, counterfactual_record, evaluate_split
+    from .stem_cache import counterfactual_inputs
     from .training import load_trained_model, resolve_device
 
     dev = resolve_device(device)
@@ -405,17 +405,15 @@ def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: d
     counterfactual = None
     if cfg.dataset.startswith("synth-"):
         try:
-            twins = counterfactual_splits(cfg.dataset, cfg.data_root, transform=test.transform,
-                                          spurious_strength=cfg.train.spurious_strength)
+            twins = counterfactual_inputs(cfg.dataset, cfg.data_root, test,
+                                          cfg.train.spurious_strength)
         except FileNotFoundError:  # a replica without counterfactual images (a test fixture)
             twins = None
         if twins is not None:
             probs = {k: fit.head.predict_proba(penultimate_features(
-                model, twins[k], batch_size=bs, device=dev, num_workers=workers))
-                for k in ("core_only", "background_only")}
-            counterfactual = counterfactual_metrics(
-                twins["core_only"].y, probs["core_only"], twins["background_only"].a,
-                probs["background_only"], test.attribute_names)
+                model, twin, batch_size=bs, device=dev, num_workers=workers))
+                for k, twin in twins.items()}
+            counterfactual = counterfactual_record(twins, probs, test.attribute_names)
     fit_time = time.perf_counter() - start
 
     pm = parent.metrics or {}

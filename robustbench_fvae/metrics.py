@@ -341,6 +341,8 @@ def counterfactual_metrics(
     a_background: Any,
     prob_background: Any,
     attribute_names: Sequence[str] | None = None,
+    y_swapped: Any = None,
+    prob_swapped: Any = None,
 ) -> dict[str, Any]:
     """The counterfactual record of a run (``metrics.json["counterfactual"]``).
 
@@ -353,6 +355,13 @@ def counterfactual_metrics(
     predicted *probabilities* instead of predicted-class histograms, and
     ``background_pred_dist`` lists, per background value, ``{"a", "name", "n", "pred_dist"}``
     (the predicted-class histogram ``P_a`` as fractions).
+
+    With ``prob_swapped`` (N', K), the probabilities on the background-swapped images (each
+    test object on its class's other background) with labels ``y_swapped``, it also holds
+    ``background_swapped_acc`` (class-balanced, as ``core_only_acc``; a model that reads the
+    background instead of the object falls towards ``1 − acc`` of the originals there),
+    ``background_swapped_avg_acc``, ``background_swapped_class_acc`` and
+    ``n_background_swapped``.
     """
     y_core = _int_array("y", y_core)
     p_core = _check_prob(prob_core, len(y_core))
@@ -374,4 +383,24 @@ def counterfactual_metrics(
         for v, row in zip(values, hist)
     ]
     out["n_core_only"], out["n_background_only"] = int(len(y_core)), int(len(a_bg))
+    if prob_swapped is not None:
+        y_sw = _int_array("y", y_swapped)
+        p_sw = _check_prob(prob_swapped, len(y_sw))
+        swapped = core_only_accuracy(y_sw, p_sw.argmax(axis=1), num_classes=k)
+        out.update({key.replace("core_only", "background_swapped"): value
+                    for key, value in swapped.items()})
+        out["n_background_swapped"] = int(len(y_sw))
     return out
+
+
+def counterfactual_record(twins: Mapping[str, Any], probs: Mapping[str, Any],
+                          attribute_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """:func:`counterfactual_metrics` from a replica's twin splits (anything with ``y`` and
+    ``a`` arrays, keyed ``core_only``, ``background_only`` and optionally
+    ``background_swapped``) and the predicted probabilities on each, under the same keys."""
+    swapped = "background_swapped" in twins and "background_swapped" in probs
+    return counterfactual_metrics(
+        twins["core_only"].y, probs["core_only"], twins["background_only"].a,
+        probs["background_only"], attribute_names,
+        y_swapped=twins["background_swapped"].y if swapped else None,
+        prob_swapped=probs["background_swapped"] if swapped else None)

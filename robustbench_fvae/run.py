@@ -27,6 +27,7 @@ from .config import (
 )
 from .data import dataset_names
 from .data.transforms import AUGMENT_RECIPES
+from .stem_cache import STEM_CACHE_CHOICES
 from .training import REAL_DEFAULTS, SYNTH_DEFAULTS
 
 DATASETS = tuple(dataset_names())
@@ -47,6 +48,9 @@ HELP = {
                        "given, the run refuses to start unless this machine's backbone has it",
     "replica_version": "filled in by the run for synth-* (the replica builder's version, in the "
                        "hash); given, it is checked the same way",
+    "stem_cache": "offline backbone on synth-*: read the frozen stem's output from features "
+                  "computed once per replica image and view (auto: wherever the recipe is "
+                  "flip or none; on; off: compute it every batch) (default: auto)",
     "rank": "rank r of LoRA = size of z1 and z2",
     "targets": "comma-separated: q, k, v (slices of fused qkv) or Linear names (proj, fc1…)",
     "lora_alpha": "LoRA scaling numerator (delta = alpha/r * BAx)",
@@ -97,7 +101,7 @@ HELP = {
 }
 CHOICES = {"method": METHODS, "select": SELECTION_RULES, "dataset": DATASETS,
            "algorithm": ALGORITHMS, "groupdro_sampler": GROUPDRO_SAMPLERS,
-           "augment": AUGMENT_RECIPES}
+           "augment": AUGMENT_RECIPES, "stem_cache": STEM_CACHE_CHOICES}
 REQUIRED = ("method", "dataset")
 METAVARS = {int: "N", float: "X", str: "TEXT"}
 NAMED_METAVARS = {"backbone": "NAME", "weights": "FILE", "data_root": "DIR", "out": "DIR",
@@ -189,6 +193,10 @@ def format_summary(metrics: dict) -> str:
                      f"balanced; chance {1 / len(cf['core_only_class_acc']):.3f}), background "
                      f"reliance {cf['background_reliance']:.3f} (0: background alone never moves "
                      f"the prediction, 1: it decides it)")
+        if "background_swapped_acc" in cf:
+            lines.append(f"background-swapped test (each object on its class's other "
+                         f"background): acc {cf['background_swapped_acc']:.3f} "
+                         f"(class-balanced)")
     for alarm in metrics.get("alarms", []):
         lines.append(f"ALARM: {alarm}")
     return "\n".join(lines)

@@ -107,9 +107,23 @@ class FrozenMobileNetV2Stem(nn.Module):
         for block in self.blocks:
             for conv in block.convs:
                 self.stride *= conv.stride
+        # True while the model is fed this stem's precomputed output (robustbench_fvae/
+        # stem_cache.py) instead of images; a plain attribute, so no state dict changes.
+        self.takes_features = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) ImageNet-normalised -> (B, out_channels, H/stride, W/stride)."""
+        """(B, 3, H, W) ImageNet-normalised -> (B, out_channels, H/stride, W/stride).
+
+        With ``takes_features`` the input already is that output (the stem cache's), checked
+        for its channel count and passed on in the memory format the stem itself returns.
+        """
+        if self.takes_features:
+            if x.dim() != 4 or x.shape[1] != self.out_channels:
+                raise StemError(f"this model reads precomputed stem features of shape (B, "
+                                f"{self.out_channels}, h, w), got {tuple(x.shape)}; build its "
+                                "inputs with robustbench_fvae.stem_cache, or run with "
+                                "--stem-cache off")
+            return x.contiguous(memory_format=torch.channels_last)
         # oneDNN's depthwise convolutions run about twice as fast in channels-last on a CPU.
         return self.blocks(x.contiguous(memory_format=torch.channels_last))
 

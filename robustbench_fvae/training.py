@@ -58,8 +58,8 @@ from .config import (
 )
 from .data import (
     check_data_recipe,
-    counterfactual_splits,
     data_defaults,
+    get_spec,
     load_splits,
     make_transforms,
 )
@@ -69,11 +69,12 @@ from .methods import default_lr, parameter_groups, prepare_model, training_loss
 from .metrics import (
     EmptyGroupError,
     constant_predictor,
-    counterfactual_metrics,
+    counterfactual_record,
     evaluate_split,
 )
 from .progress import progress_bar
 from .selection import RULES, select_epoch, should_stop_all, stopping_epoch
+from .stem_cache import StemCacheError, cached_splits, counterfactual_inputs, resolve_stem_cache
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Fault injection for the resume tests (see the module docstring); -1: off.
@@ -132,6 +133,10 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
         t.lr = default_lr(cfg.method)
     if cfg.backbone is None:
         cfg.backbone = default_backbone(cfg.dataset)
+    try:
+        cfg.stem_cache = resolve_stem_cache(cfg.stem_cache, cfg.dataset, cfg.backbone, t.augment)
+    except StemCacheError as err:
+        raise ConfigError(str(err)) from None
     # The hash covers what the weights and the replica were built from (DESIGN §4).
     for key, value in built_versions(cfg).items():
         if getattr(cfg, key) not in (None, value):
@@ -314,8 +319,12 @@ class RunResult:
     skipped: bool = False
 
 
-def build_model_and_data(cfg: RunConfig, device: torch.device):
-    """The prepared model and the three splits (transforms set from the backbone)."""
+def build_model_and_data(cfg: RunConfig, device: torch.device, progress: bool = False,
+                         log: Callable[[str], None] | None = None):
+    """The prepared model and the three splits (transforms set from the backbone). With
+    ``cfg.stem_cache == "on"`` the splits yield the frozen stem's cached output and the model
+    takes it (stem_cache.py; ``progress``, ``log``: a bar and a line when features are computed
+    the first time)."""
     splits = load_splits(cfg.dataset, cfg.data_root,
                          spurious_strength=cfg.train.spurious_strength)
     model = create_backbone(cfg.backbone, splits["train"].num_classes, weights=cfg.weights,
@@ -327,29 +336,31 @@ def build_model_and_data(cfg: RunConfig, device: torch.device):
                                         augment=cfg.train.augment, family=cfg.dataset)
     splits["train"].transform = train_tf
     splits["val"].transform = splits["test"].transform = eval_tf
+    if cfg.stem_cache == "on":
+        folder = get_spec(cfg.dataset).data_dir(cfg.data_root, cfg.train.spurious_strength)
+        splits = cached_splits(model, cfg.dataset, folder, splits, progress=progress, log=log)
     return model, splits, adapted
 
 
 def evaluate_counterfactual(model: nn.Module, cfg: RunConfig, test: GroupSplit, weights: Path,
                             batch_size: int, workers: int, device: torch.device,
                             dist: Distributed = SINGLE_PROCESS) -> dict | None:
-    """Core-only accuracy and background reliance (metrics.counterfactual_metrics) of the
-    selected epoch's weights (``weights``) on the replica's counterfactual test images; None
-    for a real dataset or a replica without them (a hand-made test fixture). The model keeps the
-    selected weights afterwards."""
+    """Core-only accuracy, background reliance and background-swapped accuracy
+    (metrics.counterfactual_metrics) of the selected epoch's weights (``weights``) on the
+    replica's counterfactual test images; None for a real dataset or a replica without them (a
+    hand-made test fixture). The model keeps the selected weights afterwards."""
     if not cfg.dataset.startswith("synth-"):
         return None
     try:
-        twins = counterfactual_splits(cfg.dataset, cfg.data_root, transform=test.transform,
-                                      spurious_strength=cfg.train.spurious_strength)
+        twins = counterfactual_inputs(cfg.dataset, cfg.data_root, test,
+                                      cfg.train.spurious_strength)
     except FileNotFoundError:  # DatasetError: no counterfactual images in this replica
         return None
     dist.barrier()  # rank 0 wrote the selected weights
     load_trainable_state(model, load_file(str(weights)))
-    prob_core, _ = predict(model, twins["core_only"], batch_size, workers, device, dist)
-    prob_bg, _ = predict(model, twins["background_only"], batch_size, workers, device, dist)
-    return counterfactual_metrics(twins["core_only"].y, prob_core, twins["background_only"].a,
-                                  prob_bg, test.attribute_names)
+    probs = {kind: predict(model, twin, batch_size, workers, device, dist)[0]
+             for kind, twin in twins.items()}
+    return counterfactual_record(twins, probs, test.attribute_names)
 
 
 def check_eval_groups(splits: dict[str, GroupSplit]) -> None:
@@ -419,7 +430,7 @@ def _run_held(cfg: RunConfig, rdir: Path, dist: Distributed, device_name: str, f
     if cfg.train.algorithm == "jtt":
         error_set = _jtt_error_set(cfg, rdir, dist, device, workers, progress, log)
     torch.manual_seed(cfg.train.seed)
-    model, splits, adapted = build_model_and_data(cfg, device)
+    model, splits, adapted = build_model_and_data(cfg, device, progress=progress, log=log)
     check_eval_groups(splits)
     if dist.is_main:
         rdir.mkdir(parents=True, exist_ok=True)

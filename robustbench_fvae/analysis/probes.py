@@ -455,11 +455,11 @@ def _counterfactual_sets(dataset: str, data_root: str, strength: float | None, t
     or a replica without twins (said in one line)."""
     if not dataset.startswith("synth-"):
         return {}
-    from ..data import DatasetError, counterfactual_splits
+    from ..data import DatasetError
+    from ..stem_cache import counterfactual_inputs
 
     try:
-        twins = counterfactual_splits(dataset, data_root, transform=test_split.transform,
-                                      spurious_strength=strength)
+        twins = counterfactual_inputs(dataset, data_root, test_split, strength)
     except DatasetError as err:
         log(f"no counterfactual sensitivity: {err}")
         return {}

@@ -5,7 +5,7 @@ Public API (what runs, sweeps and notebooks use)::
     load_splits(name, root, train_transform, eval_transform, spurious_strength=None)
         -> {"train"|"val"|"test": GroupSplit}
     counterfactual_splits(name, root, transform=None, spurious_strength=None)
-        -> {"core_only"|"background_only": GroupSplit}   (replicas: twins of the test split)
+        -> {"core_only"|"background_only"|"background_swapped": GroupSplit}   (replicas: twins of the test split)
     dataset_names() -> list[str]
     data_defaults(name) -> {"augment", "spurious_strength"}
     make_transforms(image_size, mean, std, augment="paper", family=None) -> (train, eval)

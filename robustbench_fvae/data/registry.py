@@ -368,13 +368,16 @@ def counterfactual_splits(
     transform: Callable | None = None,
     spurious_strength: float | None = None,
 ) -> dict[str, GroupSplit]:
-    """The core-only and background-only twins of a replica's test split (the paper's
-    ``x_core`` / ``x_spurious``): ``{"core_only": GroupSplit, "background_only": GroupSplit}``.
+    """The twins of a replica's test split: core-only and background-only (the paper's
+    ``x_core`` / ``x_spurious``) and background-swapped (the object on its class's other
+    background): ``{"core_only": GroupSplit, "background_only": GroupSplit,
+    "background_swapped": GroupSplit}``.
 
-    Both are in the order of ``load_splits(name, root)["test"]``, with the same ``y``, ``a``,
+    All are in the order of ``load_splits(name, root)["test"]``, with the same ``y``, ``a``,
     ``g``, groups and training group counts (``a`` names the background the original image had:
-    absent from a core-only image, the only content of a background-only one); their
-    ``split`` is ``"test/core_only"`` and ``"test/background_only"``. Items are
+    absent from a core-only image, the only content of a background-only one, replaced by the
+    class's other background in a background-swapped one); their
+    ``split`` is ``"test/<kind>"``. Items are
     ``(transform(image), y, a)``. The replica must exist already (load_splits builds it); a
     real dataset, or a replica without counterfactual images (hand-made, or built by an older
     builder), raises DatasetError naming the fix.

@@ -432,3 +432,14 @@ def counterfactual_scenes(
     core = compose(rng, neutral_background(fill, alpha), alpha, fill)
     empty = np.zeros_like(alpha)
     return core, compose(rng, background, empty, fill)
+
+
+def background_swapped_scene(
+    rng: np.random.Generator, parts: tuple[np.ndarray, np.ndarray, np.ndarray], family: str
+) -> np.ndarray:
+    """The *background-swapped* twin of one scene, uint8 (size, size, 3): the same silhouette,
+    placement and fill on a fresh background of ``family`` (the other background of the
+    object's class), drawn from ``rng`` as any background of that family is, with fresh pixel
+    noise. An in-distribution counterfactual, unlike the flat grey of the core-only twin."""
+    _, alpha, fill = parts
+    return compose(rng, render_background(rng, family, alpha.shape[0]), alpha, fill)

@@ -31,8 +31,11 @@ birds still never appear indoors/outdoors nor dogs on land/water (8 of 16 groups
 ``<folder>/<path>`` also exists as ``<folder>/counterfactual/core_only/<path>`` (the same
 silhouette, placement and fill on a flat neutral grey, see
 :func:`~robustbench_fvae.data.silhouettes.neutral_background`) and
-``<folder>/counterfactual/background_only/<path>`` (the same background, no silhouette), with
-the labels ``(y, a)`` of the original. The real-data readers never look into ``counterfactual/``.
+``<folder>/counterfactual/background_only/<path>`` (the same background, no silhouette) and
+``<folder>/counterfactual/background_swapped/<path>`` (the same silhouette, placement and fill
+on a fresh background of the class's other background family: an in-distribution
+counterfactual), with the labels ``(y, a)`` of the original. The real-data readers never look
+into ``counterfactual/``.
 
 What an image shows (64×64 RGB PNG): an animal-mnist silhouette (the **core** cue ``y``: needs
 shape) on a background family (the **spurious** cue ``a``: a global colour/texture statistic that
@@ -69,6 +72,7 @@ from PIL import Image
 from ..records import exclusive_lock
 from .base import SPLITS, DatasetError
 from .silhouettes import (
+    background_swapped_scene,
     compose,
     counterfactual_scenes,
     instance_pools,
@@ -79,13 +83,16 @@ from .silhouettes import (
 # Bumped whenever the pictures or tables change; a replica of an older version is rebuilt.
 # 3: spurious strength in the manifest, counterfactual test images.
 # 4: silhouettes reserved for the offline backbone's source task left out of every split.
-BUILDER_VERSION = 4
+# 5: validation and test splits at the real datasets' group sizes or larger (every group >= 130
+#    validation and >= 600 test images), background-swapped test twins. Training images and the
+#    first val/test images of each group are byte-identical to version 4's.
+BUILDER_VERSION = 5
 IMAGE_SIZE = 64
 SYNTH_DIR = "synth"
 MARKER = "SYNTHETIC.json"
 # Counterfactual test images: <folder>/counterfactual/<kind>/<the test image's path in folder>.
 COUNTERFACTUAL_DIR = "counterfactual"
-COUNTERFACTUAL_KINDS = ("core_only", "background_only")
+COUNTERFACTUAL_KINDS = ("core_only", "background_only", "background_swapped")
 STRENGTH_RANGE = (0.5, 1.0)
 REPLICAS = ("synth-waterbirds", "synth-celeba", "synth-animals")
 # Nuisance ranges of the foreground: object box side as a fraction of the image, and rotation.
@@ -136,30 +143,37 @@ CELEBA_ATTRIBUTES = (
     "Young",
 )
 
-# Group sizes at scale 1, by split and group index g.
+# Group sizes at scale 1, by split and group index g. Training mirrors the real training split at
+# CPU size; validation and test are large enough to resolve worst-group accuracy (every group has
+# at least 130 validation and 600 test images: the real Waterbirds minority groups' sizes, whose
+# binomial 95 % half-width at WG 0.8 is about ±3 points), so they cost evaluation time, not
+# training time.
 # Waterbirds (g = 2y + place): the real train split (3498/184/56/1057) scaled to 2,000 images;
-# val/test keep the real class ratio (≈78 % landbirds) with backgrounds balanced within each class.
+# val and test are the real splits' own group sizes (467/466/133/133 and 2255/2255/642/642:
+# the real class ratio with backgrounds balanced within each class).
 # CelebA (g = 2·blond + male): the real train proportions (71629/66874/22880/1387) at 2,500
-# images; val/test follow the real proportions (8535/8276/2874/182 and 9767/7535/2480/180) except
-# that the rare blond-male group is floored at 20 images, so worst-group accuracy is not measured on
-# five images.
-# Animals (g = 4y + a): SpuCo's majority/minority ratios (train 10000/500, val 500/25,
-# test 500/500 per folder) at 400/20, 100/5 and 100/100.
+# images. Real val/test (8535/8276/2874/182 and 9767/7535/2480/180) are too large to evaluate
+# every CPU epoch at their proportions with a 600-image rare group, so the blond groups are
+# floored at 130 (val) and 600 (test) images and the not-blond groups keep the real ratios to
+# blond-female (val 8535:8276:2874, test 9767:7535:2480).
+# Animals (g = 4y + a): SpuCo's train ratio (10000/500 per folder) at 400/20; validation at
+# SpuCo's majority size (500) with minorities floored at 130 (SpuCo has 25); test balanced like
+# SpuCo's (500/500), at 600 per group.
 COUNTS: dict[str, dict[str, dict[int, int]]] = {
     "synth-waterbirds": {
         "train": {0: 1459, 1: 77, 2: 23, 3: 441},
-        "val": {0: 234, 1: 234, 2: 66, 3: 66},
-        "test": {0: 467, 1: 467, 2: 133, 3: 133},
+        "val": {0: 467, 1: 466, 2: 133, 3: 133},
+        "test": {0: 2255, 1: 2255, 2: 642, 3: 642},
     },
     "synth-celeba": {
         "train": {0: 1100, 1: 1027, 2: 351, 3: 21},
-        "val": {0: 251, 1: 244, 2: 85, 3: 20},
-        "test": {0: 583, 1: 449, 2: 148, 3: 20},
+        "val": {0: 386, 1: 374, 2: 130, 3: 130},
+        "test": {0: 2363, 1: 1823, 2: 600, 3: 600},
     },
     "synth-animals": {
         "train": {0: 400, 1: 20, 4: 20, 5: 400, 10: 400, 11: 20, 14: 20, 15: 400},
-        "val": {0: 100, 1: 5, 4: 5, 5: 100, 10: 100, 11: 5, 14: 5, 15: 100},
-        "test": {0: 100, 1: 100, 4: 100, 5: 100, 10: 100, 11: 100, 14: 100, 15: 100},
+        "val": {0: 500, 1: 130, 4: 130, 5: 500, 10: 500, 11: 130, 14: 130, 15: 500},
+        "test": {0: 600, 1: 600, 4: 600, 5: 600, 10: 600, 11: 600, 14: 600, 15: 600},
     },
 }
 
@@ -190,6 +204,14 @@ class ReplicaSpec:
 
     def ya(self, g: int) -> tuple[int, int]:
         return divmod(g, self.group_stride)
+
+    def swapped_attribute(self, y: int, a: int) -> int:
+        """The other background of class ``y`` (every replica class has exactly two): what a
+        background-swapped twin of a ``(y, a)`` image shows."""
+        pair = sorted({self.ya(g)[1] for g in COUNTS[self.name]["train"]
+                       if self.ya(g)[0] == y})
+        assert len(pair) == 2 and a in pair, (self.name, y, a, pair)
+        return pair[1] if a == pair[0] else pair[0]
 
 
 SPECS: dict[str, ReplicaSpec] = {
@@ -390,8 +412,10 @@ def _render(
     spec: ReplicaSpec, item: _Item, seed: int, size: int, pools: dict[tuple[str, str], np.ndarray]
 ) -> list[np.ndarray]:
     """One image, uint8 (size, size, 3): a pure function of (seed, replica, split, g, k); for a
-    test item also its core-only and background-only twins (from a second, independent
-    generator, so the image itself is the same as without them)."""
+    test item also its twins in the order of :data:`COUNTERFACTUAL_KINDS` (core-only and
+    background-only from a second generator, background-swapped from a third, each independent
+    of the image's own, so neither the image nor an older kind of twin changes when a kind is
+    added)."""
     images, _ = load_silhouettes()
     key = [seed, REPLICAS.index(spec.name), SPLITS.index(item.split), item.g, item.k]
     rng = np.random.default_rng(key)
@@ -402,6 +426,8 @@ def _render(
     out = [compose(rng, *parts)]
     if item.split == "test":
         out.extend(counterfactual_scenes(np.random.default_rng(key + [1]), parts))
+        swapped = spec.background[spec.swapped_attribute(item.y, item.a)]
+        out.append(background_swapped_scene(np.random.default_rng(key + [2]), parts, swapped))
     return out
 
 
@@ -483,6 +509,9 @@ def _manifest(
                 "core_only": "the test image's silhouette, placement and fill on flat neutral "
                              "grey (0.8, or 0.2 behind light objects)",
                 "background_only": "the test image's background with no silhouette",
+                "background_swapped": "the test image's silhouette, placement and fill on a "
+                                      "fresh background of the class's other background "
+                                      "family (labels y, a stay the original's)",
             },
             "split": "test",
             "images_per_kind": int(sum(counts["test"].values())),

@@ -12,6 +12,8 @@ A spec is a YAML mapping; only ``methods``, ``datasets`` and ``seeds`` are requi
       n: 8                                 # number of draws
       hparam_seed: 0                       # seeds the draws; independent of the trial seeds
       space: {lr: {log_uniform: [1.0e-4, 1.0e-2]}, beta: {choice: [1, 10]}}
+      per_method:                          # a method's own space, over the shared one
+        full: {lr: {log_uniform: [1.0e-5, 1.0e-3]}}
     per_dataset: {synth-celeba: {epochs: 6}}
     per_method: {full: {lr: 1.0e-4}}
     slurm: {partition: gpu, gpus_per_node: 1, timeout_min: 720}
@@ -23,7 +25,10 @@ later ones winning: ``settings`` < the trial's grid/random values < ``per_datase
 (dataset/method defaults filled, everything checked) and named by its config hash, exactly as the
 run CLI names it; runs with equal hashes are merged. Random draw ``i`` of setting ``name`` comes
 from a generator seeded by ``(hparam_seed, i, crc32(name))``: the same for every seed, method and
-dataset of a trial, and unchanged when other settings are added to the space.
+dataset of a trial, and unchanged when other settings are added to the space. ``random.per_method``
+gives a method its own distributions (added to ``random.space``, replacing a setting of the
+same name): every method still gets ``n`` draws, so methods searched this way share one search
+budget whatever the size of their spaces.
 
 Values are coerced to the type the run's flag has (``beta: 1`` → 1.0), so a spec and the
 equivalent ``python -m robustbench_fvae.run`` command line give the same hash. Relative paths
@@ -60,7 +65,7 @@ from robustbench_fvae.config import (
 TOP_LEVEL_KEYS = ("description", "methods", "datasets", "seeds", "settings", "grid", "random",
                   "per_method", "per_dataset", "slurm", "dfr")
 REQUIRED_KEYS = ("methods", "datasets", "seeds")
-RANDOM_KEYS = ("n", "hparam_seed", "space")
+RANDOM_KEYS = ("n", "hparam_seed", "space", "per_method")
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
 # Set by the methods / datasets / seeds lists, never by settings, grid or overrides.
 AXIS_SETTINGS = {"method": "methods", "dataset": "datasets", "seed": "seeds"}
@@ -227,17 +232,25 @@ def _distribution(name: str, data: Any, where: str) -> Distribution:
 
 @dataclass(frozen=True)
 class RandomSearch:
-    """``n`` draws from ``space``, seeded by ``hparam_seed`` only (never by the trial seed)."""
+    """``n`` draws from ``space`` (with a method's ``per_method`` distributions over it), seeded
+    by ``hparam_seed`` only (never by the trial seed)."""
 
     n: int
     hparam_seed: int
     space: tuple[Distribution, ...]
+    per_method: dict[str, tuple[Distribution, ...]] = field(default_factory=dict)
 
-    def draws(self) -> list[dict[str, Any]]:
+    def method_space(self, method: str | None = None) -> tuple[Distribution, ...]:
+        """The distributions ``method`` draws from: its own, then the shared ones it lacks."""
+        own = self.per_method.get(method, ()) if method is not None else ()
+        names = {d.name for d in own}
+        return tuple(d for d in self.space if d.name not in names) + tuple(own)
+
+    def draws(self, method: str | None = None) -> list[dict[str, Any]]:
         out = []
         for i in range(self.n):
             draw = {}
-            for dist in self.space:
+            for dist in self.method_space(method):
                 # One stream per (draw, setting): a setting's values do not move when another
                 # setting is added to or removed from the space.
                 rng = np.random.default_rng([self.hparam_seed, i, zlib.crc32(dist.name.encode())])
@@ -260,16 +273,34 @@ def _random_search(data: Any) -> RandomSearch | None:
         raise SpecError(f"random.n: expected a positive integer (number of draws), got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise SpecError(f"random.hparam_seed: expected a non-negative integer, got {seed!r}")
-    if not isinstance(space, Mapping) or not space:
+    per_method_data = data.get("per_method") or {}
+    if space is None and per_method_data:
+        space = {}
+    if not isinstance(space, Mapping) or (not space and not per_method_data):
         raise SpecError("random.space: expected a non-empty mapping setting → distribution, e.g. "
                         "{lr: {log_uniform: [1.0e-4, 1.0e-2]}}")
+    if not isinstance(per_method_data, Mapping):
+        raise SpecError("random.per_method: expected a mapping method → {setting: distribution}")
+    per_method = {}
+    for method, method_space in per_method_data.items():
+        if method not in METHODS:
+            raise SpecError(f"random.per_method: unknown method {method!r}; expected one of "
+                            f"{', '.join(METHODS)}")
+        if not isinstance(method_space, Mapping) or not method_space:
+            raise SpecError(f"random.per_method.{method}: expected a non-empty mapping setting "
+                            "→ distribution")
+        per_method[str(method)] = _distributions(method_space, f"random.per_method.{method}")
+    return RandomSearch(n, seed, _distributions(space, "random.space"), per_method)
+
+
+def _distributions(space: Mapping, where: str) -> tuple[Distribution, ...]:
     dists = []
     for name, dist in space.items():
         name = str(name)
         if name in AXIS_SETTINGS or name not in SETTING_TYPES:
-            coerce_setting(name, None, f"random.space.{name}")  # raises the naming SpecError
-        dists.append(_distribution(name, dist, f"random.space.{name}"))
-    return RandomSearch(n, seed, tuple(dists))
+            coerce_setting(name, None, f"{where}.{name}")  # raises the naming SpecError
+        dists.append(_distribution(name, dist, f"{where}.{name}"))
+    return tuple(dists)
 
 
 # ---------------------------------------------------------------- the spec
@@ -294,12 +325,13 @@ class SweepSpec:
     # after its runs finish, make the DFR run (robustbench_fvae.dfr, default settings) of each
     dfr: bool = False
 
-    def trials(self) -> list[dict[str, Any]]:
-        """The hyperparameter settings of each trial: grid points × random draws (≥ 1 trial)."""
+    def trials(self, method: str | None = None) -> list[dict[str, Any]]:
+        """The hyperparameter settings of each trial of ``method`` (None: the shared space
+        only): grid points × random draws (≥ 1 trial)."""
         keys = list(self.grid)
         points = [dict(zip(keys, values)) for values in
                   itertools.product(*(self.grid[k] for k in keys))] or [{}]
-        draws = self.random.draws() if self.random else [{}]
+        draws = self.random.draws(method) if self.random else [{}]
         return [{**p, **d} for p in points for d in draws]
 
 
@@ -393,7 +425,9 @@ def parse_spec(data: Any, name: str, path: Path | None = None) -> SweepSpec:
         grid[str(key)] = list(dict.fromkeys(coerced))
     random = _random_search(data.get("random"))
     if random:
-        both = sorted(set(grid) & {d.name for d in random.space})
+        drawn = {d.name for d in random.space} | {
+            d.name for dists in random.per_method.values() for d in dists}
+        both = sorted(set(grid) & drawn)
         if both:
             raise SpecError(f"random.space: {both} also in grid; a setting is either crossed "
                             "or drawn, not both")
@@ -501,7 +535,7 @@ def expand(spec: SweepSpec, *, out: str | Path | None = None,
     seen: set[str] = set()
     for method in spec.methods:
         for dataset in spec.datasets:
-            for t_index, trial in enumerate(spec.trials()):
+            for t_index, trial in enumerate(spec.trials(method)):
                 for seed in spec.seeds:
                     settings = {"method": method, "dataset": dataset, "seed": seed, **base,
                                 **trial, **spec.per_dataset.get(dataset, {}),
