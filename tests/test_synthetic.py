@@ -101,19 +101,20 @@ def test_full_size_counts_mirror_the_real_datasets():
     assert np.abs(shares(ca["train"]) - shares(real_celeba)).max() < 0.01
     assert min(wb["train"].values()) >= 20 and min(ca["train"].values()) >= 20
     assert sum(wb["train"].values()) == 2000 and 2000 <= sum(ca["train"].values()) <= 3000
-    # Waterbirds val/test: backgrounds balanced within each class.
-    for split in ("val", "test"):
-        assert wb[split][0] == wb[split][1] and wb[split][2] == wb[split][3]
-    assert sum(wb["val"].values()) == 600 and sum(wb["test"].values()) == 1200
-    # CelebA val/test: the real ordering of group sizes, rare blond males still >= 20.
+    # Val/test resolve WG: every group >= 130 validation and >= 600 test images.
+    for counts in (wb, ca, an):
+        assert min(counts["val"].values()) >= 130 and min(counts["test"].values()) >= 600
+    # Waterbirds val/test: the real splits' own group sizes.
+    assert wb["val"] == {0: 467, 1: 466, 2: 133, 3: 133}
+    assert wb["test"] == {0: 2255, 1: 2255, 2: 642, 3: 642}
+    # CelebA val/test: not-blond groups larger than blond ones, blond groups floored.
     for split in ("val", "test"):
         c = ca[split]
-        assert c[0] > c[1] > c[2] > c[3] >= 20
-    # Animals: SpuCo's 20:1 majority/minority in train and val, group-balanced test.
+        assert c[0] > c[1] > c[2] == c[3]
+    # Animals: SpuCo's 20:1 majority/minority in train, floored minorities in val.
     majority, minority = (0, 5, 10, 15), (1, 4, 11, 14)
-    for split in ("train", "val"):
-        assert {an[split][g] for g in majority} == {20 * an[split][minority[0]]}
-        assert {an[split][g] for g in minority} == {an[split][minority[0]]} and an["val"][1] >= 5
+    assert {an["train"][g] for g in majority} == {20 * an["train"][minority[0]]}
+    assert {an["val"][g] for g in majority} == {500} and {an["val"][g] for g in minority} == {130}
     assert len(set(an["test"].values())) == 1
 
 
