@@ -141,6 +141,14 @@ def view_transforms(transform: Callable) -> tuple[dict[str, Callable], bool]:
     return views, bool(flips)
 
 
+def _split_fields(split: GroupSplit) -> dict:
+    """The constructor arguments of ``split`` other than its transform."""
+    return dict(dataset_name=split.dataset_name, split=split.split, paths=split.paths,
+                y=split.y, a=split.a, g=split.g, class_names=split.class_names,
+                attribute_names=split.attribute_names, groups=split.groups,
+                n_groups=split.n_groups, train_group_counts=split.train_group_counts)
+
+
 class StemFeatureSplit(GroupSplit):
     """A split whose items are the stem's precomputed output ``(features (C, h, w), y, a)``.
 
@@ -152,11 +160,7 @@ class StemFeatureSplit(GroupSplit):
 
     def __init__(self, split: GroupSplit, views: dict[str, Path], draws_flip: bool,
                  flip_p: float, source_transform: Callable, cache: StemFeatureCache) -> None:
-        super().__init__(
-            dataset_name=split.dataset_name, split=split.split, paths=split.paths, y=split.y,
-            a=split.a, g=split.g, class_names=split.class_names,
-            attribute_names=split.attribute_names, groups=split.groups, n_groups=split.n_groups,
-            train_group_counts=split.train_group_counts, transform=None)
+        super().__init__(**_split_fields(split), transform=None)
         self.view_files = dict(views)
         self.draws_flip, self.flip_p = draws_flip, float(flip_p)
         # The image transform the features stand for (twins of this split use it too).
@@ -238,11 +242,7 @@ class StemFeatureCache:
     def _compute(self, split: GroupSplit, transform: Callable, path: Path) -> None:
         from .progress import progress_bar
 
-        source = GroupSplit(
-            dataset_name=split.dataset_name, split=split.split, paths=split.paths, y=split.y,
-            a=split.a, g=split.g, class_names=split.class_names,
-            attribute_names=split.attribute_names, groups=split.groups, n_groups=split.n_groups,
-            train_group_counts=split.train_group_counts, transform=transform)
+        source = GroupSplit(**_split_fields(split), transform=transform)
         # A generator of its own: a loader without one draws its base seed from the global RNG,
         # which would shift the run's dropout stream whenever the cache is computed.
         loader = torch.utils.data.DataLoader(source, batch_size=BATCH, shuffle=False,
