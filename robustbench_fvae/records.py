@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import io
 import json
 import math
@@ -68,7 +69,12 @@ class RecordNotFoundError(FileNotFoundError):
 
 
 def predictions_path(run_dir: str | Path, split: str) -> Path:
-    return Path(run_dir) / f"predictions_{split}.csv"
+    """Where a run's predictions of ``split`` are: ``predictions_<split>.csv``, or its gzip
+    copy ``.csv.gz`` (published records, see robustbench_fvae/publish.py) when only that
+    exists."""
+    plain = Path(run_dir) / f"predictions_{split}.csv"
+    packed = plain.with_name(plain.name + ".gz")
+    return packed if not plain.exists() and packed.exists() else plain
 
 
 def run_dir(out: str | Path, cfg: RunConfig) -> Path:
@@ -304,14 +310,15 @@ def read_json(path: str | Path) -> Any:
 
 
 def read_predictions(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a predictions CSV.
+    """Read a predictions CSV (gzip-compressed when its name ends in ``.gz``).
 
     Returns ``{"index","y","a","g","pred"}`` as int64 arrays (N,) and ``"prob"`` float64 (N, K).
     """
     path = Path(path)
     if not path.is_file():
         raise RecordNotFoundError(f"predictions file not found: {path}")
-    with open(path, newline="", encoding="utf-8") as fh:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         rows = list(reader)

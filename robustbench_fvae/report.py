@@ -6,7 +6,9 @@ method × training algorithm × the settings that differ between runs of that da
 (other than the seed) — or, with ``--best-by``, keeps per dataset × method × algorithm only the
 setting with the best seed-mean validation score — aggregates over seeds and writes
 ``table.md``, ``table.csv``, ``table.tex``, ``groups.csv``, ``runs.csv``, per-group bar plots,
-a WG-vs-average scatter, training curves and a self-contained ``report.html`` to ``--out``
+a WG-vs-average scatter, training curves, paired comparisons of every row against
+``--reference`` (``comparisons.csv``, ``forest.png``) and a self-contained ``report.html`` to
+``--out``
 (default ``RUNS_DIR/report``); when runs of a dataset differ in spurious strength, also
 robustness curves (``curves_<dataset>.png``, ``curves.csv``). Unfinished runs are skipped and
 listed.
@@ -42,7 +44,12 @@ from robustbench_fvae.analysis.aggregate import (
     robustness_curves,
     run_results,
 )
+from robustbench_fvae.analysis.comparisons import (
+    Comparison,
+    compare_to_reference,
+)
 from robustbench_fvae.cli import EXIT_OK, ArgumentParser, fail
+from robustbench_fvae.config import METHODS
 from robustbench_fvae.records import write_text_atomic
 from robustbench_fvae.selection import RULES
 
@@ -58,6 +65,7 @@ class Report:
     results: list[RunResult]
     rows: list[GroupRow]
     curves: list[CurvePoint] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     # JTT's stage-1 ERM runs, not shown as rows: (stage-1 run, the JTT run it served)
@@ -112,6 +120,7 @@ def build_report(
     select: str | None = None,
     split: str = "test",
     best_by: str | None = None,
+    reference: str | None = "lora",
     log: Callable[[str], None] = lambda _msg: None,
 ) -> Report:
     """Collect, aggregate and write the report of ``runs_dir`` into ``out``.
@@ -121,7 +130,8 @@ def build_report(
     ``best_by`` (``"val_wg"``/``"val_avg"``) keeps, per dataset × method × algorithm × RHO, only
     the setting with the best seed-mean validation score of that rule; the epochs are then
     selected by the same rule (``select`` None becomes ``best_by``; another rule is refused).
-    Raises :class:`ReportError` when nothing can be reported.
+    ``reference`` names the method every other row is compared with, paired by seed (None:
+    no comparisons). Raises :class:`ReportError` when nothing can be reported.
     """
     if best_by is not None:
         if best_by not in RULES:
@@ -146,8 +156,10 @@ def build_report(
     out_dir = Path(out) if out is not None else found.root / REPORT_DIRNAME
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = robustness_curves(rows)
+    comparisons, comparison_notes = (compare_to_reference(rows, reference) if reference
+                                     else ([], []))
     report = Report(out=out_dir, collection=found, results=results, rows=rows, curves=curves,
-                    skipped=skipped,
+                    skipped=skipped, comparisons=comparisons,
                     jtt_stage1=[(rec.path, stage1[str(rec.config_hash)])
                                 for rec in found.finished if str(rec.config_hash) in stage1])
 
@@ -160,11 +172,16 @@ def build_report(
     curve_tables = [tables.curves_table(curves, d) for d in curve_datasets]
     runs_table = tables.runs_table(results)
     status = _status_lines(found, skipped, results, report.jtt_stage1)
+    if reference and len(rows) > 1:
+        status += [f"comparisons: {note}" for note in comparison_notes]
     latex = tables.to_latex(rows)
+    stat_tables = [tables.noise_floor_table(rows)]
+    if comparisons:
+        stat_tables.append(tables.comparisons_table(comparisons))
 
     md = [f"# Group-robustness report: {found.root}", "",
           *(tables.to_markdown(t) + "\n"
-            for t in [main_table, *group_tables, *curve_tables, runs_table])]
+            for t in [main_table, *group_tables, *curve_tables, *stat_tables, runs_table])]
     if status:
         md += ["## Run status", "", "```", *status, "```", ""]
     files = report.files
@@ -180,6 +197,10 @@ def build_report(
         write_text_atomic(files["curves.csv"], tables.to_csv(tables.curve_records(curves)))
     files["table.tex"] = out_dir / "table.tex"
     write_text_atomic(files["table.tex"], latex)
+    if comparisons:
+        files["comparisons.csv"] = out_dir / "comparisons.csv"
+        write_text_atomic(files["comparisons.csv"],
+                          tables.to_csv([c.record() for c in comparisons]))
 
     # one colour per method line (label without RHO), the same in every figure
     labels = list(dict.fromkeys(r.base_label for r in rows))
@@ -196,6 +217,14 @@ def build_report(
     figures.append(html.FigureItem(files["wg_vs_avg.png"],
                                    f"Worst-group vs plain average {split} accuracy (%), one point "
                                    "per run; colour = method, marker = dataset."))
+    if comparisons:
+        files["forest.png"] = plots.forest_plot(comparisons, out_dir / "forest.png")
+        figures.append(html.FigureItem(files["forest.png"], f"Paired differences against "
+                                       f"{reference} ({split}, percentage points): dot = mean "
+                                       "per-seed difference (filled: declared, Holm-adjusted "
+                                       "p < 0.05), thick bar = Holm-adjusted interval, thin bar "
+                                       "= unadjusted 95 % t-interval. Numbers in "
+                                       "comparisons.csv."))
     for d in curve_datasets:
         name = f"curves_{_safe_name(d)}.png"
         files[name] = plots.robustness_plot(curves, d, out_dir / name, labels=labels)
@@ -234,7 +263,8 @@ def build_report(
         f"runs.csv, table.tex{', curves.csv' if curves else ''}.",
     ]
     page = html.render_page(title=f"Group-robustness report: {found.root.name or found.root}",
-                            intro=intro, tables=[main_table, *group_tables, *curve_tables],
+                            intro=intro, tables=[main_table, *group_tables, *curve_tables,
+                                                 *stat_tables],
                             figures=figures,
                             appendix_tables=[runs_table], warnings=status, latex=latex)
     files["report.html"] = out_dir / "report.html"
@@ -251,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m robustbench_fvae.report",
         usage="%(prog)s RUNS_DIR [--out DIR] [--select val_wg|val_avg] [--split test|val] "
-              "[--best-by val_wg|val_avg]",
+              "[--best-by val_wg|val_avg] [--reference METHOD|none]",
         description=__doc__.split("\n\n")[1].replace("``", ""),
         epilog="Exit status: 0 written, 1 writing failed, 2 bad input (no such folder, no "
                "finished run, bad option).")
@@ -270,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "setting (lr, beta, …) with the best seed-mean validation score of "
                              "this rule, named in a Setting column (DomainBed style); epochs are "
                              "selected by the same rule (default: show every setting)")
+    parser.add_argument("--reference", default="lora", metavar="METHOD",
+                        help="compare every row with this method's row of the same dataset, "
+                             "paired by seed, Holm-adjusted (comparisons.csv, forest.png); "
+                             "'none': no comparisons (default: lora)")
     return parser
 
 
@@ -278,8 +312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            reference = None if args.reference == "none" else args.reference
+            if reference is not None and reference not in METHODS:
+                raise ReportError(f"unknown --reference {reference!r}; accepted: "
+                                  f"{', '.join(METHODS)}, none")
             report = build_report(args.runs_dir, args.out, select=args.select, split=args.split,
-                                  best_by=args.best_by, log=print)
+                                  best_by=args.best_by, reference=reference, log=print)
         except Exception as err:  # noqa: BLE001 - bad input exits 2, anything else 1 (cli.py)
             _print_warnings(caught)
             return fail(err)

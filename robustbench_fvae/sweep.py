@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output folder (default: the spec's settings.out, else runs/out)")
     parser.add_argument("--data-root", default=None, metavar="DIR",
                         help="dataset folder (default: the spec's settings.data_root, else data)")
+    parser.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
+                        help="only the runs on these datasets of the spec (e.g. to finish one "
+                             "replica's search first); default: all")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="override a Slurm resource of the spec's slurm section, e.g. "
                              "--slurm partition=gpu --slurm timeout_min=600 (repeatable)")
@@ -102,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         launch_submitit,
         load_spec,
     )
+    from robustbench_fvae.sweeps.budget import budget_warnings
     from robustbench_fvae.sweeps.launchers import launch_dfr, prepare_offline_assets
 
     try:
@@ -109,6 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise LauncherError(f"--threads must be >= 1, got {args.threads}")
         spec = load_spec(args.spec)
         runs = expand(spec, out=args.out, data_root=args.data_root)
+        if args.datasets:
+            unknown = sorted(set(args.datasets) - set(spec.datasets))
+            if unknown:
+                raise SpecError(f"--datasets {' '.join(unknown)}: not among the spec's datasets "
+                                f"({', '.join(spec.datasets)})")
+            runs = [r for r in runs if r.dataset in args.datasets]
+        for line in budget_warnings(spec):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
         state = SweepState(runs[0].config.out, spec.name)  # every run shares the out folder
         if args.dry_run or args.status:
             statuses = collect_statuses(runs, state)

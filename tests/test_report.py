@@ -120,18 +120,21 @@ def write_run(
     alarms: list[str] | None = None,
     rho: float | None = None,
     counterfactual: dict[str, float] | None = None,
+    config: RunConfig | None = None,
 ) -> Path:
     """A run record with one history line per epoch (``test_accs[e]`` = group accuracies of
     epoch e + 1: epochs are counted from 1); metrics.json reports the epoch chosen by
     ``selection`` (or the 0-based index ``selected``). ``rho`` sets the spurious strength in the
-    recorded config, ``counterfactual`` metrics.json's core-only/background-reliance block."""
-    cfg = RunConfig(
+    recorded config, ``counterfactual`` metrics.json's core-only/background-reliance block;
+    ``config`` (e.g. a sweep's planned run) replaces the config built from the arguments."""
+    cfg = config or RunConfig(
         method=method,
         dataset=dataset,
         adapter=adapter or AdapterConfig(),
         train=TrainConfig(seed=seed, lr=lr, select=selection),
         out=str(out),
     )
+    seed, dataset = cfg.train.seed, cfg.dataset
     info = {**dataset_info(), "dataset": dataset}
     record = config_record(cfg, info, environment_info("cpu"))
     rd = run_dir(out, cfg)
@@ -527,6 +530,7 @@ def test_csv_has_fractions_mean_std_ci_and_params(built_report):
         "best_by",
         "best_by_score",
         "best_by_candidates",
+        "n_configs",
         "n_seeds",
         "seeds",
         *metric_cols,
@@ -620,7 +624,7 @@ def test_html_is_self_contained_with_tables_and_images(built_report):
     for name in pngs:
         assert (built_report.out / name).read_bytes() in embedded, name
     assert not re.search(r'(src|href)="(https?:)?//', html)  # nothing fetched from elsewhere
-    assert html.count("<table>") == 4  # summary, two per-group tables, runs
+    assert html.count("<table>") == 5  # summary, two per-group tables, noise floor, runs
     assert "70.0 ± 10.0" in html and "<strong>80.0</strong>" in html
     assert "selected by val_wg" in html and "avg_acc, the plain sample-mean accuracy" in html
     assert "\\begin{tabular}" in html  # LaTeX source included

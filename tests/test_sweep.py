@@ -189,45 +189,37 @@ def test_flags_give_the_run_cli_the_same_hash(tmp_path):
     assert {r.config.train.lr for r in runs} == {1e-4}
     for run in runs:
         assert cli_hash(run.flags()) == run.hash
-    for name in ("table5.yaml", "table5-synth.yaml", "hparam-grid.yaml", "hparam-grid-fvae.yaml"):
+    for name in ("table5.yaml", "table5-synth.yaml", "protocol-search.yaml"):
         for run in expand(load_spec(REPO / "runs" / name)):
             assert cli_hash(run.flags()) == run.hash, (name, run.flags())
 
 
 def test_committed_specs():
-    table5 = expand(load_spec(REPO / "runs" / "table5.yaml"))
+    """The real-data Table 5 search is the replicas' protocol search on the real datasets."""
+    table5 = load_spec(REPO / "runs" / "table5.yaml")
+    replicas = load_spec(REPO / "runs" / "protocol-search.yaml")
+    real_runs, replica_runs = expand(table5), expand(replicas)
+    methods = {"lora", "fvae", "vae2lat", "bvae2lat", "full", "linear"}
+    assert len(real_runs) == len(replica_runs) == 6 * 3 * 8
+    assert {r.method for r in real_runs} == {r.method for r in replica_runs} == methods
+    assert {r.dataset for r in real_runs} == {"waterbirds", "celeba", "animals"}
+    assert {r.dataset for r in replica_runs} == {"synth-waterbirds", "synth-celeba",
+                                                  "synth-animals"}
+    assert {r.seed for r in real_runs} == {r.seed for r in replica_runs} == {0}
+    assert {r.config.backbone for r in real_runs} == {"vit_base_patch16_224.orig_in21k"}
+    assert {(r.config.train.epochs, r.config.train.batch_size) for r in real_runs} == {(50, 64)}
+    # the same draws from the same spaces: every searched value equals the replicas'
+    for method in methods:
+        assert table5.trials(method) == replicas.trials(method)
+    assert table5.random.method_space("fvae") == replicas.random.method_space("fvae")
+    # bvae2lat resolves to beta 10 (its method default), vae2lat to 1
+    assert {r.config.adapter.resolved_beta(r.method) for r in real_runs
+            if r.method == "bvae2lat"} == {10.0}
+    assert {r.config.adapter.resolved_beta(r.method) for r in real_runs
+            if r.method == "vae2lat"} == {1.0}
+    assert table5.slurm["gpus_per_node"] == 1 and table5.slurm["timeout_min"] > 0
     synth = expand(load_spec(REPO / "runs" / "table5-synth.yaml"))
-    grid = expand(load_spec(REPO / "runs" / "hparam-grid.yaml"))
-    methods = {"lora", "fvae", "vae2lat", "bvae2lat"}
-    assert len(table5) == len(synth) == 4 * 3 * 3
-    assert {r.method for r in table5} == {r.method for r in synth} == methods
-    assert {r.dataset for r in table5} == {"waterbirds", "celeba", "animals"}
-    assert {r.dataset for r in synth} == {"synth-waterbirds", "synth-celeba", "synth-animals"}
-    assert {r.seed for r in table5} == {r.seed for r in synth} == {1, 2, 42}
-    assert {r.config.backbone for r in table5} == {"vit_base_patch16_224.orig_in21k"}
-    assert {
-        (r.config.train.lr, r.config.train.epochs, r.config.train.batch_size) for r in table5
-    } == {(5e-3, 50, 64)}
-    # bvae2lat resolves to beta 10 (its method default), the others to 1
-    assert {r.config.adapter.resolved_beta(r.method) for r in table5 if r.method == "bvae2lat"} == {
-        10.0
-    }
-    # every adapter method gets the same lr grid; FVAE-LoRA additionally its coefficients
-    assert len(grid) == 4 * 3 * 3 and {r.method for r in grid} == methods
-    lr_grid = {r.config.train.lr for r in grid}
-    assert all({r.config.train.lr for r in grid if r.method == m} == lr_grid for m in methods)
-    fvae_grid = expand(load_spec(REPO / "runs" / "hparam-grid-fvae.yaml"))
-    assert len(fvae_grid) == 3 * 12 and {r.method for r in fvae_grid} == {"fvae"}
-    assert {r.config.train.lr for r in fvae_grid} == lr_grid
-    assert {(r.config.adapter.beta, r.config.adapter.alpha) for r in fvae_grid} == {
-        (1.0, 0.1),
-        (1.0, 1.0),
-        (10.0, 0.1),
-        (10.0, 1.0),
-    }
-    assert len(lr_grid) == 3
-    spec = load_spec(REPO / "runs" / "table5.yaml")
-    assert spec.slurm["gpus_per_node"] == 1 and spec.slurm["timeout_min"] > 0
+    assert len(synth) == 4 * 3 * 3 and {r.seed for r in synth} == {1, 2, 42}
 
 
 # ---------------------------------------------------------------- malformed specs
@@ -664,16 +656,16 @@ def test_robust_specs_cross_methods_with_every_algorithm_and_share_the_erm_runs(
     synth = expand(load_spec(REPO / "runs" / "robust-synth.yaml"))
     real = expand(load_spec(REPO / "runs" / "robust.yaml"))
     algorithms = {"erm", "groupdro", "resample", "reweight", "jtt"}
-    assert len(synth) == 2 * 5 * 3 and len(real) == 2 * 3 * 5 * 3
+    assert len(synth) == 2 * 5 * 3 and len(real) == 2 * 3 * 5 * 5
     for runs, datasets in ((synth, {"synth-waterbirds"}), (real, {"waterbirds", "celeba",
                                                                   "animals"})):
         assert {r.method for r in runs} == {"lora", "fvae"}
         assert {r.config.train.algorithm for r in runs} == algorithms
-        assert {r.dataset for r in runs} == datasets and {r.seed for r in runs} == {1, 2, 42}
+        assert {r.dataset for r in runs} == datasets
+    assert {r.seed for r in synth} == {1, 2, 42} and {r.seed for r in real} == {1, 2, 3, 4, 5}
     assert load_spec(REPO / "runs" / "robust-synth.yaml").dfr
     assert load_spec(REPO / "runs" / "robust.yaml").dfr
     # ERM runs are the ones of the existing specs (same settings, same hash: not rerun)
     erm = {r.hash for r in synth if r.config.train.algorithm == "erm"}
     assert erm <= {r.hash for r in expand(load_spec(REPO / "runs" / "synth-waterbirds-all.yaml"))}
-    erm = {r.hash for r in real if r.config.train.algorithm == "erm"}
-    assert erm <= {r.hash for r in expand(load_spec(REPO / "runs" / "table5.yaml"))}
+    assert {r.config.train.lr for r in real} == {5e-3}

@@ -408,7 +408,8 @@ def test_every_test_image_has_core_only_and_background_only_twins(built):
     # No twin of a training or validation image, and the readers never see the twins.
     folder = replica_folders("synth-waterbirds", built)[0]
     n_twins = len(list((folder / "counterfactual").rglob("*.png")))
-    assert n_twins == 2 * sum(replica_counts("synth-waterbirds", SCALE)["test"].values())
+    n_test = sum(replica_counts("synth-waterbirds", SCALE)["test"].values())
+    assert n_twins == len(COUNTERFACTUAL_KINDS) * n_test
 
 
 def test_twins_are_the_test_scene_without_background_or_without_object(built):

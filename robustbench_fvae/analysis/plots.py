@@ -428,3 +428,48 @@ def robustness_figure(points: Sequence[CurvePoint], dataset: str,
                  "(methods drawn slightly apart along x); bands: 95 % t-interval of the mean "
                  "(n − 1 dof, none for one seed)", fontsize=10)
     return fig
+
+
+def forest_plot(comparisons: Sequence, path: str | Path, title: str = "") -> Path:
+    """Write :func:`forest_figure` to ``path`` (PNG)."""
+    return save_png(forest_figure(comparisons, title), path)
+
+
+def forest_figure(comparisons: Sequence, title: str = "") -> Figure:
+    """Paired differences against the reference, one panel per metric (percentage points).
+
+    One line per dataset × method: the dot is the mean per-seed difference, the thick bar its
+    Holm-adjusted interval, the thin bar the unadjusted 95 % t-interval; filled dots are
+    declared differences (Holm-adjusted p < 0.05), hollow ones are not. The dashed line is 0.
+    ``comparisons`` are :class:`robustbench_fvae.analysis.comparisons.Comparison` objects.
+    """
+    metrics = list(dict.fromkeys(c.metric for c in comparisons))
+    lines = list(dict.fromkeys((c.dataset, c.label) for c in comparisons))
+    height = 1.0 + 0.32 * max(1, len(lines))
+    fig = _new_figure(3.4 * max(1, len(metrics)) + 1.6, height)
+    axes = fig.subplots(1, max(1, len(metrics)), sharey=True, squeeze=False)[0]
+    colours = _colours([d for d, _ in lines], None)
+    for ax, metric in zip(axes, metrics):
+        for y, (dataset, label) in enumerate(lines):
+            c = next((c for c in comparisons if (c.dataset, c.label, c.metric)
+                      == (dataset, label, metric)), None)
+            if c is None or not _finite(c.mean_diff):
+                continue
+            colour = colours[dataset]
+            if _finite(c.ci_low):
+                ax.plot([100 * c.ci_low, 100 * c.ci_high], [y, y], color=colour, lw=1.0)
+            if _finite(c.holm_ci_low):
+                ax.plot([100 * c.holm_ci_low, 100 * c.holm_ci_high], [y, y], color=colour,
+                        lw=3.0, alpha=0.6)
+            ax.plot([100 * c.mean_diff], [y], "o", color=colour, ms=6,
+                    mfc=colour if c.declared else "white")
+        ax.axvline(0.0, color="0.4", ls="--", lw=0.8)
+        ref = comparisons[0].reference if comparisons else "reference"
+        ax.set_xlabel(f"{METRIC_LABELS.get(metric, metric)}: method − {ref} (points)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(lines)))
+    axes[0].set_yticklabels([f"{d}: {label}" for d, label in lines], fontsize=8)
+    axes[0].invert_yaxis()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

@@ -28,6 +28,8 @@ from robustbench_fvae.analysis.aggregate import (
     selection_description,
     sort_key,
 )
+from robustbench_fvae.analysis.comparisons import ALPHA, Comparison, run_worst_group_interval
+from robustbench_fvae.analysis.statistics import binomial_half_width
 
 # Columns of the main human table (adj_disparity stays in the CSV only, to keep it readable).
 TABLE_METRICS = ("worst_group_acc", "avg_acc", "adj_avg_acc", "mean_group_acc", "disparity",
@@ -167,9 +169,9 @@ def group_label_notes(rows: Sequence[GroupRow]) -> list[str]:
         notes.append(
             f"Setting = the hyperparameter setting shown, chosen with --best-by {rule} "
             f"(DomainBed style): per dataset × method × algorithm (and RHO), out of {span} "
-            f"setting(s) run, the one with the best seed-mean {metric} at each run's epoch "
-            f"selected by {rule}; ties go to the setting whose text sorts first. DFR rows "
-            "follow the parent setting with the best parents' validation score (DFR's own "
+            f"setting(s) run (Configs), the one with the best seed-mean {metric} at each "
+            f"run's epoch selected by {rule}; ties go to the setting whose text sorts first. "
+            "DFR rows follow the parent setting with the best parents' validation score (DFR's own "
             "validation numbers are not used). Every candidate's score is in table.csv.")
     return notes
 
@@ -205,11 +207,12 @@ def summary_table(rows: Sequence[GroupRow]) -> Table:
     metrics = [*TABLE_METRICS, *extra_metrics_shown(rows)]
     best_by = any(r.choice is not None for r in rows)
     header = ["Dataset", "Method", "Seeds", *(METRIC_LABELS[m] for m in metrics),
-              "WG 95% CI", "Group labels", *(["Setting"] if best_by else []),
+              "WG 95% CI", "Group labels", *(["Setting", "Configs"] if best_by else []),
               "Trainable params", "Inference params"]
     body, bold = [], set()
     for r in rows:
-        setting = [chosen_text(r)] if best_by else []
+        setting = [chosen_text(r), str(len(r.choice.candidates)) if r.choice else ""] \
+            if best_by else []
         body.append([r.dataset, r.label, seeds_cell(r),
                      *(mean_std(r.stats[m]) for m in metrics),
                      ci_interval(r.stats["worst_group_acc"]), r.group_labels, *setting,
@@ -277,6 +280,61 @@ def runs_table(results: Sequence[RunResult]) -> Table:
     return Table(title="Runs", header=header, rows=body, notes=notes, numeric={2, 4, 5, 6, 7})
 
 
+def noise_floor_table(rows: Sequence[GroupRow], p: float = 0.8) -> Table:
+    """Per dataset: its smallest evaluated group and the binomial 95 % half-width of an
+    accuracy ``p`` measured on it — the smallest WG difference one run can resolve."""
+    body = []
+    for dataset in dict.fromkeys(r.dataset for r in rows):
+        sizes = {gs.g: (gs.name, gs.n_samples) for r in rows if r.dataset == dataset
+                 for gs in r.groups if gs.n_samples > 0}
+        if not sizes:
+            continue
+        g, (name, n) = min(sizes.items(), key=lambda kv: (kv[1][1], kv[0]))
+        body.append([dataset, f"{name} (g={g})", f"{n:,}",
+                     f"±{pct(binomial_half_width(n, p))}"])
+    notes = [f"Noise floor = 1.96·sqrt(p(1−p)/n) at p = {p:g}, in points, for the smallest "
+             "group of the evaluated split: one run's WG moves by about this much from the "
+             "sampling of that group's images alone."]
+    return Table(title="Noise floor", header=["Dataset", "Smallest group", "n", "Half-width"],
+                 rows=body, notes=notes, numeric={2, 3})
+
+
+def _signed(x: float, digits: int = 1) -> str:
+    return f"{100 * x:+.{digits}f}" if _finite(x) else ""
+
+
+def _points_interval(low: float, high: float, digits: int = 1) -> str:
+    return f"[{_signed(low, digits)}, {_signed(high, digits)}]" if _finite(low) else ""
+
+
+def verdict(c: Comparison) -> str:
+    """``"higher"``/``"lower"`` for a declared difference, ``"no difference shown"`` otherwise."""
+    if not c.declared:
+        return "no difference shown"
+    return "higher" if c.mean_diff > 0 else "lower"
+
+
+def comparisons_table(comparisons: Sequence[Comparison], title: str = "") -> Table:
+    """Paired differences against the reference (points), with both intervals and p-values."""
+    header = ["Dataset", "Method", "Metric", "Pairs", "Diff", "95% CI", "Holm CI", "p",
+              "p (Holm)", "Verdict"]
+    body = [[c.dataset, c.label, METRIC_LABELS.get(c.metric, c.metric), str(c.n_pairs),
+             _signed(c.mean_diff), _points_interval(c.ci_low, c.ci_high),
+             _points_interval(c.holm_ci_low, c.holm_ci_high),
+             f"{c.p_value:.3g}" if _finite(c.p_value) else "",
+             f"{c.p_holm:.3g}" if _finite(c.p_holm) else "", verdict(c)]
+            for c in comparisons]
+    ref = comparisons[0].reference if comparisons else "the reference"
+    notes = [f"Diff = mean over seeds of (method − {ref}) of the same seed, in percentage "
+             "points; 95% CI = its t-interval (ddof 1); p = two-sided paired t-test; p (Holm) = "
+             f"Holm-adjusted over the {len(comparisons)} comparisons of this table; Holm CI = "
+             "the interval at the level of its Holm step. A difference is declared (higher / "
+             f"lower) only when p (Holm) < {ALPHA:g}, when the Holm CI excludes 0. Disparity is "
+             "|WG − Avg|: lower is better."]
+    return Table(title=title or f"Paired comparisons against {ref}", header=header, rows=body,
+                 notes=notes, numeric={3, 4, 5, 6, 7, 8})
+
+
 # --------------------------------------------------------------------------- Markdown
 
 
@@ -321,6 +379,7 @@ def summary_records(rows: Sequence[GroupRow]) -> list[dict[str, object]]:
             "best_by_candidates": " | ".join(f"{t or 'only one'}: {v!r} ({n})"
                                              for t, v, n in choice.candidates)
             if choice else "",
+            "n_configs": len(choice.candidates) if choice else None,
             "n_seeds": r.n,
             "seeds": " ".join("" if s is None else str(s) for s in r.seeds),
         }
@@ -344,9 +403,11 @@ def group_records(rows: Sequence[GroupRow]) -> list[dict[str, object]]:
 
 
 def run_records(results: Sequence[RunResult]) -> list[dict[str, object]]:
-    """The rows of ``runs.csv``: one per run, its metrics as fractions."""
+    """The rows of ``runs.csv``: one per run, its metrics as fractions, with the
+    group-stratified bootstrap 95 % interval of its worst-group accuracy."""
     out = []
     for r in results:
+        wg_low, wg_high = run_worst_group_interval(r)
         rec: dict[str, object] = {
             "dataset": r.dataset, "method": r.method, "algorithm": r.algorithm,
             "settings": settings_text(r.row_settings),
@@ -354,7 +415,7 @@ def run_records(results: Sequence[RunResult]) -> list[dict[str, object]]:
             "group_labels": group_labels_text(r.group_labels_training, r.group_labels_selection),
             **{f"val_score_{k}": v for k, v in r.val_scores.items()},
             "selection": r.selection, "selected_epoch": r.selected_epoch, "split": r.split,
-            **r.metrics, **r.extra,
+            **r.metrics, "wg_boot_low": wg_low, "wg_boot_high": wg_high, **r.extra,
             "trainable_params": r.params.get("trainable"),
             "inference_params": r.params.get("inference"),
             "alarms": "; ".join(r.alarms), "config_hash": r.config_hash, "run_dir": str(r.path),

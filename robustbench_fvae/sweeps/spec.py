@@ -16,6 +16,8 @@ A spec is a YAML mapping; only ``methods``, ``datasets`` and ``seeds`` are requi
         full: {lr: {log_uniform: [1.0e-5, 1.0e-3]}}
     per_dataset: {synth-celeba: {epochs: 6}}
     per_method: {full: {lr: 1.0e-4}}
+    cells:                                 # instead of grid/random: chosen configurations
+      synth-waterbirds: {lora: [{lr: 0.0057}], fvae: [{lr: 0.003, beta: 2.5}]}
     slurm: {partition: gpu, gpus_per_node: 1, timeout_min: 720}
     dfr: true                              # then DFR (python -m robustbench_fvae.dfr) on each run
 
@@ -28,7 +30,10 @@ from a generator seeded by ``(hparam_seed, i, crc32(name))``: the same for every
 dataset of a trial, and unchanged when other settings are added to the space. ``random.per_method``
 gives a method its own distributions (added to ``random.space``, replacing a setting of the
 same name): every method still gets ``n`` draws, so methods searched this way share one search
-budget whatever the size of their spaces.
+budget whatever the size of their spaces. ``cells`` lists, per dataset and method, explicit
+configurations (the trials of that pair, e.g. the ones a search chose, written by
+``python -m robustbench_fvae.protocol finals``); a method × dataset pair without an entry has no
+runs, and ``cells`` excludes ``grid`` and ``random``.
 
 Values are coerced to the type the run's flag has (``beta: 1`` → 1.0), so a spec and the
 equivalent ``python -m robustbench_fvae.run`` command line give the same hash. Relative paths
@@ -63,7 +68,7 @@ from robustbench_fvae.config import (
 )
 
 TOP_LEVEL_KEYS = ("description", "methods", "datasets", "seeds", "settings", "grid", "random",
-                  "per_method", "per_dataset", "slurm", "dfr")
+                  "per_method", "per_dataset", "cells", "slurm", "dfr")
 REQUIRED_KEYS = ("methods", "datasets", "seeds")
 RANDOM_KEYS = ("n", "hparam_seed", "space", "per_method")
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
@@ -324,10 +329,17 @@ class SweepSpec:
     path: Path | None = None
     # after its runs finish, make the DFR run (robustbench_fvae.dfr, default settings) of each
     dfr: bool = False
+    # {dataset: {method: [settings, …]}}: explicit trials instead of grid × random
+    cells: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
 
-    def trials(self, method: str | None = None) -> list[dict[str, Any]]:
-        """The hyperparameter settings of each trial of ``method`` (None: the shared space
-        only): grid points × random draws (≥ 1 trial)."""
+    def trials(self, method: str | None = None, dataset: str | None = None
+               ) -> list[dict[str, Any]]:
+        """The hyperparameter settings of each trial of ``method`` on ``dataset`` (None: the
+        shared space only): grid points × random draws (≥ 1 trial), or the spec's ``cells``
+        entries for that pair (possibly none)."""
+        if self.cells:
+            by_method = self.cells.get(dataset, {}) if dataset is not None else {}
+            return [dict(t) for t in by_method.get(method, [])]
         keys = list(self.grid)
         points = [dict(zip(keys, values)) for values in
                   itertools.product(*(self.grid[k] for k in keys))] or [{}]
@@ -361,6 +373,35 @@ def _overrides(data: Any, key: str, accepted: list[str] | tuple[str, ...]
         if name not in accepted:
             raise SpecError(f"{key}: unknown name {name!r}; accepted: {', '.join(accepted)}")
         out[name] = _settings_mapping(settings, f"{key}.{name}")
+    return out
+
+
+def _cells(data: Any, methods: list[str], datasets: list[str]
+           ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    if data is None:
+        return {}
+    example = "{synth-waterbirds: {lora: [{lr: 0.005}]}}"
+    if not isinstance(data, Mapping) or not data:
+        raise SpecError(f"cells: expected a mapping dataset → method → list of settings, "
+                        f"e.g. {example}")
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for dataset, by_method in data.items():
+        if dataset not in datasets:
+            raise SpecError(f"cells: dataset {dataset!r} is not in the spec's datasets "
+                            f"({', '.join(datasets)})")
+        if not isinstance(by_method, Mapping):
+            raise SpecError(f"cells.{dataset}: expected a mapping method → list of settings, "
+                            f"e.g. {example}")
+        for method, trials in by_method.items():
+            if method not in methods:
+                raise SpecError(f"cells.{dataset}: method {method!r} is not in the spec's "
+                                f"methods ({', '.join(methods)})")
+            if not isinstance(trials, list) or not trials:
+                raise SpecError(f"cells.{dataset}.{method}: expected a non-empty list of "
+                                f"settings mappings, e.g. [{{lr: 0.005}}]")
+            out.setdefault(str(dataset), {})[str(method)] = [
+                _settings_mapping(t, f"cells.{dataset}.{method}[{i}]")
+                for i, t in enumerate(trials)]
     return out
 
 
@@ -431,6 +472,10 @@ def parse_spec(data: Any, name: str, path: Path | None = None) -> SweepSpec:
         if both:
             raise SpecError(f"random.space: {both} also in grid; a setting is either crossed "
                             "or drawn, not both")
+    cells = _cells(data.get("cells"), methods, datasets)
+    if cells and (grid or random):
+        raise SpecError("cells: explicit configurations replace grid and random; a spec has "
+                        "either cells or a grid/random search")
     description = data.get("description") or ""
     if not isinstance(description, str):
         raise SpecError("description: expected text")
@@ -443,7 +488,8 @@ def parse_spec(data: Any, name: str, path: Path | None = None) -> SweepSpec:
         settings=settings, grid=grid, random=random,
         per_method=_overrides(data.get("per_method"), "per_method", METHODS),
         per_dataset=_overrides(data.get("per_dataset"), "per_dataset", _dataset_names()),
-        slurm=slurm_section(data.get("slurm")), description=description, path=path, dfr=dfr)
+        slurm=slurm_section(data.get("slurm")), description=description, path=path, dfr=dfr,
+        cells=cells)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -535,7 +581,7 @@ def expand(spec: SweepSpec, *, out: str | Path | None = None,
     seen: set[str] = set()
     for method in spec.methods:
         for dataset in spec.datasets:
-            for t_index, trial in enumerate(spec.trials(method)):
+            for t_index, trial in enumerate(spec.trials(method, dataset)):
                 for seed in spec.seeds:
                     settings = {"method": method, "dataset": dataset, "seed": seed, **base,
                                 **trial, **spec.per_dataset.get(dataset, {}),

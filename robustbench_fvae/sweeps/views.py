@@ -52,11 +52,17 @@ def _counts_line(statuses: Sequence[RunStatus]) -> str:
 
 
 def _size_line(spec: SweepSpec, runs: Sequence[PlannedRun]) -> str:
-    trials = len(spec.trials())
-    total = len(spec.methods) * len(spec.datasets) * trials * len(spec.seeds)
+    if spec.cells:
+        n_configs = sum(len(t) for by_method in spec.cells.values() for t in by_method.values())
+        total = n_configs * len(spec.seeds)
+        size = f"{n_configs} chosen configuration(s) × {len(spec.seeds)} seed(s)"
+    else:
+        trials = len(spec.trials())
+        total = len(spec.methods) * len(spec.datasets) * trials * len(spec.seeds)
+        size = (f"{len(spec.methods)} method(s) × {len(spec.datasets)} dataset(s) × {trials} "
+                f"trial(s) × {len(spec.seeds)} seed(s)")
     merged = total - len(runs)
-    return (f"{len(spec.methods)} method(s) × {len(spec.datasets)} dataset(s) × {trials} "
-            f"trial(s) × {len(spec.seeds)} seed(s) = {len(runs)} runs"
+    return (f"{size} = {len(runs)} runs"
             + (f" ({merged} duplicate(s) merged: equal config hashes)" if merged else ""))
 
 

@@ -1,0 +1,385 @@
+"""docs/results.md from the published protocol records alone (``python -m robustbench_fvae.protocol
+page``).
+
+Reads ``RESULTS/search``, ``RESULTS/final`` and ``RESULTS/controls`` (run records in the usual
+``<dataset>/<method>/<hash>/`` layout, see robustbench_fvae/publish.py), re-derives each
+selection rule's picks from the search records (:mod:`robustbench_fvae.analysis.picks`), finds
+the final runs of each pick, and writes, per rule: the table (mean and 95 % t-interval over
+seeds), the paired comparisons against LoRA (Holm-adjusted over the rule's table) and their
+forest plot; then the noise floor, every final run's bootstrap WG interval and the set-up
+controls. The text is deterministic (no dates, no paths outside the results folder), so a test
+can compare the committed page with what this module would write.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from robustbench_fvae import records
+from robustbench_fvae.analysis.aggregate import (
+    GroupRow,
+    RunResult,
+    Stat,
+    aggregate,
+    run_results,
+    selection_description,
+    summarize,
+)
+from robustbench_fvae.analysis.comparisons import (
+    ALPHA,
+    Comparison,
+    compare_to_reference,
+    run_worst_group_interval,
+)
+from robustbench_fvae.analysis.picks import Pick, pick_configurations
+from robustbench_fvae.analysis.statistics import holm_adjust, holm_levels, paired_difference
+from robustbench_fvae.analysis.tables import (
+    METHOD_NAMES,
+    Table,
+    comparisons_table,
+    noise_floor_table,
+    pct,
+    to_markdown,
+)
+from robustbench_fvae.selection import RULES
+from robustbench_fvae.sweeps.budget import FINAL_SEEDS, SEARCH_DRAWS, SEARCH_SPEC
+
+REFERENCE = "lora"
+CONTROL_DATASET = "synth-waterbirds"
+CONTROL_METHOD = "fvae"
+CONTROL_METRICS = ("worst_group_acc", "avg_acc")
+
+
+class ResultsError(ValueError):
+    """The results folder cannot make a page (missing, or no final runs)."""
+
+
+@dataclass
+class Stage:
+    """The finished runs of one protocol stage."""
+
+    name: str
+    runs: list[records.RunRecord]
+
+
+def load_stage(results_dir: Path, name: str) -> Stage:
+    folder = results_dir / name
+    runs = sorted((r for r in records.iter_runs(folder) if r.done), key=lambda r: str(r.path)) \
+        if folder.is_dir() else []
+    return Stage(name, runs)
+
+
+def _interval(stat: Stat) -> str:
+    if not math.isfinite(stat.mean):
+        return "–"
+    if not math.isfinite(stat.ci95):
+        return pct(stat.mean)
+    low, high = max(0.0, stat.mean - stat.ci95), min(1.0, stat.mean + stat.ci95)
+    return f"{pct(stat.mean)} [{pct(low)}, {pct(high)}]"
+
+
+def _signed_interval(mean: float, low: float, high: float) -> str:
+    if not math.isfinite(mean):
+        return "–"
+    if not math.isfinite(low):
+        return f"{100 * mean:+.1f}"
+    return f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def final_rows(final: Sequence[records.RunRecord], picks: dict[tuple[str, str], Pick],
+               rule: str) -> list[GroupRow]:
+    """The rows of ``rule``'s table: per dataset × method, the final runs of its pick, each at
+    the epoch ``rule`` selects."""
+    results, _ = run_results(final, select=rule)
+    kept = [r for r in results
+            if (pick := picks.get((r.dataset, r.method))) is not None
+            and r.settings == pick.settings]
+    return aggregate(kept) if kept else []
+
+
+def answer_table(rows: Sequence[GroupRow], picks: dict[tuple[str, str], Pick], rule: str
+                 ) -> Table:
+    header = ["Dataset", "Method", "Picked setting", "Configs", "Val score", "Seeds",
+              "WG [95% CI]", "Avg [95% CI]", "Disparity [95% CI]"]
+    body = []
+    for r in rows:
+        pick = picks[(r.dataset, r.method)]
+        body.append([r.dataset, METHOD_NAMES.get(r.method, r.method).replace(r"$\beta$", "β"),
+                     pick.text or "only one", str(pick.n_configs), pct(pick.score),
+                     f"{r.n} ({r.seeds_text})", _interval(r.stats["worst_group_acc"]),
+                     _interval(r.stats["avg_acc"]), _interval(r.stats["disparity"])])
+    notes = [f"Test metrics in percent at the epoch selected by "
+             f"{selection_description(rule)}: mean over the final seeds and its 95 % "
+             "t-interval (ddof 1), clipped to [0, 100].",
+             f"Picked setting = the search configuration with the best seed-0 validation score "
+             f"under {rule} (Val score, %) among Configs draws; the final seeds "
+             f"({', '.join(map(str, FINAL_SEEDS))}) never include the search seed 0.",
+             "Disparity = |WG − Avg|, lower is better."]
+    return Table(title=f"Table 5 on the replicas, selection {rule}", header=header, rows=body,
+                 notes=notes, numeric={3, 4, 6, 7, 8})
+
+
+def verdict_lines(comparisons: Sequence[Comparison]) -> list[str]:
+    """One sentence per worst-group comparison, worded by its Holm-adjusted test."""
+    lines = []
+    for c in comparisons:
+        if c.metric != "worst_group_acc":
+            continue
+        name = METHOD_NAMES.get(c.method, c.method).replace(r"$\beta$", "β")
+        interval = _signed_interval(c.mean_diff, c.holm_ci_low, c.holm_ci_high)
+        if c.declared:
+            word = "higher" if c.mean_diff > 0 else "lower"
+            lines.append(f"- {c.dataset}: {name}'s WG is {word} than LoRA's by {interval} "
+                         f"points (Holm-adjusted interval; p_holm = {c.p_holm:.3g}).")
+        else:
+            lines.append(f"- {c.dataset}: {name} − LoRA WG = {interval} points (Holm-adjusted "
+                         f"interval; p_holm = {c.p_holm:.3g}): no difference shown.")
+    return lines
+
+
+def runs_table(rows_by_rule: dict[str, list[GroupRow]], root: Path) -> Table:
+    seen: dict[Path, tuple[RunResult, list[str]]] = {}
+    for rule, rows in rows_by_rule.items():
+        for row in rows:
+            for run in row.runs:
+                seen.setdefault(run.path, (run, []))[1].append(rule)
+    body = []
+    for run, rules in sorted(seen.values(), key=lambda x: (x[0].dataset, x[0].method,
+                                                           x[0].seed or 0, str(x[0].path))):
+        low, high = run_worst_group_interval(run)
+        body.append([run.dataset, run.method, ", ".join(rules), str(run.seed),
+                     str(run.selected_epoch), pct(run.metrics["worst_group_acc"]),
+                     f"[{pct(low)}, {pct(high)}]", pct(run.metrics["avg_acc"]),
+                     _rel(run.path, root)])
+    notes = ["WG boot. = the group-stratified bootstrap 95 % interval of the run's test WG "
+             "(2,000 replicates, each group resampled within itself), at the epoch of the first "
+             "rule listed. The run directory is relative to the results folder."]
+    return Table(title="Final runs", header=["Dataset", "Method", "Picked by", "Seed", "Epoch",
+                                              "WG", "WG boot. 95% CI", "Avg", "Record"],
+                 rows=body, notes=notes, numeric={3, 4, 5, 7})
+
+
+def _per_seed(results: Sequence[RunResult], method: str, metric: str,
+              last_epoch: bool = False) -> dict[int, float]:
+    out = {}
+    for r in results:
+        if r.method != method or r.seed is None:
+            continue
+        if last_epoch:
+            out[int(r.seed)] = float(r.curve[-1]["test"][metric]) if r.curve else math.nan
+        else:
+            out[int(r.seed)] = float(r.metrics[metric])
+    return out
+
+
+def controls_section(final: Sequence[records.RunRecord], controls: Sequence[records.RunRecord],
+                     picks: dict[tuple[str, str], Pick]) -> list[str]:
+    """Does the set-up decide the answer? FVAE-LoRA − LoRA under each arm, and its change."""
+    default, _ = run_results(final, select="val_wg")
+    default = [r for r in default if r.dataset == CONTROL_DATASET
+               and (p := picks.get((r.dataset, r.method))) is not None and r.settings == p.settings
+               and r.method in (REFERENCE, CONTROL_METHOD)]
+    ctrl, _ = run_results(controls, select="val_wg")
+    ctrl = [r for r in ctrl if r.dataset == CONTROL_DATASET]
+    arms = {
+        "5 epochs, q,k, selected epoch (default)": (default, False),
+        "5 epochs, q,k, last epoch": (default, True),
+        "20 epochs (patience 5), q,k, selected epoch": (
+            [r for r in ctrl if r.settings.get("train.epochs") == 20], False),
+        "5 epochs, targets q,v, selected epoch": (
+            [r for r in ctrl if tuple(r.settings.get("adapter.targets") or ()) == ("q", "v")],
+            False),
+    }
+    if not ctrl:
+        return ["The control runs (runs/protocol-controls.yaml) are not in the results yet; "
+                "only the last-epoch arm, read from the final runs, is shown.", "",
+                *_controls_table(dict(list(arms.items())[:2]))]
+    return _controls_table(arms)
+
+
+def _controls_table(arms: dict[str, tuple[list[RunResult], bool]]) -> list[str]:
+    diffs: dict[tuple[str, str], dict[int, float]] = {}
+    body_rows = []
+    for arm, (results, last) in arms.items():
+        for metric in CONTROL_METRICS:
+            ref = _per_seed(results, REFERENCE, metric, last)
+            mine = _per_seed(results, CONTROL_METHOD, metric, last)
+            seeds = sorted(set(ref) & set(mine))
+            diffs[(arm, metric)] = {s: mine[s] - ref[s] for s in seeds}
+            d = paired_difference([mine[s] for s in seeds], [ref[s] for s in seeds])
+            body_rows.append((arm, metric, seeds, summarize(ref.values()),
+                              summarize(mine.values()), d))
+    default_arm = next(iter(arms))
+    changes = []
+    for arm, metric, *_ in body_rows:
+        if arm == default_arm:
+            changes.append(None)
+            continue
+        base, here = diffs[(default_arm, metric)], diffs[(arm, metric)]
+        common = sorted(set(base) & set(here))
+        changes.append(paired_difference([here[s] for s in common], [base[s] for s in common]))
+    p = [c.p_value if c is not None else math.nan for c in changes]
+    p_holm, levels = holm_adjust(p), holm_levels(p, ALPHA)
+    header = ["Set-up", "Metric", "Seeds", "LoRA", "FVAE-LoRA", "FVAE − LoRA [95% CI]",
+              "Change vs default [Holm CI]", "p (Holm)", "Verdict"]
+    body = []
+    for (arm, metric, seeds, ref, mine, d), change, ph, level in zip(body_rows, changes, p_holm,
+                                                                    levels):
+        label = "WG" if metric == "worst_group_acc" else "Avg"
+        if change is None:
+            change_text, p_text, verdict = "–", "", "reference set-up"
+        else:
+            low, high = change.interval(level) if math.isfinite(level) else (math.nan, math.nan)
+            change_text = _signed_interval(change.mean_diff, low, high)
+            p_text = f"{ph:.3g}" if math.isfinite(ph) else ""
+            verdict = ("the difference changes" if math.isfinite(ph) and ph < ALPHA
+                       else "no change shown")
+        body.append([arm, label, str(len(seeds)), _interval(ref), _interval(mine),
+                     _signed_interval(d.mean_diff, d.ci_low, d.ci_high), change_text, p_text,
+                     verdict])
+    notes = [f"synth-waterbirds, LoRA and FVAE-LoRA at their val_wg picks, seeds "
+             f"{', '.join(map(str, FINAL_SEEDS))}; test metrics in percent (mean [95 % "
+             "t-interval] over seeds). FVAE − LoRA = mean per-seed difference in points. Change "
+             "vs default = mean per-seed change of that difference from the default set-up, "
+             "with its Holm-adjusted interval (Holm over the changes of this table); a change "
+             f"is declared only when p (Holm) < {ALPHA:g}."]
+    table = Table(title="FVAE-LoRA − LoRA under each set-up", header=header, rows=body,
+                  notes=notes, numeric={2, 3, 4, 5, 6, 7})
+    return [to_markdown(table, level=3)]
+
+
+def search_status(search: Stage, final: Stage, controls: Stage, root: Path) -> list[str]:
+    # the committed search spec of this checkout names what a complete search holds
+    spec_file = Path(__file__).resolve().parents[2] / SEARCH_SPEC
+    expected_methods, expected_datasets = [], []
+    if spec_file.is_file():
+        data = yaml.safe_load(spec_file.read_text(encoding="utf-8")) or {}
+        expected_methods, expected_datasets = data.get("methods", []), data.get("datasets", [])
+    counts: dict[str, dict[str, int]] = {}
+    for stage in (search, final, controls):
+        for rec in stage.runs:
+            counts.setdefault(str(rec.dataset), {}).setdefault(stage.name, 0)
+            counts[str(rec.dataset)][stage.name] += 1
+    header = ["Dataset", "Search runs", "Final runs", "Control runs", "Status"]
+    body = []
+    for dataset in dict.fromkeys([*expected_datasets, *counts]):
+        c = counts.get(dataset, {})
+        n_search, n_final = c.get("search", 0), c.get("final", 0)
+        expected = SEARCH_DRAWS * len(expected_methods) if expected_methods else None
+        if n_final:
+            status = "reported below"
+        elif expected is not None and n_search < expected:
+            status = "search incomplete: not reported"
+        else:
+            status = "finals not run: not reported"
+        body.append([dataset, f"{n_search}" + (f" of {expected}" if expected else ""),
+                     str(n_final), str(c.get("controls", 0)), status])
+    table = Table(title="What the records hold", header=header, rows=body,
+                  notes=[f"Expected search runs = {SEARCH_DRAWS} draws × the methods of "
+                         f"{SEARCH_SPEC}. Final runs = the picks of both rules (one "
+                         f"configuration when they coincide) × {len(FINAL_SEEDS)} seeds."],
+                  numeric={1, 2, 3})
+    return [to_markdown(table)]
+
+
+def build_page(results_dir: str | Path, figure_dir: str | Path
+               ) -> tuple[str, dict[str, object]]:
+    """The page's Markdown and its figures ``{file name: matplotlib Figure}``; figure links
+    point into ``figure_dir`` (a path relative to the page's folder)."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise ResultsError(f"results folder not found: {root} (published records, written by "
+                           "`python -m robustbench_fvae.protocol publish`)")
+    search, final, controls = (load_stage(root, s) for s in ("search", "final", "controls"))
+    if not final.runs:
+        raise ResultsError(f"{root}/final holds no finished run: run runs/protocol-final.yaml "
+                           "and `python -m robustbench_fvae.protocol publish` first")
+    search_results, _ = run_results(search.runs)
+    from robustbench_fvae.analysis import plots
+
+    lines = [
+        "# Results: the offline Table-5 protocol", "",
+        "<!-- Generated by `python -m robustbench_fvae.protocol page` from the records in "
+        f"{root}/; do not edit by hand (a test fails when this page and the records "
+        "disagree). -->", "",
+        f"Every number on this page is computed from the run records committed under "
+        f"`{root}/` ({len(search.runs)} search runs, {len(final.runs)} final runs, "
+        f"{len(controls.runs)} control runs): the protocol of [docs/protocol.md](protocol.md), "
+        "run on the offline replicas (synthetic scenes, an offline ViT; not the real datasets). "
+        "`python -m robustbench_fvae.report` reads the same folders.", "",
+        *search_status(search, final, controls, root),
+    ]
+    figures: dict[str, object] = {}
+    rows_by_rule: dict[str, list[GroupRow]] = {}
+    all_picks: dict[str, dict[tuple[str, str], Pick]] = {}
+    for rule in RULES:
+        picks = pick_configurations(search_results, rule)
+        all_picks[rule] = picks
+        rows = final_rows(final.runs, picks, rule)
+        rows_by_rule[rule] = rows
+        comparisons, notes = compare_to_reference(rows, REFERENCE)
+        lines += [f"## Selection by {rule}", "",
+                  f"Hyperparameters and epochs both chosen by {selection_description(rule)}.",
+                  "", to_markdown(answer_table(rows, picks, rule), level=3)]
+        if comparisons:
+            name = f"forest_{rule}.png"
+            figures[name] = plots.forest_figure(
+                comparisons, f"Paired differences against LoRA, selection {rule} (test)")
+            lines += [to_markdown(comparisons_table(
+                comparisons, f"Paired comparisons against LoRA ({rule})"), level=3),
+                "What the comparisons say about worst-group accuracy:", "",
+                *verdict_lines(comparisons), "",
+                f"![Paired differences against LoRA, {rule}]({Path(figure_dir) / name})", "",
+                "Dot = mean per-seed difference (filled: declared, Holm-adjusted p < 0.05); "
+                "thick bar = Holm-adjusted interval; thin bar = unadjusted 95 % t-interval.", ""]
+        lines += [f"- {note}" for note in notes]
+        if notes:
+            lines.append("")
+    every_row = [r for rows in rows_by_rule.values() for r in rows]
+    lines += [to_markdown(noise_floor_table(every_row)),
+              "## Does the set-up decide the answer?", "",
+              *controls_section(final.runs, controls.runs, all_picks["val_wg"]),
+              to_markdown(runs_table(rows_by_rule, root))]
+    return "\n".join(lines).rstrip() + "\n", figures
+
+
+def figure_folder(page: str | Path) -> Path:
+    """Where the page's figures go: ``docs/results.md`` → ``docs/results/``."""
+    return Path(page).with_suffix("")
+
+
+def write_page(results_dir: str | Path, page: str | Path) -> list[Path]:
+    """Write the page and its figures; returns the files written."""
+    from robustbench_fvae.analysis.plots import save_png
+
+    folder = figure_folder(page)
+    text, figures = build_page(results_dir, folder.name)
+    written = [Path(page)]
+    records.write_text_atomic(page, text)
+    for name, fig in figures.items():
+        written.append(save_png(fig, folder / name))
+    return written
+
+
+def check_page(results_dir: str | Path, page: str | Path) -> str | None:
+    """None when ``page`` holds what :func:`write_page` would write, else what differs."""
+    text, _ = build_page(results_dir, figure_folder(page).name)
+    path = Path(page)
+    if not path.is_file():
+        return f"{path} does not exist; write it with `python -m robustbench_fvae.protocol page`"
+    if path.read_text(encoding="utf-8") != text:
+        return (f"{path} differs from what `python -m robustbench_fvae.protocol page` writes "
+                f"from {results_dir}; regenerate it (never edit it by hand)")
+    return None

@@ -1,0 +1,248 @@
+"""``python -m robustbench_fvae.protocol COMMAND``: the stages of the offline Table-5 protocol.
+
+The protocol (docs/protocol.md) runs in three sweeps and two commands of this module:
+
+1. ``sweep runs/protocol-search.yaml`` — every method's 8 random draws on each replica (seed 0);
+2. ``protocol finals`` — per replica × method, the draw with the best seed-0 validation
+   worst-group accuracy, and separately the best validation average, each rerun with seeds 1–5
+   (writes ``runs/protocol-final.yaml``), and the set-up controls of LoRA and FVAE-LoRA on
+   synth-waterbirds at their ``val_wg`` picks (writes ``runs/protocol-controls.yaml``);
+3. ``sweep runs/protocol-final.yaml`` and ``sweep runs/protocol-controls.yaml``;
+4. ``protocol publish`` — copies the records of every finished run of the three specs into
+   ``results/protocol/{search,final,controls}/`` (no weights; predictions of the final and
+   control runs, compressed);
+5. ``protocol page`` — regenerates ``docs/results.md`` (and its figures) from ``results/``
+   alone: tables with intervals, paired comparisons against LoRA, the controls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from robustbench_fvae.cli import EXIT_OK, ArgumentParser, fail
+from robustbench_fvae.sweeps.budget import CONTROLS_SPEC, FINAL_SEEDS, FINAL_SPEC, SEARCH_SPEC
+
+RESULTS_DIR = "results/protocol"
+PAGE = "docs/results.md"
+STAGES = ("search", "final", "controls")
+# The set-up controls (issue: does the set-up decide the answer?), on this replica, for these
+# methods at their val_wg picks: each a change of the picked configuration.
+CONTROL_DATASET = "synth-waterbirds"
+CONTROL_METHODS = ("lora", "fvae")
+CONTROL_ARMS: dict[str, dict[str, Any]] = {
+    "long": {"epochs": 20, "patience": 5},
+    "targets_qv": {"targets": "q,v"},
+}
+
+
+def _planned_runs(spec_path: str | Path, data_root: str | None = None) -> tuple[Any, list]:
+    from robustbench_fvae.sweeps import expand, load_spec
+
+    spec = load_spec(spec_path)
+    return spec, expand(spec, data_root=data_root)
+
+
+def search_results(spec_path: str | Path, datasets: Sequence[str] | None = None,
+                   data_root: str | None = None) -> tuple[Any, list]:
+    """The spec and the RunResults of its finished runs (of ``datasets``, None: all); a
+    ValueError names what is missing when a planned run of those datasets is not done."""
+    from robustbench_fvae import records
+    from robustbench_fvae.analysis.aggregate import run_results
+
+    spec, runs = _planned_runs(spec_path, data_root)
+    chosen = [r for r in runs if datasets is None or r.dataset in datasets]
+    if not chosen:
+        raise ValueError(f"{spec_path} has no runs on {', '.join(datasets or [])}; its datasets: "
+                         f"{', '.join(spec.datasets)}")
+    missing = [r for r in chosen if not records.is_done(r.run_dir)]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(chosen)} search run(s) are not finished (e.g. "
+                         f"{missing[0].describe()}); finish them with `python -m "
+                         f"robustbench_fvae.sweep {spec_path}`, or pick from the datasets whose "
+                         "search is complete with --datasets")
+    results, skipped = run_results([records.load_run(r.run_dir) for r in chosen])
+    if skipped:
+        raise ValueError(f"cannot read search run {skipped[0][0]}: {skipped[0][1]}")
+    return spec, results
+
+
+def _trial(spec: Any, pick: Any) -> dict[str, Any]:
+    """The searched settings of ``pick`` as spec values (floats exact, targets as text)."""
+    names = [d.name for d in spec.random.method_space(pick.method)] if spec.random else []
+    names += [k for k in spec.grid if k not in names]
+    out = {}
+    for name in names:
+        value = pick.value(name)
+        out[name] = ",".join(value) if isinstance(value, (tuple, list)) else value
+    return out
+
+
+def _spec_text(header: Sequence[str], body: dict[str, Any]) -> str:
+    comments = "".join(f"# {line}\n" if line else "#\n" for line in header)
+    return comments + yaml.safe_dump(body, sort_keys=False, width=100)
+
+
+def finals(search_spec: str | Path = SEARCH_SPEC, *, datasets: Sequence[str] | None = None,
+           final_path: str | Path = FINAL_SPEC, controls_path: str | Path = CONTROLS_SPEC,
+           data_root: str | None = None) -> list[Path]:
+    """Write the final spec (both rules' picks × FINAL_SEEDS) and, when the control dataset is
+    among the picked ones, the controls spec. Returns the files written."""
+    from robustbench_fvae.analysis.picks import pick_configurations
+    from robustbench_fvae.records import write_text_atomic
+    from robustbench_fvae.selection import RULES
+
+    spec, results = search_results(search_spec, datasets, data_root)
+    picks = {rule: pick_configurations(results, rule) for rule in RULES}
+    cells: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    lines = [f"Written by `python -m robustbench_fvae.protocol finals` from the finished runs of "
+             f"{search_spec}; do not edit by hand.", "",
+             "Each replica x method's configuration picked by seed-0 validation worst-group "
+             "accuracy (val_wg)", "and by validation average (val_avg), each rerun with seeds "
+             f"{', '.join(map(str, FINAL_SEEDS))}:"]
+    for dataset in spec.datasets:
+        for method in spec.methods:
+            for rule in RULES:
+                pick = picks[rule].get((dataset, method))
+                if pick is None:
+                    continue
+                trial = _trial(spec, pick)
+                entries = cells.setdefault(dataset, {}).setdefault(method, [])
+                if trial not in entries:
+                    entries.append(trial)
+                lines.append(f"  {dataset} {method} {rule}: {pick.text or 'only one'} "
+                             f"(validation {pick.score:.4f}, best of {pick.n_configs})")
+    settings = {k: v for k, v in spec.settings.items() if k != "out"}
+    settings["out"] = "runs/protocol-final"
+    body = {"description": f"Stage 2 of the offline Table-5 protocol (docs/protocol.md): the "
+                           f"configurations picked from {search_spec}, rerun with fresh seeds.",
+            "methods": list(spec.methods), "datasets": list(cells), "seeds": list(FINAL_SEEDS),
+            "settings": settings, "cells": cells}
+    if spec.slurm:
+        body["slurm"] = dict(spec.slurm)
+    write_text_atomic(final_path, _spec_text(lines, body))
+    written = [Path(final_path)]
+    if CONTROL_DATASET in cells:
+        written.append(_write_controls(spec, picks["val_wg"], search_spec, controls_path))
+    return written
+
+
+def _write_controls(spec: Any, picks: dict, search_spec: str | Path, path: str | Path) -> Path:
+    from robustbench_fvae.records import write_text_atomic
+
+    cells: dict[str, list[dict[str, Any]]] = {}
+    lines = [f"Written by `python -m robustbench_fvae.protocol finals` from {search_spec}; do not "
+             "edit by hand.", "",
+             f"The set-up controls: {', '.join(CONTROL_METHODS)} on {CONTROL_DATASET} at their "
+             "val_wg picks, each changed in one way:",
+             *(f"  {arm}: {', '.join(f'{k}={v}' for k, v in change.items())}"
+               for arm, change in CONTROL_ARMS.items()),
+             "The default arm (5 epochs, targets q,k) and the last-epoch arm are the final runs "
+             "of runs/protocol-final.yaml."]
+    for method in CONTROL_METHODS:
+        pick = picks.get((CONTROL_DATASET, method))
+        if pick is None:
+            continue
+        trial = _trial(spec, pick)
+        cells[method] = [{**trial, **change} for change in CONTROL_ARMS.values()]
+    settings = {k: v for k, v in spec.settings.items() if k != "out"}
+    settings["out"] = "runs/protocol-controls"
+    body = {"description": "The offline protocol's set-up controls (docs/protocol.md).",
+            "methods": list(cells), "datasets": [CONTROL_DATASET], "seeds": list(FINAL_SEEDS),
+            "settings": settings, "cells": {CONTROL_DATASET: cells}}
+    write_text_atomic(path, _spec_text(lines, body))
+    return Path(path)
+
+
+def publish(results_dir: str | Path = RESULTS_DIR, *, specs: dict[str, str] | None = None,
+            data_root: str | None = None, log=print) -> dict[str, int]:
+    """Copy every finished run of each stage's spec (that exists) into
+    ``results_dir/<stage>/``; returns ``{stage: runs published}``."""
+    from robustbench_fvae import records
+    from robustbench_fvae.publish import publish_runs
+
+    specs = specs or {"search": SEARCH_SPEC, "final": FINAL_SPEC, "controls": CONTROLS_SPEC}
+    counts = {}
+    for stage, path in specs.items():
+        if not Path(path).is_file():
+            log(f"{stage}: {path} not written yet, nothing to publish")
+            continue
+        _, runs = _planned_runs(path, data_root)
+        done = [r.run_dir for r in runs if records.is_done(r.run_dir)]
+        publish_runs(done, Path(results_dir) / stage, predictions=stage != "search")
+        counts[stage] = len(done)
+        log(f"{stage}: published {len(done)} of {len(runs)} planned run(s) of {path} to "
+            f"{Path(results_dir) / stage}")
+    return counts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="python -m robustbench_fvae.protocol",
+        usage="%(prog)s {finals,publish,page} [options]",
+        description="The stages of the offline Table-5 protocol (docs/protocol.md): pick the "
+                    "final configurations from the search, publish the records, regenerate "
+                    "docs/results.md.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fin = sub.add_parser("finals", help="write runs/protocol-final.yaml (and the controls spec) "
+                                        "from the finished search runs")
+    fin.add_argument("--spec", default=SEARCH_SPEC, help=f"search spec (default {SEARCH_SPEC})")
+    fin.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
+                     help="pick only on these replicas (their search must be complete; "
+                          "default: every dataset of the spec)")
+    fin.add_argument("--out", default=FINAL_SPEC, help=f"final spec to write (default "
+                                                        f"{FINAL_SPEC})")
+    fin.add_argument("--controls-out", default=CONTROLS_SPEC,
+                     help=f"controls spec to write (default {CONTROLS_SPEC})")
+    fin.add_argument("--data-root", default=None, metavar="DIR",
+                     help="dataset folder (default: the spec's data_root)")
+    pub = sub.add_parser("publish", help="copy the finished runs of the three specs to "
+                                         f"{RESULTS_DIR}/")
+    pub.add_argument("--to", default=RESULTS_DIR, metavar="DIR",
+                     help=f"results folder (default {RESULTS_DIR})")
+    pub.add_argument("--data-root", default=None, metavar="DIR",
+                     help="dataset folder (default: the specs' data_root)")
+    page = sub.add_parser("page", help=f"regenerate {PAGE} from the published records")
+    page.add_argument("results", nargs="?", default=RESULTS_DIR, metavar="RESULTS_DIR",
+                      help=f"published records (default {RESULTS_DIR})")
+    page.add_argument("--out", default=PAGE, help=f"page to write (default {PAGE}); its "
+                                                   "figures go to a folder beside it")
+    page.add_argument("--check", action="store_true",
+                      help="write nothing; exit 1 when the page differs from what would be "
+                           "written")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "finals":
+            for path in finals(args.spec, datasets=args.datasets, final_path=args.out,
+                               controls_path=args.controls_out, data_root=args.data_root):
+                print(f"wrote {path}")
+        elif args.command == "publish":
+            publish(args.to, data_root=args.data_root)
+        else:
+            from robustbench_fvae.analysis.results_page import check_page, write_page
+
+            if args.check:
+                problem = check_page(args.results, args.out)
+                if problem:
+                    print(problem, file=sys.stderr)
+                    return 1
+                print(f"{args.out} is up to date with {args.results}")
+            else:
+                for path in write_page(args.results, args.out):
+                    print(f"wrote {path}")
+    except Exception as err:  # noqa: BLE001 - bad input exits 2, anything else 1 (cli.py)
+        return fail(err)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

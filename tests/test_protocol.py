@@ -1,0 +1,263 @@
+"""The protocol's statistics, its stages (search → finals → publish → page) and the committed page.
+
+Run records are written by the package's own record functions from predictions with known
+group accuracies (tests/test_report.py's ``write_run``), at the exact configs a sweep spec plans.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats as scipy_stats
+from test_report import write_run
+
+from robustbench_fvae import records
+from robustbench_fvae.analysis import statistics
+from robustbench_fvae.analysis.comparisons import COMPARISON_COLUMNS
+from robustbench_fvae.sweeps import expand, load_spec, parse_spec
+from robustbench_fvae.sweeps.budget import FINAL_SEEDS, budget_warnings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_binomial_half_width_is_the_noise_floor_docs_quote():
+    assert statistics.binomial_half_width(642) == pytest.approx(0.0309, abs=5e-5)
+    assert statistics.binomial_half_width(133) == pytest.approx(0.0680, abs=5e-5)
+    assert math.isnan(statistics.binomial_half_width(0))
+
+
+def test_stratified_bootstrap_brackets_the_worst_group_and_narrows_with_size():
+    small = statistics.bootstrap_worst_group_interval([100, 20], [0.9, 0.6], seed=1)
+    large = statistics.bootstrap_worst_group_interval([1000, 2000], [0.9, 0.6], seed=1)
+    assert small[0] < 0.6 < small[1] and large[0] < 0.6 < large[1]
+    assert large[1] - large[0] < (small[1] - small[0]) / 3
+    # deterministic per seed; empty groups are left out; a perfect group never varies
+    assert small == statistics.bootstrap_worst_group_interval([100, 20], [0.9, 0.6], seed=1)
+    assert statistics.bootstrap_worst_group_interval([0, 50], [0.0, 1.0]) == (1.0, 1.0)
+    # two groups tied at 0.7: the minimum of two noisy copies sits below either one's mean
+    tied = statistics.bootstrap_worst_group_interval([200, 200], [0.7, 0.7], seed=0)
+    assert tied[1] < 0.7 + statistics.binomial_half_width(200, 0.7)
+
+
+def test_paired_difference_is_the_paired_t_test():
+    a = [0.71, 0.74, 0.69, 0.77, 0.73]
+    b = [0.70, 0.70, 0.70, 0.72, 0.69]
+    d = statistics.paired_difference(a, b)
+    ref = scipy_stats.ttest_rel(a, b)
+    assert d.p_value == pytest.approx(ref.pvalue, rel=1e-10)
+    diffs = np.subtract(a, b)
+    half = scipy_stats.t.ppf(0.975, 4) * diffs.std(ddof=1) / math.sqrt(5)
+    assert (d.ci_low, d.ci_high) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+    assert d.interval(0.95) == pytest.approx((d.ci_low, d.ci_high))
+    wide = d.interval(1 - 0.05 / 3)
+    assert wide[0] < d.ci_low and wide[1] > d.ci_high
+    same = statistics.paired_difference([0.5, 0.6], [0.5, 0.6])
+    assert (same.mean_diff, same.p_value, same.ci_low) == (0.0, 1.0, 0.0)
+    assert math.isnan(statistics.paired_difference([0.5], [0.4]).p_value)
+
+
+def test_holm_adjustment_and_levels_by_hand():
+    p = [0.01, 0.04, 0.03, float("nan"), 0.005]
+    # sorted: 0.005 (×4) 0.01 (×3) 0.03 (×2) 0.04 (×1), monotone
+    assert statistics.holm_adjust(p)[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(statistics.holm_adjust(p)[3])
+    assert statistics.holm_adjust(p)[4] == pytest.approx(0.02)
+    levels = statistics.holm_levels(p)
+    assert levels[4] == pytest.approx(1 - 0.05 / 4) and levels[1] == pytest.approx(0.95)
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def spec_data(**extra) -> dict:
+    return {"methods": ["lora", "fvae"], "datasets": ["synth-waterbirds"], "seeds": [0],
+            "settings": {"epochs": 2}, **extra}
+
+
+def test_cells_give_each_pair_its_own_configurations(tmp_path):
+    spec = parse_spec(spec_data(seeds=[1, 2], cells={
+        "synth-waterbirds": {"lora": [{"lr": 0.002}, {"lr": 0.004}],
+                             "fvae": [{"lr": 0.003, "beta": 2.5}]}}), "final")
+    runs = expand(spec, out=tmp_path)
+    assert sorted((r.method, r.config.train.lr, r.seed) for r in runs) == [
+        ("fvae", 0.003, 1), ("fvae", 0.003, 2), ("lora", 0.002, 1), ("lora", 0.002, 2),
+        ("lora", 0.004, 1), ("lora", 0.004, 2)]
+    assert {r.config.adapter.beta for r in runs if r.method == "fvae"} == {2.5}
+    with pytest.raises(ValueError, match="cells: explicit configurations replace grid"):
+        parse_spec(spec_data(grid={"lr": [0.1]}, cells={"synth-waterbirds": {"lora": [{}]}}), "x")
+    with pytest.raises(ValueError, match="method 'full' is not in the spec's methods"):
+        parse_spec(spec_data(cells={"synth-waterbirds": {"full": [{"lr": 0.1}]}}), "x")
+    with pytest.raises(ValueError, match=r"cells.synth-waterbirds.lora\[0\].lrr: unknown setting"):
+        parse_spec(spec_data(cells={"synth-waterbirds": {"lora": [{"lrr": 0.1}]}}), "x")
+
+
+def test_budget_warnings_name_a_reduced_rerun():
+    committed = load_spec(REPO / "runs" / "protocol-search.yaml")
+    assert budget_warnings(committed) == []
+    assert {len(committed.trials(m)) for m in committed.methods} == {8}
+    small = parse_spec(spec_data(random={"n": 3, "space": {"lr": {"log_uniform": [1e-3, 1e-2]}}}),
+                       "small")
+    (line,) = budget_warnings(small)
+    assert "fewer configurations than the protocol's 8" in line and "lora 3" in line
+    unequal = parse_spec(spec_data(grid={"lr": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3, 7e-3, 8e-3]},
+                                   per_method={"fvae": {"beta": 2.0}}), "unequal")
+    assert budget_warnings(unequal) == []
+    few_seeds = parse_spec(spec_data(seeds=[1, 2], cells={"synth-waterbirds": {"lora": [{}]}}),
+                           "few")
+    assert "2 seed(s) per chosen configuration, fewer than the protocol's 5" in \
+        budget_warnings(few_seeds)[0]
+
+
+def test_sweep_cli_prints_the_budget_warning(tmp_path, capsys):
+    from robustbench_fvae.sweep import main
+
+    data = spec_data(random={"n": 2, "space": {"lr": {"log_uniform": [1e-3, 1e-2]}}},
+                     settings={"epochs": 1, "out": str(tmp_path / "out")})
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main([str(path), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: small: a search of fewer configurations") and \
+        "not a reproduction" in err
+
+
+# --------------------------------------------------------------------------- the stages
+
+# Group accuracies (landbird/land, landbird/water, waterbird/land, waterbird/water) realisable on
+# the fixture's group sizes 40/10/10/20: WG is the middle two.
+SEARCH_VAL_WG = {("lora", 0): 0.5, ("lora", 1): 0.7, ("fvae", 0): 0.6, ("fvae", 1): 0.4}
+
+
+def accs(wg: float) -> list[float]:
+    return [0.9, wg, wg + 0.1, 0.95]
+
+
+def write_planned(run, val_wg: float, test_wg: float) -> Path:
+    return write_run(Path(run.config.out), config=run.config,
+                     test_accs=(accs(test_wg),), val_accs=(accs(val_wg),))
+
+
+@pytest.fixture
+def protocol_tree(tmp_path, monkeypatch):
+    """A finished two-method search (2 draws each) on synth-waterbirds, in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    search = {"methods": ["lora", "fvae"], "datasets": ["synth-waterbirds"], "seeds": [0],
+              "settings": {"epochs": 1, "out": "runs/search"},
+              "random": {"n": 2, "hparam_seed": 0, "per_method": {
+                  "lora": {"lr": {"log_uniform": [1e-3, 1e-2]}},
+                  "fvae": {"lr": {"log_uniform": [1e-3, 1e-2]},
+                           "beta": {"log_uniform": [1.0, 10.0]}}}}}
+    Path("search.yaml").write_text(yaml.safe_dump(search))
+    runs = expand(load_spec("search.yaml"))
+    for run in runs:
+        wg = SEARCH_VAL_WG[(run.method, run.trial)]
+        write_planned(run, val_wg=wg, test_wg=wg)
+    return runs
+
+
+def test_finals_publish_and_page(protocol_tree, capsys):
+    from robustbench_fvae.analysis.results_page import build_page, check_page, write_page
+    from robustbench_fvae.protocol import main, publish
+
+    assert main(["finals", "--spec", "search.yaml", "--out", "final.yaml",
+                 "--controls-out", "controls.yaml"]) == 0
+    final_text = Path("final.yaml").read_text()
+    assert final_text.startswith("# Written by `python -m robustbench_fvae.protocol finals`")
+    final = load_spec("final.yaml")
+    assert final.seeds == list(FINAL_SEEDS) and budget_warnings(final) == []
+    by_trial = {(r.method, r.trial): r for r in protocol_tree}
+    lora_pick = by_trial[("lora", 1)].config  # val WG 0.7 beats 0.5
+    fvae_pick = by_trial[("fvae", 0)].config  # 0.6 beats 0.4
+    cells = final.cells["synth-waterbirds"]
+    # both rules agree here (the val average follows WG): one configuration per method
+    assert cells["lora"] == [{"lr": lora_pick.train.lr}]
+    assert cells["fvae"] == [{"lr": fvae_pick.train.lr, "beta": fvae_pick.adapter.beta}]
+    controls = load_spec("controls.yaml")
+    assert controls.cells["synth-waterbirds"]["lora"] == [
+        {"lr": lora_pick.train.lr, "epochs": 20, "patience": 5},
+        {"lr": lora_pick.train.lr, "targets": ("q", "v")}]
+
+    # final runs: FVAE-LoRA 10 points of WG above LoRA on every seed
+    finals = expand(final)
+    assert {r.seed for r in finals} == set(FINAL_SEEDS) and len(finals) == 10
+    for run in finals:
+        base = 0.5 + 0.1 * (run.seed % 2)
+        write_planned(run, val_wg=0.6, test_wg=base + (0.1 if run.method == "fvae" else 0.0))
+    counts = publish("results/protocol", specs={"search": "search.yaml", "final": "final.yaml",
+                                                "controls": "controls.yaml"}, log=lambda _: None)
+    assert counts == {"search": 4, "final": 10, "controls": 0}
+    published = Path("results/protocol/final/synth-waterbirds/fvae") / finals[-1].hash
+    assert sorted(p.name for p in published.iterdir()) == [
+        "config.json", "done", "history.jsonl", "metrics.json", "predictions_test.csv.gz",
+        "predictions_val.csv.gz"]
+    assert not list(Path("results/protocol/search").rglob("predictions_*"))
+    # the published predictions recompute the recorded metrics
+    rec = records.load_run(published)
+    pred = records.read_predictions(records.predictions_path(published, "test"))
+    assert pred["pred"].size == 80
+    assert records.recompute_metrics(published)["test"]["worst_group_acc"] == \
+        pytest.approx(rec.metrics["test"]["worst_group_acc"])
+
+    text, figures = build_page("results/protocol", "results")
+    assert set(figures) == {"forest_val_wg.png", "forest_val_avg.png"}
+    assert "## Selection by val_wg" in text and "## Selection by val_avg" in text
+    assert "synth-waterbirds: FVAE-LoRA's WG is higher than LoRA's by +10.0 [+10.0, +10.0]" \
+        in text
+    assert "| synth-waterbirds | FVAE-LoRA |" in text and "| 2 | 60.0 | 5 (1, 2, 3, 4, 5) |" \
+        in text
+    assert "The control runs (runs/protocol-controls.yaml) are not in the results yet" in text
+    assert write_page("results/protocol", "docs/results.md")[1:] == [
+        Path("docs/results/forest_val_wg.png"), Path("docs/results/forest_val_avg.png")]
+    assert check_page("results/protocol", "docs/results.md") is None
+    Path("docs/results.md").write_text(text.replace("+10.0", "+11.0"))
+    assert "differs from what" in check_page("results/protocol", "docs/results.md")
+    assert main(["page", "results/protocol", "--out", "docs/results.md", "--check"]) == 1
+    capsys.readouterr()
+
+
+def test_finals_refuse_an_incomplete_search_in_one_line(protocol_tree, capsys):
+    from robustbench_fvae.protocol import main
+
+    os.remove(protocol_tree[0].run_dir / records.DONE_FILE)
+    assert main(["finals", "--spec", "search.yaml", "--out", "final.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 of 4 search run(s) are not finished" in err
+    assert not Path("final.yaml").exists()
+    assert main(["page", "nowhere"]) == 2
+    assert "results folder not found: nowhere" in capsys.readouterr().err
+
+
+def test_report_writes_comparisons_with_the_documented_columns(tmp_path):
+    from robustbench_fvae.report import build_report
+
+    for seed in range(1, 6):
+        base = 0.5 + 0.1 * (seed % 2)
+        write_run(tmp_path, method="lora", seed=seed, test_accs=(accs(base),))
+        write_run(tmp_path, method="fvae", seed=seed, test_accs=(accs(base + 0.1),))
+        write_run(tmp_path, method="vae2lat", seed=seed,
+                  test_accs=(accs(base + (0.1 if seed % 2 else -0.1)),))
+    report = build_report(tmp_path, tmp_path / "report")
+    with open(report.files["comparisons.csv"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == COMPARISON_COLUMNS
+    assert COMPARISON_COLUMNS[:10] == ("dataset", "method", "reference", "metric", "n_pairs",
+                                       "mean_diff", "ci_low", "ci_high", "p_value", "p_holm")
+    wg = {r["method"]: r for r in rows if r["metric"] == "worst_group_acc"}
+    assert float(wg["fvae"]["mean_diff"]) == pytest.approx(0.1)
+    assert wg["fvae"]["declared"] == "True" and wg["vae2lat"]["declared"] == "False"
+    assert float(wg["vae2lat"]["p_holm"]) >= float(wg["vae2lat"]["p_value"])
+    assert report.files["forest.png"].read_bytes().startswith(b"\x89PNG")
+    with open(report.files["runs.csv"], newline="") as fh:
+        run_rows = list(csv.DictReader(fh))
+    assert all(float(r["wg_boot_low"]) <= float(r["worst_group_acc"]) <= float(r["wg_boot_high"])
+               for r in run_rows)
+    assert "## Noise floor" in report.files["table.md"].read_text()
