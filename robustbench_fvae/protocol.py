@@ -1,6 +1,6 @@
 """``python -m robustbench_fvae.protocol COMMAND``: the stages of the offline Table-5 protocol.
 
-The protocol (docs/protocol.md) runs in three sweeps and two commands of this module:
+The protocol (docs/protocol.md) runs in three sweeps and three commands of this module:
 
 1. ``sweep runs/protocol-search.yaml`` — every method's 8 random draws on each replica (seed 0);
 2. ``protocol finals`` — per replica × method, the draw with the best seed-0 validation
@@ -18,6 +18,7 @@ The protocol (docs/protocol.md) runs in three sweeps and two commands of this mo
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,23 +50,26 @@ def _planned_runs(spec_path: str | Path, data_root: str | None = None) -> tuple[
 
 
 def search_results(spec_path: str | Path, datasets: Sequence[str] | None = None,
-                   data_root: str | None = None) -> tuple[Any, list]:
-    """The spec and the RunResults of its finished runs (of ``datasets``, None: all); a
-    ValueError names what is missing when a planned run of those datasets is not done."""
+                   data_root: str | None = None, methods: Sequence[str] | None = None
+                   ) -> tuple[Any, list]:
+    """The spec and the RunResults of its finished runs (of ``datasets`` and ``methods``,
+    None: all); a ValueError names what is missing when a planned run of those is not done."""
     from robustbench_fvae import records
     from robustbench_fvae.analysis.aggregate import run_results
 
     spec, runs = _planned_runs(spec_path, data_root)
-    chosen = [r for r in runs if datasets is None or r.dataset in datasets]
+    chosen = [r for r in runs if (datasets is None or r.dataset in datasets)
+              and (methods is None or r.method in methods)]
     if not chosen:
-        raise ValueError(f"{spec_path} has no runs on {', '.join(datasets or [])}; its datasets: "
-                         f"{', '.join(spec.datasets)}")
+        raise ValueError(f"{spec_path} has no runs of {', '.join(methods or ['any method'])} "
+                         f"on {', '.join(datasets or ['any dataset'])}; its methods: "
+                         f"{', '.join(spec.methods)}; its datasets: {', '.join(spec.datasets)}")
     missing = [r for r in chosen if not records.is_done(r.run_dir)]
     if missing:
         raise ValueError(f"{len(missing)} of {len(chosen)} search run(s) are not finished (e.g. "
                          f"{missing[0].describe()}); finish them with `python -m "
-                         f"robustbench_fvae.sweep {spec_path}`, or pick from the datasets whose "
-                         "search is complete with --datasets")
+                         f"robustbench_fvae.sweep {spec_path}`, or pick where the search is "
+                         "complete with --datasets / --methods")
     results, skipped = run_results([records.load_run(r.run_dir) for r in chosen])
     if skipped:
         raise ValueError(f"cannot read search run {skipped[0][0]}: {skipped[0][1]}")
@@ -89,17 +93,19 @@ def _spec_text(header: Sequence[str], body: dict[str, Any]) -> str:
 
 
 def finals(search_spec: str | Path = SEARCH_SPEC, *, datasets: Sequence[str] | None = None,
-           final_path: str | Path = FINAL_SPEC, controls_path: str | Path = CONTROLS_SPEC,
-           data_root: str | None = None) -> list[Path]:
+           methods: Sequence[str] | None = None, final_path: str | Path = FINAL_SPEC,
+           controls_path: str | Path = CONTROLS_SPEC, data_root: str | None = None) -> list[Path]:
     """Write the final spec (both rules' picks × FINAL_SEEDS) and, when the control dataset is
     among the picked ones, the controls spec. Returns the files written."""
     from robustbench_fvae.analysis.picks import pick_configurations
     from robustbench_fvae.records import write_text_atomic
     from robustbench_fvae.selection import RULES
 
-    spec, results = search_results(search_spec, datasets, data_root)
+    spec, results = search_results(search_spec, datasets, data_root, methods)
     picks = {rule: pick_configurations(results, rule) for rule in RULES}
-    cells: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    # picks of other datasets × methods written by an earlier call are kept (a replica or a
+    # method picked first, the rest once their search is done)
+    cells = _earlier_cells(final_path, picked={(d, m) for p in picks.values() for d, m in p})
     lines = [f"Written by `python -m robustbench_fvae.protocol finals` from the finished runs of "
              f"{search_spec}; do not edit by hand.", "",
              "Each replica x method's configuration picked by seed-0 validation worst-group "
@@ -117,11 +123,19 @@ def finals(search_spec: str | Path = SEARCH_SPEC, *, datasets: Sequence[str] | N
                     entries.append(trial)
                 lines.append(f"  {dataset} {method} {rule}: {pick.text or 'only one'} "
                              f"(validation {pick.score:.4f}, best of {pick.n_configs})")
+    kept = sorted({(d, m) for d, by in cells.items() for m in by} - {
+        (d, m) for p in picks.values() for d, m in p})
+    if kept:
+        lines.append("  kept from the earlier " + Path(final_path).name + ": "
+                     + ", ".join(f"{d} {m}" for d, m in kept))
+    cells = {d: {m: cells[d][m] for m in spec.methods if m in cells[d]}
+             for d in spec.datasets if d in cells}
     settings = {k: v for k, v in spec.settings.items() if k != "out"}
-    settings["out"] = "runs/protocol-final"
+    settings["out"] = _out_folder(final_path)
     body = {"description": f"Stage 2 of the offline Table-5 protocol (docs/protocol.md): the "
                            f"configurations picked from {search_spec}, rerun with fresh seeds.",
-            "methods": list(spec.methods), "datasets": list(cells), "seeds": list(FINAL_SEEDS),
+            "methods": [m for m in spec.methods if any(m in c for c in cells.values())],
+            "datasets": list(cells), "seeds": list(FINAL_SEEDS),
             "settings": settings, "cells": cells}
     if spec.slurm:
         body["slurm"] = dict(spec.slurm)
@@ -132,10 +146,31 @@ def finals(search_spec: str | Path = SEARCH_SPEC, *, datasets: Sequence[str] | N
     return written
 
 
+def _out_folder(spec_path: str | Path) -> str:
+    """Where a written spec's runs go: ``runs/protocol-final.yaml`` → ``runs/protocol-final``."""
+    return str(Path(spec_path).with_suffix(""))
+
+
+def _earlier_cells(final_path: str | Path, picked: set[tuple[str, str]]
+                   ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """The cells of an existing final spec, without the dataset × method pairs in ``picked``."""
+    path = Path(final_path)
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for dataset, by_method in (data.get("cells") or {}).items():
+        for method, trials in (by_method or {}).items():
+            if (dataset, method) not in picked:
+                out.setdefault(dataset, {})[method] = list(trials)
+    return out
+
+
 def _write_controls(spec: Any, picks: dict, search_spec: str | Path, path: str | Path) -> Path:
     from robustbench_fvae.records import write_text_atomic
 
     cells: dict[str, list[dict[str, Any]]] = {}
+    earlier = _earlier_cells(path, picked=set()).get(CONTROL_DATASET, {})
     lines = [f"Written by `python -m robustbench_fvae.protocol finals` from {search_spec}; do not "
              "edit by hand.", "",
              f"The set-up controls: {', '.join(CONTROL_METHODS)} on {CONTROL_DATASET} at their "
@@ -147,11 +182,13 @@ def _write_controls(spec: Any, picks: dict, search_spec: str | Path, path: str |
     for method in CONTROL_METHODS:
         pick = picks.get((CONTROL_DATASET, method))
         if pick is None:
+            if method in earlier:
+                cells[method] = earlier[method]
             continue
         trial = _trial(spec, pick)
         cells[method] = [{**trial, **change} for change in CONTROL_ARMS.values()]
     settings = {k: v for k, v in spec.settings.items() if k != "out"}
-    settings["out"] = "runs/protocol-controls"
+    settings["out"] = _out_folder(path)
     body = {"description": "The offline protocol's set-up controls (docs/protocol.md).",
             "methods": list(cells), "datasets": [CONTROL_DATASET], "seeds": list(FINAL_SEEDS),
             "settings": settings, "cells": {CONTROL_DATASET: cells}}
@@ -174,7 +211,14 @@ def publish(results_dir: str | Path = RESULTS_DIR, *, specs: dict[str, str] | No
             continue
         _, runs = _planned_runs(path, data_root)
         done = [r.run_dir for r in runs if records.is_done(r.run_dir)]
-        publish_runs(done, Path(results_dir) / stage, predictions=stage != "search")
+        dest = Path(results_dir) / stage
+        published = publish_runs(done, dest, predictions=stage != "search")
+        # a record the spec no longer plans would change the picks: the folder mirrors the spec
+        stale = [rec.path for rec in records.iter_runs(dest)
+                 if rec.path not in set(published)] if dest.is_dir() else []
+        for path_ in stale:
+            shutil.rmtree(path_)
+            log(f"{stage}: removed {path_} (not a run of {path})")
         counts[stage] = len(done)
         log(f"{stage}: published {len(done)} of {len(runs)} planned run(s) of {path} to "
             f"{Path(results_dir) / stage}")
@@ -195,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
                      help="pick only on these replicas (their search must be complete; "
                           "default: every dataset of the spec)")
+    fin.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                     help="pick only for these methods (picks are per method: a later call "
+                          "with more methods keeps these runs' hashes); default: all")
     fin.add_argument("--out", default=FINAL_SPEC, help=f"final spec to write (default "
                                                         f"{FINAL_SPEC})")
     fin.add_argument("--controls-out", default=CONTROLS_SPEC,
@@ -207,11 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"results folder (default {RESULTS_DIR})")
     pub.add_argument("--data-root", default=None, metavar="DIR",
                      help="dataset folder (default: the specs' data_root)")
+    for stage, default in (("search", SEARCH_SPEC), ("final", FINAL_SPEC),
+                           ("controls", CONTROLS_SPEC)):
+        pub.add_argument(f"--{stage}-spec", default=default, metavar="SPEC",
+                         help=f"the {stage} stage's spec (default {default}; e.g. the real "
+                              "data's runs/table5*.yaml)")
     page = sub.add_parser("page", help=f"regenerate {PAGE} from the published records")
     page.add_argument("results", nargs="?", default=RESULTS_DIR, metavar="RESULTS_DIR",
                       help=f"published records (default {RESULTS_DIR})")
     page.add_argument("--out", default=PAGE, help=f"page to write (default {PAGE}); its "
                                                    "figures go to a folder beside it")
+    page.add_argument("--readme", default="README.md",
+                      help="README whose results block (between <!-- results:begin --> and "
+                           "<!-- results:end -->) quotes the page (default README.md; 'none': "
+                           "leave it)")
     page.add_argument("--check", action="store_true",
                       help="write nothing; exit 1 when the page differs from what would be "
                            "written")
@@ -222,22 +278,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "finals":
-            for path in finals(args.spec, datasets=args.datasets, final_path=args.out,
+            for path in finals(args.spec, datasets=args.datasets, methods=args.methods,
+                               final_path=args.out,
                                controls_path=args.controls_out, data_root=args.data_root):
                 print(f"wrote {path}")
         elif args.command == "publish":
-            publish(args.to, data_root=args.data_root)
+            publish(args.to, data_root=args.data_root,
+                    specs={"search": args.search_spec, "final": args.final_spec,
+                           "controls": args.controls_spec})
         else:
             from robustbench_fvae.analysis.results_page import check_page, write_page
 
+            readme = None if args.readme == "none" else args.readme
             if args.check:
-                problem = check_page(args.results, args.out)
+                problem = check_page(args.results, args.out, readme)
                 if problem:
                     print(problem, file=sys.stderr)
                     return 1
                 print(f"{args.out} is up to date with {args.results}")
             else:
-                for path in write_page(args.results, args.out):
+                for path in write_page(args.results, args.out, readme):
                     print(f"wrote {path}")
     except Exception as err:  # noqa: BLE001 - bad input exits 2, anything else 1 (cli.py)
         return fail(err)

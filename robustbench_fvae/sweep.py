@@ -119,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SpecError(f"--datasets {' '.join(unknown)}: not among the spec's datasets "
                                 f"({', '.join(spec.datasets)})")
             runs = [r for r in runs if r.dataset in args.datasets]
+            if not runs:
+                raise SpecError(f"--datasets {' '.join(args.datasets)}: the spec has no runs "
+                                "there")
         for line in budget_warnings(spec):
             print(f"warning: {line}", file=sys.stderr, flush=True)
         state = SweepState(runs[0].config.out, spec.name)  # every run shares the out folder

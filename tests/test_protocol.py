@@ -60,8 +60,9 @@ def test_paired_difference_is_the_paired_t_test():
     assert d.interval(0.95) == pytest.approx((d.ci_low, d.ci_high))
     wide = d.interval(1 - 0.05 / 3)
     assert wide[0] < d.ci_low and wide[1] > d.ci_high
-    same = statistics.paired_difference([0.5, 0.6], [0.5, 0.6])
+    same = statistics.paired_difference([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
     assert (same.mean_diff, same.p_value, same.ci_low) == (0.0, 1.0, 0.0)
+    assert math.isnan(statistics.paired_difference([0.6, 0.7], [0.5, 0.6]).p_value)
     assert math.isnan(statistics.paired_difference([0.5], [0.4]).p_value)
 
 
@@ -72,7 +73,13 @@ def test_holm_adjustment_and_levels_by_hand():
     assert math.isnan(statistics.holm_adjust(p)[3])
     assert statistics.holm_adjust(p)[4] == pytest.approx(0.02)
     levels = statistics.holm_levels(p)
-    assert levels[4] == pytest.approx(1 - 0.05 / 4) and levels[1] == pytest.approx(0.95)
+    # 0.005 < 0.05/4 rejects; 0.01 < 0.05/3 rejects; 0.03 >= 0.05/2 stops: it and 0.04 keep 0.975
+    assert levels[4] == pytest.approx(1 - 0.05 / 4) and levels[0] == pytest.approx(1 - 0.05 / 3)
+    assert levels[2] == levels[1] == pytest.approx(0.975)
+    # the rule the page relies on: at its level, an interval excludes 0 iff p_holm < 0.05
+    a, b = [0.04, 0.03], [0.06, 0.06]
+    assert statistics.holm_adjust(a) == pytest.approx(b)
+    assert statistics.holm_levels(a) == pytest.approx([0.975, 0.975])
 
 
 # --------------------------------------------------------------------------- specs
@@ -108,9 +115,11 @@ def test_budget_warnings_name_a_reduced_rerun():
                        "small")
     (line,) = budget_warnings(small)
     assert "fewer configurations than the protocol's 8" in line and "lora 3" in line
-    unequal = parse_spec(spec_data(grid={"lr": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3, 7e-3, 8e-3]},
-                                   per_method={"fvae": {"beta": 2.0}}), "unequal")
-    assert budget_warnings(unequal) == []
+    unequal = parse_spec(spec_data(random={"n": 8, "space": {"lr": {"log_uniform": [1e-3, 1e-2]}}},
+                                   grid={"beta": [1.0, 2.0]}), "unequal")
+    assert budget_warnings(unequal) == []  # grid × draws: 16 each, equal
+    for name in ("curves-synth.yaml", "robust.yaml", "robust-synth.yaml", "table5.yaml"):
+        assert budget_warnings(load_spec(REPO / "runs" / name)) == [], name
     few_seeds = parse_spec(spec_data(seeds=[1, 2], cells={"synth-waterbirds": {"lora": [{}]}}),
                            "few")
     assert "2 seed(s) per chosen configuration, fewer than the protocol's 5" in \
@@ -181,6 +190,12 @@ def test_finals_publish_and_page(protocol_tree, capsys):
     # both rules agree here (the val average follows WG): one configuration per method
     assert cells["lora"] == [{"lr": lora_pick.train.lr}]
     assert cells["fvae"] == [{"lr": fvae_pick.train.lr, "beta": fvae_pick.adapter.beta}]
+    # a later pick of one method keeps the other's cells (and the same text)
+    assert main(["finals", "--spec", "search.yaml", "--out", "final.yaml", "--controls-out",
+                 "controls.yaml", "--methods", "lora"]) == 0
+    assert load_spec("final.yaml").cells == final.cells
+    assert "kept from the earlier final.yaml: synth-waterbirds fvae" in \
+        Path("final.yaml").read_text()
     controls = load_spec("controls.yaml")
     assert controls.cells["synth-waterbirds"]["lora"] == [
         {"lr": lora_pick.train.lr, "epochs": 20, "patience": 5},
@@ -207,7 +222,10 @@ def test_finals_publish_and_page(protocol_tree, capsys):
     assert records.recompute_metrics(published)["test"]["worst_group_acc"] == \
         pytest.approx(rec.metrics["test"]["worst_group_acc"])
 
-    text, figures = build_page("results/protocol", "results")
+    text, figures, block = build_page("results/protocol", "results")
+    assert block.startswith("<!-- results:begin -->") and \
+        "| synth-waterbirds | FVAE-LoRA | 66.0 [59.2, 72.8] | 66.0 [59.2, 72.8] |" in block
+    Path("README.md").write_text("# r\n\n<!-- results:begin -->\nold\n<!-- results:end -->\nend\n")
     assert set(figures) == {"forest_val_wg.png", "forest_val_avg.png"}
     assert "## Selection by val_wg" in text and "## Selection by val_avg" in text
     assert "synth-waterbirds: FVAE-LoRA's WG is higher than LoRA's by +10.0 [+10.0, +10.0]" \
@@ -216,8 +234,17 @@ def test_finals_publish_and_page(protocol_tree, capsys):
         in text
     assert "The control runs (runs/protocol-controls.yaml) are not in the results yet" in text
     assert write_page("results/protocol", "docs/results.md")[1:] == [
-        Path("docs/results/forest_val_wg.png"), Path("docs/results/forest_val_avg.png")]
+        Path("docs/results/forest_val_wg.png"), Path("docs/results/forest_val_avg.png"),
+        Path("README.md")]
+    readme = Path("README.md").read_text()
+    assert readme.startswith("# r\n\n<!-- results:begin -->") and readme.endswith(
+        "<!-- results:end -->\nend\n") and "old" not in readme
+    assert "[docs/results.md](docs/results.md)" in readme
     assert check_page("results/protocol", "docs/results.md") is None
+    Path("README.md").write_text(readme.replace("66.0 [59.2", "67.0 [59.2"))
+    assert "README.md's results block differs" in check_page("results/protocol",
+                                                              "docs/results.md")
+    Path("README.md").write_text(readme)
     Path("docs/results.md").write_text(text.replace("+10.0", "+11.0"))
     assert "differs from what" in check_page("results/protocol", "docs/results.md")
     assert main(["page", "results/protocol", "--out", "docs/results.md", "--check"]) == 1

@@ -50,6 +50,7 @@ from robustbench_fvae.selection import RULES
 from robustbench_fvae.sweeps.budget import FINAL_SEEDS, SEARCH_DRAWS, SEARCH_SPEC
 
 REFERENCE = "lora"
+PAGE_LINK = "docs/results.md"
 CONTROL_DATASET = "synth-waterbirds"
 CONTROL_METHOD = "fvae"
 CONTROL_METRICS = ("worst_group_acc", "avg_acc")
@@ -98,15 +99,28 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
+def _matches(result: RunResult, pick: Pick | None, changed: frozenset[str] = frozenset()
+             ) -> bool:
+    """Whether ``result`` ran ``pick``'s configuration, apart from the settings ``changed``."""
+    if pick is None:
+        return False
+    keys = (set(result.settings) | set(pick.settings)) - changed
+    return all(result.settings.get(k) == pick.settings.get(k) for k in keys)
+
+
 def final_rows(final: Sequence[records.RunRecord], picks: dict[tuple[str, str], Pick],
-               rule: str) -> list[GroupRow]:
-    """The rows of ``rule``'s table: per dataset × method, the final runs of its pick, each at
-    the epoch ``rule`` selects."""
-    results, _ = run_results(final, select=rule)
-    kept = [r for r in results
-            if (pick := picks.get((r.dataset, r.method))) is not None
-            and r.settings == pick.settings]
-    return aggregate(kept) if kept else []
+               rule: str) -> tuple[list[GroupRow], list[str]]:
+    """The rows of ``rule``'s table — per dataset × method, the final runs of its pick, each at
+    the epoch ``rule`` selects — and notes on picks that have no final run."""
+    results, skipped = run_results(final, select=rule)
+    if skipped:
+        raise ResultsError(f"cannot read final run {skipped[0][0]}: {skipped[0][1]}")
+    kept = [r for r in results if _matches(r, picks.get((r.dataset, r.method)))]
+    have = {(r.dataset, r.method) for r in kept}
+    notes = [f"{d}/{m}: the {rule} pick ({p.text}) has no final run in the records yet"
+             for (d, m), p in picks.items() if (d, m) not in have
+             and any(r.dataset == d for r in kept)]
+    return (aggregate(kept) if kept else []), notes
 
 
 def answer_table(rows: Sequence[GroupRow], picks: dict[tuple[str, str], Pick], rule: str
@@ -173,10 +187,13 @@ def runs_table(rows_by_rule: dict[str, list[GroupRow]], root: Path) -> Table:
 
 def _per_seed(results: Sequence[RunResult], method: str, metric: str,
               last_epoch: bool = False) -> dict[int, float]:
-    out = {}
+    out: dict[int, float] = {}
     for r in results:
         if r.method != method or r.seed is None:
             continue
+        if int(r.seed) in out:
+            raise ResultsError(f"two {method} runs of seed {r.seed} in one control arm (e.g. "
+                               f"{r.path}); the records hold one run per seed and set-up")
         if last_epoch:
             out[int(r.seed)] = float(r.curve[-1]["test"][metric]) if r.curve else math.nan
         else:
@@ -187,20 +204,26 @@ def _per_seed(results: Sequence[RunResult], method: str, metric: str,
 def controls_section(final: Sequence[records.RunRecord], controls: Sequence[records.RunRecord],
                      picks: dict[tuple[str, str], Pick]) -> list[str]:
     """Does the set-up decide the answer? FVAE-LoRA − LoRA under each arm, and its change."""
+    methods = (REFERENCE, CONTROL_METHOD)
     default, _ = run_results(final, select="val_wg")
-    default = [r for r in default if r.dataset == CONTROL_DATASET
-               and (p := picks.get((r.dataset, r.method))) is not None and r.settings == p.settings
-               and r.method in (REFERENCE, CONTROL_METHOD)]
+    default = [r for r in default if r.dataset == CONTROL_DATASET and r.method in methods
+               and _matches(r, picks.get((r.dataset, r.method)))]
     ctrl, _ = run_results(controls, select="val_wg")
-    ctrl = [r for r in ctrl if r.dataset == CONTROL_DATASET]
+    ctrl = [r for r in ctrl if r.dataset == CONTROL_DATASET and r.method in methods]
+
+    def arm(changed: set[str], wanted: dict[str, object]) -> list[RunResult]:
+        return [r for r in ctrl if _matches(r, picks.get((r.dataset, r.method)),
+                                            frozenset(changed))
+                and all(r.settings.get(k) == v for k, v in wanted.items())]
+
     arms = {
         "5 epochs, q,k, selected epoch (default)": (default, False),
         "5 epochs, q,k, last epoch": (default, True),
         "20 epochs (patience 5), q,k, selected epoch": (
-            [r for r in ctrl if r.settings.get("train.epochs") == 20], False),
-        "5 epochs, targets q,v, selected epoch": (
-            [r for r in ctrl if tuple(r.settings.get("adapter.targets") or ()) == ("q", "v")],
+            arm({"train.epochs", "train.patience"}, {"train.epochs": 20, "train.patience": 5}),
             False),
+        "5 epochs, targets q,v, selected epoch": (
+            arm({"adapter.targets"}, {"adapter.targets": ("q", "v")}), False),
     }
     if not ctrl:
         return ["The control runs (runs/protocol-controls.yaml) are not in the results yet; "
@@ -261,8 +284,9 @@ def _controls_table(arms: dict[str, tuple[list[RunResult], bool]]) -> list[str]:
 
 
 def search_status(search: Stage, final: Stage, controls: Stage, root: Path) -> list[str]:
-    # the committed search spec of this checkout names what a complete search holds
-    spec_file = Path(__file__).resolve().parents[2] / SEARCH_SPEC
+    # the committed search spec (the page is made from the repository root) names what a
+    # complete search holds
+    spec_file = Path(SEARCH_SPEC)
     expected_methods, expected_datasets = [], []
     if spec_file.is_file():
         data = yaml.safe_load(spec_file.read_text(encoding="utf-8")) or {}
@@ -294,10 +318,45 @@ def search_status(search: Stage, final: Stage, controls: Stage, root: Path) -> l
     return [to_markdown(table)]
 
 
-def build_page(results_dir: str | Path, figure_dir: str | Path
-               ) -> tuple[str, dict[str, object]]:
-    """The page's Markdown and its figures ``{file name: matplotlib Figure}``; figure links
-    point into ``figure_dir`` (a path relative to the page's folder)."""
+README_BEGIN = "<!-- results:begin -->"
+README_END = "<!-- results:end -->"
+
+
+def readme_block(root: Path, counts: tuple[int, int, int], rows_by_rule: dict[str, list],
+                 verdicts: dict[str, list[str]], page_link: str) -> str:
+    """What the README quotes of the page: the headline WG of every reported row under both
+    rules and the worst-group verdicts, between the README's results markers."""
+    n_search, n_final, n_controls = counts
+    lines = [README_BEGIN,
+             f"<!-- generated by `python -m robustbench_fvae.protocol page` from {root}/; do "
+             "not edit -->",
+             f"From [{page_link}]({page_link}), computed from the records in `{root}/` "
+             f"({n_search} search, {n_final} final, {n_controls} control runs) by the protocol "
+             "of [docs/protocol.md](docs/protocol.md). Test worst-group accuracy in %, mean "
+             f"[95 % t-interval] over {len(FINAL_SEEDS)} seeds; differences paired by seed, "
+             "Holm-adjusted.", ""]
+    header = "| Dataset | Method | " + " | ".join(f"WG, selection {r}" for r in rows_by_rule) + " |"
+    lines += [header, "|:---|:---|" + "---:|" * len(rows_by_rule)]
+    keys = list(dict.fromkeys((r.dataset, r.method) for rows in rows_by_rule.values()
+                              for r in rows))
+    for dataset, method in keys:
+        cells = []
+        for rows in rows_by_rule.values():
+            row = next((r for r in rows if (r.dataset, r.method) == (dataset, method)), None)
+            cells.append(_interval(row.stats["worst_group_acc"]) if row else "–")
+        name = METHOD_NAMES.get(method, method).replace(r"$\beta$", "β")
+        lines.append(f"| {dataset} | {name} | " + " | ".join(cells) + " |")
+    for rule, vlines in verdicts.items():
+        lines += ["", f"Against LoRA, selection {rule}:", "", *vlines]
+    lines.append(README_END)
+    return "\n".join(lines) + "\n"
+
+
+def build_page(results_dir: str | Path, figure_dir: str | Path, page_link: str = PAGE_LINK
+               ) -> tuple[str, dict[str, object], str]:
+    """The page's Markdown, its figures ``{file name: matplotlib Figure}`` and the README's
+    block quoting it; figure links point into ``figure_dir`` (relative to the page's folder),
+    the README block links to ``page_link`` (relative to the README)."""
     root = Path(results_dir)
     if not root.is_dir():
         raise ResultsError(f"results folder not found: {root} (published records, written by "
@@ -306,7 +365,9 @@ def build_page(results_dir: str | Path, figure_dir: str | Path
     if not final.runs:
         raise ResultsError(f"{root}/final holds no finished run: run runs/protocol-final.yaml "
                            "and `python -m robustbench_fvae.protocol publish` first")
-    search_results, _ = run_results(search.runs)
+    search_results, skipped = run_results(search.runs)
+    if skipped:
+        raise ResultsError(f"cannot read search run {skipped[0][0]}: {skipped[0][1]}")
     from robustbench_fvae.analysis import plots
 
     lines = [
@@ -324,12 +385,15 @@ def build_page(results_dir: str | Path, figure_dir: str | Path
     figures: dict[str, object] = {}
     rows_by_rule: dict[str, list[GroupRow]] = {}
     all_picks: dict[str, dict[tuple[str, str], Pick]] = {}
+    verdicts: dict[str, list[str]] = {}
     for rule in RULES:
         picks = pick_configurations(search_results, rule)
         all_picks[rule] = picks
-        rows = final_rows(final.runs, picks, rule)
+        rows, missing = final_rows(final.runs, picks, rule)
         rows_by_rule[rule] = rows
         comparisons, notes = compare_to_reference(rows, REFERENCE)
+        notes = missing + notes
+        verdicts[rule] = verdict_lines(comparisons)
         lines += [f"## Selection by {rule}", "",
                   f"Hyperparameters and epochs both chosen by {selection_description(rule)}.",
                   "", to_markdown(answer_table(rows, picks, rule), level=3)]
@@ -352,7 +416,9 @@ def build_page(results_dir: str | Path, figure_dir: str | Path
               "## Does the set-up decide the answer?", "",
               *controls_section(final.runs, controls.runs, all_picks["val_wg"]),
               to_markdown(runs_table(rows_by_rule, root))]
-    return "\n".join(lines).rstrip() + "\n", figures
+    block = readme_block(root, (len(search.runs), len(final.runs), len(controls.runs)),
+                         rows_by_rule, verdicts, page_link)
+    return "\n".join(lines).rstrip() + "\n", figures, block
 
 
 def figure_folder(page: str | Path) -> Path:
@@ -360,26 +426,55 @@ def figure_folder(page: str | Path) -> Path:
     return Path(page).with_suffix("")
 
 
-def write_page(results_dir: str | Path, page: str | Path) -> list[Path]:
-    """Write the page and its figures; returns the files written."""
+def _with_block(readme: Path, block: str) -> str:
+    text = readme.read_text(encoding="utf-8")
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ResultsError(f"{readme} has no {README_BEGIN} … {README_END} markers where the "
+                           "results are quoted; add them to the section that quotes the page")
+    rest = text[end + len(README_END):]
+    return text[:begin] + block + (rest[1:] if rest.startswith("\n") else rest)
+
+
+def _page_link(page: str | Path, readme: Path) -> str:
+    try:
+        return str(Path(page).resolve().relative_to(readme.resolve().parent))
+    except ValueError:
+        return str(page)
+
+
+def write_page(results_dir: str | Path, page: str | Path,
+               readme: str | Path | None = "README.md") -> list[Path]:
+    """Write the page, its figures and (``readme`` not None) the README's quoting block;
+    returns the files written."""
     from robustbench_fvae.analysis.plots import save_png
 
     folder = figure_folder(page)
-    text, figures = build_page(results_dir, folder.name)
+    link = _page_link(page, Path(readme)) if readme else PAGE_LINK
+    text, figures, block = build_page(results_dir, folder.name, link)
+    new_readme = _with_block(Path(readme), block) if readme else None
     written = [Path(page)]
     records.write_text_atomic(page, text)
     for name, fig in figures.items():
         written.append(save_png(fig, folder / name))
+    if readme:
+        records.write_text_atomic(readme, new_readme)
+        written.append(Path(readme))
     return written
 
 
-def check_page(results_dir: str | Path, page: str | Path) -> str | None:
-    """None when ``page`` holds what :func:`write_page` would write, else what differs."""
-    text, _ = build_page(results_dir, figure_folder(page).name)
+def check_page(results_dir: str | Path, page: str | Path,
+               readme: str | Path | None = "README.md") -> str | None:
+    """None when ``page`` (and the README's block) hold what :func:`write_page` would write,
+    else what differs."""
+    link = _page_link(page, Path(readme)) if readme else PAGE_LINK
+    text, _, block = build_page(results_dir, figure_folder(page).name, link)
+    fix = "regenerate it with `python -m robustbench_fvae.protocol page` (never edit it by hand)"
     path = Path(page)
     if not path.is_file():
-        return f"{path} does not exist; write it with `python -m robustbench_fvae.protocol page`"
+        return f"{path} does not exist; {fix}"
     if path.read_text(encoding="utf-8") != text:
-        return (f"{path} differs from what `python -m robustbench_fvae.protocol page` writes "
-                f"from {results_dir}; regenerate it (never edit it by hand)")
+        return f"{path} differs from what the records in {results_dir} give; {fix}"
+    if readme and _with_block(Path(readme), block) != Path(readme).read_text(encoding="utf-8"):
+        return f"{readme}'s results block differs from what {results_dir} gives; {fix}"
     return None

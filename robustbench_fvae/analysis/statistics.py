@@ -50,7 +50,9 @@ def bootstrap_worst_group_interval(counts: Sequence[int], accuracies: Sequence[f
     if n.size == 0:
         return math.nan, math.nan
     correct = np.rint(acc * n).astype(np.int64)
-    rng = np.random.default_rng(seed)
+    # RandomState: NumPy keeps its stream fixed across versions, so published intervals (and
+    # the committed results page) do not move with a NumPy upgrade
+    rng = np.random.RandomState(seed)
     draws = rng.binomial(n[None, :], (correct / n)[None, :], size=(n_boot, n.size)) / n[None, :]
     worst = draws.min(axis=1)
     tail = (1.0 - level) / 2.0
@@ -86,7 +88,8 @@ def paired_difference(method: Sequence[float], reference: Sequence[float]) -> Pa
     The interval is the 95 % t-interval of the mean difference (ddof 1); the p-value the
     two-sided paired-t test of a zero mean. With fewer than two pairs both are NaN; with
     identical differences (zero spread) the interval is the point and p is 1 for a zero mean
-    and 0 otherwise.
+    and 0 otherwise (NaN with fewer than three pairs: two equal differences are too easily a
+    coincidence of discrete accuracies).
     """
     a = np.asarray(method, dtype=np.float64)
     b = np.asarray(reference, dtype=np.float64)
@@ -101,7 +104,8 @@ def paired_difference(method: Sequence[float], reference: Sequence[float]) -> Pa
         return PairedDifference(1, mean, math.nan, math.nan, math.nan, math.nan)
     std = float(d.std(ddof=1))
     if std == 0.0:
-        return PairedDifference(n, mean, mean, mean, 1.0 if mean == 0.0 else 0.0, 0.0)
+        p = math.nan if n < 3 else (1.0 if mean == 0.0 else 0.0)
+        return PairedDifference(n, mean, mean, mean, p, 0.0)
     se = std / math.sqrt(n)
     half = float(scipy_stats.t.ppf(0.975, n - 1)) * se
     p = float(2.0 * scipy_stats.t.sf(abs(mean / se), n - 1))
@@ -129,13 +133,19 @@ def holm_levels(p_values: Sequence[float], alpha: float = 0.05) -> list[float]:
     """The confidence level of each comparison's Holm-adjusted interval, in the input order.
 
     The comparison with the ``k``-th smallest p-value (``k`` from 1) of ``m`` is tested at
-    ``alpha / (m − k + 1)``; its interval at ``1 − alpha / (m − k + 1)`` excludes zero exactly
-    when that step rejects. NaN p-values get NaN.
+    ``alpha / (m − k + 1)`` while every earlier step rejected; once a step fails, Holm stops and
+    every later comparison keeps that step's level. So an interval at its level excludes zero
+    exactly when its Holm-adjusted p-value is below ``alpha`` (a later, larger p-value fails at
+    the stopping level too). NaN p-values get NaN.
     """
     p = np.asarray(p_values, dtype=np.float64)
     finite = np.flatnonzero(np.isfinite(p))
     out = np.full(p.shape, np.nan)
     m = finite.size
+    stopped: float | None = None
     for rank, idx in enumerate(finite[np.argsort(p[finite], kind="stable")]):
-        out[idx] = 1.0 - alpha / (m - rank)
+        level = 1.0 - alpha / (m - rank)
+        if stopped is None and p[idx] >= alpha / (m - rank):
+            stopped = level
+        out[idx] = stopped if stopped is not None else level
     return [float(x) for x in out]
