@@ -224,7 +224,7 @@ def test_finals_publish_and_page(protocol_tree, capsys):
 
     text, figures, block = build_page("results/protocol", "results")
     assert block.startswith("<!-- results:begin -->") and \
-        "| synth-waterbirds | FVAE-LoRA | 66.0 [59.2, 72.8] | 66.0 [59.2, 72.8] |" in block
+        "| synth-waterbirds | FVAE-LoRA | 66.0 [59.2, 72.8] (5) | 66.0 [59.2, 72.8] (5) |" in block
     Path("README.md").write_text("# r\n\n<!-- results:begin -->\nold\n<!-- results:end -->\nend\n")
     assert set(figures) == {"forest_val_wg.png", "forest_val_avg.png"}
     assert "## Selection by val_wg" in text and "## Selection by val_avg" in text
@@ -288,3 +288,12 @@ def test_report_writes_comparisons_with_the_documented_columns(tmp_path):
     assert all(float(r["wg_boot_low"]) <= float(r["worst_group_acc"]) <= float(r["wg_boot_high"])
                for r in run_rows)
     assert "## Noise floor" in report.files["table.md"].read_text()
+
+
+def test_committed_results_page_matches_its_records(monkeypatch):
+    """docs/results.md is what `python -m robustbench_fvae.protocol page` writes from
+    results/protocol: regenerate it after publishing, never edit it by hand."""
+    from robustbench_fvae.analysis.results_page import check_page
+
+    monkeypatch.chdir(REPO)
+    assert check_page("results/protocol", "docs/results.md") is None

@@ -283,14 +283,27 @@ def _controls_table(arms: dict[str, tuple[list[RunResult], bool]]) -> list[str]:
     return [to_markdown(table, level=3)]
 
 
-def search_status(search: Stage, final: Stage, controls: Stage, root: Path) -> list[str]:
-    # the committed search spec (the page is made from the repository root) names what a
-    # complete search holds
+def _committed_search() -> tuple[list[str], list[str]]:
+    """(methods, datasets) of the committed search spec (the page is made from the repository
+    root), or two empty lists."""
     spec_file = Path(SEARCH_SPEC)
-    expected_methods, expected_datasets = [], []
-    if spec_file.is_file():
-        data = yaml.safe_load(spec_file.read_text(encoding="utf-8")) or {}
-        expected_methods, expected_datasets = data.get("methods", []), data.get("datasets", [])
+    if not spec_file.is_file():
+        return [], []
+    data = yaml.safe_load(spec_file.read_text(encoding="utf-8")) or {}
+    return list(data.get("methods", [])), list(data.get("datasets", []))
+
+
+def expected_search(search: Stage) -> dict[str, int]:
+    """{dataset: search runs found} over the committed spec's datasets and those found."""
+    _, datasets = _committed_search()
+    found: dict[str, int] = {d: 0 for d in datasets}
+    for rec in search.runs:
+        found[str(rec.dataset)] = found.get(str(rec.dataset), 0) + 1
+    return found
+
+
+def search_status(search: Stage, final: Stage, controls: Stage, root: Path) -> list[str]:
+    expected_methods, expected_datasets = _committed_search()
     counts: dict[str, dict[str, int]] = {}
     for stage in (search, final, controls):
         for rec in stage.runs:
@@ -323,7 +336,8 @@ README_END = "<!-- results:end -->"
 
 
 def readme_block(root: Path, counts: tuple[int, int, int], rows_by_rule: dict[str, list],
-                 verdicts: dict[str, list[str]], page_link: str) -> str:
+                 verdicts: dict[str, list[str]], page_link: str, pending: Sequence[str] = ()
+                 ) -> str:
     """What the README quotes of the page: the headline WG of every reported row under both
     rules and the worst-group verdicts, between the README's results markers."""
     n_search, n_final, n_controls = counts
@@ -333,8 +347,9 @@ def readme_block(root: Path, counts: tuple[int, int, int], rows_by_rule: dict[st
              f"From [{page_link}]({page_link}), computed from the records in `{root}/` "
              f"({n_search} search, {n_final} final, {n_controls} control runs) by the protocol "
              "of [docs/protocol.md](docs/protocol.md). Test worst-group accuracy in %, mean "
-             f"[95 % t-interval] over {len(FINAL_SEEDS)} seeds; differences paired by seed, "
-             "Holm-adjusted.", ""]
+             "[95 % t-interval] over the final seeds (how many in parentheses; the protocol "
+             f"runs {len(FINAL_SEEDS)}); differences paired by seed, Holm-adjusted."
+             + (f" Not reported yet: {', '.join(pending)}." if pending else ""), ""]
     header = "| Dataset | Method | " + " | ".join(f"WG, selection {r}" for r in rows_by_rule) + " |"
     lines += [header, "|:---|:---|" + "---:|" * len(rows_by_rule)]
     keys = list(dict.fromkeys((r.dataset, r.method) for rows in rows_by_rule.values()
@@ -343,7 +358,7 @@ def readme_block(root: Path, counts: tuple[int, int, int], rows_by_rule: dict[st
         cells = []
         for rows in rows_by_rule.values():
             row = next((r for r in rows if (r.dataset, r.method) == (dataset, method)), None)
-            cells.append(_interval(row.stats["worst_group_acc"]) if row else "–")
+            cells.append(f"{_interval(row.stats['worst_group_acc'])} ({row.n})" if row else "–")
         name = METHOD_NAMES.get(method, method).replace(r"$\beta$", "β")
         lines.append(f"| {dataset} | {name} | " + " | ".join(cells) + " |")
     for rule, vlines in verdicts.items():
@@ -416,8 +431,14 @@ def build_page(results_dir: str | Path, figure_dir: str | Path, page_link: str =
               "## Does the set-up decide the answer?", "",
               *controls_section(final.runs, controls.runs, all_picks["val_wg"]),
               to_markdown(runs_table(rows_by_rule, root))]
+    reported = {r.dataset for r in every_row}
+    full_search = SEARCH_DRAWS * len(_committed_search()[0])
+    pending = [f"{d} (search {'complete' if full_search and n >= full_search else 'incomplete'})"
+               for d, n in expected_search(search).items() if d not in reported]
+    if not controls.runs:
+        pending.append("the set-up controls")
     block = readme_block(root, (len(search.runs), len(final.runs), len(controls.runs)),
-                         rows_by_rule, verdicts, page_link)
+                         rows_by_rule, verdicts, page_link, pending)
     return "\n".join(lines).rstrip() + "\n", figures, block
 
 
