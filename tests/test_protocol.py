@@ -250,6 +250,21 @@ def test_finals_publish_and_page(protocol_tree, capsys):
     assert main(["page", "results/protocol", "--out", "docs/results.md", "--check"]) == 1
     capsys.readouterr()
 
+    # one control arm recorded (targets q,v): FVAE-LoRA 20 points above LoRA there, 10 by default
+    for run in expand(controls):
+        if run.config.adapter.targets == ("q", "v"):
+            base = 0.5 + 0.1 * (run.seed % 2)
+            write_planned(run, val_wg=0.6, test_wg=base + (0.2 if run.method == "fvae" else 0.0))
+    publish("results/protocol", specs={"search": "search.yaml", "final": "final.yaml",
+                                       "controls": "controls.yaml"}, log=lambda _: None)
+    text = build_page("results/protocol", "results")[0]
+    qv = next(line for line in text.splitlines()
+              if line.startswith("| 5 epochs, targets q,v, selected epoch | WG |"))
+    assert "| 5 | " in qv and "+20.0 [+20.0, +20.0] | +10.0 [+10.0, +10.0]" in qv and \
+        qv.endswith("the difference changes |")
+    long = next(line for line in text.splitlines() if line.startswith("| 20 epochs"))
+    assert long.endswith("not in the records yet |")
+
 
 def test_finals_refuse_an_incomplete_search_in_one_line(protocol_tree, capsys):
     from robustbench_fvae.protocol import main

@@ -263,6 +263,10 @@ def _controls_table(arms: dict[str, tuple[list[RunResult], bool]]) -> list[str]:
         label = "WG" if metric == "worst_group_acc" else "Avg"
         if change is None:
             change_text, p_text, verdict = "–", "", "reference set-up"
+        elif change.n_pairs < 2:
+            change_text, p_text = "–", ""
+            verdict = ("not in the records yet" if not seeds
+                       else "too few seeds to compare")
         else:
             low, high = change.interval(level) if math.isfinite(level) else (math.nan, math.nan)
             change_text = _signed_interval(change.mean_diff, low, high)
