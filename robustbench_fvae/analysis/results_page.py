@@ -41,9 +41,12 @@ from robustbench_fvae.analysis.statistics import holm_adjust, holm_levels, paire
 from robustbench_fvae.analysis.tables import (
     METHOD_NAMES,
     Table,
+    ci_interval,
     comparisons_table,
     noise_floor_table,
     pct,
+    points_interval,
+    signed_points,
     to_markdown,
 )
 from robustbench_fvae.selection import RULES
@@ -76,20 +79,19 @@ def load_stage(results_dir: Path, name: str) -> Stage:
 
 
 def _interval(stat: Stat) -> str:
+    """``"78.2 [75.5, 80.9]"``: a mean with its clipped 95 % t-interval, in percent."""
     if not math.isfinite(stat.mean):
         return "–"
-    if not math.isfinite(stat.ci95):
-        return pct(stat.mean)
-    low, high = max(0.0, stat.mean - stat.ci95), min(1.0, stat.mean + stat.ci95)
-    return f"{pct(stat.mean)} [{pct(low)}, {pct(high)}]"
+    ci = ci_interval(stat)
+    return f"{pct(stat.mean)} {ci}" if ci else pct(stat.mean)
 
 
 def _signed_interval(mean: float, low: float, high: float) -> str:
+    """``"+0.9 [-1.4, +3.3]"``: a difference in points with its interval."""
     if not math.isfinite(mean):
         return "–"
-    if not math.isfinite(low):
-        return f"{100 * mean:+.1f}"
-    return f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+    ci = points_interval(low, high)
+    return f"{signed_points(mean)} {ci}" if ci else signed_points(mean)
 
 
 def _rel(path: Path, root: Path) -> str:

@@ -299,12 +299,14 @@ def noise_floor_table(rows: Sequence[GroupRow], p: float = 0.8) -> Table:
                  rows=body, notes=notes, numeric={2, 3})
 
 
-def _signed(x: float, digits: int = 1) -> str:
+def signed_points(x: float, digits: int = 1) -> str:
+    """A difference of fractions as signed points (``0.009 → "+0.9"``); empty for NaN."""
     return f"{100 * x:+.{digits}f}" if _finite(x) else ""
 
 
-def _points_interval(low: float, high: float, digits: int = 1) -> str:
-    return f"[{_signed(low, digits)}, {_signed(high, digits)}]" if _finite(low) else ""
+def points_interval(low: float, high: float, digits: int = 1) -> str:
+    """``"[-1.4, +3.3]"`` in signed points; empty when undefined."""
+    return f"[{signed_points(low, digits)}, {signed_points(high, digits)}]" if _finite(low) else ""
 
 
 def verdict(c: Comparison) -> str:
@@ -319,8 +321,8 @@ def comparisons_table(comparisons: Sequence[Comparison], title: str = "") -> Tab
     header = ["Dataset", "Method", "Metric", "Pairs", "Diff", "95% CI", "Holm CI", "p",
               "p (Holm)", "Verdict"]
     body = [[c.dataset, c.label, METRIC_LABELS.get(c.metric, c.metric), str(c.n_pairs),
-             _signed(c.mean_diff), _points_interval(c.ci_low, c.ci_high),
-             _points_interval(c.holm_ci_low, c.holm_ci_high),
+             signed_points(c.mean_diff), points_interval(c.ci_low, c.ci_high),
+             points_interval(c.holm_ci_low, c.holm_ci_high),
              f"{c.p_value:.3g}" if _finite(c.p_value) else "",
              f"{c.p_holm:.3g}" if _finite(c.p_holm) else "", verdict(c)]
             for c in comparisons]
