@@ -49,7 +49,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def training_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, cfg: RunConfig,
                   task: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The method's loss for one batch and its logged parts (CE, and R, K1, K2, G when present).
+    """The method's loss for one batch and its logged parts (CE, and R, K1, K2, G when present:
+    their means over layers, and each layer's as ``"<part>@<layer>"``).
 
     ``task``: the training algorithm's task loss (robustbench_fvae/algorithms.py; None: the mean
     cross-entropy of ERM), logged as ``task`` when given; ``ce`` is always the plain mean CE.
@@ -64,7 +65,7 @@ def training_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, cfg: 
         parts["task"] = task
     if cfg.method not in FVAE_FAMILY:
         return task, parts
-    aux, aux_parts = collect_aux_loss(model)
+    aux, aux_parts = collect_aux_loss(model, per_layer=True)
     if aux is None:
         raise RuntimeError("FVAE method ran no adapter in training mode; call model.train()")
     parts.update(aux_parts)

@@ -4,8 +4,11 @@ Linear probes of the label y and the spurious attribute a from each adapted laye
 z1 and z2 (FVAE family), LoRA's A x, and the frozen backbone's input features (once per adapted
 module) as a reference — fitted with group-balanced sample weights on train (or val), scored on
 test by group-balanced accuracy; collapse checks of every latent (active units, per-dimension
-std, posterior σ); t-SNE maps of the test codes. Writes probes.csv (columns layer, latent,
-target, acc, …), probe.json, probes.png and tsne_*.png.
+std, posterior σ), with controls on every row (module input, an untrained random projection,
+the code at initialisation); t-SNE maps of the test codes. Writes probes.csv (columns layer,
+latent, target, acc, …), probe.json, probes.png and tsne_*.png; and, unless --no-evidence, the
+token-level information rates (information.csv, information_summary.csv), update sizes
+(updates.csv) and interventions on the update (interventions.csv), and loss_parts.png.
 
 ``python -m robustbench_fvae.probe --dataset NAME`` probes the frozen backbone instead (every
 block's output, no run needed): how hard the label and the spurious attribute are to read off
@@ -81,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=0, metavar="J",
                         help="processes for probe fits and t-SNE maps; 0: min(8, cores) "
                              "(default), -1: all cores")
+    parser.add_argument("--no-evidence", action="store_true",
+                        help="RUN_DIR: probes only; skip the token-level information rates, "
+                             "update sizes and interventions (information*.csv, updates.csv, "
+                             "interventions.csv)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -97,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{given[0]} goes with --dataset; a run's backbone is in its record")
     elif args.layers is not None:
         parser.error("--layers goes with RUN_DIR; --dataset probes every block's output")
+    elif args.no_evidence:
+        parser.error("--no-evidence goes with RUN_DIR; --dataset probes a frozen backbone")
     # Imported late so that --help and argument errors are instant.
     from .analysis.probes import probe_backbone, probe_run
 
@@ -108,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.run_dir is not None:
             result = probe_run(args.run_dir, layers=args.layers, batch_size=args.batch_size,
-                               **common)
+                               evidence=not args.no_evidence, **common)
         else:
             result = probe_backbone(args.dataset, data_root=args.data_root,
                                     backbone=args.backbone, weights=args.weights,
@@ -117,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("RBF_TRACEBACK"):
             raise
         print(f"error: {err}  (set RBF_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        return 1
+        return 2
     print(result.out_dir)
     return 0
 

@@ -31,6 +31,7 @@ from robustbench_fvae.sweeps.budget import CONTROLS_SPEC, FINAL_SEEDS, FINAL_SPE
 
 RESULTS_DIR = "results/protocol"
 PAGE = "docs/results.md"
+LATENTS_PAGE = "docs/latents.md"
 STAGES = ("search", "final", "controls")
 # The set-up controls (issue: does the set-up decide the answer?), on this replica, for these
 # methods at their val_wg picks: each a change of the picked configuration.
@@ -225,10 +226,68 @@ def publish(results_dir: str | Path = RESULTS_DIR, *, specs: dict[str, str] | No
     return counts
 
 
+LATENT_METHODS = ("lora", "fvae", "vae2lat", "bvae2lat")
+PROBE_MAX_IMAGES = 1000
+
+
+def pick_runs(spec_path: str | Path, search_spec: str | Path, rule: str, *,
+              datasets: Sequence[str] | None = None, methods: Sequence[str] | None = None,
+              data_root: str | None = None) -> list[Path]:
+    """The finished runs of ``spec_path`` (the final spec) that ran ``rule``'s pick of the
+    search, for ``datasets`` × ``methods`` (None: all), in spec order."""
+    from robustbench_fvae import records
+    from robustbench_fvae.analysis.aggregate import run_results
+    from robustbench_fvae.analysis.picks import matches_pick, pick_configurations
+
+    _, search = search_results(search_spec, datasets, data_root, methods)
+    picks = pick_configurations(search, rule)
+    _, runs = _planned_runs(spec_path, data_root)
+    done = [records.load_run(r.run_dir) for r in runs if records.is_done(r.run_dir)
+            and (datasets is None or r.dataset in datasets)
+            and (methods is None or r.method in methods)]
+    results, _ = run_results(done)
+    return [Path(r.path) for r in results
+            if matches_pick(r, picks.get((r.dataset, r.method)))]
+
+
+def probe_picks(final_spec: str | Path = FINAL_SPEC, search_spec: str | Path = SEARCH_SPEC, *,
+                rule: str = "val_wg", datasets: Sequence[str] | None = None,
+                methods: Sequence[str] = LATENT_METHODS, max_images: int = PROBE_MAX_IMAGES,
+                data_root: str | None = None, force: bool = False, log=print) -> list[Path]:
+    """``probe`` (with the evidence: information rates, update sizes, interventions) on every
+    finished final run of ``rule``'s picks, into ``RUN_DIR/probe``; a run whose probe.json
+    already records the evidence at ``max_images`` is skipped unless ``force``. Returns the
+    probe folders."""
+    import json
+
+    from robustbench_fvae.analysis.probes import probe_run
+
+    runs = pick_runs(final_spec, search_spec, rule, datasets=datasets, methods=methods,
+                     data_root=data_root)
+    if not runs:
+        raise ValueError(f"no finished run of the {rule} picks of {', '.join(methods)} in "
+                         f"{final_spec}; run `python -m robustbench_fvae.sweep {final_spec}` "
+                         "first")
+    out = []
+    for i, run_dir in enumerate(runs, 1):
+        meta = run_dir / "probe" / "probe.json"
+        if meta.is_file() and not force:
+            written = json.loads(meta.read_text())
+            if written.get("evidence") and written.get("max_images") == max_images:
+                log(f"[{i}/{len(runs)}] {run_dir}: probed already")
+                out.append(meta.parent)
+                continue
+        log(f"[{i}/{len(runs)}] probing {run_dir}")
+        result = probe_run(run_dir, max_images=max_images, tsne_max=0, n_jobs=1,
+                           progress=False, log=lambda _m: None)
+        out.append(result.out_dir)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m robustbench_fvae.protocol",
-        usage="%(prog)s {finals,publish,page} [options]",
+        usage="%(prog)s {finals,probe,publish,page} [options]",
         description="The stages of the offline Table-5 protocol (docs/protocol.md): pick the "
                     "final configurations from the search, publish the records, regenerate "
                     "docs/results.md.")
@@ -259,15 +318,35 @@ def build_parser() -> argparse.ArgumentParser:
         pub.add_argument(f"--{stage}-spec", default=default, metavar="SPEC",
                          help=f"the {stage} stage's spec (default {default}; e.g. the real "
                               "data's runs/table5*.yaml)")
+    prb = sub.add_parser("probe", help="probe the final runs of the picks: latent codes, "
+                                       "information rates, update sizes, interventions")
+    prb.add_argument("--spec", default=FINAL_SPEC, help=f"final spec (default {FINAL_SPEC}); "
+                                                        "also a controls spec")
+    prb.add_argument("--search-spec", default=SEARCH_SPEC,
+                     help=f"the search the picks come from (default {SEARCH_SPEC})")
+    prb.add_argument("--rule", default="val_wg", choices=("val_wg", "val_avg"),
+                     help="whose picks to probe (default val_wg)")
+    prb.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
+                     help="only these replicas (default: all of the spec)")
+    prb.add_argument("--methods", nargs="+", default=list(LATENT_METHODS), metavar="NAME",
+                     help=f"methods with adapters (default: {' '.join(LATENT_METHODS)})")
+    prb.add_argument("--max-images", type=int, default=PROBE_MAX_IMAGES, metavar="N",
+                     help=f"images per split, group-stratified (default {PROBE_MAX_IMAGES})")
+    prb.add_argument("--force", action="store_true", help="probe again runs probed already")
+    prb.add_argument("--data-root", default=None, metavar="DIR",
+                     help="dataset folder (default: the spec's data_root)")
     page = sub.add_parser("page", help=f"regenerate {PAGE} from the published records")
     page.add_argument("results", nargs="?", default=RESULTS_DIR, metavar="RESULTS_DIR",
                       help=f"published records (default {RESULTS_DIR})")
     page.add_argument("--out", default=PAGE, help=f"page to write (default {PAGE}); its "
                                                    "figures go to a folder beside it")
+    page.add_argument("--latents-out", default=LATENTS_PAGE,
+                      help=f"the latents page to write (default {LATENTS_PAGE}), from the "
+                           "probe tables of the published final runs")
     page.add_argument("--readme", default="README.md",
                       help="README whose results block (between <!-- results:begin --> and "
-                           "<!-- results:end -->) quotes the page (default README.md; 'none': "
-                           "leave it)")
+                           "<!-- results:end -->) and latents block (<!-- latents:begin/end "
+                           "-->) quote the pages (default README.md; 'none': leave it)")
     page.add_argument("--check", action="store_true",
                       help="write nothing; exit 1 when the page differs from what would be "
                            "written")
@@ -282,22 +361,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                                final_path=args.out,
                                controls_path=args.controls_out, data_root=args.data_root):
                 print(f"wrote {path}")
+        elif args.command == "probe":
+            folders = probe_picks(args.spec, args.search_spec, rule=args.rule,
+                                  datasets=args.datasets, methods=args.methods,
+                                  max_images=args.max_images, data_root=args.data_root,
+                                  force=args.force)
+            print(f"{len(folders)} run(s) probed")
         elif args.command == "publish":
             publish(args.to, data_root=args.data_root,
                     specs={"search": args.search_spec, "final": args.final_spec,
                            "controls": args.controls_spec})
         else:
+            from robustbench_fvae.analysis.latents_page import (
+                check_latents_page,
+                write_latents_page,
+            )
             from robustbench_fvae.analysis.results_page import check_page, write_page
 
             readme = None if args.readme == "none" else args.readme
             if args.check:
-                problem = check_page(args.results, args.out, readme)
+                problem = (check_page(args.results, args.out, readme)
+                           or check_latents_page(args.results, args.latents_out, readme))
                 if problem:
                     print(problem, file=sys.stderr)
                     return 1
-                print(f"{args.out} is up to date with {args.results}")
+                print(f"{args.out} and {args.latents_out} are up to date with {args.results}")
             else:
-                for path in write_page(args.results, args.out, readme):
+                for path in (*write_page(args.results, args.out, readme),
+                             *write_latents_page(args.results, args.latents_out, readme)):
                     print(f"wrote {path}")
     except Exception as err:  # noqa: BLE001 - bad input exits 2, anything else 1 (cli.py)
         return fail(err)

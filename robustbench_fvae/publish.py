@@ -2,7 +2,8 @@
 
 A published run keeps the ``<out>/<dataset>/<method>/<hash>/`` layout and the files the report
 and the results page read — ``config.json``, ``metrics.json``, ``history.jsonl``, ``done`` —
-plus, when asked, its validation and test predictions as ``predictions_<split>.csv.gz``: the
+plus the tables its ``probe/`` folder holds (:data:`PROBE_FILES`, when the run was probed), and,
+when asked, its validation and test predictions as ``predictions_<split>.csv.gz``: the
 class columns exact, the probabilities rounded to :data:`PROB_DECIMALS` decimals (accuracies,
 worst-group accuracy and their bootstrap intervals recompute exactly; ECE to that rounding), so
 that a results folder of a few hundred runs stays a few MB. ``report`` reads a published folder
@@ -23,6 +24,11 @@ from robustbench_fvae import records
 PUBLISHED_FILES = (records.CONFIG_FILE, records.METRICS_FILE, records.HISTORY_FILE,
                    records.DONE_FILE)
 PROB_DECIMALS = 3
+# What `probe` wrote (robustbench_fvae/analysis/probes.py, evidence.py) that the latents page
+# reads: tables only, no figures.
+PROBE_DIR = "probe"
+PROBE_FILES = ("probe.json", "probes.csv", "sensitivity.csv", "information.csv",
+               "information_summary.csv", "updates.csv", "interventions.csv")
 
 
 def packed_predictions(path: Path) -> bytes:
@@ -56,6 +62,12 @@ def publish_run(run_dir: str | Path, dest_root: str | Path, *, predictions: bool
             source = records.predictions_path(run_dir, split)
             records.write_bytes_atomic(dest / f"predictions_{split}.csv.gz",
                                        packed_predictions(source))
+    probed = Path(run_dir) / PROBE_DIR
+    if (probed / "probe.json").is_file():
+        (dest / PROBE_DIR).mkdir(exist_ok=True)
+        for name in PROBE_FILES:
+            if (probed / name).is_file():
+                shutil.copyfile(probed / name, dest / PROBE_DIR / name)
     # the marker last, copied as it was: a half-copied run is never read as finished
     shutil.copyfile(Path(run_dir) / records.DONE_FILE, dest / records.DONE_FILE)
     return dest

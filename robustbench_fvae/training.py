@@ -610,8 +610,9 @@ class _Trainer:
                 logits = self.train_model(images)
             task = self.algorithm.task_loss(logits, y, g)
             loss, parts = training_loss(self.model, logits, y, cfg, task=task)
-            values = {k: float(v.detach()) for k, v in parts.items()}
-            values["loss"] = float(loss.detach())
+            # One device-to-host copy for all logged values (not one sync per value).
+            logged = torch.stack([v.detach().float() for v in (loss, *parts.values())]).tolist()
+            values = dict(zip(("loss", *parts), logged))
             if not all(math.isfinite(v) for v in values.values()):
                 raise TrainingError(self._nonfinite_message("loss", values))
             self.optimizer.zero_grad(set_to_none=True)
@@ -656,6 +657,13 @@ class _Trainer:
         record = {"epoch": self.epoch + 1, "step": self.global_step,
                   "lr": self.scheduler.get_last_lr()[0],
                   "train": {k: self.sums[k] / n for k in LOSS_KEYS if k in self.sums}}
+        layers: dict[str, dict[str, float]] = {}
+        for key, total in self.sums.items():
+            if "@" in key:  # a layer's FVAE loss part, "<part>@<layer>"
+                part, layer = key.split("@", 1)
+                layers.setdefault(layer, {})[part] = total / n
+        if layers:
+            record["train_layers"] = layers
         outputs = {}
         for split in ("val", "test"):
             metrics, prob, pred = evaluate(self.model, self.splits[split], t.eval_batch_size,
@@ -782,3 +790,21 @@ def load_trained_model(run_dir: str | Path, device: str = "cpu"):
     load_trainable_state(model, load_file(str(weights)))
     model.eval()
     return model, cfg, splits
+
+
+def load_initial_model(run_dir: str | Path, device: str = "cpu") -> nn.Module:
+    """The model of a run as it was before its first step: rebuilt from the run's config with
+    its seed, exactly as the run built it (``torch.manual_seed(seed)`` then
+    :func:`build_model_and_data`), in eval mode. For the parameters' displacement and the
+    probes' initialisation control."""
+    record = records.load_run(run_dir)
+    cfg = record.run_config
+    check_rebuildable(cfg, record.config.get("environment", {}).get("git_commit"))
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(cfg.train.seed)
+        model, _, _ = build_model_and_data(cfg, torch.device(device))
+    finally:
+        torch.random.set_rng_state(state)
+    model.eval()
+    return model

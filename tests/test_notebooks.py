@@ -78,6 +78,8 @@ def test_latent_probing_notebook_puts_a_real_fvae_run_beside_a_lora_run(
     tables = "\n".join(_outputs(nb, "text/html"))
     assert "z1" in tables and "z2" in tables and "blocks.0" in tables and "norm" in tables
     assert "acc(y)" in tables and "active_units" in tables  # the comparison table is shown
+    assert "learned(y)" in tables and "pooled_active_units" in tables and "mi_estimate" in tables
+    assert "flip_rate" in tables and "update_ratio_median" in tables  # updates, interventions
     comparison = pd.read_csv(probe_dir / "fvae_vs_lora.csv")
     assert {"z1", "z2", "lora"} <= set(comparison.latent)
     assert set(comparison.method[comparison.latent.isin(["z1", "z2"])]) == {"fvae"}

@@ -35,6 +35,7 @@ from robustbench_fvae.analysis.probe_plot import probe_accuracy_plot
 from robustbench_fvae.analysis.probes import (
     CSV_COLUMNS,
     ProbeError,
+    add_information,
     balance_weights,
     chance_level,
     collapse_stats,
@@ -268,13 +269,13 @@ def test_collapse_checks_flag_a_constant_or_near_constant_latent():
     live[:, 0] += 2.0 * (2 * y - 1)
     live[:, 3] *= 0.05  # variance 0.0025: not an active unit
     stats = collapse_stats(live)
-    assert stats["active_units"] == 3 and not stats["collapsed"]
+    assert stats["pooled_active_units"] == 3 and not stats["pooled_collapsed"]
     assert stats["std_min"] == pytest.approx(live[:, 3].std())
     assert stats["std_median"] == pytest.approx(np.median(live.std(0)))
     assert np.isnan(stats["sigma"])
     const = collapse_stats(np.full((n, 4), 1.5), sigma=0.8)
-    assert const == {"std_median": 0.0, "std_min": 0.0, "active_units": 0, "sigma": 0.8,
-                     "collapsed": True}
+    assert const == {"std_median": 0.0, "std_min": 0.0, "pooled_active_units": 0, "sigma": 0.8,
+                     "pooled_collapsed": True}
     # Tiny variation that still carries y: the probe scores well after standardisation, which
     # is why a collapsed latent is flagged rather than read as informative.
     faint = 1.5 + 1e-3 * rng.normal(size=(n, 4))
@@ -287,16 +288,23 @@ def test_collapse_checks_flag_a_constant_or_near_constant_latent():
     rows = probe_latents(split, test, n_folds=2)
     by = {(r["layer"], r["latent"], r["target"]): r for r in rows}
     faint_y = by["blocks.0.attn.qkv:q", "z2", "y"]
-    assert faint_y["acc"] > 0.95 and faint_y["collapsed"] and faint_y["active_units"] == 0
-    assert by["blocks.0.attn.qkv:k", "z2", "a"]["collapsed"]
-    assert not by["blocks.0.attn.qkv:q", "z1", "y"]["collapsed"]
+    assert faint_y["acc"] > 0.95 and faint_y["pooled_collapsed"]
+    assert faint_y["pooled_active_units"] == 0
+    assert by["blocks.0.attn.qkv:k", "z2", "a"]["pooled_collapsed"]
+    assert not by["blocks.0.attn.qkv:q", "z1", "y"]["pooled_collapsed"]
     assert by["blocks.0.attn.qkv:q", "z1", "a"]["sigma"] == 0.3
     assert {r["fit_split"] for r in rows} == {"train"} and {r["weighting"] for r in rows} == {
         "group"}
-    table = format_table(rows).splitlines()
-    flagged = [line for line in table if "COLLAPSED" in line]
-    assert len(flagged) == 2 and all(" z2 " in line for line in flagged)
-    assert "3/4" in table[2] and "0.300" in table[2]
+    # The verdict is the token-level one: only latents the information summary calls collapsed
+    # are marked, whatever their pooled spread.
+    summary = [{"split": "test", "layer": "blocks.0.attn.qkv:q", "latent": "z2",
+                "active_units": 0, "data": 0.001, "collapsed": True},
+               {"split": "test", "layer": "blocks.0.attn.qkv:q", "latent": "z1",
+                "active_units": 4, "data": 2.0, "collapsed": False}]
+    table = format_table(add_information(rows, summary)).splitlines()
+    flagged = [line for line in table if line.endswith("COLLAPSED")]
+    assert len(flagged) == 1 and " z2 " in flagged[0]
+    assert "4/4" in table[2] and "3/4" in table[2] and "0.300" in table[2]
 
 
 def test_probes_csv_and_table(tmp_path):
@@ -319,8 +327,11 @@ def test_probes_csv_and_table(tmp_path):
             "weighting": "group",
             "std_median": 0.5,
             "std_min": 0.0 if lat == "z2" else 0.2,
-            "active_units": 0 if lat == "z2" else 3,
+            "pooled_active_units": 0 if lat == "z2" else 3,
+            "pooled_collapsed": lat == "z2",
             "sigma": 0.25 if lat == "z1" else float("nan"),
+            "acc_input": 0.99, "acc_random": 0.8, "acc_init": 0.5, "learned": acc - 0.8,
+            "active_units": 0 if lat == "z2" else 4, "data_kl": 0.001 if lat == "z2" else 1.5,
             "collapsed": lat == "z2",
         }
         for lat, t, acc in (
@@ -343,17 +354,19 @@ def test_probes_csv_and_table(tmp_path):
     assert read[0]["cv_acc"] == "" and read[2]["sigma"] == ""
     assert (read[0]["fit_split"], read[0]["weighting"], read[0]["collapsed"]) == (
         "val", "group", "False")
-    assert read[2]["collapsed"] == "True" and read[0]["active_units"] == "3"
+    assert read[2]["collapsed"] == "True" and read[0]["pooled_active_units"] == "3"
+    assert read[0]["active_units"] == "4" and float(read[0]["learned"]) == pytest.approx(0.1)
     table = format_table(rows).splitlines()
-    assert "acc(y)" in table[0] and "acc(a)" in table[0] and "active" in table[0]
-    assert table[2].split()[-6:] == ["z1", "0.900", "0.510", "3/4", "0.5", "0.250"]
-    assert table[3].split()[:6] == ["z2", "0.550", "0.970", "0/4", "0.5", "-"]
+    assert "acc(y)" in table[0] and "learned(y)" in table[0] and "active" in table[0]
+    assert table[2].split()[-8:] == ["z1", "0.900", "0.510", "+0.100", "4/4", "1.500", "3/4",
+                                     "0.250"]
+    assert table[3].split()[:7] == ["z2", "0.550", "0.970", "-0.250", "0/4", "0.001", "0/4"]
     assert "COLLAPSED" in table[3] and "COLLAPSED" not in table[2]
     assert table[-2].split()[-2:] == ["0.500", "0.500"]
-    assert table[-1].startswith("collapsed = no active unit")
+    assert table[-1].startswith("active = units whose token-level")
     # The figure: written, and taller with the collapse panel than without it.
     with_checks = probe_accuracy_plot(rows, tmp_path / "probes.png", "t")
-    plain = [{k: v for k, v in r.items() if k in CSV_COLUMNS[:13]} for r in rows]
+    plain = [{k: v for k, v in r.items() if k in CSV_COLUMNS[:15]} for r in rows]
     without = probe_accuracy_plot(plain, tmp_path / "plain.png", "t")
     with Image.open(with_checks) as img, Image.open(without) as img2:
         assert img.size[1] > img2.size[1] > 400
@@ -533,28 +546,44 @@ def test_probe_cli_end_to_end(tiny_run, tmp_path, capsys):
     last = f"blocks.{OFFLINE_ARCH['depth'] - 1}.attn.qkv"
     # q and k of one module read the same input: its backbone features are probed once, under
     # the module's name, after the module's slices
-    expected = [("blocks.0.attn.qkv:q", "z1"), ("blocks.0.attn.qkv:q", "z2"),
-                ("blocks.0.attn.qkv:k", "z1"), ("blocks.0.attn.qkv:k", "z2"),
-                ("blocks.0.attn.qkv", "backbone"),
-                (f"{last}:k", "z1"), (f"{last}:k", "z2"), (last, "backbone")]
+    codes = ("z1", "z2", "update", "z1_init", "z2_init")
+    expected = [*((f"blocks.0.attn.qkv:{s}", c) for s in "qk" for c in codes),
+                ("blocks.0.attn.qkv", "random"), ("blocks.0.attn.qkv", "backbone"),
+                *((f"{last}:k", c) for c in codes), (last, "random"), (last, "backbone")]
     assert [(r["layer"], r["latent"], r["target"]) for r in rows] == [
         (layer, latent, target) for layer, latent in expected for target in ("y", "a")]
+    widths = {"backbone": OFFLINE_ARCH["embed_dim"], "update": OFFLINE_ARCH["embed_dim"]}
     for r in rows:
         assert 0.0 <= float(r["acc"]) <= 1.0 and 0.0 <= float(r["plain_acc"]) <= 1.0
         assert float(r["chance"]) == 0.5  # two values per target, every test group present
         # capped at 10 per split, every group kept: 15 train → 10, 12 test → 10
         assert (r["n_fit"], r["n_test"], r["pool"]) == ("10", "10", "mean")
         assert (r["fit_split"], r["weighting"]) == ("train", "group")
-        width = OFFLINE_ARCH["embed_dim"] if r["latent"] == "backbone" else 4
+        width = widths.get(r["latent"], 4)
         assert r["dim"] == str(width)
-        assert 0 <= int(r["active_units"]) <= width
-        assert r["collapsed"] == str(int(r["active_units"]) == 0)
+        assert 0 <= int(r["pooled_active_units"]) <= width
         assert float(r["std_min"]) <= float(r["std_median"])
-        # posterior σ for z1/z2 only (positive), none for the backbone's features
-        assert (r["sigma"] == "") == (r["latent"] == "backbone")
-        assert r["sigma"] == "" or float(r["sigma"]) > 0
+        posterior = r["latent"] in ("z1", "z2")
+        # token-level verdict and posterior σ for z1/z2 only
+        assert (r["active_units"] != "") == posterior == (r["sigma"] != "")
+        if posterior:
+            assert 0 <= int(r["active_units"]) <= 4 and float(r["sigma"]) > 0
+            assert int(r["active_units"]) == 0 or r["collapsed"] == "False"
+        else:
+            assert r["collapsed"] == "False"
+        # every row carries its controls; the learned margin is against the random control
+        module = r["layer"].split(":")[0]
+        random_acc = next(float(x["acc"]) for x in rows if x["layer"] == module
+                          and x["latent"] == "random" and x["target"] == r["target"])
+        assert float(r["learned"]) == pytest.approx(float(r["acc"]) - random_acc, abs=1e-5)
+        # the FVAE mean heads start at zero: the codes at initialisation are constant
+        if r["latent"] in ("z1_init", "z2_init"):
+            assert float(r["acc"]) == 0.5 and r["pooled_active_units"] == "0"
+        if r["latent"] == "z1":
+            assert r["acc_init"] == "0.5"
+    tsne_keys = [k for k in expected if k[1] in ("z1", "z2", "backbone")]
     figures = sorted(out.glob("tsne_*.png"))
-    assert len(figures) == len(expected) and all(f.stat().st_size > 10_000 for f in figures)
+    assert len(figures) == len(tsne_keys) and all(f.stat().st_size > 10_000 for f in figures)
     assert (out / f"tsne_{last}-k_z2.png") in figures
     assert (out / f"tsne_{last}_backbone.png") in figures
     assert "acc(y)" in printed and "group-balanced" in printed and str(out) in printed
@@ -562,8 +591,23 @@ def test_probe_cli_end_to_end(tiny_run, tmp_path, capsys):
     meta = json.loads((out / "probe.json").read_text())
     assert (meta["fit_split"], meta["weighting"], meta["n_fit"]) == ("train", "group", 10)
     assert [(c["layer"], c["latent"]) for c in meta["collapse"]] == expected
-    assert all(set(c) >= {"active_units", "std_median", "std_min", "sigma", "collapsed"}
-               for c in meta["collapse"])
+    assert all(set(c) >= {"active_units", "pooled_active_units", "std_median", "std_min",
+                          "sigma", "collapsed", "data_kl"} for c in meta["collapse"])
+    # the evidence files, and the per-layer loss parts the run logged
+    assert meta["evidence"] == ["information.csv", "information_summary.csv", "updates.csv",
+                                "interventions.csv"]
+    with open(out / "information_summary.csv", newline="") as f:
+        summary = list(csv.DictReader(f))
+    assert {(r["split"], r["layer"], r["latent"]) for r in summary} == {
+        (split, layer, latent) for split in ("val", "test") for layer, latent in expected
+        if latent in ("z1", "z2")}
+    with open(out / "interventions.csv", newline="") as f:
+        done = {(r["target"], r["intervention"]) for r in csv.DictReader(f)}
+    # no twins on this stand-in: zero, mean and sampled per slice, per block and for all
+    assert done == {(t, k) for t in ("blocks.0.attn.qkv:q", "blocks.0.attn.qkv:k", f"{last}:k",
+                                     "blocks.0", "all") for k in ("zero", "mean", "sampled")}
+    assert (out / "loss_parts.png").stat().st_size > 10_000 and "loss_parts.png" in meta[
+        "figures"]
     assert (out / "probes.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "probes.png").stat().st_size > 10_000
 
@@ -589,7 +633,7 @@ def test_probe_cli_refuses_bad_input_in_one_line(tiny_run, tmp_path, capsys):
     rc = probe_cli.main([str(tiny_run), "--layers", "blocks.9.attn.qkv:q", "--device", "cpu",
                          "--no-progress", "--out", str(tmp_path / "p")])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and len(err.splitlines()) == 1
+    assert rc == 2 and len(err.splitlines()) == 1
     last = f"blocks.{OFFLINE_ARCH['depth'] - 1}.attn.qkv:k"
     assert "unknown layer 'blocks.9.attn.qkv:q'" in err and last in err
     unfinished = tmp_path / "unfinished"
@@ -597,7 +641,7 @@ def test_probe_cli_refuses_bad_input_in_one_line(tiny_run, tmp_path, capsys):
     (unfinished / "config.json").write_text((tiny_run / "config.json").read_text())
     for path, says in ((unfinished, "not a finished run"), (tmp_path, "not a run directory"),
                        (tmp_path / "nope", "run directory not found")):
-        assert probe_cli.main([str(path)]) == 1
+        assert probe_cli.main([str(path)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and says in err, err
 
@@ -649,7 +693,7 @@ def test_probe_cli_refuses_mixed_or_bad_targets(tiny_run, tmp_path, capsys):
     capsys.readouterr()
     rc = probe_cli.main(["--dataset", "waterbird", "--data-root", str(tmp_path), "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and len(err.splitlines()) == 1 and "waterbirds" in err, err
+    assert rc == 2 and len(err.splitlines()) == 1 and "waterbirds" in err, err
 
 
 # ---------------------------------------------------------------- counterfactual sensitivity
@@ -718,6 +762,10 @@ def test_sensitivity_of_planted_encoders(tmp_path):
         pytest.approx(core, rel=1e-9), pytest.approx(bg, rel=1e-9))
     assert m["ratio"] == pytest.approx(bg / core) and 1.0 < m["ratio"] < math.inf
     assert m["spread"] == pytest.approx(spread) and m["n"] == 400
+    per_image = np.linalg.norm(codes - f(core_only), axis=1) / spread
+    half = 1.959963984540054 * per_image.std(ddof=1) / math.sqrt(400)
+    assert (m["shift_core_only_low"], m["shift_core_only_high"]) == (
+        pytest.approx(core - half), pytest.approx(core + half))
     # A constant latent has no spread: nothing to move, NaN rather than a fake number.
     const = counterfactual_sensitivity(np.ones((5, 3)), np.ones((5, 3)), np.zeros((5, 3)))
     assert math.isnan(const["ratio"]) and math.isnan(const["shift_core_only"])
@@ -775,3 +823,41 @@ def test_probe_cli_measures_sensitivity_on_a_replica_with_twins(tmp_path, capsys
     assert (out / "sensitivity.png").stat().st_size > 10_000
     meta = json.loads((out / "probe.json").read_text())
     assert [(s["layer"], s["latent"]) for s in meta["sensitivity"]] == probed
+    # the replica's twins drive the twin interventions, the background-swapped one included
+    with open(out / "interventions.csv", newline="") as f:
+        kinds = {r["intervention"] for r in csv.DictReader(f)}
+    assert kinds == {"zero", "mean", "background_only", "background_swapped", "sampled"}
+
+
+def test_history_logs_each_layers_loss_parts(tiny_run):
+    """history.jsonl holds R, K1, K2, G per adapted layer and epoch; their mean over layers is
+    the logged overall mean."""
+    from robustbench_fvae import records
+
+    history = records.load_run(tiny_run).history
+    assert history
+    for epoch in history:
+        layers = epoch["train_layers"]
+        assert len(layers) == 2 * OFFLINE_ARCH["depth"]  # q and k of every block
+        for part in ("R", "K1", "K2", "G"):
+            per_layer = [v[part] for v in layers.values()]
+            assert np.mean(per_layer) == pytest.approx(epoch["train"][part], rel=1e-5)
+
+
+def test_initial_model_is_the_runs_own_initialisation(tiny_run):
+    """Rebuilt from the run's seed, the initial B of every FVAE slice sits close to the trained
+    one (one short epoch moves it little), much closer than an independent draw (another
+    slice's initial B) does; the mean heads start at zero."""
+    from robustbench_fvae.adapters import adapted_layers
+    from robustbench_fvae.training import load_initial_model, load_trained_model
+
+    state = torch.random.get_rng_state()
+    initial = adapted_layers(load_initial_model(tiny_run))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's stream is untouched
+    trained = adapted_layers(load_trained_model(tiny_run)[0])
+    names = list(trained)
+    for i, name in enumerate(names):
+        b0, b = initial[name].lora_B, trained[name].lora_B
+        other = initial[names[(i + 1) % len(names)]].lora_B
+        assert (b - b0).norm() < 0.5 * b0.norm() < 0.5 * (b - other).norm()
+        assert not initial[name].encoder1.mean.weight.any()

@@ -308,7 +308,94 @@ def test_report_writes_comparisons_with_the_documented_columns(tmp_path):
 def test_committed_results_page_matches_its_records(monkeypatch):
     """docs/results.md is what `python -m robustbench_fvae.protocol page` writes from
     results/protocol: regenerate it after publishing, never edit it by hand."""
+    from robustbench_fvae.analysis.latents_page import check_latents_page
     from robustbench_fvae.analysis.results_page import check_page
 
     monkeypatch.chdir(REPO)
     assert check_page("results/protocol", "docs/results.md") is None
+    assert check_latents_page("results/protocol", "docs/latents.md") is None
+
+
+def _write_probe_tables(run_dir: Path, method: str, seed: int) -> None:
+    """A probe folder in the layout `probe` writes, with planted values: FVAE-LoRA's updates
+    flip 10 points more predictions than LoRA's under every intervention; z1 carries 0.5 nats
+    (0 on seed 1)."""
+    from robustbench_fvae.analysis.evidence import SUMMARY_COLUMNS
+    from robustbench_fvae.analysis.interventions import INTERVENTION_COLUMNS
+    from robustbench_fvae.analysis.probes import CSV_COLUMNS
+    from robustbench_fvae.analysis.sensitivity import SENSITIVITY_COLUMNS
+    from robustbench_fvae.analysis.updates import UPDATE_COLUMNS
+
+    def full(columns, row):
+        return {c: row.get(c, math.nan) for c in columns}
+
+    folder = run_dir / "probe"
+    folder.mkdir()
+    layer = "blocks.3.attn.qkv:q"
+    flips = 0.05 * seed + (0.1 if method == "fvae" else 0.0)
+    records.write_csv_atomic(folder / "interventions.csv", INTERVENTION_COLUMNS, [
+        full(INTERVENTION_COLUMNS, {"target": "all", "scope": "all", "intervention": kind,
+                                    "n": 80, "flip_rate": flips, "delta_wg": -0.01 * seed,
+                                    "delta_avg": 0.0, "margin_change": 0.1})
+        for kind in ("zero", "mean", "background_only", "background_swapped")])
+    records.write_csv_atomic(folder / "updates.csv", UPDATE_COLUMNS, [full(UPDATE_COLUMNS, {
+        "layer": layer, "method": method, "update_ratio_median": 0.01 * seed,
+        "image_update_ratio_median": 0.005, "relative_displacement": 0.5})])
+    summary = [] if method == "lora" else [
+        full(SUMMARY_COLUMNS, {"split": "test", "layer": layer, "latent": latent, "units": 16,
+                               "active_units": 0 if seed == 1 else 4,
+                               "collapsed": latent == "z1" and seed == 1,
+                               "data": 0.0 if (seed == 1 and latent == "z1") else 0.5,
+                               "mi_estimate": 0.2})
+        for latent in ("z1", "z2")]
+    records.write_csv_atomic(folder / "information_summary.csv", SUMMARY_COLUMNS, summary)
+    codes = ["lora"] if method == "lora" else ["z1", "z2"]
+    records.write_csv_atomic(folder / "probes.csv", CSV_COLUMNS, [
+        full(CSV_COLUMNS, {"layer": layer, "latent": code, "target": t, "acc": 0.8,
+                           "learned": 0.1 if code == "z2" else 0.0})
+        for code in codes for t in ("y", "a")])
+    records.write_csv_atomic(folder / "sensitivity.csv", SENSITIVITY_COLUMNS, [
+        full(SENSITIVITY_COLUMNS, {"layer": layer, "latent": code, "ratio": 2.0})
+        for code in codes])
+    (folder / "probe.json").write_text("{}")
+
+
+def test_latents_page_from_published_probe_tables(protocol_tree, capsys):
+    from robustbench_fvae.analysis.latents_page import (
+        build_latents_page,
+        check_latents_page,
+        write_latents_page,
+    )
+    from robustbench_fvae.protocol import main, pick_runs, publish
+
+    assert main(["finals", "--spec", "search.yaml", "--out", "final.yaml",
+                 "--controls-out", "controls.yaml"]) == 0
+    capsys.readouterr()
+    for run in expand(load_spec("final.yaml")):
+        write_planned(run, val_wg=0.6, test_wg=0.6)
+    picked = pick_runs("final.yaml", "search.yaml", "val_wg")
+    assert len(picked) == 10
+    for path in picked:
+        rec = records.load_run(path)
+        _write_probe_tables(path, rec.method, rec.config["config"]["train"]["seed"])
+    publish("results/protocol", specs={"search": "search.yaml", "final": "final.yaml"},
+            log=lambda _: None)
+    published = Path("results/protocol/final/synth-waterbirds/fvae") / picked[-1].name
+    assert sorted(p.name for p in (published / "probe").iterdir()) == [
+        "information_summary.csv", "interventions.csv", "probe.json", "probes.csv",
+        "sensitivity.csv", "updates.csv"]
+    text, block = build_latents_page("results/protocol")
+    # z1's data KL: 0 on seed 1, 0.5 on the four others; collapsed on one seed of five
+    assert "| FVAE-LoRA | blocks.3 q | 5 | 0.400 [0.122, 0.678] | 3.2 [1.0, 5.4] |" in text
+    assert "| 1/5 |" in text
+    # flips: LoRA 0.05·seed, FVAE-LoRA 10 points more on every seed → declared (Holm)
+    assert ("| FVAE-LoRA − LoRA: flips, background-swapped | 5 | +10.00 | [+10.00, +10.00] |"
+            in text) and "higher" in text
+    assert "FVAE-LoRA: replacing every update by zero changes test WG by -3.0" in block
+    assert "FVAE-LoRA − LoRA: flips, zero +10.0 [+10.0, +10.0] points" in block
+    Path("README.md").write_text("# r\n<!-- latents:begin -->\nold\n<!-- latents:end -->\n")
+    write_latents_page("results/protocol", "docs/latents.md")
+    assert check_latents_page("results/protocol", "docs/latents.md") is None
+    assert "old" not in Path("README.md").read_text()
+    Path("docs/latents.md").write_text(text.replace("0.400", "0.401"))
+    assert "differs" in check_latents_page("results/protocol", "docs/latents.md")

@@ -296,34 +296,43 @@ def adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def collect_aux_loss(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+def collect_aux_loss(model: nn.Module, per_layer: bool = False
+                     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """The auxiliary loss of the last training forward pass: mean over adapted FVAE layers of
-    their per-layer loss ``ℓ``, and the means of its parts R, K1, K2, G (for logging).
+    their per-layer loss ``ℓ``, and the means of its parts R, K1, K2, G (for logging); with
+    ``per_layer`` also each layer's parts, keyed ``"<part>@<layer>"`` (e.g.
+    ``K1@blocks.3.attn.qkv:q``).
 
     Returns ``(None, {})`` when the model has no FVAE adapters or none ran in training mode.
     Each layer's stored loss is cleared, so a stale value is never counted twice.
     """
     losses, parts = [], {k: [] for k in LOSS_PARTS}
-    for adapter in adapted_layers(model).values():
+    layers: dict[str, torch.Tensor] = {}
+    for name, adapter in adapted_layers(model).items():
         if isinstance(adapter, FVAEAdapter) and adapter.loss is not None:
             losses.append(adapter.loss)
             for k in LOSS_PARTS:
                 parts[k].append(adapter.loss_parts[k])
+                if per_layer:
+                    layers[f"{k}@{name}"] = adapter.loss_parts[k]
             adapter.loss, adapter.loss_parts = None, None
     if not losses:
         return None, {}
-    return torch.stack(losses).mean(), {k: torch.stack(v).mean() for k, v in parts.items()}
+    return torch.stack(losses).mean(), {**{k: torch.stack(v).mean() for k, v in parts.items()},
+                                        **layers}
 
 
 @contextlib.contextmanager
-def record_latents(model: nn.Module, layers: Sequence[str] | None = None, sigma: bool = False
-                   ) -> Iterator[dict[str, dict[str, list[torch.Tensor]]]]:
+def record_latents(model: nn.Module, layers: Sequence[str] | None = None, sigma: bool = False,
+                   updates: bool = False) -> Iterator[dict[str, dict[str, list[torch.Tensor]]]]:
     """Record per-token latents of chosen adapted layers during forward passes.
 
     Yields ``store[layer][latent] -> list of tensors`` (one per forward call, each (B, T, r),
     detached, on CPU), where ``latent`` is ``z1``/``z2`` (posterior means, FVAE family) or
     ``lora`` (``A x``); with ``sigma`` also ``sigma:z1``/``sigma:z2``, the posterior standard
-    deviations (FVAE family). ``layers=None`` records every adapted layer. Unknown layer names
+    deviations (FVAE family); with ``updates`` also ``update``, the adapter's output (the delta
+    it adds to its slice, (B, T, out)). ``layers=None`` records every adapted layer. Unknown
+    layer names
     raise. The hooks make the recorded layers run per adapter (no fused eval).
     """
     available = adapted_layers(model)
@@ -336,7 +345,10 @@ def record_latents(model: nn.Module, layers: Sequence[str] | None = None, sigma:
     for name in chosen:
         def hook(module, inputs, output, name=name):
             with torch.no_grad():
-                for key, value in module.latents(inputs[0], sigma=sigma).items():
+                values = module.latents(inputs[0], sigma=sigma)
+                if updates:
+                    values["update"] = output
+                for key, value in values.items():
                     store[name].setdefault(key, []).append(value.detach().float().cpu())
         handles.append(available[name].register_forward_hook(hook))
     try:

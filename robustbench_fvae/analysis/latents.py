@@ -40,7 +40,11 @@ from ..data.base import GroupSplit
 from ..progress import progress_bar
 
 POOLS = ("cls", "mean", "both")
-LATENT_KINDS = ("z1", "z2", "lora", "backbone")
+LATENT_KINDS = ("z1", "z2", "lora", "update", "z1_init", "z2_init", "lora_init", "random",
+                "backbone")
+# Seed of the untrained random projections (latent ``random``): fixed, so that every run and
+# method is compared with the same control.
+RANDOM_CONTROL_SEED = 20260
 DEFAULT_MAX_IMAGES = 5000
 # Fewest images a group keeps in a capped subsample (or all it has): per-group accuracies of the
 # group-balanced metric need a few samples even for the rarest group.
@@ -228,15 +232,18 @@ def _loader(split: GroupSplit, idx: np.ndarray, batch_size: int, num_workers: in
 def extract_latents(model: nn.Module, split: GroupSplit, layers: Sequence[str] | None = None, *,
                     pool: str = "mean", indices: Sequence[int] | np.ndarray | None = None,
                     batch_size: int = 256, device: str | torch.device = "cpu",
-                    num_workers: int = 0, backbone: bool = True,
-                    progress: bool = False) -> LatentSet:
+                    num_workers: int = 0, backbone: bool = True, updates: bool = False,
+                    random_control: bool = False, progress: bool = False) -> LatentSet:
     """Run ``model`` (eval mode, float32, no autocast) over ``split[indices]`` with the split's
     own transform — pass a split whose transform is the *evaluation* one — and pool the latents
     of ``layers`` (``None``: every adapted layer) per image. With ``backbone`` the input features
     of each adapted module are pooled too (latent ``backbone``, once per module, under the module
     name). The posterior σ of z1/z2 is summarised in ``sigma``. Tokens are pooled batch by batch,
     so memory holds only the pooled (N, D) arrays. Feature order: per module, its layers' codes,
-    then the module's backbone input."""
+    then the module's backbone input. ``updates``: also the adapters' outputs (latent
+    ``update``, the delta the model uses). ``random_control``: also an untrained random ReLU
+    projection of each module's input per token, as wide as the module's adapter code (latent
+    ``random``, once per module; :func:`random_projection`)."""
     available = adapted_layers(model)
     layers = list(available) if layers is None else list(layers)
     unknown = [n for n in layers if n not in available]
@@ -247,10 +254,18 @@ def extract_latents(model: nn.Module, split: GroupSplit, layers: Sequence[str] |
     modules = list(dict.fromkeys(_module_of(n) for n in layers))
     inputs: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
     handles = []
-    if backbone:
+    controls = {m: random_projection(model.get_submodule(m).in_features,
+                                     available[next(n for n in layers if _module_of(n) == m)].rank)
+                for m in modules} if random_control else {}
+    randoms: dict[str, list[torch.Tensor]] = {m: [] for m in controls}
+    if backbone or random_control:
         for module in modules:
             def pre_hook(_, args, module=module):
-                inputs[module].append(args[0].detach().float())
+                x = args[0].detach().float()
+                if backbone:
+                    inputs[module].append(x)
+                if module in controls:
+                    randoms[module].append(controls[module].to(x.device)(x))
             handles.append(model.get_submodule(module).register_forward_pre_hook(pre_hook))
     chunks: dict[tuple[str, str], list[torch.Tensor]] = {}
     sigma_sums: dict[tuple[str, str], float] = {}
@@ -268,7 +283,7 @@ def extract_latents(model: nn.Module, split: GroupSplit, layers: Sequence[str] |
         calls.clear()
 
     try:
-        with record_latents(model, layers, sigma=True) as store:
+        with record_latents(model, layers, sigma=True, updates=updates) as store:
             for images, _, _ in progress_bar(loader, desc=f"latents {split.split}",
                                              disable=not progress, leave=False,
                                              dynamic_ncols=True):
@@ -280,6 +295,8 @@ def extract_latents(model: nn.Module, split: GroupSplit, layers: Sequence[str] |
                 for module in modules:
                     if inputs[module]:
                         take((module, "backbone"), inputs[module])
+                    if randoms.get(module):
+                        take((module, "random"), randoms[module])
     finally:
         for h in handles:
             h.remove()
@@ -293,6 +310,22 @@ def extract_latents(model: nn.Module, split: GroupSplit, layers: Sequence[str] |
     sigma = {k: v / max(1, len(idx)) for k, v in sigma_sums.items()}
     return LatentSet(split=split.split, pool=pool, indices=idx, y=split.y[idx], a=split.a[idx],
                      g=split.g[idx], features=features, sigma=sigma)
+
+
+def random_projection(in_features: int, width: int, seed: int = RANDOM_CONTROL_SEED
+                      ) -> nn.Module:
+    """The untrained control code ``ReLU(R x + c)``: ``R`` (width, in), ``c`` drawn as
+    ``nn.Linear`` initialises them (Kaiming-uniform), from ``seed`` alone (the global RNG is
+    untouched). The shape of the FVAE encoder's trunk at initialisation; LoRA's ``A x`` at
+    initialisation is a random projection too, so a probe score at this control's level says
+    nothing learned."""
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1.0 / in_features ** 0.5
+    layer = nn.utils.skip_init(nn.Linear, in_features, width)  # no draw from the global RNG
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=generator)
+        layer.bias.uniform_(-bound, bound, generator=generator)
+    return nn.Sequential(layer, nn.ReLU()).requires_grad_(False)
 
 
 @torch.inference_mode()

@@ -58,3 +58,13 @@ def pick_configurations(results: Sequence[RunResult], rule: str
                                       choice.score, len(choice.candidates), choice.chosen)
     return out
 
+
+
+def matches_pick(result: RunResult, pick: Pick | None, changed: frozenset[str] = frozenset()
+                 ) -> bool:
+    """Whether ``result`` ran ``pick``'s configuration, apart from the flat settings
+    ``changed`` (a control arm's changes)."""
+    if pick is None:
+        return False
+    keys = (set(result.settings) | set(pick.settings)) - changed
+    return all(result.settings.get(k) == pick.settings.get(k) for k in keys)

@@ -4,8 +4,10 @@ Top panel: one pair of bars per ``layer · latent`` (label y, spurious attribute
 written above every bar (readable at any height, 0 included), and each target's chance level as a
 short tick across that target's own bars (y and a chance can differ, e.g. Animals' 4 classes vs
 its attributes, and equal ones no longer hide each other). Bottom panel: the share of active
-units per latent (``k/D`` above the bar) and, for z1/z2, the mean posterior σ. A collapsed latent
-(no active unit) has hatched, greyed probe bars and a red ``collapsed`` tick label. Drawn on a
+units per latent (``k/D`` above the bar): for z1/z2 the token-level count (units whose
+data-dependent KL reaches the threshold, :mod:`.information`) with the mean posterior σ, for other
+codes the image-pooled variance count, marked "pooled". A collapsed latent (token-level data KL
+under the threshold) has hatched, greyed probe bars and a red ``collapsed`` tick label. Drawn on a
 bare :class:`~matplotlib.figure.Figure` (Agg), never through pyplot's global state.
 """
 
@@ -44,8 +46,8 @@ def probe_accuracy_plot(rows: Sequence[dict], path: str | Path, title: str) -> P
     acc = {(r["layer"], r["latent"], r["target"]): 100.0 * float(r["acc"]) for r in rows}
     chance = {(r["layer"], r["latent"], r["target"]): 100.0 * float(r["chance"]) for r in rows}
     info = {(r["layer"], r["latent"]): r for r in rows}
-    has_checks = all("active_units" in r for r in rows)
-    collapsed = {k for k in keys if has_checks and info[k]["collapsed"]}
+    has_checks = all("pooled_active_units" in r for r in rows)
+    collapsed = {k for k in keys if has_checks and info[k].get("collapsed")}
 
     n = len(keys)
     # Room per latent for its two-line tick label (layer name, latent) side by side; past 10
@@ -101,12 +103,13 @@ def probe_accuracy_plot(rows: Sequence[dict], path: str | Path, title: str) -> P
 
     bottom = ax2 if ax2 is not None else ax
     if ax2 is not None:
-        share = [100.0 * info[k]["active_units"] / max(1, int(info[k]["dim"])) for k in keys]
+        counts = {k: _active_count(info[k]) for k in keys}
+        share = [100.0 * counts[k][0] / max(1, int(info[k]["dim"])) for k in keys]
         colours = ["#C00000" if k in collapsed else "0.45" for k in keys]
         bars = ax2.bar(range(n), share, 0.6, color=colours, zorder=2)
         labels = []
         for k in keys:
-            text = f"{info[k]['active_units']}/{info[k]['dim']}"
+            text = f"{counts[k][0]}/{info[k]['dim']}" + ("" if counts[k][1] else "\npooled")
             sigma = float(info[k].get("sigma", math.nan))
             if not math.isnan(sigma):
                 text += f"\nσ={sigma:.2g}"
@@ -117,8 +120,9 @@ def probe_accuracy_plot(rows: Sequence[dict], path: str | Path, title: str) -> P
         ax2.set_ylabel("active units\n(% of dims)", fontsize=9)
         ax2.grid(axis="y", alpha=0.3, zorder=0)
         ax2.set_axisbelow(True)
-        ax2.set_title("collapse check on the test codes: dimensions with variance over images "
-                      "> 0.01 (k/D); σ = mean posterior std of z1/z2", fontsize=8)
+        ax2.set_title("collapse check on the test codes: z1/z2 units with token-level "
+                      "data-dependent KL >= 0.01 nats (k/D; σ = mean posterior std); other "
+                      "codes: pooled dimensions with variance > 0.01", fontsize=8)
     bottom.set_xticks(range(n))
     ticks = [f"{layer}\n{latent}" + ("\n(collapsed)" if (layer, latent) in collapsed else "")
              for layer, latent in keys]
@@ -182,6 +186,52 @@ def sensitivity_plot(rows: Sequence[dict], path: str | Path, title: str) -> Path
               title="twin of each test image", title_fontsize=8)
     ax.set_title(title + "\nratio = object removed ÷ background removed; > 1: the code "
                  "follows the object", fontsize=10)
+    from .plots import save_png
+
+    return save_png(fig, path)
+
+
+def _active_count(row: dict) -> tuple[int, bool]:
+    """``(count, token_level)``: the token-level active units where measured, else the pooled
+    count."""
+    token = row.get("active_units", math.nan)
+    if token not in ("", None) and not (isinstance(token, float) and math.isnan(token)):
+        return int(float(token)), True
+    return int(float(row["pooled_active_units"])), False
+
+
+def layer_loss_plot(history: Sequence[dict], selected_epoch: int | None, path: str | Path,
+                    title: str) -> Path | None:
+    """``loss_parts.png``: the training means of R, K1, K2 and G per adapted layer over epochs
+    (``train_layers`` of ``history.jsonl``; one line per layer, one panel per part), the selected
+    epoch (dashed) and the last epoch (dotted) marked. None when the history has no per-layer
+    parts (runs written before they were logged, or not of the FVAE family)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [r for r in history if r.get("train_layers")]
+    if not epochs:
+        return None
+    layers = list(dict.fromkeys(layer for r in epochs for layer in r["train_layers"]))
+    parts = [p for p in ("R", "K1", "K2", "G")
+             if any(p in r["train_layers"].get(layer, {}) for r in epochs for layer in layers)]
+    fig = Figure(figsize=(3.2 * len(parts) + 2.4, 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(parts), squeeze=False)[0]
+    x = [r["epoch"] for r in epochs]
+    for ax, part in zip(axes, parts):
+        for layer in layers:
+            ax.plot(x, [r["train_layers"].get(layer, {}).get(part, math.nan) for r in epochs],
+                    marker="o", markersize=3, linewidth=1.2, label=layer)
+        if selected_epoch is not None:
+            ax.axvline(selected_epoch, color="black", linestyle="--", linewidth=1)
+        ax.axvline(x[-1], color="0.5", linestyle=":", linewidth=1)
+        ax.set_title(f"{part} (train mean per epoch)", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=7,
+                    title="layer (dashed: selected epoch; dotted: last)", title_fontsize=7)
+    fig.suptitle(title, fontsize=10)
     from .plots import save_png
 
     return save_png(fig, path)

@@ -53,6 +53,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from .information import COLLAPSE_NATS
 from .latents import DEFAULT_MAX_IMAGES, POOLS, LatentSet
 
 TARGETS = ("y", "a")
@@ -207,10 +208,12 @@ def run_probe(X_train: np.ndarray, t_train: np.ndarray, g_train: np.ndarray,
 
 
 def collapse_stats(X: np.ndarray, sigma: float | None = None) -> dict:
-    """Collapse checks of pooled codes ``X`` (N images, D dims): ``std_median``/``std_min`` of
-    the per-dimension standard deviation over images, ``active_units`` (dimensions with variance
-    over images > :data:`ACTIVE_VAR`), ``sigma`` (the posterior σ summary, NaN when the latent
-    has none) and ``collapsed`` (no active unit)."""
+    """Spread checks of **image-pooled** codes ``X`` (N images, D dims): ``std_median``/
+    ``std_min`` of the per-dimension standard deviation over images, ``pooled_active_units``
+    (dimensions with variance over images > :data:`ACTIVE_VAR`), ``sigma`` (the posterior σ
+    summary, NaN when the latent has none) and ``pooled_collapsed`` (no pooled active unit).
+    Pooling averages the tokens first, so these understate a per-token code's variation; the
+    verdict on collapse is the token-level one (:func:`add_information`)."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or len(X) == 0:
         raise ProbeError(f"codes must be a non-empty (N, D) array; got shape {X.shape}")
@@ -218,8 +221,46 @@ def collapse_stats(X: np.ndarray, sigma: float | None = None) -> dict:
     active = int((var > ACTIVE_VAR).sum())
     std = np.sqrt(var)
     return {"std_median": float(np.median(std)), "std_min": float(std.min()),
-            "active_units": active, "sigma": math.nan if sigma is None else float(sigma),
-            "collapsed": active == 0}
+            "pooled_active_units": active, "sigma": math.nan if sigma is None else float(sigma),
+            "pooled_collapsed": active == 0}
+
+
+CONTROL_LATENTS = {"z1": "z1_init", "z2": "z2_init", "lora": "lora_init"}
+TSNE_LATENTS = ("z1", "z2", "lora", "backbone")
+
+
+def add_controls(rows: Sequence[dict]) -> list[dict]:
+    """Each probe row with its controls' test accuracies for the same layer and target:
+    ``acc_input`` (the module input, ``backbone``: the ceiling of what a code of it can carry),
+    ``acc_random`` (the untrained random projection of the module input, ``random``),
+    ``acc_init`` (the same code at initialisation, the floor; NaN for codes without one) and
+    ``learned`` = acc − acc_random (NaN without the random control)."""
+    acc = {(r["layer"], r["latent"], r["target"]): r["acc"] for r in rows}
+    out = []
+    for r in rows:
+        module = r["layer"].rsplit(":", 1)[0]
+        random = acc.get((module, "random", r["target"]), math.nan)
+        out.append({**r, "acc_input": acc.get((module, "backbone", r["target"]), math.nan),
+                    "acc_random": random,
+                    "acc_init": acc.get((r["layer"], CONTROL_LATENTS.get(r["latent"], ""),
+                                         r["target"]), math.nan),
+                    "learned": r["acc"] - random})
+    return out
+
+
+def add_information(rows: Sequence[dict], summary: Sequence[dict] | None) -> list[dict]:
+    """Each probe row with the token-level verdict of its latent on test
+    (``information_summary.csv``): ``active_units`` (units whose data-dependent KL is at least
+    the threshold), ``data_kl`` (their sum, nats per token) and ``collapsed``; NaN / False for
+    codes without a posterior (LoRA's A x, updates, controls) or when not measured."""
+    info = {(r["layer"], r["latent"]): r for r in (summary or []) if r["split"] == "test"}
+    out = []
+    for r in rows:
+        found = info.get((r["layer"], r["latent"]))
+        out.append({**r, "active_units": math.nan if found is None else found["active_units"],
+                    "data_kl": math.nan if found is None else found["data"],
+                    "collapsed": bool(found is not None and found["collapsed"])})
+    return out
 
 
 def _row(key: tuple[str, str], target: str, result: ProbeResult, pool: str, fit_split: str,
@@ -268,9 +309,15 @@ def probe_latents(train: LatentSet, test: LatentSet, targets: Sequence[str] = TA
 
 CSV_COLUMNS = ("layer", "latent", "target", "acc", "plain_acc", "chance", "plain_chance",
                "cv_acc", "C", "n_fit", "n_test", "dim", "pool", "fit_split", "weighting",
-               "std_median", "std_min", "active_units", "sigma", "collapsed")
+               "acc_input", "acc_random", "acc_init", "learned", "std_median", "std_min",
+               "pooled_active_units", "pooled_collapsed", "sigma", "active_units", "data_kl",
+               "collapsed")
 LATENT_LABELS = {"z1": "latent z1 (mean of q1)", "z2": "latent z2 (mean of q2)",
-                 "lora": "LoRA code A·x", "backbone": "backbone features entering the module"}
+                 "lora": "LoRA code A·x", "update": "the update the adapter adds",
+                 "z1_init": "z1 at initialisation", "z2_init": "z2 at initialisation",
+                 "lora_init": "A·x at initialisation",
+                 "random": "untrained random ReLU projection of the module input",
+                 "backbone": "backbone features entering the module"}
 METRIC_NOTE = ("acc = group-balanced test accuracy: the mean, over the test split's groups (y, a), "
                "of the probe's accuracy within each group; chance = the same for the best "
                "constant predictor")
@@ -286,43 +333,55 @@ def write_probes_csv(rows: Sequence[dict], path: str | Path) -> Path:
 
 def format_table(rows: Sequence[dict]) -> str:
     """Rows layer × latent, columns ``acc(y)``, ``acc(a)`` (group-balanced test accuracy), the
-    collapse checks (active units of the dimensions, median per-dimension std, posterior σ) and
-    a ``COLLAPSED`` mark on latents without an active unit; a last line with the chance level of
-    each target."""
+    learned decodability of y (acc − the random control's, when the rows have controls), the
+    token-level active units and data-dependent KL of posterior codes, the pooled active units
+    and the posterior σ; a ``COLLAPSED`` mark on codes whose data-dependent KL is under the
+    threshold; a last line with the chance level of each target."""
     targets = [t for t in TARGETS if any(r["target"] == t for r in rows)]
-    cells: dict[tuple[str, str], dict[str, float]] = {}
-    checks: dict[tuple[str, str], dict] = {}
+    cells: dict[tuple[str, str], dict[str, dict]] = {}
     chance: dict[str, float] = {}
     for r in rows:
-        cells.setdefault((r["layer"], r["latent"]), {})[r["target"]] = r["acc"]
-        checks[(r["layer"], r["latent"])] = r
+        cells.setdefault((r["layer"], r["latent"]), {})[r["target"]] = r
         chance[r["target"]] = r["chance"]
+    controls = any(not math.isnan(r.get("learned", math.nan)) for r in rows)
     width = max([len("layer")] + [len(layer) for layer, _ in cells])
-    head = (f"{'layer':{width}}  {'latent':8}" + "".join(f"  {f'acc({t})':>7}" for t in targets)
-            + f"  {'active':>7}  {'std med':>7}  {'σ post':>6}")
+    head = (f"{'layer':{width}}  {'latent':9}" + "".join(f"  {f'acc({t})':>7}" for t in targets)
+            + (f"  {'learned(y)':>10}" if controls else "")
+            + f"  {'active':>7}  {'data KL':>7}  {'pooled':>7}  {'σ post':>6}")
     lines = [head, "-" * len(head)]
     previous = None
-    for (layer, latent), accs in cells.items():
+    for (layer, latent), by_target in cells.items():
         shown = layer if layer != previous else ""
         previous = layer
-        c = checks[(layer, latent)]
+        c = next(iter(by_target.values()))
+        line = (f"{shown:{width}}  {latent:9}" + "".join(
+            f"  {by_target[t]['acc']:7.3f}" if t in by_target else f"  {'-':>7}"
+            for t in targets))
+        if controls:
+            learned = by_target.get("y", {}).get("learned", math.nan)
+            line += f"  {learned:+10.3f}" if not math.isnan(learned) else f"  {'-':>10}"
+        active = c.get("active_units", math.nan)
+        data_kl = c.get("data_kl", math.nan)
         sigma = c.get("sigma", math.nan)
-        line = (f"{shown:{width}}  {latent:8}" + "".join(
-            f"  {accs[t]:7.3f}" if t in accs else f"  {'-':>7}" for t in targets))
-        if "active_units" in c:
-            active = f"{c['active_units']}/{c['dim']}"
-            line += f"  {active:>7}  {c['std_median']:7.3g}  " + (
-                f"{sigma:6.3f}" if not math.isnan(sigma) else f"{'-':>6}")
-            if c["collapsed"]:
-                line += "  COLLAPSED"
+        line += (f"  {_count(active, c['dim']):>7}  "
+                 + (f"{data_kl:7.3f}" if not math.isnan(data_kl) else f"{'-':>7}")
+                 + f"  {_count(c.get('pooled_active_units', math.nan), c['dim']):>7}  "
+                 + (f"{sigma:6.3f}" if not math.isnan(sigma) else f"{'-':>6}"))
+        if c.get("collapsed"):
+            line += "  COLLAPSED"
         lines.append(line)
     lines.append("-" * len(head))
-    lines.append(f"{'chance (best constant predictor)':{width + 10}}" + "".join(
+    lines.append(f"{'chance (best constant predictor)':{width + 11}}" + "".join(
         f"  {chance[t]:7.3f}" for t in targets))
-    if any(c.get("collapsed") for c in checks.values()):
-        lines.append(f"collapsed = no active unit (no dimension varies over the test images by "
-                     f"more than {ACTIVE_VAR} in variance): its accuracies are not evidence")
+    lines.append("active = units whose token-level data-dependent KL is at least "
+                 f"{COLLAPSE_NATS} nats (data KL: their sum, nats per token); pooled = units of "
+                 f"the image-pooled code with variance > {ACTIVE_VAR} (understates a per-token "
+                 "code); COLLAPSED = data KL under the threshold")
     return "\n".join(lines)
+
+
+def _count(value, dim) -> str:
+    return "-" if isinstance(value, float) and math.isnan(value) else f"{int(value)}/{dim}"
 
 
 @dataclass
@@ -339,46 +398,88 @@ def probe_run(run_dir: str | Path, *, layers: str | Sequence[str] | None = None,
               out: str | Path | None = None, device: str = "auto", tsne_max: int = 2000,
               seed: int = 0, batch_size: int | None = None, num_workers: int | None = None,
               n_jobs: int = 1, progress: bool = True, fit_split: str = "train",
-              weighting: str = "group", log=print) -> ProbeOutput:
+              weighting: str = "group", evidence: bool = True, log=print) -> ProbeOutput:
     """Probe a finished run: extract pooled latents of ``layers`` on (capped, group-stratified
     subsamples of) the fit split (``train`` or ``val``) and test with evaluation transforms, fit
     probes of y and a on the fit split with ``weighting`` sample weights, score them on test,
-    write ``probes.csv`` (with the collapse checks), ``probe.json``, ``probes.png`` and t-SNE
-    figures of the test latents (``tsne_max`` = 0: none) under ``out`` (default
-    ``RUN_DIR/probe``)."""
+    write ``probes.csv`` (with the collapse checks and the controls: module input, a random
+    projection, the code at initialisation), ``probe.json``, ``probes.png`` and t-SNE figures of
+    the test latents (``tsne_max`` = 0: none) under ``out`` (default ``RUN_DIR/probe``). With
+    ``evidence`` also the token-level information rates, update sizes and interventions
+    (:mod:`.evidence`)."""
     run_dir = Path(run_dir)
     check_finished_run(run_dir)
     # Imported here: checking the arguments above needs none of the model machinery.
     import torch
 
     from ..adapters import adapted_layers
-    from ..training import load_trained_model, resolve_device
-    from .latents import extract_latents, select_layers
+    from ..training import load_initial_model, load_trained_model, resolve_device
+    from .latents import extract_latents, select_layers, stratified_subsample
 
     _check_probe_settings(pool, max_images, tsne_max, fit_split, weighting)
     dev = resolve_device(device)
     model, cfg, splits = load_trained_model(run_dir, str(dev))
     chosen = select_layers(list(adapted_layers(model)), layers)
+    initial = load_initial_model(run_dir, str(dev))
     # The train split comes with the augmenting transform; latents are read as at evaluation.
     splits["train"].transform = splits["test"].transform
-    options = dict(pool=pool, batch_size=batch_size or cfg.train.eval_batch_size or 64,
-                   device=dev, num_workers=_loader_workers(num_workers, dev), progress=progress)
-    extract = lambda split, idx, m=model: extract_latents(  # noqa: E731
-        m, split, chosen, indices=idx, **options)
+    batch = batch_size or cfg.train.eval_batch_size or 64
+    options = dict(pool=pool, batch_size=batch, device=dev,
+                   num_workers=_loader_workers(num_workers, dev), progress=progress)
+
+    def extract(split, idx):
+        trained = extract_latents(model, split, chosen, indices=idx, updates=True,
+                                  random_control=True, **options)
+        # The floor: the same codes from the model as it was initialised (same seed).
+        at_init = extract_latents(initial, split, chosen, indices=idx, backbone=False,
+                                  **options)
+        trained.features.update({(layer, f"{latent}_init"): value
+                                 for (layer, latent), value in at_init.features.items()
+                                 if latent in ("z1", "z2", "lora")})
+        trained.features = {k: trained.features[k] for k in trained.pairs()}
+        return trained
+
     sets = _latent_sets(
         splits, fit_split, max_images, seed, f"{pool}-pooled latents of {len(chosen)} layer(s)",
         extract, log)
-    sets.update(_counterfactual_sets(cfg.dataset, cfg.data_root, cfg.train.spurious_strength,
-                                     splits["test"], sets["test"].indices, extract, log))
-    del model
+    twins = _twin_splits(cfg.dataset, cfg.data_root, cfg.train.spurious_strength,
+                         splits["test"], log)
+    sets.update(_counterfactual_sets(twins, sets["test"].indices, extract, log))
+    out_dir = Path(out) if out is not None else run_dir / "probe"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    measured = None
+    if evidence:
+        from .evidence import measure_evidence
+
+        indices = {"test": sets["test"].indices,
+                   "val": (sets["fit"].indices if fit_split == "val"
+                           else stratified_subsample(splits["val"].g, max_images, seed))}
+        measured = measure_evidence(
+            model, initial, splits, {k: v for k, v in twins.items() if k != "core_only"},
+            chosen, indices, out_dir, batch_size=batch, device=dev, seed=seed,
+            progress=progress, log=log)
+    model = initial = None  # free them before the probes fit (the closure holds names only)
+    extra = _loss_parts_figure(run_dir, out_dir, f"{cfg.method} on {cfg.dataset}")
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    out_dir = Path(out) if out is not None else run_dir / "probe"
     return _probe_and_write(
         sets, splits["test"], f"{cfg.method} on {cfg.dataset}", out_dir,
         {"run_dir": str(run_dir), "dataset": cfg.dataset, "method": cfg.method,
          "layers": chosen}, pool=pool, max_images=max_images, tsne_max=tsne_max, seed=seed,
-        n_jobs=n_jobs, weighting=weighting, log=log)
+        n_jobs=n_jobs, weighting=weighting, log=log,
+        information=None if measured is None else measured["summary"], extra_figures=extra)
+
+
+def _loss_parts_figure(run_dir: Path, out_dir: Path, what: str) -> list[Path]:
+    """``loss_parts.png`` from the run's per-layer training loss parts, when it logged them."""
+    from .. import records
+    from .probe_plot import layer_loss_plot
+
+    record = records.load_run(run_dir)
+    selected = (record.metrics or {}).get("selected_epoch")
+    path = layer_loss_plot(record.history, selected, out_dir / "loss_parts.png",
+                           f"{what}: the FVAE loss parts per adapted layer")
+    return [] if path is None else [path]
 
 
 def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | None = None,
@@ -414,8 +515,8 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
     sets = _latent_sets(
         splits, fit_split, max_images, seed, f"{pool}-pooled {cfg.backbone} features", extract,
         log)
-    sets.update(_counterfactual_sets(dataset, data_root, cfg.train.spurious_strength,
-                                     splits["test"], sets["test"].indices, extract, log))
+    twins = _twin_splits(dataset, data_root, cfg.train.spurious_strength, splits["test"], log)
+    sets.update(_counterfactual_sets(twins, sets["test"].indices, extract, log))
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -448,20 +549,28 @@ def _latent_sets(splits: dict, fit_split: str, max_images: int | None, seed: int
     return sets
 
 
-def _counterfactual_sets(dataset: str, data_root: str, strength: float | None, test_split,
-                         indices: np.ndarray, extract, log) -> dict[str, LatentSet]:
-    """Codes of the core-only and background-only twins of the probed test images (keys
-    ``core_only``, ``background_only``), read with the test transform; empty for a real dataset
-    or a replica without twins (said in one line)."""
+def _twin_splits(dataset: str, data_root: str, strength: float | None, test_split, log
+                 ) -> dict:
+    """The replica's twins of test (``core_only``, ``background_only``, ``background_swapped``)
+    as the model reads test; empty for a real dataset or a replica without twins (said in one
+    line)."""
     if not dataset.startswith("synth-"):
         return {}
     from ..data import DatasetError
     from ..stem_cache import counterfactual_inputs
 
     try:
-        twins = counterfactual_inputs(dataset, data_root, test_split, strength)
+        return counterfactual_inputs(dataset, data_root, test_split, strength)
     except DatasetError as err:
-        log(f"no counterfactual sensitivity: {err}")
+        log(f"no counterfactual twins: {err}")
+        return {}
+
+
+def _counterfactual_sets(twins: dict, indices: np.ndarray, extract, log
+                         ) -> dict[str, LatentSet]:
+    """Codes of the core-only and background-only twins of the probed test images (keys
+    ``core_only``, ``background_only``); empty without twins."""
+    if "core_only" not in twins:
         return {}
     log(f"extracting the same codes from the core-only and background-only twins of the "
         f"{len(indices)} test images")
@@ -484,7 +593,9 @@ def _check_probe_settings(pool: str, max_images: int | None, tsne_max: int,
 
 def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir: Path,
                      meta: dict, *, pool: str, max_images: int | None, tsne_max: int, seed: int,
-                     n_jobs: int, weighting: str, log) -> ProbeOutput:
+                     n_jobs: int, weighting: str, log,
+                     information: Sequence[dict] | None = None,
+                     extra_figures: Sequence[Path] = ()) -> ProbeOutput:
     """Fit and score the probes of ``sets`` (``fit`` and ``test``), print the table, write
     probes.csv, probes.png, the t-SNE figures and probe.json (``meta`` first) to ``out_dir``."""
     from .. import records
@@ -493,6 +604,7 @@ def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir:
 
     fit = sets["fit"]
     rows = probe_latents(fit, sets["test"], seed=seed, n_jobs=n_jobs, weighting=weighting)
+    rows = add_information(add_controls(rows), information)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_probes_csv(rows, out_dir / "probes.csv")
     log(f"\nlinear probes of {what} ({pool}-pooled; fitted on {fit.split} "
@@ -503,7 +615,8 @@ def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir:
     figures = [probe_accuracy_plot(
         rows, out_dir / "probes.png",
         f"linear probes of {what}: can y and a be read off each latent?\n"
-        f"fitted on {fit.split} ({weighting}-balanced), scored on test; {pool}-pooled")]
+        f"fitted on {fit.split} ({weighting}-balanced), scored on test; {pool}-pooled"),
+        *extra_figures]
     if tsne_max:
         figures += _tsne_figures(sets["test"], test_split.class_names,
                                 test_split.attribute_names, tsne_max, seed, out_dir,
@@ -519,6 +632,10 @@ def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir:
         "n_fit": int(fit.y.size), "n_test": int(sets["test"].y.size),
         "Cs": list(DEFAULT_CS), "cv_folds_max": DEFAULT_FOLDS, "metric": METRIC_NOTE,
         "collapse": _collapse_summary(rows), "active_var_threshold": ACTIVE_VAR,
+        "collapse_nats_threshold": COLLAPSE_NATS,
+        "evidence": ([name for name in ("information.csv", "information_summary.csv",
+                                        "updates.csv", "interventions.csv")
+                      if (out_dir / name).is_file()] if information is not None else []),
         "sensitivity": sensitivity,
         "figures": [f.name for f in figures],
     })
@@ -557,15 +674,20 @@ def _write_sensitivity(sets: dict[str, LatentSet], out_dir: Path, what: str, poo
 
 
 def _collapse_summary(rows: Sequence[dict]) -> list[dict]:
-    """One entry per probed latent: its collapse checks (JSON-ready; NaN σ → None)."""
+    """One entry per probed latent: its spread and collapse checks (JSON-ready: NaN → None)."""
+    def clean(value):
+        return None if isinstance(value, float) and math.isnan(value) else value
+
     seen: dict[tuple[str, str], dict] = {}
     for r in rows:
         seen.setdefault((r["layer"], r["latent"]), {
             "layer": r["layer"], "latent": r["latent"], "dim": int(r["dim"]),
             "std_median": r["std_median"], "std_min": r["std_min"],
-            "active_units": int(r["active_units"]),
-            "sigma": None if math.isnan(r["sigma"]) else r["sigma"],
-            "collapsed": bool(r["collapsed"])})
+            "pooled_active_units": int(r["pooled_active_units"]),
+            "pooled_collapsed": bool(r["pooled_collapsed"]), "sigma": clean(r["sigma"]),
+            "active_units": clean(r.get("active_units", math.nan)),
+            "data_kl": clean(r.get("data_kl", math.nan)),
+            "collapsed": bool(r.get("collapsed", False))})
     return list(seen.values())
 
 
@@ -576,7 +698,8 @@ def _tsne_figures(test: LatentSet, class_names, attribute_names, tsne_max: int, 
 
     rows = stratified_subsample(test.g, tsne_max, seed)
     shown = test.subset(rows)
-    keys = shown.pairs()
+    # Maps of the codes themselves and of the module input; the controls need none.
+    keys = [k for k in shown.pairs() if k[1] in TSNE_LATENTS]
     log(f"t-SNE of {len(rows)} test images (cap --tsne-max {tsne_max}, stratified by group) for "
         f"{len(keys)} latent(s)…")
     if n_jobs == 1:

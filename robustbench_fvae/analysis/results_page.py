@@ -36,7 +36,7 @@ from robustbench_fvae.analysis.comparisons import (
     compare_to_reference,
     run_worst_group_interval,
 )
-from robustbench_fvae.analysis.picks import Pick, pick_configurations
+from robustbench_fvae.analysis.picks import Pick, matches_pick, pick_configurations
 from robustbench_fvae.analysis.statistics import holm_adjust, holm_levels, paired_difference
 from robustbench_fvae.analysis.tables import (
     METHOD_NAMES,
@@ -101,15 +101,6 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _matches(result: RunResult, pick: Pick | None, changed: frozenset[str] = frozenset()
-             ) -> bool:
-    """Whether ``result`` ran ``pick``'s configuration, apart from the settings ``changed``."""
-    if pick is None:
-        return False
-    keys = (set(result.settings) | set(pick.settings)) - changed
-    return all(result.settings.get(k) == pick.settings.get(k) for k in keys)
-
-
 def final_rows(final: Sequence[records.RunRecord], picks: dict[tuple[str, str], Pick],
                rule: str) -> tuple[list[GroupRow], list[str]]:
     """The rows of ``rule``'s table — per dataset × method, the final runs of its pick, each at
@@ -117,7 +108,7 @@ def final_rows(final: Sequence[records.RunRecord], picks: dict[tuple[str, str], 
     results, skipped = run_results(final, select=rule)
     if skipped:
         raise ResultsError(f"cannot read final run {skipped[0][0]}: {skipped[0][1]}")
-    kept = [r for r in results if _matches(r, picks.get((r.dataset, r.method)))]
+    kept = [r for r in results if matches_pick(r, picks.get((r.dataset, r.method)))]
     have = {(r.dataset, r.method) for r in kept}
     notes = [f"{d}/{m}: the {rule} pick ({p.text}) has no final run in the records yet"
              for (d, m), p in picks.items() if (d, m) not in have
@@ -209,12 +200,12 @@ def controls_section(final: Sequence[records.RunRecord], controls: Sequence[reco
     methods = (REFERENCE, CONTROL_METHOD)
     default, _ = run_results(final, select="val_wg")
     default = [r for r in default if r.dataset == CONTROL_DATASET and r.method in methods
-               and _matches(r, picks.get((r.dataset, r.method)))]
+               and matches_pick(r, picks.get((r.dataset, r.method)))]
     ctrl, _ = run_results(controls, select="val_wg")
     ctrl = [r for r in ctrl if r.dataset == CONTROL_DATASET and r.method in methods]
 
     def arm(changed: set[str], wanted: dict[str, object]) -> list[RunResult]:
-        return [r for r in ctrl if _matches(r, picks.get((r.dataset, r.method)),
+        return [r for r in ctrl if matches_pick(r, picks.get((r.dataset, r.method)),
                                             frozenset(changed))
                 and all(r.settings.get(k) == v for k, v in wanted.items())]
 
@@ -453,13 +444,17 @@ def figure_folder(page: str | Path) -> Path:
     return Path(page).with_suffix("")
 
 
-def _with_block(readme: Path, block: str) -> str:
+def with_block(readme: Path, block: str, markers: tuple[str, str] = (README_BEGIN, README_END)
+               ) -> str:
+    """The text of ``readme`` with the part between ``markers`` (both included) replaced by
+    ``block`` (which carries the markers itself)."""
     text = readme.read_text(encoding="utf-8")
-    begin, end = text.find(README_BEGIN), text.find(README_END)
+    first, last = markers
+    begin, end = text.find(first), text.find(last)
     if begin < 0 or end < begin:
-        raise ResultsError(f"{readme} has no {README_BEGIN} … {README_END} markers where the "
-                           "results are quoted; add them to the section that quotes the page")
-    rest = text[end + len(README_END):]
+        raise ResultsError(f"{readme} has no {first} … {last} markers where the page is "
+                           "quoted; add them to the section that quotes the page")
+    rest = text[end + len(last):]
     return text[:begin] + block + (rest[1:] if rest.startswith("\n") else rest)
 
 
@@ -479,7 +474,7 @@ def write_page(results_dir: str | Path, page: str | Path,
     folder = figure_folder(page)
     link = _page_link(page, Path(readme)) if readme else PAGE_LINK
     text, figures, block = build_page(results_dir, folder.name, link)
-    new_readme = _with_block(Path(readme), block) if readme else None
+    new_readme = with_block(Path(readme), block) if readme else None
     written = [Path(page)]
     records.write_text_atomic(page, text)
     for name, fig in figures.items():
@@ -502,6 +497,6 @@ def check_page(results_dir: str | Path, page: str | Path,
         return f"{path} does not exist; {fix}"
     if path.read_text(encoding="utf-8") != text:
         return f"{path} differs from what the records in {results_dir} give; {fix}"
-    if readme and _with_block(Path(readme), block) != Path(readme).read_text(encoding="utf-8"):
+    if readme and with_block(Path(readme), block) != Path(readme).read_text(encoding="utf-8"):
         return f"{readme}'s results block differs from what {results_dir} gives; {fix}"
     return None

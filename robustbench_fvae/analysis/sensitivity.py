@@ -16,6 +16,11 @@ For a latent with pooled test codes ``c_i`` (N, D), the codes ``c_i^core`` of th
   more than the background (what a task code should do on these replicas), below 1 the reverse;
   ``inf`` when removing the background does not move it at all.
 
+Each shift comes with a 95 % interval (``_low``/``_high``): the normal approximation of a mean
+of the N per-image shifts, the spread held fixed. Read a code's ratio beside the module input's
+(``backbone``) and the untrained random projection's (``random``) of the same layer: a ratio
+above those is what training added.
+
 A latent without spread (a constant code) gets NaN shifts and ratio: it carries nothing to move.
 Pure functions over arrays; the wiring to a run is in :mod:`.probes`.
 """
@@ -28,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-SENSITIVITY_COLUMNS = ("layer", "latent", "shift_core_only", "shift_background_only", "ratio",
+SENSITIVITY_COLUMNS = ("layer", "latent", "shift_core_only", "shift_core_only_low",
+                       "shift_core_only_high", "shift_background_only",
+                       "shift_background_only_low", "shift_background_only_high", "ratio",
                        "spread", "n")
 PAIR_CHUNK = 512  # rows per block of the pairwise-distance mean (bounds memory to 512·N floats)
 
@@ -65,13 +72,19 @@ def counterfactual_sensitivity(codes: np.ndarray, core_only: np.ndarray,
                                f"{background_only.shape}")
     spread = mean_pairwise_distance(codes)
     if spread <= 1e-12:
-        return {"shift_core_only": math.nan, "shift_background_only": math.nan,
-                "ratio": math.nan, "spread": spread, "n": len(codes)}
-    core = float(np.linalg.norm(codes - core_only, axis=1).mean()) / spread
-    background = float(np.linalg.norm(codes - background_only, axis=1).mean()) / spread
+        empty = {f"{k}{end}": math.nan for k in ("shift_core_only", "shift_background_only")
+                 for end in ("", "_low", "_high")}
+        return {**empty, "ratio": math.nan, "spread": spread, "n": len(codes)}
+    out = {}
+    for key, twin in (("shift_core_only", core_only), ("shift_background_only",
+                                                       background_only)):
+        per_image = np.linalg.norm(codes - twin, axis=1) / spread
+        mean = float(per_image.mean())
+        half = 1.959963984540054 * float(per_image.std(ddof=1)) / math.sqrt(len(per_image))
+        out.update({key: mean, f"{key}_low": mean - half, f"{key}_high": mean + half})
+    core, background = out["shift_core_only"], out["shift_background_only"]
     ratio = background / core if core > 0 else (math.inf if background > 0 else math.nan)
-    return {"shift_core_only": core, "shift_background_only": background, "ratio": ratio,
-            "spread": spread, "n": len(codes)}
+    return {**out, "ratio": ratio, "spread": spread, "n": len(codes)}
 
 
 def sensitivity_rows(codes: dict[tuple[str, str], np.ndarray],
