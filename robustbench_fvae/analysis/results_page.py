@@ -430,7 +430,8 @@ def build_page(results_dir: str | Path, figure_dir: str | Path, page_link: str =
               to_markdown(runs_table(rows_by_rule, root))]
     reported = {r.dataset for r in every_row}
     full_search = SEARCH_DRAWS * len(_committed_search()[0])
-    pending = [f"{d} (search {'complete' if full_search and n >= full_search else 'incomplete'})"
+    pending = [f"{d} (" + ("search complete, finals not in the records yet"
+                           if full_search and n >= full_search else "search incomplete") + ")"
                for d, n in expected_search(search).items() if d not in reported]
     if not controls.runs:
         pending.append("the set-up controls")
