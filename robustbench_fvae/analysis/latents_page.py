@@ -514,9 +514,6 @@ def check_latents_page(results_dir: str | Path, page: str | Path = PAGE,
 
 
 def _link(page: str | Path, readme: str | Path | None) -> str:
-    if not readme:
-        return PAGE_LINK
-    try:
-        return str(Path(page).resolve().relative_to(Path(readme).resolve().parent))
-    except ValueError:
-        return str(page)
+    from robustbench_fvae.analysis.results_page import page_link
+
+    return page_link(page, Path(readme)) if readme else PAGE_LINK

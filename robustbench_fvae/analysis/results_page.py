@@ -459,7 +459,8 @@ def with_block(readme: Path, block: str, markers: tuple[str, str] = (README_BEGI
     return text[:begin] + block + (rest[1:] if rest.startswith("\n") else rest)
 
 
-def _page_link(page: str | Path, readme: Path) -> str:
+def page_link(page: str | Path, readme: Path) -> str:
+    """The page's path as the README links it (relative to the README's folder)."""
     try:
         return str(Path(page).resolve().relative_to(readme.resolve().parent))
     except ValueError:
@@ -473,7 +474,7 @@ def write_page(results_dir: str | Path, page: str | Path,
     from robustbench_fvae.analysis.plots import save_png
 
     folder = figure_folder(page)
-    link = _page_link(page, Path(readme)) if readme else PAGE_LINK
+    link = page_link(page, Path(readme)) if readme else PAGE_LINK
     text, figures, block = build_page(results_dir, folder.name, link)
     new_readme = with_block(Path(readme), block) if readme else None
     written = [Path(page)]
@@ -490,7 +491,7 @@ def check_page(results_dir: str | Path, page: str | Path,
                readme: str | Path | None = "README.md") -> str | None:
     """None when ``page`` (and the README's block) hold what :func:`write_page` would write,
     else what differs."""
-    link = _page_link(page, Path(readme)) if readme else PAGE_LINK
+    link = page_link(page, Path(readme)) if readme else PAGE_LINK
     text, _, block = build_page(results_dir, figure_folder(page).name, link)
     fix = "regenerate it with `python -m robustbench_fvae.protocol page` (never edit it by hand)"
     path = Path(page)

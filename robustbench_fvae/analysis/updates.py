@@ -68,7 +68,10 @@ def block_of(layer: str) -> str:
 
 def _batches(split, indices: np.ndarray, batch_size: int, device: torch.device, desc: str,
              progress: bool):
-    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, sampler=indices.tolist())
+    """The images of ``split[indices]`` on ``device``, in the order of ``indices``."""
+    from .latents import _loader
+
+    loader = _loader(split, np.asarray(indices), batch_size, 0, device)
     for batch in progress_bar(loader, desc=desc, disable=not progress, leave=False,
                               dynamic_ncols=True):
         yield batch[0].to(device)
