@@ -18,12 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scipy import stats as scipy_stats
-
 from robustbench_fvae import records
 from robustbench_fvae.analysis.aggregate import Stat, run_results, summarize
 from robustbench_fvae.analysis.picks import matches_pick, pick_configurations
-from robustbench_fvae.analysis.statistics import holm_adjust, holm_levels, paired_difference
+from robustbench_fvae.analysis.statistics import (
+    PairedDifference,
+    holm_adjust,
+    holm_levels,
+    paired_difference,
+)
 from robustbench_fvae.analysis.tables import Table, to_markdown
 
 PAGE = "docs/latents.md"
@@ -225,14 +228,26 @@ def interventions_table(dataset: str, runs: Sequence[ProbedRun]) -> Table:
 class Difference:
     what: str
     dataset: str
-    n: int
-    mean: float
-    low: float
-    high: float
-    p: float
+    paired: PairedDifference
     p_holm: float = math.nan
     holm_low: float = math.nan
     holm_high: float = math.nan
+
+    @property
+    def n(self) -> int:
+        return self.paired.n_pairs
+
+    @property
+    def mean(self) -> float:
+        return self.paired.mean_diff
+
+    @property
+    def low(self) -> float:
+        return self.paired.ci_low
+
+    @property
+    def high(self) -> float:
+        return self.paired.ci_high
 
     @property
     def declared(self) -> bool:
@@ -247,22 +262,18 @@ def _paired(what: str, dataset: str, a: Sequence[ProbedRun], b: Sequence[ProbedR
     pairs = [(x, y) for x, y in pairs if math.isfinite(x) and math.isfinite(y)]
     if len(pairs) < 2:
         return None
-    d = paired_difference([x for x, _ in pairs], [y for _, y in pairs])
-    return Difference(what, dataset, d.n_pairs, d.mean_diff, d.ci_low, d.ci_high, d.p_value)
+    return Difference(what, dataset, paired_difference([x for x, _ in pairs],
+                                                       [y for _, y in pairs]))
 
 
 def _holm(diffs: list[Difference]) -> list[Difference]:
-    """Holm-adjusted p-values and the t-intervals at each comparison's Holm level."""
+    """Holm-adjusted p-values and each comparison's interval at its Holm level."""
     if not diffs:
         return diffs
-    p_values = [d.p if math.isfinite(d.p) else 1.0 for d in diffs]
+    p_values = [d.paired.p_value if math.isfinite(d.paired.p_value) else 1.0 for d in diffs]
     for d, p, level in zip(diffs, holm_adjust(p_values), holm_levels(p_values, ALPHA)):
         d.p_holm = p
-        half = (d.high - d.low) / 2
-        if d.n >= 2 and math.isfinite(half):
-            scale = scipy_stats.t.ppf(0.5 + level / 2, d.n - 1) / scipy_stats.t.ppf(
-                0.975, d.n - 1)
-            d.holm_low, d.holm_high = d.mean - half * scale, d.mean + half * scale
+        d.holm_low, d.holm_high = d.paired.interval(level)
     return diffs
 
 
@@ -308,10 +319,9 @@ def z_differences(dataset: str, runs: Sequence[ProbedRun]) -> list[Difference]:
                 pairs = [(x, y) for x, y in pairs if math.isfinite(x) and math.isfinite(y)]
                 if len(pairs) < 2:
                     continue
-                d = paired_difference([x for x, _ in pairs], [y for _, y in pairs])
-                diffs.append(Difference(f"{LABELS[method]} {_short(layer)}: z2 − z1, {what}",
-                                        dataset, d.n_pairs, d.mean_diff, d.ci_low, d.ci_high,
-                                        d.p_value))
+                diffs.append(Difference(
+                    f"{LABELS[method]} {_short(layer)}: z2 − z1, {what}", dataset,
+                    paired_difference([x for x, _ in pairs], [y for _, y in pairs])))
     return _holm(diffs)
 
 
