@@ -13,9 +13,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("lora", "fvae", "vae2lat", "bvae2lat", "full", "linear")
-ADAPTER_METHODS = ("lora", "fvae", "vae2lat", "bvae2lat")
-FVAE_FAMILY = ("fvae", "vae2lat", "bvae2lat")
 SELECTION_RULES = ("val_wg", "val_avg")
 # Training algorithms of `run`; "dfr" is a derived run made from a finished one by `dfr`.
 ALGORITHMS = ("erm", "groupdro", "resample", "reweight", "jtt")
@@ -33,7 +30,9 @@ class AdapterConfig:
 
     ``alpha``/``beta``/``delta`` weigh reconstruction, KL(q1‖p1) and the repulsive term G in the
     per-layer loss ``ℓ = α·R + β·K1 (+ β·K2 for the VAE2LAT family) − δ·G (FVAE-LoRA only)``.
-    ``beta=None`` means the method's default: 1 for fvae/vae2lat, 10 for bvae2lat.
+    ``beta=None`` means the method's default (robustbench_fvae/methods/fvae.py: 1 for
+    fvae/vae2lat, 10 for bvae2lat). Which method reads which field, and the rules a method adds
+    (FVAE-LoRA's bound on β), are in the method registry (robustbench_fvae/methods/).
     """
 
     rank: int = 16
@@ -55,45 +54,10 @@ class AdapterConfig:
     logvar_clamp: float = 20.0
     lambda_task: float = 1000.0
     lambda_fvae: float = 1.0
-
-    def resolved_beta(self, method: str) -> float:
-        if self.beta is not None:
-            return float(self.beta)
-        return 10.0 if method == "bvae2lat" else 1.0
-
-
-def validate_adapter_config(method: str, cfg: AdapterConfig) -> None:
-    """Refuse settings that are out of range or make the FVAE objective unbounded below.
-
-    With the closed forms, the z1 part of ``β·K1 − δ·G`` per dimension is
-    ``(β/2 − δ/r)·E[z1²] + …``; it is bounded below only when ``β > 2δ/r``.
-    """
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if cfg.rank < 1:
-        raise ConfigError(f"rank must be >= 1, got {cfg.rank}")
-    if not cfg.targets:
-        raise ConfigError("targets must name at least one layer (e.g. q,k)")
-    for name in ("lora_alpha", "alpha", "delta", "lambda_task", "lambda_fvae", "output_scale",
-                 "b_init_std"):
-        value = getattr(cfg, name)
-        if not value >= 0:  # also catches NaN
-            raise ConfigError(f"{name} must be a non-negative number, got {value}")
-    if not 0.0 <= cfg.lora_dropout < 1.0 or not 0.0 <= cfg.fvae_dropout < 1.0:
-        raise ConfigError("dropout probabilities must be in [0, 1)")
-    for name in ("encoder_hidden", "decoder_hidden", "decoder_layers"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.logvar_clamp <= 0:
-        raise ConfigError(f"logvar_clamp must be > 0, got {cfg.logvar_clamp}")
-    beta = cfg.resolved_beta(method)
-    if not beta >= 0:
-        raise ConfigError(f"beta must be a non-negative number, got {beta}")
-    if method == "fvae" and not beta > 2.0 * cfg.delta / cfg.rank:
-        raise ConfigError(
-            f"beta={beta} <= 2*delta/rank={2.0 * cfg.delta / cfg.rank:g}: the FVAE-LoRA objective "
-            "is unbounded below (the repulsive term outgrows KL(q1||p1)); raise beta or lower delta"
-        )
+    # peft-* methods (robustbench_fvae/methods/peft_zoo.py): fields of the peft config class set
+    # on top of the method's defaults, e.g. {"target_modules": ["qkv", "fc1"]}. Hashed only when
+    # set, so the hashes of runs recorded before the option existed are unchanged.
+    peft_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -186,6 +150,8 @@ def config_hash(cfg: RunConfig) -> str:
         data.pop(name, None)
     if data.get("stem_cache") != "on":
         data.pop("stem_cache", None)
+    if not data["adapter"].get("peft_options"):
+        data["adapter"].pop("peft_options", None)
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:12]
 
 
@@ -215,10 +181,48 @@ def config_from_settings(settings: dict[str, Any], base: RunConfig | None = None
     for key, value in settings.items():
         if key not in where:
             raise ConfigError(f"unknown setting {key!r}; accepted: {', '.join(sorted(where))}")
-        if key == "targets" and isinstance(value, str):
+        if key == "peft_options":
+            value = parse_peft_options(value)
+        elif key == "targets" and isinstance(value, str):
             value = tuple(t.strip() for t in value.split(",") if t.strip())
         elif key == "targets":
             value = tuple(value)
         target = {"run": cfg, "adapter": cfg.adapter, "train": cfg.train}[where[key]]
         setattr(target, key, value)
     return cfg
+
+
+def parse_peft_options(value: Any) -> dict[str, Any]:
+    """``peft_options`` from a mapping (a sweep spec) or ``KEY=VALUE`` texts (the repeated
+    ``--peft-option`` flag), values read as YAML: ``r=8`` → 8, ``use_dora=true`` → True,
+    ``target_modules=[qkv, fc1]`` → a list. None or empty: no options."""
+    import yaml
+
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = []
+        for text in value:
+            key, sep, raw = text.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"peft option {text!r}: expected KEY=VALUE, e.g. r=8 or "
+                                  "target_modules=[qkv,fc1]")
+            try:
+                items.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+            except yaml.YAMLError:
+                raise ConfigError(f"peft option {text!r}: cannot read the value "
+                                  f"{raw!r} (numbers, true/false, text or [a, b])") from None
+    else:
+        raise ConfigError(f"peft_options: expected a mapping or KEY=VALUE texts, got {value!r}")
+    options = {}
+    for key, item in items:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(f"peft option name {key!r} is not a field name")
+        if not isinstance(item, (str, int, float, bool, list)) or (
+                isinstance(item, list) and not all(isinstance(v, (str, int, float)) for v in item)):
+            raise ConfigError(f"peft option {key}: expected a number, true/false, text or a "
+                              f"list of them, got {item!r}")
+        options[key] = item
+    return dict(sorted(options.items()))

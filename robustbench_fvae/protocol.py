@@ -226,7 +226,15 @@ def publish(results_dir: str | Path = RESULTS_DIR, *, specs: dict[str, str] | No
     return counts
 
 
-LATENT_METHODS = ("lora", "fvae", "vae2lat", "bvae2lat")
+
+
+def latent_methods() -> list[str]:
+    """The methods whose adapters have a code ``probe`` reads (the method registry's
+    ``codes``)."""
+    from robustbench_fvae.methods import get_method, method_names
+
+    return [m for m in method_names() if get_method(m).codes]
+
 PROBE_MAX_IMAGES = 1000
 
 
@@ -252,7 +260,7 @@ def pick_runs(spec_path: str | Path, search_spec: str | Path, rule: str, *,
 
 def probe_picks(final_spec: str | Path = FINAL_SPEC, search_spec: str | Path = SEARCH_SPEC, *,
                 rule: str = "val_wg", datasets: Sequence[str] | None = None,
-                methods: Sequence[str] = LATENT_METHODS, max_images: int = PROBE_MAX_IMAGES,
+                methods: Sequence[str] | None = None, max_images: int = PROBE_MAX_IMAGES,
                 data_root: str | None = None, force: bool = False, log=print) -> list[Path]:
     """``probe`` (with the evidence: information rates, update sizes, interventions) on every
     finished final run of ``rule``'s picks, into ``RUN_DIR/probe``; a run whose probe.json
@@ -262,6 +270,7 @@ def probe_picks(final_spec: str | Path = FINAL_SPEC, search_spec: str | Path = S
 
     from robustbench_fvae.analysis.probes import probe_run
 
+    methods = list(methods) if methods else latent_methods()
     runs = pick_runs(final_spec, search_spec, rule, datasets=datasets, methods=methods,
                      data_root=data_root)
     if not runs:
@@ -328,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="whose picks to probe (default val_wg)")
     prb.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
                      help="only these replicas (default: all of the spec)")
-    prb.add_argument("--methods", nargs="+", default=list(LATENT_METHODS), metavar="NAME",
-                     help=f"methods with adapters (default: {' '.join(LATENT_METHODS)})")
+    prb.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                     help="methods to probe (default: every method with a code to probe: "
+                          "lora, fvae, vae2lat, bvae2lat, the peft LoRA family)")
     prb.add_argument("--max-images", type=int, default=PROBE_MAX_IMAGES, metavar="N",
                      help=f"images per split, group-stratified (default {PROBE_MAX_IMAGES})")
     prb.add_argument("--force", action="store_true", help="probe again runs probed already")

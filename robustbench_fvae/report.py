@@ -49,7 +49,7 @@ from robustbench_fvae.analysis.comparisons import (
     compare_to_reference,
 )
 from robustbench_fvae.cli import EXIT_OK, ArgumentParser, fail
-from robustbench_fvae.config import METHODS
+from robustbench_fvae.methods import method_names
 from robustbench_fvae.records import write_text_atomic
 from robustbench_fvae.selection import RULES
 
@@ -313,9 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("always")
         try:
             reference = None if args.reference == "none" else args.reference
-            if reference is not None and reference not in METHODS:
+            if reference is not None and reference not in method_names():
                 raise ReportError(f"unknown --reference {reference!r}; accepted: "
-                                  f"{', '.join(METHODS)}, none")
+                                  f"{', '.join(method_names())}, none")
             report = build_report(args.runs_dir, args.out, select=args.select, split=args.split,
                                   best_by=args.best_by, reference=reference, log=print)
         except Exception as err:  # noqa: BLE001 - bad input exits 2, anything else 1 (cli.py)

@@ -18,7 +18,6 @@ from .cli import EXIT_OK, EXIT_PREEMPTED, ArgumentParser, fail
 from .config import (
     ALGORITHMS,
     GROUPDRO_SAMPLERS,
-    METHODS,
     SELECTION_RULES,
     AdapterConfig,
     RunConfig,
@@ -27,12 +26,13 @@ from .config import (
 )
 from .data import dataset_names
 from .data.transforms import AUGMENT_RECIPES
+from .methods import method_names
 from .stem_cache import STEM_CACHE_CHOICES
 from .training import REAL_DEFAULTS, SYNTH_DEFAULTS
 
 DATASETS = tuple(dataset_names())
 HELP = {
-    "method": f"adaptation method (required): {', '.join(METHODS)}",
+    "method": f"adaptation method (required): {', '.join(method_names())}",
     "dataset": "dataset (required): real ones read from --data-root, synth-* offline "
                "replicas built there on first use",
     "backbone": "timm model name (default: our offline ViT for synth-*, "
@@ -69,6 +69,9 @@ HELP = {
     "logvar_clamp": "FVAE log-variance clamp (+-)",
     "lambda_task": "weight of the cross-entropy in the FVAE-family loss",
     "lambda_fvae": "weight of the mean per-layer FVAE loss",
+    "peft_options": "peft-* methods: a field of the method's peft config on top of its "
+                    "defaults (docs/methods.md), value read as YAML, e.g. r=8, use_dora=true, "
+                    "target_modules=[qkv,fc1]; repeat the flag for more",
     "epochs": f"max epochs (default: {SYNTH_DEFAULTS['epochs']} synth-*, "
               f"{REAL_DEFAULTS['epochs']} real)",
     "batch_size": f"training batch (default {SYNTH_DEFAULTS['batch_size']})",
@@ -99,7 +102,7 @@ HELP = {
     "jtt_upweight": "JTT upweight lambda: each error image is seen lambda+1 times per epoch "
                     "(default: 20 on synth-*, JTT paper's otherwise)",
 }
-CHOICES = {"method": METHODS, "select": SELECTION_RULES, "dataset": DATASETS,
+CHOICES = {"method": method_names(), "select": SELECTION_RULES, "dataset": DATASETS,
            "algorithm": ALGORITHMS, "groupdro_sampler": GROUPDRO_SAMPLERS,
            "augment": AUGMENT_RECIPES, "stem_cache": STEM_CACHE_CHOICES}
 REQUIRED = ("method", "dataset")
@@ -107,7 +110,7 @@ METAVARS = {int: "N", float: "X", str: "TEXT"}
 NAMED_METAVARS = {"backbone": "NAME", "weights": "FILE", "data_root": "DIR", "out": "DIR",
                   "device": "DEVICE", "targets": "LIST"}
 SHORT_USAGE = ("%(prog)s --method METHOD --dataset DATASET [options]\n"
-               f"  METHOD: {', '.join(METHODS)}\n  DATASET: {', '.join(DATASETS)}")
+               f"  METHOD: {', '.join(method_names())}\n  DATASET: {', '.join(DATASETS)}")
 
 
 def _flag_type(annotation) -> type:
@@ -133,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 runtime failure, 2 bad input, 143 stopped by SIGTERM "
                "(relaunch to resume).")
     base = RunConfig()
-    sections = [("run", RunConfig, base), ("adapter (lora / FVAE family)", AdapterConfig,
+    sections = [("run", RunConfig, base), ("adapter (lora, FVAE family, peft-*)", AdapterConfig,
                 base.adapter), ("training", TrainConfig, base.train)]
     hints = typing.get_type_hints(RunConfig) | typing.get_type_hints(AdapterConfig) | \
         typing.get_type_hints(TrainConfig)
@@ -141,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         group = parser.add_argument_group(title)
         for field in dataclasses.fields(cls):
             if field.name in ("adapter", "train"):
+                continue
+            if field.name == "peft_options":
+                group.add_argument("--peft-option", dest="peft_options", action="append",
+                                   default=None, metavar="KEY=VALUE", help=HELP["peft_options"])
                 continue
             default = getattr(defaults, field.name)
             if field.name == "targets":

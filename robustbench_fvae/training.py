@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,11 +51,9 @@ from .backbones import (
     default_backbone,
 )
 from .config import (
-    ADAPTER_METHODS,
     SELECTION_RULES,
     ConfigError,
     RunConfig,
-    validate_adapter_config,
 )
 from .data import (
     check_data_recipe,
@@ -65,7 +64,8 @@ from .data import (
 )
 from .data.base import GroupSplit
 from .distributed import SINGLE_PROCESS, Distributed, init_distributed
-from .methods import default_lr, parameter_groups, prepare_model, training_loss
+from .methods import get_method, validate_method
+from .methods.setup import parameter_groups, prepare_model, training_loss
 from .metrics import (
     EmptyGroupError,
     constant_predictor,
@@ -80,7 +80,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # Fault injection for the resume tests (see the module docstring); -1: off.
 _FAULT_KILL_AFTER_STEP = int(os.environ.get("RBF_FAULT_KILL_AFTER_STEP", "-1"))
 WEIGHTS_FILE = "adapter.safetensors"
-LOSS_KEYS = ("loss", "ce", "task", "aux", "R", "K1", "K2", "G")
+# A method's adapters in another library's own format (peft's save_pretrained), beside WEIGHTS_FILE.
+PRETRAINED_DIR = "peft"
+LOSS_KEYS = ("loss", "ce", "task", "aux", "R", "K1", "K2", "G", "orth")
 
 # CPU-sized defaults for the offline replicas; the released code's for real data.
 SYNTH_DEFAULTS = {"epochs": 5, "batch_size": 64, "eval_batch_size": 256}
@@ -113,10 +115,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     name the same run.
     """
     cfg = RunConfig.from_dict(cfg.to_dict())
-    if cfg.method in ADAPTER_METHODS:
-        validate_adapter_config(cfg.method, cfg.adapter)
-    else:
-        validate_adapter_config(cfg.method, type(cfg.adapter)())  # checks the method name
+    method = validate_method(cfg.method, cfg.adapter)
     if cfg.train.select not in SELECTION_RULES:
         raise ConfigError(f"unknown selection rule {cfg.train.select!r}; "
                           f"accepted: {', '.join(SELECTION_RULES)}")
@@ -130,7 +129,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if t.lr is None:
-        t.lr = default_lr(cfg.method)
+        t.lr = method.default_lr
     if cfg.backbone is None:
         cfg.backbone = default_backbone(cfg.dataset)
     try:
@@ -238,6 +237,22 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Non
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+def _write_folder_atomic(folder: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a fresh sibling folder, which then replaces ``folder``: readers see
+    the old folder or the new one, never a half-written one."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(str(tmp))
+        tmp.chmod(0o777 & ~records._current_umask())
+        old = folder.with_name(f".{folder.name}.old")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def linear_warmup_decay(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
@@ -520,6 +535,9 @@ class _Trainer:
                                            eps=1e-8)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_warmup_decay(t.epochs * self.steps_per_epoch, t.warmup_frac))
+        self.method = get_method(cfg.method)
+        if self.method.start_training is not None:
+            self.method.start_training(model, t.epochs * self.steps_per_epoch)
         self.history: list[dict] = []
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.sums: dict[str, float] = {}
@@ -533,7 +551,8 @@ class _Trainer:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "sums": dict(self.sums),
                 "history": self.history, "train_time": self.train_time,
-                "algorithm": self.algorithm.state_dict()}
+                "algorithm": self.algorithm.state_dict(),
+                "method": self.method.state(self.model) if self.method.state else {}}
 
     def _save(self) -> None:
         # Every rank's RNG state (dropout differs per rank), gathered to rank 0 which writes.
@@ -566,6 +585,8 @@ class _Trainer:
         self.global_step, self.sums = ckpt["global_step"], ckpt["sums"]
         self.history, self.train_time = ckpt["history"], ckpt["train_time"]
         self.algorithm.load_state_dict(ckpt.get("algorithm", {}))
+        if self.method.load_state is not None and ckpt.get("method"):
+            self.method.load_state(self.model, ckpt["method"])
         if int(ckpt.get("record_version", 1)) < 2:
             self.history, _ = records.epochs_from_one(self.history)
         # history.jsonl may hold a line written after this checkpoint: rewrite it from the
@@ -625,6 +646,8 @@ class _Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.global_step += 1
+            if self.method.after_step is not None:
+                self.method.after_step(self.model, self.global_step)
             self.step_in_epoch += 1
             for k, v in values.items():
                 self.sums[k] = self.sums.get(k, 0.0) + v
@@ -700,6 +723,9 @@ class _Trainer:
         records.write_bytes_atomic(self.rdir / WEIGHTS_FILE, save_safetensors(
             trainable_state(self.model),
             metadata={"epoch": str(self.epoch + 1), "method": self.cfg.method}))
+        if self.method.save_pretrained is not None:
+            _write_folder_atomic(self.rdir / PRETRAINED_DIR,
+                                lambda folder: self.method.save_pretrained(self.model, folder))
 
     def finish(self, params: dict[str, int]) -> dict:
         t = self.cfg.train

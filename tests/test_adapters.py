@@ -17,7 +17,6 @@ from robustbench_fvae.adapters import (
     adapted_layers,
     collect_aux_loss,
     count_parameters,
-    inject_adapters,
     merge_adapters,
     record_latents,
     set_eval_fusion,
@@ -25,6 +24,8 @@ from robustbench_fvae.adapters import (
 )
 from robustbench_fvae.adapters.inject import AdaptedLinear
 from robustbench_fvae.config import AdapterConfig, ConfigError
+from robustbench_fvae.methods.fvae import fvae_objective
+from robustbench_fvae.methods.setup import inject_method
 
 
 def tiny_vit(num_classes: int = 3) -> nn.Module:
@@ -57,7 +58,7 @@ def test_lora_model_equals_base_at_init():
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     before = model(x)
-    inject_adapters(model, "lora", AdapterConfig(rank=4, targets=("q", "k", "v", "fc1")))
+    inject_method(model, "lora", AdapterConfig(rank=4, targets=("q", "k", "v", "fc1")))
     model.eval()
     assert torch.equal(model(x), before)
 
@@ -67,7 +68,7 @@ def test_lora_merge_unmerge_matches_unmerged_logits():
     x = torch.randn(4, 3, 32, 32)
     model.eval()
     base = model(x)
-    inject_adapters(model, "lora", AdapterConfig(rank=4, targets=("q", "v", "proj")))
+    inject_method(model, "lora", AdapterConfig(rank=4, targets=("q", "v", "proj")))
     randomize_(nn.ModuleList(adapted_layers(model).values()), std=0.2)
     model.eval()
     unmerged = model(x)
@@ -231,10 +232,11 @@ def test_training_path_equals_the_per_encoder_formulation_draw_for_draw(rank, dr
 def test_objectives_of_the_three_methods():
     parts = {"R": torch.tensor(2.0), "K1": torch.tensor(3.0), "K2": torch.tensor(5.0),
              "G": torch.tensor(7.0)}
-    assert FVAEObjective.for_method("fvae")(parts).item() == pytest.approx(2 + 3 - 7)
-    assert FVAEObjective.for_method("vae2lat")(parts).item() == pytest.approx(2 + 3 + 5)
-    assert FVAEObjective.for_method("bvae2lat")(parts).item() == pytest.approx(2 + 10 * (3 + 5))
-    assert FVAEObjective.for_method("fvae", alpha=0.1, beta=10, delta=2)(parts).item() == \
+    assert fvae_objective("fvae", AdapterConfig())(parts).item() == pytest.approx(2 + 3 - 7)
+    assert fvae_objective("vae2lat", AdapterConfig())(parts).item() == pytest.approx(2 + 3 + 5)
+    assert fvae_objective("bvae2lat", AdapterConfig())(parts).item() == \
+        pytest.approx(2 + 10 * (3 + 5))
+    assert fvae_objective("fvae", AdapterConfig(alpha=0.1, beta=10, delta=2))(parts).item() == \
         pytest.approx(0.2 + 30 - 14)
 
 
@@ -244,7 +246,7 @@ def test_ablations_differ_from_fvae_only_in_the_objective(method):
     models = {}
     for m in ("fvae", method):
         models[m] = tiny_vit()
-        inject_adapters(models[m], m, cfg)
+        inject_method(models[m], m, cfg)
     shapes = {m: [(n, p.shape) for n, p in model.named_parameters()] for m, model in models.items()}
     assert shapes["fvae"] == shapes[method]
     for m, model in models.items():
@@ -255,7 +257,7 @@ def test_ablations_differ_from_fvae_only_in_the_objective(method):
     (loss_f, parts_f), (loss_a, parts_a) = models["fvae"], models[method]
     for k in parts_f:
         torch.testing.assert_close(parts_f[k], parts_a[k])
-    objective = FVAEObjective.for_method(method)
+    objective = fvae_objective(method, AdapterConfig())
     torch.testing.assert_close(loss_a, objective(parts_a))
     assert not torch.allclose(loss_f, loss_a)
 
@@ -263,7 +265,7 @@ def test_ablations_differ_from_fvae_only_in_the_objective(method):
 @pytest.mark.parametrize("fused", [True, False])
 def test_eval_path_reads_only_encoder1_mean_and_B_and_is_deterministic(fused):
     model = tiny_vit()
-    inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")))
+    inject_method(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")))
     randomize_(nn.ModuleList(adapted_layers(model).values()), std=0.2)
     set_eval_fusion(model, fused)
     x = torch.randn(2, 3, 32, 32)
@@ -285,7 +287,7 @@ def test_eval_path_reads_only_encoder1_mean_and_B_and_is_deterministic(fused):
 
 def test_gradients_reach_every_trainable_part_and_never_the_frozen_base():
     model = tiny_vit()
-    inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")), num_classes=3)
+    inject_method(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")), num_classes=3)
     # The heads start at zero (released init), which zeroes the trunks' first gradient.
     randomize_(nn.ModuleList(adapted_layers(model).values()), std=0.2)
     model.train()
@@ -306,7 +308,7 @@ def test_gradients_reach_every_trainable_part_and_never_the_frozen_base():
 
 def test_collect_aux_loss_is_the_mean_over_layers_and_clears():
     model = tiny_vit()
-    names = inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")))
+    names = inject_method(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")))
     assert len(names) == 4
     model.train()
     model(torch.randn(2, 3, 32, 32))
@@ -321,7 +323,7 @@ def test_collect_aux_loss_is_the_mean_over_layers_and_clears():
 
 def test_fvae_refuses_to_merge():
     model = tiny_vit()
-    inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q",)))
+    inject_method(model, "fvae", AdapterConfig(rank=4, targets=("q",)))
     with pytest.raises(AdapterError, match="only LoRA merges"):
         merge_adapters(model)
 
@@ -336,7 +338,7 @@ def test_adapting_one_qkv_slice_leaves_the_others_bit_identical(target):
     x = torch.randn(2, 17, qkv.in_features)
     with torch.no_grad():
         before = qkv(x)
-    inject_adapters(model, "lora", AdapterConfig(rank=4, targets=(target,)))
+    inject_method(model, "lora", AdapterConfig(rank=4, targets=(target,)))
     randomize_(nn.ModuleList(adapted_layers(model).values()))
     model.eval()
     with torch.no_grad():
@@ -352,13 +354,13 @@ def test_adapting_one_qkv_slice_leaves_the_others_bit_identical(target):
 
 def test_unknown_or_unmatched_targets_are_errors():
     with pytest.raises(AdapterError, match="matches no nn.Linear"):
-        inject_adapters(tiny_vit(), "lora", AdapterConfig(targets=("query",)))
+        inject_method(tiny_vit(), "lora", AdapterConfig(targets=("query",)))
     with pytest.raises(AdapterError, match="classifier head"):
-        inject_adapters(tiny_vit(), "lora", AdapterConfig(targets=("head",)))
+        inject_method(tiny_vit(), "lora", AdapterConfig(targets=("head",)))
     with pytest.raises(AdapterError, match="overlap"):
-        inject_adapters(tiny_vit(), "lora", AdapterConfig(targets=("q", "qkv")))
-    with pytest.raises(AdapterError, match="no adapters"):
-        inject_adapters(tiny_vit(), "full", AdapterConfig())
+        inject_method(tiny_vit(), "lora", AdapterConfig(targets=("q", "qkv")))
+    with pytest.raises(ConfigError, match="no adapters"):
+        inject_method(tiny_vit(), "full", AdapterConfig())
 
 
 @pytest.mark.parametrize("cfg, method, message", [
@@ -370,12 +372,12 @@ def test_unknown_or_unmatched_targets_are_errors():
 ])
 def test_bad_settings_are_refused(cfg, method, message):
     with pytest.raises(ConfigError, match=message):
-        inject_adapters(tiny_vit(), method, cfg)
+        inject_method(tiny_vit(), method, cfg)
 
 
 def test_linear_targets_by_name_suffix():
     model = tiny_vit()
-    names = inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("mlp.fc2", "v")))
+    names = inject_method(model, "fvae", AdapterConfig(rank=4, targets=("mlp.fc2", "v")))
     assert names == ["blocks.0.mlp.fc2:all", "blocks.1.mlp.fc2:all",
                      "blocks.0.attn.qkv:v", "blocks.1.attn.qkv:v"]
     assert set(adapted_layers(model)) == set(names)
@@ -384,7 +386,7 @@ def test_linear_targets_by_name_suffix():
 @pytest.mark.parametrize("method", ["lora", "fvae", "vae2lat", "bvae2lat"])
 def test_tiny_vit_trains_and_evaluates(method):
     model = tiny_vit()
-    inject_adapters(model, method, AdapterConfig(rank=4, targets=("q", "k")), num_classes=2)
+    inject_method(model, method, AdapterConfig(rank=4, targets=("q", "k")), num_classes=2)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     torch.manual_seed(0)
     x = torch.randn(8, 3, 32, 32)
@@ -408,7 +410,7 @@ def test_tiny_vit_trains_and_evaluates(method):
 
 def test_record_latents_shapes_and_unknown_layer():
     model = tiny_vit()
-    inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q",)))
+    inject_method(model, "fvae", AdapterConfig(rank=4, targets=("q",)))
     model.eval()
     with record_latents(model, ["blocks.1.attn.qkv:q"]) as store, torch.no_grad():
         model(torch.randn(3, 3, 32, 32))
@@ -427,7 +429,7 @@ def test_vit_b16_parameter_counts_match_the_reference_arithmetic():
     for method in ("lora", "fvae"):
         with torch.device("meta"):
             model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=2)
-        inject_adapters(model, method, AdapterConfig(rank=16, targets=("q", "v")))
+        inject_method(model, method, AdapterConfig(rank=16, targets=("q", "v")))
         counts[method] = count_parameters(model)
     head = 768 * 2 + 2
     assert counts["lora"]["trainable"] == 24 * 24_576 + head
@@ -621,7 +623,7 @@ def _eval_both(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def test_fused_eval_equals_the_per_adapter_path(method, targets, monkeypatch):
     calls = _fused_calls(monkeypatch)
     model = tiny_vit()
-    inject_adapters(model, method, AdapterConfig(rank=4, targets=targets))
+    inject_method(model, method, AdapterConfig(rank=4, targets=targets))
     randomize_(nn.ModuleList(adapted_layers(model).values()), std=0.2)
     x = torch.randn(3, 3, 32, 32)
     fused, reference = _eval_both(model, x)
@@ -651,7 +653,7 @@ def test_fused_weights_fold_the_mean_head_into_b():
 def test_fused_eval_is_not_used_with_gradients_or_in_training(monkeypatch):
     calls = _fused_calls(monkeypatch)
     model = tiny_vit()
-    inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")))
+    inject_method(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")))
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     model(x).sum().backward()  # eval mode with gradients: per-adapter path, gradients flow
@@ -687,7 +689,7 @@ def test_fused_eval_follows_in_place_updates_and_loaded_weights(method):
     not bump tensor versions on CPU) and after load_state_dict, fused eval still equals the
     per-adapter path, and an eval pass adds no state-dict keys."""
     model = tiny_vit()
-    inject_adapters(model, method, AdapterConfig(rank=4, targets=("q", "k", "v")),
+    inject_method(model, method, AdapterConfig(rank=4, targets=("q", "k", "v")),
                     num_classes=2)
     randomize_(nn.ModuleList(adapted_layers(model).values()), std=0.2)
     keys = set(model.state_dict())
@@ -709,7 +711,7 @@ def test_fused_eval_follows_in_place_updates_and_loaded_weights(method):
     assert set(model.state_dict()) == keys
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     fresh = tiny_vit(num_classes=2)
-    inject_adapters(fresh, method, AdapterConfig(rank=4, targets=("q", "k", "v")))
+    inject_method(fresh, method, AdapterConfig(rank=4, targets=("q", "k", "v")))
     fresh.eval()
     with torch.no_grad():
         fresh(x)  # a fused pass on the old weights first
@@ -720,7 +722,7 @@ def test_fused_eval_follows_in_place_updates_and_loaded_weights(method):
 
 def test_fused_eval_under_bf16_autocast_matches_the_per_adapter_path():
     model = tiny_vit()
-    inject_adapters(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")))
+    inject_method(model, "fvae", AdapterConfig(rank=4, targets=("q", "k")))
     randomize_(nn.ModuleList(adapted_layers(model).values()), std=0.2)
     x = torch.randn(2, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -162,7 +162,7 @@ def test_stem_stays_frozen_for_every_method_and_in_train_mode(tmp_path):
     """Adapter methods, head-only and full fine-tuning all leave the stem untouched: its weights
     are buffers (no optimiser sees them) and it computes the same function in train mode."""
     from robustbench_fvae.config import RunConfig
-    from robustbench_fvae.methods import parameter_groups, prepare_model
+    from robustbench_fvae.methods.setup import parameter_groups, prepare_model
 
     for method in ("lora", "full"):
         torch.manual_seed(0)

@@ -18,7 +18,6 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from robustbench_fvae import probe as probe_cli
-from robustbench_fvae.adapters import inject_adapters
 from robustbench_fvae.analysis.latents import (
     DEFAULT_MAX_IMAGES,
     LatentSet,
@@ -58,6 +57,7 @@ from robustbench_fvae.backbones import OFFLINE_ARCH
 from robustbench_fvae.config import AdapterConfig
 from robustbench_fvae.data.base import Group, GroupSplit
 from robustbench_fvae.data.transforms import make_transforms
+from robustbench_fvae.methods.setup import inject_method
 
 
 @pytest.fixture(autouse=True)
@@ -451,7 +451,7 @@ def _tiny_vit(method: str):
     model = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=2
     )
-    inject_adapters(model, method, AdapterConfig(rank=4, targets=("q", "k")))
+    inject_method(model, method, AdapterConfig(rank=4, targets=("q", "k")))
     for p in model.parameters():  # move the zero-initialised heads off zero: real codes
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.3)

@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from processes import alive, freeze_when, kill_pid, reaped, signal_pending, wait_until  # noqa: E402,I001
 
 from robustbench_fvae import records  # noqa: E402
+from robustbench_fvae.methods import get_method  # noqa: E402
 from robustbench_fvae.sweep import main as sweep_main  # noqa: E402
 from robustbench_fvae.sweeps import (  # noqa: E402
     SpecError,
@@ -213,9 +214,9 @@ def test_committed_specs():
         assert table5.trials(method) == replicas.trials(method)
     assert table5.random.method_space("fvae") == replicas.random.method_space("fvae")
     # bvae2lat resolves to beta 10 (its method default), vae2lat to 1
-    assert {r.config.adapter.resolved_beta(r.method) for r in real_runs
+    assert {get_method(r.method).setting(r.config.adapter, "beta") for r in real_runs
             if r.method == "bvae2lat"} == {10.0}
-    assert {r.config.adapter.resolved_beta(r.method) for r in real_runs
+    assert {get_method(r.method).setting(r.config.adapter, "beta") for r in real_runs
             if r.method == "vae2lat"} == {1.0}
     assert table5.slurm["gpus_per_node"] == 1 and table5.slurm["timeout_min"] > 0
     synth = expand(load_spec(REPO / "runs" / "table5-synth.yaml"))

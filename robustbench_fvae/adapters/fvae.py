@@ -24,25 +24,14 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 class FVAEObjective:
     """Weights of the per-layer loss ``ℓ = α·R + β·K1 + β₂·K2 − δ·G`` (to minimise).
 
-    FVAE-LoRA: ``β₂ = 0`` (q2 has no KL: the paper's design); VAE2LAT: ``δ = 0, β₂ = β = 1``;
-    β-VAE2LAT: ``δ = 0, β₂ = β = 10``.
+    Each method's weights are set in robustbench_fvae/methods/fvae.py (FVAE-LoRA: ``β₂ = 0``;
+    VAE2LAT: ``δ = 0, β₂ = β = 1``; β-VAE2LAT: ``δ = 0, β₂ = β = 10``).
     """
 
     alpha: float = 1.0
     beta: float = 1.0
     beta_z2: float = 0.0
     delta: float = 1.0
-
-    @classmethod
-    def for_method(cls, method: str, alpha: float = 1.0, beta: float | None = None,
-                   delta: float = 1.0) -> FVAEObjective:
-        if method == "fvae":
-            return cls(alpha, 1.0 if beta is None else beta, 0.0, delta)
-        if method in ("vae2lat", "bvae2lat"):
-            b = (10.0 if method == "bvae2lat" else 1.0) if beta is None else beta
-            return cls(alpha, b, b, 0.0)
-        raise ValueError(
-            f"no FVAE objective for method {method!r}; expected fvae, vae2lat, bvae2lat")
 
     def __call__(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = self.alpha * parts["R"] + self.beta * parts["K1"]

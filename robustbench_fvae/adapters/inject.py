@@ -28,14 +28,13 @@ order, so the values are those of the per-adapter path up to float rounding.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from ..config import FVAE_FAMILY, AdapterConfig, validate_adapter_config
-from .fvae import LOSS_PARTS, FVAEAdapter, FVAEObjective, training_deltas
+from .fvae import LOSS_PARTS, FVAEAdapter, training_deltas
 from .lora import LoRAAdapter
 
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
@@ -186,19 +185,6 @@ class AdaptedLinear(nn.Module):
         self.merged = False
 
 
-def _make_adapter(method: str, cfg: AdapterConfig, in_features: int, out_features: int
-                  ) -> nn.Module:
-    if method == "lora":
-        return LoRAAdapter(in_features, out_features, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
-    objective = FVAEObjective.for_method(method, cfg.alpha, cfg.beta, cfg.delta)
-    return FVAEAdapter(
-        in_features, out_features, cfg.rank, objective=objective,
-        encoder_hidden=cfg.encoder_hidden, decoder_hidden=cfg.decoder_hidden,
-        decoder_layers=cfg.decoder_layers, dropout=cfg.fvae_dropout, mu_p2=cfg.mu_p2,
-        b_init_std=cfg.b_init_std, output_scale=cfg.output_scale, logvar_clamp=cfg.logvar_clamp,
-    )
-
-
 def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
@@ -246,26 +232,26 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def inject_adapters(model: nn.Module, method: str, cfg: AdapterConfig,
-                    num_classes: int | None = None) -> list[str]:
-    """Freeze ``model``, wrap every target slice with a new adapter, give it a trainable head.
+def inject_adapters(model: nn.Module, make_adapter: Callable[[int, int], nn.Module],
+                    targets: Sequence[str], num_classes: int | None = None) -> list[str]:
+    """Freeze ``model``, wrap every target slice with ``make_adapter(in_features,
+    out_features)``, and give it a trainable head.
 
-    ``method`` is ``lora``, ``fvae``, ``vae2lat`` or ``bvae2lat``. With ``num_classes`` the
-    classifier head is replaced (``reset_classifier``); the head is trainable in every method.
-    Returns the adapted layer names ``"<module>:<key>"`` (key ``q``/``k``/``v`` or ``all``),
-    target by target.
+    ``targets``: ``q``/``k``/``v`` (slices of a fused qkv Linear) or Linear name suffixes. With
+    ``num_classes`` the classifier head is replaced (``reset_classifier``); the head trains in
+    every method. Returns the adapted layer names ``"<module>:<key>"`` (key ``q``/``k``/``v`` or
+    ``all``), target by target.
     """
-    if method not in ("lora", *FVAE_FAMILY):
-        raise AdapterError(
-            f"method {method!r} has no adapters; expected lora, fvae, vae2lat, bvae2lat")
-    validate_adapter_config(method, cfg)
-    if len(set(cfg.targets)) != len(cfg.targets):
-        raise AdapterError(f"targets repeat a name: {list(cfg.targets)}")
+    targets = tuple(targets)
+    if not targets:
+        raise AdapterError("targets must name at least one layer (e.g. q,k)")
+    if len(set(targets)) != len(targets):
+        raise AdapterError(f"targets repeat a name: {list(targets)}")
     if num_classes is not None:
         model.reset_classifier(num_classes)
     head = model.get_classifier()
     head_ids = {id(m) for m in head.modules()}
-    plan = _resolve_targets(model, cfg.targets)
+    plan = _resolve_targets(model, targets)
     for name, _, _, _ in plan:
         if id(model.get_submodule(name)) in head_ids:
             raise AdapterError(f"a target matches the classifier head {name!r}, which is "
@@ -277,7 +263,7 @@ def inject_adapters(model: nn.Module, method: str, cfg: AdapterConfig,
         if not isinstance(layer, AdaptedLinear):
             layer = AdaptedLinear(layer)
             _set_submodule(model, module_name, layer)
-        adapter = _make_adapter(method, cfg, layer.in_features, stop - start)
+        adapter = make_adapter(layer.in_features, stop - start)
         adapter.to(device=layer.base.weight.device, dtype=layer.base.weight.dtype)
         layer.add_adapter(key, adapter, start, stop)
         names.append(f"{module_name}:{key}")

@@ -38,10 +38,9 @@ from scipy import stats as scipy_stats
 from robustbench_fvae.config import (
     ALGORITHMS,
     DERIVED_ALGORITHMS,
-    FVAE_FAMILY,
-    METHODS,
     RunConfig,
 )
+from robustbench_fvae.methods import find_method, method_order
 from robustbench_fvae.records import RecordNotFoundError, RunRecord, iter_runs, load_run
 from robustbench_fvae.selection import RULES, get_rule, select_epoch
 
@@ -301,8 +300,10 @@ def run_settings(rec: RunRecord) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     _flatten("", cfg, flat)
     method = cfg.get("method")
-    if method in FVAE_FAMILY and flat.get("adapter.beta") is None:
-        flat["adapter.beta"] = 10.0 if method == "bvae2lat" else 1.0
+    registered = find_method(method)
+    for name, value in (registered.defaults.items() if registered else ()):
+        if flat.get(f"adapter.{name}") is None:
+            flat[f"adapter.{name}"] = value
     # A record written before a setting existed (the spurious strength, the training algorithm)
     # ran at that setting's default: fill it in, so that it shares a row with newer runs that
     # record the default explicitly.
@@ -794,7 +795,7 @@ def _dataset_key(name: str) -> tuple[int, str]:
 
 
 def _method_key(name: str) -> tuple[int, str]:
-    return (METHODS.index(name) if name in METHODS else len(METHODS), name)
+    return method_order(name)
 
 
 def _algorithm_key(chain: str) -> tuple[int, ...]:
@@ -809,8 +810,9 @@ def _algorithm_key(chain: str) -> tuple[int, ...]:
 
 
 def sort_key(dataset: str, method: str, label: str, algorithm: str = "erm") -> tuple:
-    """Table order: datasets as in the paper, methods as in config.METHODS, algorithms as in
-    ALGORITHM_ORDER (derived DFR rows after the trained ones), then label."""
+    """Table order: datasets as in the paper, methods in registration order
+    (robustbench_fvae/methods/), algorithms as in ALGORITHM_ORDER (derived DFR rows after the
+    trained ones), then label."""
     return (_dataset_key(dataset), _method_key(method), _algorithm_key(algorithm), label)
 
 

@@ -28,14 +28,16 @@ from robustbench_fvae.analysis.statistics import (
     paired_difference,
 )
 from robustbench_fvae.analysis.tables import Table, to_markdown
+from robustbench_fvae.methods import find_method, method_label, method_order
 
 PAGE = "docs/latents.md"
 PAGE_LINK = "docs/latents.md"
 README_BEGIN = "<!-- latents:begin -->"
 README_END = "<!-- latents:end -->"
 RULE = "val_wg"
-METHODS = ("lora", "fvae", "vae2lat", "bvae2lat")
-LABELS = {"lora": "LoRA", "fvae": "FVAE-LoRA", "vae2lat": "VAE2LAT", "bvae2lat": "β-VAE2LAT"}
+# The page's reference (the other methods are compared with it) and the method of its headline.
+REFERENCE = "lora"
+HEADLINE = "fvae"
 # The interventions every method has (``sampled`` needs a posterior: FVAE family only).
 SHARED_INTERVENTIONS = ("zero", "mean", "background_only", "background_swapped")
 ALPHA = 0.05
@@ -91,7 +93,7 @@ def load_probed_runs(results_dir: str | Path) -> list[ProbedRun]:
     out = []
     for r in results:
         folder = Path(r.path) / "probe"
-        if r.method not in METHODS or not (folder / "probe.json").is_file() or not matches_pick(
+        if not _codes(r.method) or not (folder / "probe.json").is_file() or not matches_pick(
                 r, picks.get((r.dataset, r.method))):
             continue
         run = ProbedRun(r.dataset, r.method, int(r.seed))
@@ -100,11 +102,26 @@ def load_probed_runs(results_dir: str | Path) -> list[ProbedRun]:
             if (folder / f"{name}.csv").is_file():
                 run.tables[name] = _read_csv(folder / f"{name}.csv")
         out.append(run)
-    order = {m: i for i, m in enumerate(METHODS)}
-    return sorted(out, key=lambda run: (run.dataset, order[run.method], run.seed))
+    return sorted(out, key=lambda run: (run.dataset, method_order(run.method), run.seed))
 
 
 # ---------------------------------------------------------------- formatting
+
+
+def _codes(method: str) -> tuple[str, ...]:
+    """The codes ``probe`` reads from ``method``'s adapters (none: not on this page)."""
+    registered = find_method(method)
+    return registered.codes if registered else ()
+
+
+def _has_posterior(method: str) -> bool:
+    """Whether ``method``'s code is a posterior (the FVAE family's z1): the information and
+    sampling rows apply."""
+    return "z1" in _codes(method)
+
+
+def _label(method: str) -> str:
+    return method_label(method).replace(r"$\beta$", "β")
 
 
 def _num(stat: Stat, scale: float = 1.0, digits: int = 2, signed: bool = False) -> str:
@@ -147,13 +164,13 @@ def _by_method(runs: Sequence[ProbedRun]) -> dict[str, list[ProbedRun]]:
 def information_table(dataset: str, runs: Sequence[ProbedRun]) -> Table:
     body = []
     for method, group in _by_method(runs).items():
-        if method == "lora":
+        if not _has_posterior(method):
             continue
         for layer in _layers(group):
             where = {"split": "test", "layer": layer}
             collapsed = sum(run.value("information_summary", "collapsed", latent="z1", **where)
                             == 1.0 for run in group)
-            body.append([LABELS[method], _short(layer), str(len(group)),
+            body.append([_label(method), _short(layer), str(len(group)),
                          _num(_over(group, "information_summary", "data", latent="z1",
                                     **where), digits=3),
                          _num(_over(group, "information_summary", "active_units", latent="z1",
@@ -179,7 +196,7 @@ def updates_table(dataset: str, runs: Sequence[ProbedRun]) -> Table:
     body = []
     for method, group in _by_method(runs).items():
         for layer in _layers(group):
-            body.append([LABELS[method], _short(layer),
+            body.append([_label(method), _short(layer),
                          _num(_over(group, "updates", "update_ratio_median", layer=layer), 100,
                               2),
                          _num(_over(group, "updates", "image_update_ratio_median", layer=layer),
@@ -205,7 +222,7 @@ def interventions_table(dataset: str, runs: Sequence[ProbedRun]) -> Table:
                                    for r in run.rows("interventions", target="all")))
         for kind in kinds:
             where = {"target": "all", "intervention": kind}
-            body.append([LABELS[method], kind.replace("_", "-"), str(len(group)),
+            body.append([_label(method), kind.replace("_", "-"), str(len(group)),
                          _num(_over(group, "interventions", "delta_wg", **where), 100, 1, True),
                          _num(_over(group, "interventions", "delta_avg", **where), 100, 1,
                               True),
@@ -282,16 +299,17 @@ def method_differences(dataset: str, runs: Sequence[ProbedRun]) -> list[Differen
     intervention on all slices; Holm over the list."""
     groups = _by_method(runs)
     diffs = []
-    for method in ("fvae", "vae2lat", "bvae2lat"):
-        if method not in groups or "lora" not in groups:
+    for method in groups:
+        if not _has_posterior(method) or REFERENCE not in groups:
             continue
         for kind in SHARED_INTERVENTIONS:
             for column, label in (("flip_rate", "flips"), ("delta_wg", "Δ WG")):
                 def get(run, kind=kind, column=column):
                     return run.value("interventions", column, target="all",
                                      intervention=kind)
-                d = _paired(f"{LABELS[method]} − LoRA: {label}, {kind.replace('_', '-')}",
-                            dataset, groups[method], groups["lora"], get)
+                name = f"{_label(method)} − {_label(REFERENCE)}"
+                d = _paired(f"{name}: {label}, {kind.replace('_', '-')}",
+                            dataset, groups[method], groups[REFERENCE], get)
                 if d is not None:
                     diffs.append(d)
     return _holm(diffs)
@@ -307,7 +325,7 @@ def z_differences(dataset: str, runs: Sequence[ProbedRun]) -> list[Difference]:
     list."""
     diffs = []
     for method, group in _by_method(runs).items():
-        if method == "lora":
+        if not _has_posterior(method):
             continue
         for layer in _layers(group):
             for what, get in (
@@ -320,7 +338,7 @@ def z_differences(dataset: str, runs: Sequence[ProbedRun]) -> list[Difference]:
                 if len(pairs) < 2:
                     continue
                 diffs.append(Difference(
-                    f"{LABELS[method]} {_short(layer)}: z2 − z1, {what}", dataset,
+                    f"{_label(method)} {_short(layer)}: z2 − z1, {what}", dataset,
                     paired_difference([x for x, _ in pairs], [y for _, y in pairs])))
     return _holm(diffs)
 
@@ -353,13 +371,13 @@ def probes_table(dataset: str, runs: Sequence[ProbedRun]) -> Table:
         return row
 
     for method, group in _by_method(runs).items():
-        codes = ("lora", "update") if method == "lora" else ("z1", "z2", "update")
+        codes = (*_codes(method), "update")
         layers = _layers(group)
         for module in dict.fromkeys(layer.split(":")[0] for layer in layers):
             for layer in (la for la in layers if la.split(":")[0] == module):
-                body += [[LABELS[method], _short(layer), latent, *cells(group, layer, latent)]
+                body += [[_label(method), _short(layer), latent, *cells(group, layer, latent)]
                          for latent in codes]
-            body += [[LABELS[method], _short(module), control,
+            body += [[_label(method), _short(module), control,
                       *cells(group, module, control)[:1], "",
                       *cells(group, module, control)[2:3], ""]
                      for control in ("random", "backbone")]
@@ -377,10 +395,10 @@ def probes_table(dataset: str, runs: Sequence[ProbedRun]) -> Table:
 def sensitivity_table(dataset: str, runs: Sequence[ProbedRun]) -> Table:
     body = []
     for method, group in _by_method(runs).items():
-        codes = ("lora",) if method == "lora" else ("z1", "z2")
+        codes = _codes(method)
         for layer in _layers(group):
             module = layer.split(":")[0]
-            cells = [LABELS[method], _short(layer)]
+            cells = [_label(method), _short(layer)]
             for latent in codes:
                 cells.append(f"{latent}: " + _num(_over(group, "sensitivity", "ratio",
                                                         layer=layer, latent=latent)))
@@ -418,7 +436,7 @@ def headline(dataset: str, runs: Sequence[ProbedRun], diffs: Sequence[Difference
     """The README's sentences for one replica, every number from the tables."""
     groups = _by_method(runs)
     lines = []
-    fvae = groups.get("fvae", [])
+    fvae = groups.get(HEADLINE, [])
     if fvae:
         layers = _layers(fvae)
         data = [summarize(run.value("information_summary", "data", split="test", layer=la,
@@ -429,13 +447,13 @@ def headline(dataset: str, runs: Sequence[ProbedRun], diffs: Sequence[Difference
                      f"data-dependent KL per slice (seed means over {len(layers)} slices); "
                      f"{collapsed} of {len(layers) * len(fvae)} slice × seed cells are "
                      "collapsed (under 0.01 nats).")
-    for method in ("lora", "fvae"):
+    for method in (REFERENCE, HEADLINE):
         group = groups.get(method, [])
         if not group:
             continue
         def get(column, kind, group=group):
             return _over(group, "interventions", column, target="all", intervention=kind)
-        lines.append(f"{LABELS[method]}: replacing every update by zero changes test WG by "
+        lines.append(f"{_label(method)}: replacing every update by zero changes test WG by "
                      f"{_num(get('delta_wg', 'zero'), 100, 1, True)} points and flips "
                      f"{_num(get('flip_rate', 'zero'), 100, 1)} % of the predictions; by its "
                      "value on the background-swapped twin, WG by "
@@ -469,7 +487,7 @@ def build_latents_page(results_dir: str | Path, page_link: str = PAGE_LINK
         return "\n".join(lines) + "\n", "\n".join(block) + "\n"
     for dataset in dict.fromkeys(run.dataset for run in runs):
         chosen = [run for run in runs if run.dataset == dataset]
-        seeds = {LABELS[m]: len(g) for m, g in _by_method(chosen).items()}
+        seeds = {_label(m): len(g) for m, g in _by_method(chosen).items()}
         lines += [f"## {dataset}", "", "Runs probed: " + ", ".join(
             f"{m} {n} seed(s)" for m, n in seeds.items()) + ".", ""]
         diffs = method_differences(dataset, chosen)

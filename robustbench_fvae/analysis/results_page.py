@@ -39,7 +39,6 @@ from robustbench_fvae.analysis.comparisons import (
 from robustbench_fvae.analysis.picks import Pick, matches_pick, pick_configurations
 from robustbench_fvae.analysis.statistics import holm_adjust, holm_levels, paired_difference
 from robustbench_fvae.analysis.tables import (
-    METHOD_NAMES,
     Table,
     ci_interval,
     comparisons_table,
@@ -49,6 +48,7 @@ from robustbench_fvae.analysis.tables import (
     signed_points,
     to_markdown,
 )
+from robustbench_fvae.methods import method_label
 from robustbench_fvae.selection import RULES
 from robustbench_fvae.sweeps.budget import FINAL_SEEDS, SEARCH_DRAWS, SEARCH_SPEC
 
@@ -123,7 +123,7 @@ def answer_table(rows: Sequence[GroupRow], picks: dict[tuple[str, str], Pick], r
     body = []
     for r in rows:
         pick = picks[(r.dataset, r.method)]
-        body.append([r.dataset, METHOD_NAMES.get(r.method, r.method).replace(r"$\beta$", "β"),
+        body.append([r.dataset, method_label(r.method).replace(r"$\beta$", "β"),
                      pick.text or "only one", str(pick.n_configs), pct(pick.score),
                      f"{r.n} ({r.seeds_text})", _interval(r.stats["worst_group_acc"]),
                      _interval(r.stats["avg_acc"]), _interval(r.stats["disparity"])])
@@ -144,7 +144,7 @@ def verdict_lines(comparisons: Sequence[Comparison]) -> list[str]:
     for c in comparisons:
         if c.metric != "worst_group_acc":
             continue
-        name = METHOD_NAMES.get(c.method, c.method).replace(r"$\beta$", "β")
+        name = method_label(c.method).replace(r"$\beta$", "β")
         interval = _signed_interval(c.mean_diff, c.holm_ci_low, c.holm_ci_high)
         if c.declared:
             word = "higher" if c.mean_diff > 0 else "lower"
@@ -356,7 +356,7 @@ def readme_block(root: Path, counts: tuple[int, int, int], rows_by_rule: dict[st
         for rows in rows_by_rule.values():
             row = next((r for r in rows if (r.dataset, r.method) == (dataset, method)), None)
             cells.append(f"{_interval(row.stats['worst_group_acc'])} ({row.n})" if row else "–")
-        name = METHOD_NAMES.get(method, method).replace(r"$\beta$", "β")
+        name = method_label(method).replace(r"$\beta$", "β")
         lines.append(f"| {dataset} | {name} | " + " | ".join(cells) + " |")
     for rule, vlines in verdicts.items():
         lines += ["", f"Against LoRA, selection {rule}:", "", *vlines]

@@ -30,13 +30,11 @@ from robustbench_fvae.analysis.aggregate import (
 )
 from robustbench_fvae.analysis.comparisons import ALPHA, Comparison, run_worst_group_interval
 from robustbench_fvae.analysis.statistics import binomial_half_width
+from robustbench_fvae.methods import find_method, method_label
 
 # Columns of the main human table (adj_disparity stays in the CSV only, to keep it readable).
 TABLE_METRICS = ("worst_group_acc", "avg_acc", "adj_avg_acc", "mean_group_acc", "disparity",
                  "ece")
-METHOD_NAMES = {"lora": "LoRA", "fvae": "FVAE-LoRA", "vae2lat": "VAE2LAT",
-                "bvae2lat": r"$\beta$-VAE2LAT", "full": "Full fine-tuning",
-                "linear": "Linear probe"}
 ALGORITHM_NAMES = {"groupdro": "GroupDRO", "resample": "ReSample", "reweight": "ReWeight",
                    "jtt": "JTT", "dfr": "DFR"}
 DATASET_NAMES = {"waterbirds": "Waterbirds", "celeba": "CelebA", "animals": "Animals",
@@ -491,7 +489,7 @@ def latex_escape(text: str) -> str:
 
 def latex_method_name(row: GroupRow) -> str:
     """Paper-style method name plus the row's differing settings, LaTeX-safe."""
-    name = METHOD_NAMES.get(row.method, latex_escape(row.method))
+    name = method_label(row.method) if find_method(row.method) else latex_escape(row.method)
     for algorithm in row.algorithm.split("+"):
         if algorithm != "erm":
             name += " + " + ALGORITHM_NAMES.get(algorithm, latex_escape(algorithm))

@@ -3,7 +3,7 @@
 A spec is a YAML mapping; only ``methods``, ``datasets`` and ``seeds`` are required::
 
     description: free text, ignored
-    methods: [lora, fvae]                  # names from robustbench_fvae.config.METHODS
+    methods: [lora, fvae]                  # robustbench_fvae.methods.method_names()
     datasets: [synth-waterbirds]           # names from robustbench_fvae.data.dataset_names()
     seeds: [1, 2, 42]                      # trial seeds (the run's --seed)
     settings: {epochs: 8, data_root: data} # run settings shared by every run (run flags, _ for -)
@@ -57,7 +57,6 @@ import yaml
 
 from robustbench_fvae import records
 from robustbench_fvae.config import (
-    METHODS,
     AdapterConfig,
     ConfigError,
     RunConfig,
@@ -66,11 +65,14 @@ from robustbench_fvae.config import (
     config_hash,
     flat_setting_names,
 )
+from robustbench_fvae.methods import get_method, method_names
 
 TOP_LEVEL_KEYS = ("description", "methods", "datasets", "seeds", "settings", "grid", "random",
                   "per_method", "per_dataset", "cells", "slurm", "dfr")
 REQUIRED_KEYS = ("methods", "datasets", "seeds")
 RANDOM_KEYS = ("n", "hparam_seed", "space", "per_method")
+# random.space: registered — each method draws from its own registered search space.
+REGISTERED_SPACE = "registered"
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
 # Set by the methods / datasets / seeds lists, never by settings, grid or overrides.
 AXIS_SETTINGS = {"method": "methods", "dataset": "datasets", "seed": "seeds"}
@@ -279,18 +281,28 @@ def _random_search(data: Any) -> RandomSearch | None:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise SpecError(f"random.hparam_seed: expected a non-negative integer, got {seed!r}")
     per_method_data = data.get("per_method") or {}
+    if space == REGISTERED_SPACE:
+        # Each method's own space from the method registry (robustbench_fvae/methods/), the one
+        # table of search spaces; per_method entries still replace a method's distributions.
+        registered = {m: dict(get_method(m).search_space) for m in method_names()}
+        for method, method_space in (per_method_data or {}).items():
+            if isinstance(method_space, Mapping) and method in registered:
+                registered[method].update(method_space)
+        per_method_data = {**per_method_data, **{m: sp for m, sp in registered.items() if sp}}
+        space = {}
     if space is None and per_method_data:
         space = {}
     if not isinstance(space, Mapping) or (not space and not per_method_data):
-        raise SpecError("random.space: expected a non-empty mapping setting → distribution, e.g. "
+        raise SpecError("random.space: expected `registered` (each method's own space from the "
+                        "method registry) or a non-empty mapping setting → distribution, e.g. "
                         "{lr: {log_uniform: [1.0e-4, 1.0e-2]}}")
     if not isinstance(per_method_data, Mapping):
         raise SpecError("random.per_method: expected a mapping method → {setting: distribution}")
     per_method = {}
     for method, method_space in per_method_data.items():
-        if method not in METHODS:
+        if method not in method_names():
             raise SpecError(f"random.per_method: unknown method {method!r}; expected one of "
-                            f"{', '.join(METHODS)}")
+                            f"{', '.join(method_names())}")
         if not isinstance(method_space, Mapping) or not method_space:
             raise SpecError(f"random.per_method.{method}: expected a non-empty mapping setting "
                             "→ distribution")
@@ -447,7 +459,7 @@ def parse_spec(data: Any, name: str, path: Path | None = None) -> SweepSpec:
     if missing:
         raise SpecError(f"missing required key(s) {missing} (every spec lists "
                         f"{', '.join(REQUIRED_KEYS)})")
-    methods = _name_list(data["methods"], "methods", METHODS)
+    methods = _name_list(data["methods"], "methods", method_names())
     datasets = _name_list(data["datasets"], "datasets", _dataset_names())
     seeds = data["seeds"]
     if not isinstance(seeds, list) or not seeds or any(
@@ -486,7 +498,7 @@ def parse_spec(data: Any, name: str, path: Path | None = None) -> SweepSpec:
     return SweepSpec(
         name=name, methods=methods, datasets=datasets, seeds=list(dict.fromkeys(seeds)),
         settings=settings, grid=grid, random=random,
-        per_method=_overrides(data.get("per_method"), "per_method", METHODS),
+        per_method=_overrides(data.get("per_method"), "per_method", method_names()),
         per_dataset=_overrides(data.get("per_dataset"), "per_dataset", _dataset_names()),
         slurm=slurm_section(data.get("slurm")), description=description, path=path, dfr=dfr,
         cells=cells)
