@@ -359,13 +359,14 @@ def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: d
               batch_size: int | None, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
+    from .methods.setup import classifier_head
     from .metrics import constant_predictor, counterfactual_record, evaluate_split
     from .stem_cache import counterfactual_inputs
     from .training import load_trained_model, resolve_device
 
     dev = resolve_device(device)
     model, cfg, splits = load_trained_model(parent.path, device=str(dev))
-    head = model.get_classifier()
+    head = classifier_head(model)
     if not isinstance(head, torch.nn.Linear):
         raise DFRError(f"the run's classifier head is a {type(head).__name__}, not a Linear "
                        "layer: DFR retrains a linear last layer")

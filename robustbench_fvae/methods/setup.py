@@ -44,6 +44,17 @@ def prepare_model(model: nn.Module, cfg: RunConfig) -> list[str]:
     return validate_method(cfg.method, cfg.adapter).prepare(model, cfg)
 
 
+def classifier_head(model: nn.Module) -> nn.Module:
+    """The layer that is the model's trained classifier head: timm's ``get_classifier()``, or,
+    where peft wrapped it as a ``modules_to_save`` copy, that active copy."""
+    head = model.get_classifier()
+    copies = getattr(head, "modules_to_save", None)
+    if isinstance(copies, nn.ModuleDict) and copies:
+        active = getattr(head, "active_adapters", None) or list(copies)
+        return copies[active[0]]
+    return head
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on weight matrices; none on biases, norms and 1-D scales (released)."""
     decay, no_decay = [], []
