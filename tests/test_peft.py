@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import peft
@@ -28,6 +29,7 @@ from robustbench_fvae.run import main as run_main
 from robustbench_fvae.training import PRETRAINED_DIR, resolve_config, run
 
 PEFT = sorted(m for m in method_names() if m.startswith("peft-"))
+ROOT = Path(__file__).resolve().parent.parent
 LISTED = ("lora", "dora", "rslora", "pissa", "vera", "loha", "lokr", "ia3", "oft", "boft",
           "fourierft", "hra", "adalora")
 
@@ -246,3 +248,10 @@ def test_dfr_on_a_finished_peft_run(env, tmp_path, method):
     result = run_dfr(parent.run_dir, out=tmp_path / "dfr", refits=2, device="cpu", log=quiet)
     assert records.is_done(result.run_dir)
     assert 0.0 <= result.metrics["test"]["worst_group_acc"] <= 1.0
+
+
+def test_committed_methods_tables_are_current():
+    """README.md and docs/methods.md quote `python -m robustbench_fvae.methods --write`."""
+    from robustbench_fvae.methods.__main__ import main
+
+    assert main(["--check", "--root", str(ROOT)]) == 0

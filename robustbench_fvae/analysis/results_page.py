@@ -119,23 +119,31 @@ def final_rows(final: Sequence[records.RunRecord], picks: dict[tuple[str, str], 
 def answer_table(rows: Sequence[GroupRow], picks: dict[tuple[str, str], Pick], rule: str
                  ) -> Table:
     header = ["Dataset", "Method", "Picked setting", "Configs", "Val score", "Seeds",
-              "WG [95% CI]", "Avg [95% CI]", "Disparity [95% CI]"]
+              "WG [95% CI]", "Avg [95% CI]", "Disparity [95% CI]", "Trainable", "Inference"]
     body = []
     for r in rows:
         pick = picks[(r.dataset, r.method)]
         body.append([r.dataset, method_label(r.method).replace(r"$\beta$", "β"),
                      pick.text or "only one", str(pick.n_configs), pct(pick.score),
                      f"{r.n} ({r.seeds_text})", _interval(r.stats["worst_group_acc"]),
-                     _interval(r.stats["avg_acc"]), _interval(r.stats["disparity"])])
+                     _interval(r.stats["avg_acc"]), _interval(r.stats["disparity"]),
+                     _count(r.params.get("trainable")), _count(r.params.get("inference"))])
     notes = [f"Test metrics in percent at the epoch selected by "
              f"{selection_description(rule)}: mean over the final seeds and its 95 % "
              "t-interval (ddof 1), clipped to [0, 100].",
              f"Picked setting = the search configuration with the best seed-0 validation score "
              f"under {rule} (Val score, %) among Configs draws; the final seeds "
              f"({', '.join(map(str, FINAL_SEEDS))}) never include the search seed 0.",
-             "Disparity = |WG − Avg|, lower is better."]
+             "Disparity = |WG − Avg|, lower is better.",
+             "Trainable / Inference = the run's parameter counts: what the optimiser updates "
+             "(head included) and what the evaluation path adds to the frozen backbone "
+             "(docs/methods.md)."]
     return Table(title=f"Table 5 on the replicas, selection {rule}", header=header, rows=body,
-                 notes=notes, numeric={3, 4, 6, 7, 8})
+                 notes=notes, numeric={3, 4, 6, 7, 8, 9, 10})
+
+
+def _count(value: int | None) -> str:
+    return "—" if value is None else f"{value:,}"
 
 
 def verdict_lines(comparisons: Sequence[Comparison]) -> list[str]:

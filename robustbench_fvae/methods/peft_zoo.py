@@ -266,7 +266,7 @@ def _adalora_loss(model: nn.Module, task: torch.Tensor, cfg: RunConfig
 def _register(name: str, entry: PeftEntry) -> None:
     adalora = entry.config == "AdaLoraConfig"
     register_method(Method(
-        name=PREFIX + name, label=entry.label, summary=f"peft: {entry.summary}",
+        name=PREFIX + name, label=entry.label, summary=entry.summary,
         trains="adapters", default_lr=5e-3, prepare=partial(_prepare, name),
         search_space=entry.search_space, codes=entry.codes,
         validate=partial(_validate, name), accepts=("rank", "peft_options"),
