@@ -255,3 +255,12 @@ def test_committed_methods_tables_are_current():
     from robustbench_fvae.methods.__main__ import main
 
     assert main(["--check", "--root", str(ROOT)]) == 0
+
+
+def test_probe_refuses_a_peft_run_with_a_one_line_error(env, tmp_path, capsys):
+    from robustbench_fvae.probe import main as probe_main
+
+    result = run(tiny_cfg(env, tmp_path, "peft-vera"), progress=False, log=quiet)
+    code = probe_main([str(result.run_dir), "--no-evidence", "--tsne-max", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "peft-* methods" in err and len(err.splitlines()) == 1, err

@@ -83,8 +83,12 @@ def select_layers(available: Sequence[str], spec: str | Sequence[str] | None) ->
     Returns names in the order given, without repeats."""
     available = list(available)
     if not available:
-        raise LayerError("the model has no adapted layers (methods lora, fvae, vae2lat, bvae2lat "
-                         "have them; full and linear do not)")
+        from robustbench_fvae.methods import get_method, method_names
+
+        readable = [m for m in method_names() if get_method(m).codes]
+        raise LayerError(f"the model has no adapted layers that probe reads: it reads the codes "
+                         f"of {', '.join(readable)}; full and linear have no adapters, and the "
+                         "peft-* methods' layers are not read yet")
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         return default_layers(available)
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)

@@ -51,8 +51,9 @@ PEFT_MODEL_ATTR = "_peft_model"
 class PeftEntry:
     """One peft method: ``config`` (the peft config class name), ``settings`` (its fields as
     ``{field: value}``; a value that is a str naming an adapter setting in ``FROM_ADAPTER`` is
-    read from the run's adapter config), ``codes`` (what ``probe`` reads), and the search space
-    (the learning rate unless said otherwise)."""
+    read from the run's adapter config), ``codes`` (what ``probe`` reads: none yet, ``probe``
+    does not read peft's layers), and the search space (the learning rate unless said
+    otherwise)."""
 
     config: str
     label: str
@@ -68,21 +69,20 @@ _LORA = {"r": RANK, "lora_alpha": LORA_ALPHA, "lora_dropout": LORA_DROPOUT,
          "target_modules": list(ATTENTION)}
 
 PEFT_METHODS: dict[str, PeftEntry] = {
-    "lora": PeftEntry("LoraConfig", "peft LoRA", "peft's LoRA on the whole fused qkv", _LORA,
-                      codes=("lora",)),
+    "lora": PeftEntry("LoraConfig", "peft LoRA", "peft's LoRA on the whole fused qkv", _LORA),
     "dora": PeftEntry("LoraConfig", "DoRA", "weight-decomposed LoRA (magnitude + direction)",
-                      {**_LORA, "use_dora": True}, codes=("lora",)),
+                      {**_LORA, "use_dora": True}),
     "rslora": PeftEntry("LoraConfig", "rsLoRA", "LoRA scaled by alpha/sqrt(r)",
-                        {**_LORA, "use_rslora": True}, codes=("lora",)),
+                        {**_LORA, "use_rslora": True}),
     "pissa": PeftEntry("LoraConfig", "PiSSA",
                        "LoRA initialised from the top-r singular vectors of W (W keeps the rest)",
-                       {**_LORA, "init_lora_weights": "pissa"}, codes=("lora",)),
+                       {**_LORA, "init_lora_weights": "pissa"}),
     "adalora": PeftEntry("AdaLoraConfig", "AdaLoRA",
                          "SVD-form LoRA whose ranks are pruned to a budget during training "
                          "(init_r = rank, target_r = rank/2)",
                          {"init_r": RANK, "target_r": "@half_rank", "lora_alpha": LORA_ALPHA,
                           "lora_dropout": LORA_DROPOUT, "target_modules": list(ATTENTION)},
-                         codes=("lora",)),
+                         ),
     "vera": PeftEntry("VeraConfig", "VeRA",
                       "shared frozen random projections, trained scaling vectors",
                       {"r": RANK, "target_modules": list(ATTENTION),
