@@ -1,7 +1,7 @@
 """What every command-line tool of the package shares: exit codes, argument parsing, errors.
 
-Exit codes (the same for ``run``, ``sweep``, ``report``, ``probe``, ``pretrain``, ``bench`` and
-the ``data_prep`` scripts):
+Exit codes (the same for ``run``, ``sweep``, ``report``, ``probe``, ``pretrain``, the
+``data_prep`` scripts and ``benchmarks/bench.py``):
 
 * 0 — done (also "already done", and ``--help``);
 * 1 — runtime failure: the input was fine but the work failed (a non-finite loss, the run

@@ -10,14 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.bench import BenchError, main
+from benchmarks.released_fvae import ReleasedFVAELayer, released_from_ours
+from benchmarks.timing import median_interval
 from robustbench_fvae.adapters import FVAEAdapter
-from robustbench_fvae.bench import (
-    BenchError,
-    ReleasedFVAELayer,
-    main,
-    median_interval,
-    released_from_ours,
-)
 
 REQUIRED_KEYS = (
     "fvae_over_lora_train", "fvae_over_lora_eval", "released_over_ours_module_train",
