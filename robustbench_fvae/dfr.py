@@ -359,6 +359,7 @@ def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: d
               batch_size: int | None, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
+    from .data import is_replica
     from .metrics import constant_predictor, counterfactual_record, evaluate_split
     from .stem_cache import counterfactual_inputs
     from .training import load_trained_model, resolve_device
@@ -403,7 +404,7 @@ def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: d
                              info["groups"], info["train_group_counts"])
         for name, split in (("val", val), ("test", test))}
     counterfactual = None
-    if cfg.dataset.startswith("synth-"):
+    if is_replica(cfg.dataset):
         try:
             twins = counterfactual_inputs(cfg.dataset, cfg.data_root, test,
                                           cfg.train.spurious_strength)
