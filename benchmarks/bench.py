@@ -70,6 +70,13 @@ from robustbench_fvae.adapters import (  # noqa: E402
     inject_adapters,
     set_eval_fusion,
 )
+from robustbench_fvae.cli import (  # noqa: E402
+    EXIT_OK,
+    ArgumentParser,
+    command,
+    non_negative_int,
+    positive_int,
+)
 from robustbench_fvae.config import AdapterConfig  # noqa: E402
 
 # Targets on the project's 2-core machine, idle, default 2 threads (issue 2; the eval and train
@@ -222,7 +229,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python benchmarks/bench.py",
         description=(
             "Speed and memory benchmark. Times, interleaved in one process: (1) FVAE-LoRA vs LoRA "
@@ -240,21 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
             "many small ops of FVAE; compare with --threads 1."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--depth", type=_positive_int, default=2,
+    p.add_argument("--depth", type=positive_int, default=2,
                    help="number of ViT-B blocks kept (the full model has 12; every block costs "
                         "the same, so fewer keeps CPU time short at similar ratios)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per step")
-    p.add_argument("--repeats", type=_positive_int, default=15,
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per step")
+    p.add_argument("--repeats", type=positive_int, default=15,
                    help="timed rounds; every contender runs once per round, medians are reported "
                         "(with 6 or more, also a 95%% interval of each paired ratio)")
-    p.add_argument("--warmup", type=_non_negative_int, default=2,
+    p.add_argument("--warmup", type=non_negative_int, default=2,
                    help="untimed rounds first (allocator, kernels, caches)")
     p.add_argument("--targets", default="q,k",
                    help="comma-separated adapted layers: q, k, v and/or nn.Linear name suffixes")
-    p.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank = FVAE latent size")
+    p.add_argument("--rank", type=positive_int, default=16, help="LoRA rank = FVAE latent size")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda when available; CUDA runs use bf16 autocast, CPU fp32")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads; default: the cores this process may use")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and the fixed batch")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -265,20 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny sizes (32 px, patch 8, width 64, depth 1, batch 2) for smoke tests; "
                         "overrides --depth and --batch-size; the ratios mean nothing")
     return p
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -508,18 +501,21 @@ def _print_targets(result: dict) -> None:
         print(line)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """CLI entry: parse, run, print; the JSON object is the last line of stdout."""
+def benchmark(argv: Sequence[str] | None = None) -> dict:
+    """Parse, run, print; the JSON object is the last line of stdout. Returns the result."""
     # Nothing here needs the hub (random init); keep timm from trying to reach it.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    try:
-        result = run_benchmark(args)
-    except ValueError as err:  # bad settings: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    result = run_benchmark(args)
     print(json.dumps(_jsonable(result), sort_keys=True))
     return result
+
+
+@command
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command: :func:`benchmark`; a bad setting is one ``error:`` line and exit 2."""
+    benchmark(argv)
+    return EXIT_OK
 
 
 def _jsonable(value):
@@ -533,4 +529,4 @@ def _jsonable(value):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
