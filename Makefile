@@ -43,7 +43,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m robustbench_fvae.bench
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench.py
 
 # One replica run with the frozen-stem cache against the same run without it, side by side.
 bench-stem: $(STAMP)

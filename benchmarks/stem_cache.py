@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from robustbench_fvae.cli import ArgumentParser, fail  # noqa: E402
+from robustbench_fvae.cli import ArgumentParser, add_data_root_option, command, fail  # noqa: E402
 from robustbench_fvae.config import ConfigError, config_from_settings  # noqa: E402
 from robustbench_fvae.training import build_model_and_data, resolve_config, run  # noqa: E402
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="rounds of one cached + one uncached "
                    "run, order alternating (default: 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
-    p.add_argument("--data-root", default="data", help="datasets folder (default: data)")
+    add_data_root_option(p, "data", "datasets folder (default: data)")
     p.add_argument("--weights", default=None,
                    help="backbone weights file (default: the offline backbone's cache)")
     p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
@@ -74,6 +74,7 @@ def _load() -> float | None:
         return None
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     """Exit codes as every command's (robustbench_fvae/cli.py): 2 for bad input."""
     args = build_parser().parse_args(argv)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
-from robustbench_fvae.cli import EXIT_OK, ArgumentParser, fail  # noqa: E402
+from robustbench_fvae.cli import EXIT_OK, ArgumentParser, command, fail  # noqa: E402
 from robustbench_fvae.data.base import DatasetError  # noqa: E402
 from robustbench_fvae.data.synthetic import (  # noqa: E402
     REPLICAS,
@@ -29,6 +29,7 @@ from robustbench_fvae.data.synthetic import (  # noqa: E402
 )
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python data_prep/build_synthetic.py",
                             usage="%(prog)s [--root DIR] [--only NAME] [--spurious-strength RHO] "

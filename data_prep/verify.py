@@ -20,10 +20,11 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from robustbench_fvae.cli import EXIT_BAD_INPUT, EXIT_OK, ArgumentParser, fail
+from robustbench_fvae.cli import EXIT_BAD_INPUT, EXIT_OK, ArgumentParser, command, fail
 from robustbench_fvae.data import DatasetError, dataset_names, verify_dataset
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
         prog="python data_prep/verify.py",

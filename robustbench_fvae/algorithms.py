@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .config import ALGORITHMS, GROUPDRO_SAMPLERS, ConfigError, TrainConfig
+from .data.registry import is_replica
 from .distributed import SINGLE_PROCESS, Distributed
 
 # JTT's (T, λ) from the JTT paper's tuned values (Waterbirds 60 epochs / 100, CelebA 1 / 50;
@@ -53,7 +54,7 @@ GROUP_LABELS_IN_TRAINING = {"erm": None, "jtt": None, "reweight": "train", "resa
 
 def jtt_defaults(dataset: str) -> tuple[int, int]:
     """``(jtt_epochs, jtt_upweight)`` defaults of a dataset."""
-    if dataset.startswith("synth-"):
+    if is_replica(dataset):
         return JTT_SYNTH_DEFAULT
     return JTT_DEFAULTS.get(dataset, JTT_DEFAULTS["celeba"])
 

@@ -31,6 +31,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from .data.registry import is_replica
+
 # One way only: backbones -> pretrain -> stems (pretrain never imports this module).
 from .pretrain import (
     CACHE_ENV,
@@ -76,7 +78,7 @@ class DataConfig:
 
 def default_backbone(dataset: str) -> str:
     """The offline ViT for the offline replicas (``synth-*``), ViT-B/16 in21k otherwise."""
-    return OFFLINE_BACKBONE if str(dataset).startswith("synth-") else REAL_BACKBONE
+    return OFFLINE_BACKBONE if is_replica(dataset) else REAL_BACKBONE
 
 
 def create_backbone(

@@ -1,7 +1,7 @@
 """What every command-line tool of the package shares: exit codes, argument parsing, errors.
 
-Exit codes (the same for ``run``, ``sweep``, ``report``, ``probe``, ``pretrain``, ``bench`` and
-the ``data_prep`` scripts):
+Exit codes (the same for ``run``, ``sweep``, ``report``, ``probe``, ``pretrain``, the
+``data_prep`` scripts and ``benchmarks/bench.py``):
 
 * 0 — done (also "already done", and ``--help``);
 * 1 — runtime failure: the input was fine but the work failed (a non-finite loss, the run
@@ -12,14 +12,21 @@ the ``data_prep`` scripts):
 * 143 — stopped by SIGTERM (Slurm preemption) after writing a checkpoint: relaunch to resume.
 
 Errors are one line on stderr, ``error: …``; ``RBF_TRACEBACK=1`` re-raises for the traceback.
+Every command's ``main`` is wrapped in :func:`command`, so an error it does not handle itself
+still ends as that one line and its exit code; options several commands share come from the
+``add_*_option`` helpers below, so they read the same everywhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import NoReturn, ParamSpec
+
+_P = ParamSpec("_P")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -56,3 +63,71 @@ def fail(err: BaseException) -> int:
     text = " ".join(str(err).split()) or type(err).__name__
     print(f"error: {text}  (set RBF_TRACEBACK=1 for the traceback)", file=sys.stderr)
     return exit_code(err)
+
+
+def command(main: Callable[_P, int]) -> Callable[_P, int]:
+    """Wrap a command's ``main``: an exception it lets escape becomes one ``error:`` line and
+    its exit code (:func:`fail`: 2 for bad input, 1 for the rest), Ctrl-C exits
+    :data:`EXIT_INTERRUPTED`. ``SystemExit`` (argument errors, ``--help``) passes through."""
+
+    @functools.wraps(main)
+    def wrapped(*args: _P.args, **kwargs: _P.kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        except Exception as err:  # noqa: BLE001 - every failure gets the same one-line report
+            return fail(err)
+
+    return wrapped
+
+
+# ------------------------------------------------------------------ shared options
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where the model runs (``auto`` picks CUDA when torch sees it)."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="auto (default), cpu, cuda or cuda:N")
+
+
+def add_data_root_option(parser: argparse.ArgumentParser, default: str | None = "data",
+                         help: str = "the data root (default: data)") -> None:
+    """``--data-root DIR``: the datasets folder (``default`` None: taken from a spec)."""
+    parser.add_argument("--data-root", default=default, metavar="DIR", help=help)
+
+
+def add_lock_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--force`` and ``--wait`` of a command that writes one run record (``what``)."""
+    parser.add_argument("--force", action="store_true", help=f"redo {what} even if it is done")
+    parser.add_argument("--wait", action="store_true",
+                        help=f"if another process is making {what}, wait for it to end "
+                             "(default: exit 1 naming that process)")
+
+
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    """``--no-progress``: no progress bars (logs of batch jobs)."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -41,7 +41,15 @@ from typing import Any
 import numpy as np
 
 from . import records
-from .cli import EXIT_OK, ArgumentParser, fail
+from .cli import (
+    EXIT_OK,
+    ArgumentParser,
+    add_device_option,
+    add_lock_options,
+    command,
+    fail,
+    positive_int,
+)
 from .config import DERIVED_ALGORITHMS, canonical_json
 
 ALGORITHM = "dfr"
@@ -359,6 +367,7 @@ def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: d
               batch_size: int | None, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
+    from .data import is_replica
     from .methods.setup import classifier_head
     from .metrics import constant_predictor, counterfactual_record, evaluate_split
     from .stem_cache import counterfactual_inputs
@@ -404,7 +413,7 @@ def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: d
                              info["groups"], info["train_group_counts"])
         for name, split in (("val", val), ("test", test))}
     counterfactual = None
-    if cfg.dataset.startswith("synth-"):
+    if is_replica(cfg.dataset):
         try:
             twins = counterfactual_inputs(cfg.dataset, cfg.data_root, test,
                                           cfg.train.spurious_strength)
@@ -504,16 +513,6 @@ def _c_grid(text: str) -> tuple[float, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m robustbench_fvae.dfr",
@@ -535,19 +534,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the parent's output folder)")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
                         help="seed of the validation halves, subsamples and fits (default: 0)")
-    parser.add_argument("--refits", type=_positive_int, default=DEFAULT_REFITS, metavar="N",
+    parser.add_argument("--refits", type=positive_int, default=DEFAULT_REFITS, metavar="N",
                         help=f"balanced refits averaged (default: {DEFAULT_REFITS})")
     parser.add_argument("--c-grid", type=_c_grid, default=C_GRID, metavar="LIST",
                         help="comma-separated inverse L1 strengths C to choose from (default: "
                              f"{','.join(f'{c:g}' for c in C_GRID)})")
-    parser.add_argument("--device", default="auto", metavar="DEVICE",
-                        help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+    add_device_option(parser)
+    parser.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                         help="images per forward pass (default: the run's eval batch size)")
-    parser.add_argument("--force", action="store_true", help="redo a finished DFR run")
-    parser.add_argument("--wait", action="store_true",
-                        help="if another process is making this DFR run, wait for it to end "
-                             "(default: exit 1 naming that process)")
+    add_lock_options(parser, "this DFR run")
     return parser
 
 
@@ -574,6 +569,7 @@ def format_summary(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -31,7 +31,6 @@ new file and a new run hash, and never a stale one.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -48,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .cli import EXIT_OK, ArgumentParser, command
 from .data.silhouettes import (
     FAMILIES,
     REPLICA_CLASSES,
@@ -452,9 +452,10 @@ def _save_atomic(backbone: nn.Module, path: Path, summary: dict) -> None:
     write_bytes_atomic(path, save(state, metadata={"name": f"{OFFLINE_BACKBONE}-{summary['key']}"}))
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     defaults = PretrainConfig()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m robustbench_fvae.pretrain",
         description="Pretrain the offline hybrid ViT (frozen ImageNet MobileNetV2 stem, blocks "
                     "trained here) on shipped silhouettes and textures; cached once per machine.")
@@ -476,12 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_path:
         print(offline_cache_path(cache_dir=args.cache_dir, config=cfg))
         return 0
-    try:
-        pretrain_offline_backbone(args.cache_dir, cfg, force=args.force, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    # Errors end in cli.command: one line, exit 2 for bad input, 1 for the rest.
+    pretrain_offline_backbone(args.cache_dir, cfg, force=args.force, progress=not args.quiet)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

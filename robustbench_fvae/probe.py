@@ -22,13 +22,22 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .cli import (
+    EXIT_OK,
+    ArgumentParser,
+    add_data_root_option,
+    add_device_option,
+    add_progress_option,
+    command,
+)
+
 # Same values as analysis.latents / analysis.tsne, kept here so --help needs no torch import.
 DEFAULT_MAX_IMAGES = 5000
 DEFAULT_TSNE_MAX = 2000
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m robustbench_fvae.probe",
         description="What the latent spaces of a trained run encode: linear probes of the label y "
                     "and the spurious attribute a from z1, z2 (FVAE family), LoRA's A x and the "
@@ -43,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no run: probe the frozen backbone's block outputs on this dataset "
                              "(how hard y and the spurious a are before fine-tuning); default "
                              "out: runs/probes/NAME/BACKBONE")
-    parser.add_argument("--data-root", default="data", metavar="DIR",
-                        help="with --dataset: the data root (default: data)")
+    add_data_root_option(parser, "data", "with --dataset: the data root (default: data)")
     parser.add_argument("--backbone", default=None,
                         help="with --dataset: the backbone (default: the dataset's, as in run)")
     parser.add_argument("--weights", default=None, metavar="FILE",
@@ -71,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "or class (every value of the probed target weighs the same)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default: RUN_DIR/probe)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add_device_option(parser)
     parser.add_argument("--tsne-max", type=int, default=DEFAULT_TSNE_MAX, metavar="N",
                         help="test images per t-SNE map, subsampled by group; 0: no t-SNE "
                              f"(default: {DEFAULT_TSNE_MAX})")
@@ -88,10 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="RUN_DIR: probes only; skip the token-level information rates, "
                              "update sizes and interventions (information*.csv, updates.csv, "
                              "interventions.csv)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_option(parser)
     return parser
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -114,21 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                   num_workers=args.num_workers, n_jobs=args.jobs or min(8, os.cpu_count() or 1),
                   progress=not args.no_progress, fit_split=args.fit_split,
                   weighting=args.weighting)
-    try:
-        if args.run_dir is not None:
-            result = probe_run(args.run_dir, layers=args.layers, batch_size=args.batch_size,
-                               evidence=not args.no_evidence, **common)
-        else:
-            result = probe_backbone(args.dataset, data_root=args.data_root,
-                                    backbone=args.backbone, weights=args.weights,
-                                    batch_size=args.batch_size or 256, **common)
-    except (ValueError, FileNotFoundError) as err:
-        if os.environ.get("RBF_TRACEBACK"):
-            raise
-        print(f"error: {err}  (set RBF_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        return 2
+    # Errors end in cli.command: one line, exit 2 for bad input, 1 for the rest.
+    if args.run_dir is not None:
+        result = probe_run(args.run_dir, layers=args.layers, batch_size=args.batch_size,
+                           evidence=not args.no_evidence, **common)
+    else:
+        result = probe_backbone(args.dataset, data_root=args.data_root,
+                                backbone=args.backbone, weights=args.weights,
+                                batch_size=args.batch_size or 256, **common)
     print(result.out_dir)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from robustbench_fvae.cli import EXIT_OK, ArgumentParser, fail
+from robustbench_fvae.cli import EXIT_OK, ArgumentParser, add_data_root_option, command, fail
 from robustbench_fvae.sweeps.budget import CONTROLS_SPEC, FINAL_SEEDS, FINAL_SPEC, SEARCH_SPEC
 
 RESULTS_DIR = "results/protocol"
@@ -314,14 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                         f"{FINAL_SPEC})")
     fin.add_argument("--controls-out", default=CONTROLS_SPEC,
                      help=f"controls spec to write (default {CONTROLS_SPEC})")
-    fin.add_argument("--data-root", default=None, metavar="DIR",
-                     help="dataset folder (default: the spec's data_root)")
+    add_data_root_option(fin, None, "dataset folder (default: the spec's data_root)")
     pub = sub.add_parser("publish", help="copy the finished runs of the three specs to "
                                          f"{RESULTS_DIR}/")
     pub.add_argument("--to", default=RESULTS_DIR, metavar="DIR",
                      help=f"results folder (default {RESULTS_DIR})")
-    pub.add_argument("--data-root", default=None, metavar="DIR",
-                     help="dataset folder (default: the specs' data_root)")
+    add_data_root_option(pub, None, "dataset folder (default: the specs' data_root)")
     for stage, default in (("search", SEARCH_SPEC), ("final", FINAL_SPEC),
                            ("controls", CONTROLS_SPEC)):
         pub.add_argument(f"--{stage}-spec", default=default, metavar="SPEC",
@@ -343,8 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     prb.add_argument("--max-images", type=int, default=PROBE_MAX_IMAGES, metavar="N",
                      help=f"images per split, group-stratified (default {PROBE_MAX_IMAGES})")
     prb.add_argument("--force", action="store_true", help="probe again runs probed already")
-    prb.add_argument("--data-root", default=None, metavar="DIR",
-                     help="dataset folder (default: the spec's data_root)")
+    add_data_root_option(prb, None, "dataset folder (default: the spec's data_root)")
     page = sub.add_parser("page", help=f"regenerate {PAGE} from the published records")
     page.add_argument("results", nargs="?", default=RESULTS_DIR, metavar="RESULTS_DIR",
                       help=f"published records (default {RESULTS_DIR})")
@@ -363,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -48,7 +48,7 @@ from robustbench_fvae.analysis.comparisons import (
     Comparison,
     compare_to_reference,
 )
-from robustbench_fvae.cli import EXIT_OK, ArgumentParser, fail
+from robustbench_fvae.cli import EXIT_OK, ArgumentParser, command, fail
 from robustbench_fvae.methods import method_names
 from robustbench_fvae.records import write_text_atomic
 from robustbench_fvae.selection import RULES
@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:

@@ -14,7 +14,15 @@ import sys
 import typing
 from collections.abc import Sequence
 
-from .cli import EXIT_OK, EXIT_PREEMPTED, ArgumentParser, fail
+from .cli import (
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    ArgumentParser,
+    add_lock_options,
+    add_progress_option,
+    command,
+    fail,
+)
 from .config import (
     ALGORITHMS,
     GROUPDRO_SAMPLERS,
@@ -160,11 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                 choices=CHOICES.get(field.name), help=_help(field.name, default),
                 metavar=field.name.upper() if field.name in CHOICES
                 else NAMED_METAVARS.get(field.name, METAVARS[kind]))
-    parser.add_argument("--force", action="store_true", help="rerun even if the run is done")
-    parser.add_argument("--wait", action="store_true",
-                        help="if another process is training this config, wait for it to end "
-                             "(default: exit with an error naming that process)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_lock_options(parser, "this run")
+    add_progress_option(parser)
     return parser
 
 
@@ -209,6 +214,7 @@ def format_summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: see :mod:`robustbench_fvae.cli` (0 done, 1 failure, 2 bad input, 143
     SIGTERM)."""

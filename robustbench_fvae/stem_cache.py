@@ -48,6 +48,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from .data.base import GroupSplit
+from .data.registry import is_replica
 from .data.transforms import CenterCropShortSide
 from .records import exclusive_lock
 from .stems import OFFLINE_BACKBONE, FrozenMobileNetV2Stem
@@ -72,7 +73,7 @@ class StemCacheError(ValueError):
 def stem_cache_unavailable(dataset: str, backbone: str | None, augment: str | None) -> str | None:
     """Why the stem cache cannot serve a run of ``dataset`` with ``backbone`` and recipe
     ``augment`` (one line), or None when it can."""
-    if not str(dataset).startswith("synth-"):
+    if not is_replica(dataset):
         return f"{dataset} is a real dataset (the stem cache is for the synth-* replicas)"
     if backbone != OFFLINE_BACKBONE:
         return f"backbone {backbone} has no frozen stem (only {OFFLINE_BACKBONE} has)"

@@ -29,6 +29,8 @@ from robustbench_fvae.cli import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     ArgumentParser,
+    add_data_root_option,
+    command,
     fail,
 )
 from robustbench_fvae.sweeps.spec import SpecError, slurm_section
@@ -58,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "cpus_per_task on Slurm)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default: the spec's settings.out, else runs/out)")
-    parser.add_argument("--data-root", default=None, metavar="DIR",
-                        help="dataset folder (default: the spec's settings.data_root, else data)")
+    add_data_root_option(parser, None,
+                         "dataset folder (default: the spec's settings.data_root, else data)")
     parser.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
                         help="only the runs on these datasets of the spec (e.g. to finish one "
                              "replica's search first); default: all")
@@ -92,6 +94,7 @@ def slurm_overrides(items: Sequence[str]) -> dict[str, Any]:
     return slurm_section(out)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from robustbench_fvae.sweeps import (

@@ -59,6 +59,7 @@ from .data import (
     check_data_recipe,
     data_defaults,
     get_spec,
+    is_replica,
     load_splits,
     make_transforms,
 )
@@ -105,7 +106,7 @@ def dataset_defaults(dataset: str) -> dict[str, int | float | str | None]:
         recipe = data_defaults(dataset)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return {**(SYNTH_DEFAULTS if dataset.startswith("synth-") else REAL_DEFAULTS), **recipe}
+    return {**(SYNTH_DEFAULTS if is_replica(dataset) else REAL_DEFAULTS), **recipe}
 
 
 def resolve_config(cfg: RunConfig) -> RunConfig:
@@ -364,7 +365,7 @@ def evaluate_counterfactual(model: nn.Module, cfg: RunConfig, test: GroupSplit, 
     (metrics.counterfactual_metrics) of the selected epoch's weights (``weights``) on the
     replica's counterfactual test images; None for a real dataset or a replica without them (a
     hand-made test fixture). The model keeps the selected weights afterwards."""
-    if not cfg.dataset.startswith("synth-"):
+    if not is_replica(cfg.dataset):
         return None
     try:
         twins = counterfactual_inputs(cfg.dataset, cfg.data_root, test,
@@ -772,7 +773,7 @@ def built_versions(cfg: RunConfig) -> dict[str, str | int | None]:
     from .data.synthetic import BUILDER_VERSION
 
     return {"backbone_digest": backbone_digest(cfg.backbone, cfg.weights),
-            "replica_version": BUILDER_VERSION if cfg.dataset.startswith("synth-") else None}
+            "replica_version": BUILDER_VERSION if is_replica(cfg.dataset) else None}
 
 
 def check_rebuildable(cfg: RunConfig, git_commit: str | None = None) -> None:

@@ -18,7 +18,7 @@ from PIL import Image  # noqa: E402
 
 from robustbench_fvae.data import silhouettes as sil  # noqa: E402
 from robustbench_fvae.data.base import DatasetError  # noqa: E402
-from robustbench_fvae.data.registry import ensure_replica  # noqa: E402
+from robustbench_fvae.data.registry import REGISTRY, ensure_replica, is_replica  # noqa: E402
 from robustbench_fvae.data.synthetic import (  # noqa: E402
     BUILDER_VERSION,
     COUNTERFACTUAL_KINDS,
@@ -470,3 +470,11 @@ def test_counterfactual_splits_refuse_a_replica_without_twins(tmp_path):
         counterfactual_splits("synth-waterbirds", tmp_path)
     with pytest.raises(DatasetError, match="only the offline replicas"):
         counterfactual_splits("waterbirds", tmp_path)
+
+
+def test_is_replica_reads_the_registry_and_refuses_unknown_names():
+    assert {n for n in REGISTRY if is_replica(n)} == {f"synth-{f}" for f in
+                                                      ("waterbirds", "celeba", "animals")}
+    assert all(is_replica(n) == n.startswith("synth-") for n in REGISTRY)
+    for unknown in ("synth-mnist", "imagenet", "", None, ["synth-celeba"]):
+        assert is_replica(unknown) is False

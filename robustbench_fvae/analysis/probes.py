@@ -554,9 +554,10 @@ def _twin_splits(dataset: str, data_root: str, strength: float | None, test_spli
     """The replica's twins of test (``core_only``, ``background_only``, ``background_swapped``)
     as the model reads test; empty for a real dataset or a replica without twins (said in one
     line)."""
-    if not dataset.startswith("synth-"):
+    from ..data import DatasetError, is_replica
+
+    if not is_replica(dataset):
         return {}
-    from ..data import DatasetError
     from ..stem_cache import counterfactual_inputs
 
     try:

@@ -14,16 +14,16 @@ Public API (what runs, sweeps and notebooks use)::
 """
 
 from robustbench_fvae.data.base import SPLITS, DatasetError, Group, GroupSplit
+from robustbench_fvae.data.download import DownloadError, download_dataset
 from robustbench_fvae.data.registry import (
     REGISTRY,
     DatasetSpec,
-    DownloadError,
     check_data_recipe,
     counterfactual_splits,
     data_defaults,
     dataset_names,
-    download_dataset,
     get_spec,
+    is_replica,
     load_splits,
     replica_info,
 )
@@ -46,6 +46,7 @@ __all__ = [
     "dataset_names",
     "download_dataset",
     "get_spec",
+    "is_replica",
     "load_splits",
     "make_transforms",
     "replica_info",

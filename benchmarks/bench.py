@@ -1,18 +1,19 @@
 """Speed benchmark: FVAE-LoRA against LoRA, and our FVAE against the released formulation.
 
-``python -m robustbench_fvae.bench`` builds ViT-B/16-shaped timm models (embed dim 768, 12 heads,
-197 tokens, MLP ratio 4; depth cut to 2 blocks by default so it runs in minutes on a CPU; random
-init) and measures, interleaved in one process so machine noise hits every contender alike:
+``python benchmarks/bench.py`` (``make bench``) builds ViT-B/16-shaped timm models (embed dim
+768, 12 heads, 197 tokens, MLP ratio 4; depth cut to 2 blocks by default so it runs in minutes on
+a CPU; random init) and measures, interleaved in one process so machine noise hits every
+contender alike:
 
 1. FVAE-LoRA vs LoRA on the whole model: a training step (forward, ``λ_task·CE + λ_fvae·aux``,
    backward, AdamW step) and an eval step (``model.eval()`` + ``torch.inference_mode()``, i.e.
    the fused eval path of :class:`~robustbench_fvae.adapters.AdaptedLinear`; FVAE-LoRA's
    per-adapter eval path is timed beside it as ``fvae_unfused``).
-2. Our FVAE vs a reference implementation of the *released* formulation (idiap/FVAE-LoRA), written
-   here from the facts in ``reference/official_fvae_code.md``: a dense
-   ``MultivariateNormal(loc=x, scale_tril=diag(s) + 1e-5·I)`` log-density per call, one-sample L2
-   terms, and the whole FVAE also run at eval. Timed for one adapted layer (module level) and with
-   the released-style layers swapped into the same ViT (whole model).
+2. Our FVAE vs a reference implementation of the *released* formulation (idiap/FVAE-LoRA,
+   :mod:`benchmarks.released_fvae`, written from the facts in ``reference/official_fvae_code.md``):
+   a dense ``MultivariateNormal(loc=x, scale_tril=diag(s) + 1e-5·I)`` log-density per call,
+   one-sample L2 terms, and the whole FVAE also run at eval. Timed for one adapted layer (module
+   level) and with the released-style layers swapped into the same ViT (whole model).
 3. Training activation memory: bytes of the tensors autograd saves for backward (deterministic,
    counted once per storage, parameters excluded), and on CUDA ``torch.cuda.max_memory_allocated``.
 
@@ -30,30 +31,53 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
-import weakref
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
-# Nothing here needs the hub (random init); keep timm from trying to reach it.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not __package__:  # run as a script: import the package and benchmarks/ from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from .adapters import (  # noqa: E402
+from benchmarks.released_fvae import (  # noqa: E402
+    released_aux_loss,
+    released_from_ours,
+    swap_in_released,
+)
+from benchmarks.timing import (  # noqa: E402
+    Contender,
+    available_cores,
+    cuda_peak_bytes,
+    load_average,
+    median_interval,
+    paired_ratio,
+    ratio,
+    round_ratios,
+    run_interleaved,
+    saved_activation_bytes,
+    summarize,
+)
+from robustbench_fvae.adapters import (  # noqa: E402
     AdaptedLinear,
     FVAEAdapter,
     LoRAAdapter,
     collect_aux_loss,
     count_parameters,
-    inject_adapters,
     set_eval_fusion,
 )
-from .config import AdapterConfig  # noqa: E402
+from robustbench_fvae.cli import (  # noqa: E402
+    EXIT_OK,
+    ArgumentParser,
+    command,
+    non_negative_int,
+    positive_int,
+)
+from robustbench_fvae.config import AdapterConfig  # noqa: E402
+from robustbench_fvae.methods.setup import inject_method  # noqa: E402
 
 # Targets on the project's 2-core machine, idle, default 2 threads (issue 2; the eval and train
 # bounds tightened by issue 12 with the fused eval path): (JSON key, comparison, bound).
@@ -96,179 +120,11 @@ class Shape:
 # --quick: tiny sizes for the smoke test (17 tokens of width 64).
 QUICK_SHAPE = Shape(img_size=32, patch_size=8, embed_dim=64, num_heads=4, depth=1, batch_size=2)
 
-
-# ------------------------------------------------------------------ released reference formulation
-
-
-class _ReleasedEncoder(nn.Module):
-    """``Linear(d→h) → ReLU → Dropout`` and two heads, as released (same parameter names as
-    :class:`~robustbench_fvae.adapters.fvae.GaussianEncoder`, so weights copy across)."""
-
-    def __init__(self, in_features: int, hidden: int, latent: int, dropout: float) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.mean = nn.Linear(hidden, latent)
-        self.logvar = nn.Linear(hidden, latent)
-        for head in (self.mean, self.logvar):
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
-
-
-class ReleasedFVAELayer(nn.Module):
-    """The released per-layer FVAE-LoRA computation, as a speed and correctness reference.
-
-    Follows the released code's formulation (not its code): the reconstruction log-density is a
-    ``torch.distributions.MultivariateNormal(loc=x, scale_tril=diag(s) + jitter·I)`` evaluated at
-    the decoder output — a dense d×d triangular matrix per call, one triangular solve over all
-    tokens (``validate_args=False``, as released); ``s`` is unconstrained (init 1); only
-    KL(q1‖N(0, I)) enters the loss (KL(q2‖p2) is computed and dropped); the repulsive term is the
-    one-sample ``mean((z2_sample − 1.5)²) − mean(z1_sample²)``; and the whole FVAE runs at eval
-    too (its loss is discarded there). The delta is ``(z1 @ B.T) · scaling / ranknum`` (z1
-    sampled in training, the mean in eval).
-    Random draws happen in the same order as in :class:`FVAEAdapter` (dropout of encoder 1,
-    of encoder 2, noise of z1, of z2, decoder dropouts), so seeded runs match draw for draw.
-    Shapes: ``x`` (..., in_features) → delta (..., out_features).
-    """
-
-    def __init__(self, in_features: int, out_features: int, rank: int = 16, *,
-                 encoder_hidden: int = 16, decoder_hidden: int = 128, decoder_layers: int = 3,
-                 dropout: float = 0.1, mu_p2: float = 1.5, scaling: float = 8.0,
-                 ranknum: float = 16.0, jitter: float = 1e-5, logvar_clamp: float = 20.0,
-                 lambdas: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.encoder1 = _ReleasedEncoder(in_features, encoder_hidden, rank, dropout)
-        self.encoder2 = _ReleasedEncoder(in_features, encoder_hidden, rank, dropout)
-        blocks: list[nn.Module] = []
-        width = 2 * rank
-        for _ in range(decoder_layers):
-            blocks += [nn.Linear(width, decoder_hidden), nn.ReLU(), nn.Dropout(dropout)]
-            width = decoder_hidden
-        blocks.append(nn.Linear(width, in_features))
-        self.decoder = nn.Sequential(*blocks)
-        self.scale = nn.Parameter(torch.ones(in_features))  # unconstrained, as released
-        self.lora_B = nn.Parameter(torch.randn(out_features, rank) * 0.02)
-        self.mu_p2, self.factor, self.jitter = mu_p2, scaling / ranknum, jitter
-        self.logvar_clamp = logvar_clamp
-        # (λ_rec, λ_kl_z1, λ_z2_l2, λ_z1_l2), released defaults all 1.
-        self.lambdas = lambdas
-        self.loss: torch.Tensor | None = None
-        self.loss_parts: dict[str, torch.Tensor] | None = None
-
-    def reconstruction_log_prob(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """``log N(recon; loc=x, scale_tril=diag(s) + jitter·I)`` per token, shape x.shape[:-1].
-
-        Computed in (at least) fp32 outside autocast: the triangular solve has no
-        reduced-precision kernel.
-        """
-        dtype = torch.promote_types(self.scale.dtype, torch.float32)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            d = x.shape[-1]
-            eye = torch.eye(d, device=x.device, dtype=dtype)
-            scale_tril = torch.diag(self.scale.to(dtype)) + self.jitter * eye
-            # validate_args=False as released: validation would materialise the d×d matrix
-            # expanded over every token (GBs per call).
-            mvn = torch.distributions.MultivariateNormal(loc=x.to(dtype), scale_tril=scale_tril,
-                                                         validate_args=False)
-            return mvn.log_prob(recon.to(dtype))
-
-    def inference_parameters(self) -> int:
-        """Every parameter: the released eval path runs the whole FVAE."""
-        return sum(p.numel() for p in self.parameters())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h1 = self.encoder1.trunk(x)
-        h2 = self.encoder2.trunk(x)
-        mean1 = self.encoder1.mean(h1)
-        logvar1 = self.encoder1.logvar(h1).clamp(-self.logvar_clamp, self.logvar_clamp)
-        mean2 = self.encoder2.mean(h2)
-        logvar2 = self.encoder2.logvar(h2).clamp(-self.logvar_clamp, self.logvar_clamp)
-        z1 = mean1 + torch.exp(0.5 * logvar1) * torch.randn_like(mean1)
-        z2 = mean2 + torch.exp(0.5 * logvar2) * torch.randn_like(mean2)
-        recon = self.decoder(torch.cat([z1, z2], dim=-1))
-        nll = -self.reconstruction_log_prob(x, recon).mean()
-        kl1 = (-0.5 * (1 + logvar1 - mean1.square() - logvar1.exp()).sum(-1)).mean()
-        # KL(q2‖p2) is computed and then dropped by the released code; keep its (small) cost.
-        _ = (0.5 * ((mean2 - self.mu_p2).square() + logvar2.exp() - 1 - logvar2).sum(-1)).mean()
-        z1_l2 = z1.square().mean()
-        z2_l2 = (z2 - self.mu_p2).square().mean()
-        rec, kl, l2_z2, l2_z1 = self.lambdas
-        loss = rec * nll + l2_z2 * z2_l2 - l2_z1 * z1_l2 + kl * kl1
-        if self.training:
-            self.loss = loss
-            self.loss_parts = {"R": nll, "K1": kl1, "z1_l2": z1_l2, "z2_l2": z2_l2}
-        else:  # computed and discarded at eval, as released
-            self.loss, self.loss_parts = None, None
-        code = z1 if self.training else mean1
-        return (code @ self.lora_B.t()) * self.factor
-
-
-def released_from_ours(adapter: FVAEAdapter, jitter: float = 1e-5) -> ReleasedFVAELayer:
-    """A :class:`ReleasedFVAELayer` with exactly the weights of ``adapter`` (``s = exp(log s)``),
-    same sizes, dropout, μ_p2 and output factor (``scaling/ranknum`` = ``output_scale``)."""
-    enc_lin = adapter.encoder1.trunk[0]
-    dec_linears = [m for m in adapter.decoder.net if isinstance(m, nn.Linear)]
-    dropouts = [m for m in adapter.encoder1.trunk if isinstance(m, nn.Dropout)]
-    layer = ReleasedFVAELayer(
-        adapter.in_features, adapter.out_features, adapter.rank,
-        encoder_hidden=enc_lin.out_features, decoder_hidden=dec_linears[0].out_features,
-        decoder_layers=len(dec_linears) - 1, dropout=dropouts[0].p if dropouts else 0.0,
-        mu_p2=adapter.mu_p2, scaling=adapter.output_scale * adapter.rank,
-        ranknum=float(adapter.rank), jitter=jitter, logvar_clamp=adapter.encoder1.logvar_clamp,
-    )
-    p = next(adapter.parameters())
-    layer.to(device=p.device, dtype=p.dtype)
-    layer.encoder1.load_state_dict(adapter.encoder1.state_dict())
-    layer.encoder2.load_state_dict(adapter.encoder2.state_dict())
-    layer.decoder.load_state_dict(adapter.decoder.net.state_dict())
-    with torch.no_grad():
-        layer.scale.copy_(adapter.decoder.log_scale.exp())
-        layer.lora_B.copy_(adapter.lora_B)
-    layer.train(adapter.training)
-    return layer
-
-
-def swap_in_released(model: nn.Module, jitter: float = 1e-5) -> int:
-    """Replace every :class:`FVAEAdapter` in ``model`` by its released-formulation twin (same
-    weights). Returns how many were swapped."""
-    swapped = 0
-    for module in model.modules():
-        if isinstance(module, AdaptedLinear):
-            for key, adapter in list(module.adapters.items()):
-                if isinstance(adapter, FVAEAdapter):
-                    module.adapters[key] = released_from_ours(adapter, jitter)
-                    swapped += 1
-    return swapped
-
-
-def released_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Mean over the released-style layers of their last training loss (then cleared)."""
-    losses = []
-    for m in model.modules():
-        if isinstance(m, ReleasedFVAELayer) and m.loss is not None:
-            losses.append(m.loss)
-            m.loss = None
-    return torch.stack(losses).mean() if losses else None
-
-
 def ours_aux_loss(model: nn.Module) -> torch.Tensor | None:
     return collect_aux_loss(model)[0]
 
 
 # ------------------------------------------------------------------ steps
-
-
-@dataclass
-class Contender:
-    """One timed thing: ``step()`` is timed; ``setup()`` (untimed) runs before each call."""
-
-    group: str
-    name: str
-    step: Callable[[], None]
-    setup: Callable[[], None] = lambda: None
-    times_ms: list[float] = field(default_factory=list)
-
-
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -342,100 +198,6 @@ def make_module_train_step(layer: AdaptedLinear, x: torch.Tensor, grad_out: torc
     return step
 
 
-# ------------------------------------------------------------------ measuring
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def run_interleaved(contenders: Sequence[Contender], warmup: int, repeats: int,
-                    device: torch.device, clock: str = "wall") -> None:
-    """Time every contender once per round, in an order rotated each round, so slow drifts and
-    bursts of machine load fall on all of them alike; the first ``warmup`` rounds are dropped.
-    ``clock``: ``wall`` (perf_counter) or ``cpu`` (this process's CPU time, all its threads:
-    time the OS gave to other processes is not counted, so a loaded machine inflates it far less
-    — exact for one thread; with more, their spin-waits count)."""
-    timer = time.process_time if clock == "cpu" else time.perf_counter
-    n = len(contenders)
-    for rnd in range(warmup + repeats):
-        order = [contenders[(i + rnd) % n] for i in range(n)]
-        for c in order:
-            c.setup()
-            _sync(device)
-            t0 = timer()
-            c.step()
-            _sync(device)
-            elapsed = (timer() - t0) * 1e3
-            if rnd >= warmup:
-                c.times_ms.append(elapsed)
-
-
-def saved_activation_bytes(step: TrainStep) -> int:
-    """Bytes autograd keeps for backward at the end of one training forward pass: every saved
-    tensor still alive then (saved by branches that were dropped, e.g. a loss term computed and
-    discarded, are not), counted once per storage, the model's parameters excluded (they live
-    anyway). Deterministic for a given graph and batch — no allocator or timing noise."""
-    refs: list[weakref.ref] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        refs.append(weakref.ref(t))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = step.loss()
-        total = _alive_storage_bytes(refs, exclude=step.model.parameters())
-        step.finish(loss)
-    return total
-
-
-def _alive_storage_bytes(refs: Sequence[weakref.ref], exclude: Iterable[torch.Tensor]) -> int:
-    """Sum of storage sizes of the still-alive tensors, once per storage (all alive, so no
-    address is shared by two different storages), storages of ``exclude`` left out."""
-    excluded = {p.untyped_storage().data_ptr() for p in exclude}
-    sizes: dict[int, int] = {}
-    for ref in refs:
-        t = ref()
-        if t is None:
-            continue
-        try:
-            storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensors without a plain storage
-            continue
-        if storage.data_ptr() not in excluded:
-            sizes[storage.data_ptr()] = storage.nbytes()
-    return sum(sizes.values())
-
-
-def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak CUDA memory allocated during one step, above what was allocated before it."""
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    step()
-    _sync(device)
-    return torch.cuda.max_memory_allocated(device) - before
-
-
-@dataclass
-class Stats:
-    median: float
-    q1: float
-    q3: float
-    lo: float
-    hi: float
-
-
-def summarize(times: Sequence[float]) -> Stats:
-    xs = sorted(times)
-    if len(xs) >= 2:
-        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    else:
-        q1 = q3 = xs[0]
-    return Stats(statistics.median(xs), q1, q3, xs[0], xs[-1])
-
-
 # ------------------------------------------------------------------ building
 
 
@@ -458,40 +220,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _ratio(num: float, den: float) -> float:
-    return num / den if den > 0 else float("inf")
-
-
-def _round_ratios(a: Contender, b: Contender) -> list[float]:
-    return [x / y for x, y in zip(a.times_ms, b.times_ms)]
-
-
-def _paired_ratio(a: Contender, b: Contender) -> float:
-    """Median over rounds of a/b measured in the same round (robust to load drifting)."""
-    return statistics.median(_round_ratios(a, b))
-
-
-def median_interval(values: Sequence[float], level: float = 0.95) -> list[float] | None:
-    """Distribution-free confidence interval of the median: the order statistics
-    ``[x_(k), x_(n+1−k)]`` with the largest ``k`` such that ``P(Binomial(n, ½) < k) ≤ (1 −
-    level)/2``; None when ``n`` is too small for the level (n < 6 at 95 %)."""
-    xs = sorted(values)
-    n = len(xs)
-    tail, k = 0.0, 0
-    while k < n // 2:
-        tail_next = tail + math.comb(n, k) / 2**n  # P(B <= k)
-        if tail_next > (1.0 - level) / 2:
-            break
-        tail, k = tail_next, k + 1
-    return None if k == 0 else [xs[k - 1], xs[n - k]]
-
 
 def _fmt_bytes(n: float) -> str:
     return f"{n / 2**20:9.2f} MiB"
@@ -501,8 +229,8 @@ def _fmt_bytes(n: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m robustbench_fvae.bench",
+    p = ArgumentParser(
+        prog="python benchmarks/bench.py",
         description=(
             "Speed and memory benchmark. Times, interleaved in one process: (1) FVAE-LoRA vs LoRA "
             "on a ViT-B/16-shaped model (768 wide, 12 heads, 197 tokens, random init, depth cut "
@@ -519,21 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
             "many small ops of FVAE; compare with --threads 1."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--depth", type=_positive_int, default=2,
+    p.add_argument("--depth", type=positive_int, default=2,
                    help="number of ViT-B blocks kept (the full model has 12; every block costs "
                         "the same, so fewer keeps CPU time short at similar ratios)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per step")
-    p.add_argument("--repeats", type=_positive_int, default=15,
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per step")
+    p.add_argument("--repeats", type=positive_int, default=15,
                    help="timed rounds; every contender runs once per round, medians are reported "
                         "(with 6 or more, also a 95%% interval of each paired ratio)")
-    p.add_argument("--warmup", type=_non_negative_int, default=2,
+    p.add_argument("--warmup", type=non_negative_int, default=2,
                    help="untimed rounds first (allocator, kernels, caches)")
     p.add_argument("--targets", default="q,k",
                    help="comma-separated adapted layers: q, k, v and/or nn.Linear name suffixes")
-    p.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank = FVAE latent size")
+    p.add_argument("--rank", type=positive_int, default=16, help="LoRA rank = FVAE latent size")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda when available; CUDA runs use bf16 autocast, CPU fp32")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads; default: the cores this process may use")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and the fixed batch")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -544,20 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny sizes (32 px, patch 8, width 64, depth 1, batch 2) for smoke tests; "
                         "overrides --depth and --batch-size; the ratios mean nothing")
     return p
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -577,12 +291,12 @@ def _run(args: argparse.Namespace, device: torch.device, threads: int) -> dict:
     if args.clock == "cpu" and device.type != "cpu":
         raise BenchError("--clock cpu times CPU work and says nothing of a GPU; use --clock wall "
                          "with --device cuda")
-    load_before = _load_average()
+    load_before = load_average()
     shape = QUICK_SHAPE if args.quick else Shape(depth=args.depth, batch_size=args.batch_size)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     cfg = AdapterConfig(rank=args.rank, targets=targets)
     dtype_name = "bf16-autocast" if device.type == "cuda" else "fp32"
-    print(f"robustbench_fvae.bench: device={device} ({dtype_name}), torch {torch.__version__}, "
+    print(f"benchmarks/bench.py: device={device} ({dtype_name}), torch {torch.__version__}, "
           f"threads={threads}, clock={args.clock}, {platform.machine()}")
     print(f"model: ViT depth={shape.depth} width={shape.embed_dim} heads={shape.num_heads} "
           f"tokens={shape.tokens} batch={shape.batch_size}, targets={','.join(targets)}, "
@@ -593,7 +307,7 @@ def _run(args: argparse.Namespace, device: torch.device, threads: int) -> dict:
     for method in ("lora", "fvae"):
         m = copy.deepcopy(base)
         torch.manual_seed(args.seed + 1)  # same adapter init stream for every run
-        inject_adapters(m, method, cfg, num_classes=2)
+        inject_method(m, method, cfg, num_classes=2)
         models[method] = m.to(device)
     released = copy.deepcopy(models["fvae"])
     n_swapped = swap_in_released(released)
@@ -639,7 +353,7 @@ def _run(args: argparse.Namespace, device: torch.device, threads: int) -> dict:
 
     run_interleaved(contenders, args.warmup, args.repeats, device, args.clock)
     set_eval_fusion(models["fvae"], True)
-    load_after = _load_average()
+    load_after = load_average()
 
     # Memory: one more training step per model under the saved-tensor hooks.
     saved = {}
@@ -658,31 +372,31 @@ def _run(args: argparse.Namespace, device: torch.device, threads: int) -> dict:
         return stats[(group, name)].median
 
     result = {
-        "fvae_over_lora_train": _ratio(med("model train", "fvae"), med("model train", "lora")),
-        "fvae_over_lora_eval": _ratio(med("model eval", "fvae"), med("model eval", "lora")),
-        "fvae_unfused_over_fused_eval": _ratio(med("model eval", "fvae_unfused"),
+        "fvae_over_lora_train": ratio(med("model train", "fvae"), med("model train", "lora")),
+        "fvae_over_lora_eval": ratio(med("model eval", "fvae"), med("model eval", "lora")),
+        "fvae_unfused_over_fused_eval": ratio(med("model eval", "fvae_unfused"),
                                                med("model eval", "fvae")),
-        "released_over_ours_module_train": _ratio(med("module train", "released"),
+        "released_over_ours_module_train": ratio(med("module train", "released"),
                                                   med("module train", "fvae")),
-        "released_over_ours_model_train": _ratio(med("model train", "released"),
+        "released_over_ours_model_train": ratio(med("model train", "released"),
                                                  med("model train", "fvae")),
-        "released_over_ours_model_eval": _ratio(med("model eval", "released"),
+        "released_over_ours_model_eval": ratio(med("model eval", "released"),
                                                 med("model eval", "fvae")),
-        "fvae_over_lora_module_train": _ratio(med("module train", "fvae"),
+        "fvae_over_lora_module_train": ratio(med("module train", "fvae"),
                                               med("module train", "lora")),
-        "fvae_over_lora_saved_activation_bytes": _ratio(saved["fvae"], saved["lora"]),
-        "released_over_ours_saved_activation_bytes": _ratio(saved["released"], saved["fvae"]),
+        "fvae_over_lora_saved_activation_bytes": ratio(saved["fvae"], saved["lora"]),
+        "released_over_ours_saved_activation_bytes": ratio(saved["released"], saved["fvae"]),
         "saved_activation_bytes": saved,
     }
     if peaks:
-        result["fvae_over_lora_cuda_peak_bytes"] = _ratio(peaks["fvae"], peaks["lora"])
+        result["fvae_over_lora_cuda_peak_bytes"] = ratio(peaks["fvae"], peaks["lora"])
         result["cuda_peak_bytes"] = peaks
     # Median over rounds of the within-round ratio: steadier than the ratio of medians when the
     # machine's load drifts during the run (reported beside it, not judged).
-    result["paired"] = {key: _paired_ratio(by[(group, a)], by[(group, b)])
+    result["paired"] = {key: paired_ratio(by[(group, a)], by[(group, b)])
                         for key, group, a, b in _PAIRED}
     # How far the paired ratio could move on a rerun: its median's 95 % interval over rounds.
-    result["paired_ci95"] = {key: median_interval(_round_ratios(by[(group, a)], by[(group, b)]))
+    result["paired_ci95"] = {key: median_interval(round_ratios(by[(group, a)], by[(group, b)]))
                              for key, group, a, b in _PAIRED}
     result["median_ms"] = {f"{g}/{n}": round(s.median, 3) for (g, n), s in stats.items()}
     result["params"] = {name: count_parameters(m) for name, m in models.items()}
@@ -702,14 +416,6 @@ def _run(args: argparse.Namespace, device: torch.device, threads: int) -> dict:
     _print_targets(result)
     _print_load_warning(load_before, load_after, threads, device, args.clock)
     return result
-
-
-def _load_average() -> float | None:
-    """The 1-minute load average (runnable processes), or None where the OS has none."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
 
 
 def _print_load_warning(before: float | None, after: float | None, threads: int,
@@ -763,10 +469,10 @@ def _print_table(contenders: Sequence[Contender], stats: dict) -> None:
         s = stats[(c.group, c.name)]
         base = stats[(c.group, _BASELINE[c.group])].median
         ours = stats[(c.group, "fvae")].median
-        paired = _paired_ratio(c, by[(c.group, "fvae")])
+        paired = paired_ratio(c, by[(c.group, "fvae")])
         print(f"{c.group:<13} {_LABEL[c.name]:<26} {s.median:10.2f} "
-              f"{f'{s.q1:.2f}–{s.q3:.2f}':>19} {s.lo:9.2f} {_ratio(s.median, base):7.3f} "
-              f"{_ratio(s.median, ours):7.3f} {paired:11.3f}")
+              f"{f'{s.q1:.2f}–{s.q3:.2f}':>19} {s.lo:9.2f} {ratio(s.median, base):7.3f} "
+              f"{ratio(s.median, ours):7.3f} {paired:11.3f}")
 
 
 def _print_memory(saved: dict[str, int], peaks: dict[str, int]) -> None:
@@ -775,10 +481,10 @@ def _print_memory(saved: dict[str, int], peaks: dict[str, int]) -> None:
           "parameters excluded)" + ("; CUDA peak above the resting state" if peaks else ""))
     for name, nbytes in saved.items():
         line = (f"  {_LABEL[name]:<26} saved {_fmt_bytes(nbytes)}  ÷ LoRA "
-                f"{_ratio(nbytes, saved['lora']):6.3f}")
+                f"{ratio(nbytes, saved['lora']):6.3f}")
         if peaks:
             line += f"   cuda peak {_fmt_bytes(peaks[name])}  ÷ LoRA " \
-                    f"{_ratio(peaks[name], peaks['lora']):6.3f}"
+                    f"{ratio(peaks[name], peaks['lora']):6.3f}"
         print(line)
 
 
@@ -795,16 +501,21 @@ def _print_targets(result: dict) -> None:
         print(line)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """CLI entry: parse, run, print; the JSON object is the last line of stdout."""
+def benchmark(argv: Sequence[str] | None = None) -> dict:
+    """Parse, run, print; the JSON object is the last line of stdout. Returns the result."""
+    # Nothing here needs the hub (random init); keep timm from trying to reach it.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    try:
-        result = run_benchmark(args)
-    except ValueError as err:  # bad settings: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    result = run_benchmark(args)
     print(json.dumps(_jsonable(result), sort_keys=True))
     return result
+
+
+@command
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command: :func:`benchmark`; a bad setting is one ``error:`` line and exit 2."""
+    benchmark(argv)
+    return EXIT_OK
 
 
 def _jsonable(value):
@@ -818,4 +529,4 @@ def _jsonable(value):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
