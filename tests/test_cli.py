@@ -113,6 +113,8 @@ COMMANDS = {
                ["no-such-dataset", "--root", "data"]),
     "build_synthetic": ([str(REPO / "data_prep" / "build_synthetic.py")], [],
                         ["--only", "no-such-replica", "--root", "data"]),
+    "methods": (["-m", "robustbench_fvae.methods"], ["--check"],
+                ["--check", "--root", "no-such-repo"]),
     "bench": ([str(REPO / "benchmarks" / "bench.py")], [],
               ["--quick", "--targets", "no-such-layer", "--repeats", "1", "--warmup", "0"]),
     "bench_stem": ([str(REPO / "benchmarks" / "stem_cache.py")], [],
