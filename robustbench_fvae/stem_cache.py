@@ -49,7 +49,7 @@ from torchvision.transforms import functional as TF
 
 from .data.base import GroupSplit
 from .data.transforms import CenterCropShortSide
-from .records import exclusive_lock
+from .record.io import exclusive_lock
 from .stems import OFFLINE_BACKBONE, FrozenMobileNetV2Stem
 
 CACHE_DIR = "stem_features"

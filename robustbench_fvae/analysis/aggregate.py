@@ -1,9 +1,11 @@
 """Collect finished runs and aggregate their selected-epoch metrics over seeds (DESIGN §6–§7).
 
-Pipeline: :func:`collect_runs` (read every run record under a folder; finished, unfinished and
-unreadable runs are told apart) → :func:`run_results` (one :class:`RunResult` per finished run:
-the metrics of the epoch chosen by a selection rule) → :func:`aggregate` (one
-:class:`GroupRow` per dataset × method × differing settings, statistics over seeds).
+Pipeline: :func:`~robustbench_fvae.record.view.collect_runs` (read every run record under a
+folder; finished, unfinished and unreadable runs are told apart) → :func:`run_results` (one
+:class:`RunResult` per finished run: the metrics of the epoch chosen by a selection rule) →
+:func:`aggregate` (one :class:`GroupRow` per dataset × method × differing settings, statistics
+over seeds). How one run's record is read (settings, selection, algorithm) is
+:mod:`robustbench_fvae.record.view`'s.
 
 Conventions:
 

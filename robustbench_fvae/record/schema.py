@@ -49,7 +49,7 @@ from robustbench_fvae.record.io import (
     write_text_atomic,
 )
 
-if TYPE_CHECKING:  # the data package imports torch; records only needs the split's attributes
+if TYPE_CHECKING:  # the data package imports torch; the schema only needs the split's attributes
     from robustbench_fvae.data.base import GroupSplit
 
 CONFIG_FILE = "config.json"

@@ -28,7 +28,6 @@ def run_dir(out: str | Path, cfg: RunConfig) -> Path:
     return Path(out) / cfg.dataset / cfg.method / config_hash(cfg)
 
 
-
 def is_done(run_dir: str | Path) -> bool:
     """True when the run finished (its ``done`` marker exists)."""
     return (Path(run_dir) / DONE_FILE).is_file()

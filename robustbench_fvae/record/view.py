@@ -147,8 +147,6 @@ def load_run(run_dir: str | Path) -> RunRecord:
                      done=is_done(path))
 
 
-
-
 def iter_runs(root: str | Path, *, strict: bool = False) -> Iterator[RunRecord]:
     """Every run directory (one holding ``config.json``) under ``root``, in sorted path order.
 
@@ -172,11 +170,11 @@ def iter_runs(root: str | Path, *, strict: bool = False) -> Iterator[RunRecord]:
             warnings.warn(f"skipping unreadable run {dirpath}: {err}", stacklevel=2)
 
 
+# --------------------------------------------------------------------------- collecting
+
+
 class RunsDirNotFoundError(RecordNotFoundError):
     """The runs folder given to the report does not exist."""
-
-
-# --------------------------------------------------------------------------- collecting
 
 
 @dataclass
@@ -365,6 +363,7 @@ def training_curve(rec: RunRecord) -> list[dict[str, Any]]:
 
 
 def to_float(value: Any) -> float:
+    """``float(value)``; NaN when it is not a number (a missing or malformed record field)."""
     try:
         out = float(value)
     except (TypeError, ValueError):
