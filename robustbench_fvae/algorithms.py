@@ -39,13 +39,13 @@ from torch import nn
 from .config import ALGORITHMS, GROUPDRO_SAMPLERS, ConfigError, TrainConfig
 from .data.registry import is_replica
 from .distributed import SINGLE_PROCESS, Distributed
+from .record.schema import JTT_ERROR_FILE as JTT_ERROR_FILE  # declared with the record files
 
 # JTT's (T, λ) from the JTT paper's tuned values (Waterbirds 60 epochs / 100, CelebA 1 / 50;
 # Animals is not in the paper: CelebA's); on the CPU-sized replicas (5 epochs by default) one
 # identification epoch and λ = 20 keep stage 2 within about 1.5× an ERM run.
 JTT_DEFAULTS = {"waterbirds": (60, 100), "celeba": (1, 50), "animals": (1, 50)}
 JTT_SYNTH_DEFAULT = (1, 20)
-JTT_ERROR_FILE = "jtt_error_set.json"
 
 # What a table says about the group labels an algorithm trains with.
 GROUP_LABELS_IN_TRAINING = {"erm": None, "jtt": None, "reweight": "train", "resample": "train",

@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import inspect
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -40,7 +39,6 @@ from typing import Any
 
 import numpy as np
 
-from . import records
 from .cli import (
     EXIT_OK,
     ArgumentParser,
@@ -50,7 +48,9 @@ from .cli import (
     fail,
     positive_int,
 )
-from .config import DERIVED_ALGORITHMS, canonical_json
+from .config import canonical_json
+from .record import schema, store, view
+from .record.io import write_bytes_atomic, write_json_atomic
 
 ALGORITHM = "dfr"
 # The C grid of the original Waterbirds/CelebA DFR^Tr_Val runs (dfr_evaluate_spurious.py).
@@ -311,15 +311,15 @@ def _print(message: str) -> None:
     print(message, flush=True)
 
 
-def check_parent(parent_dir: str | Path) -> records.RunRecord:
+def check_parent(parent_dir: str | Path) -> view.RunRecord:
     """The parent's record, or :class:`DFRError` (exit 2) naming what is wrong with it."""
     path = Path(parent_dir)
-    if not (path / records.CONFIG_FILE).is_file():
-        raise DFRError(f"not a run directory: {path} (no {records.CONFIG_FILE}; give the folder "
+    if not (path / schema.CONFIG_FILE).is_file():
+        raise DFRError(f"not a run directory: {path} (no {schema.CONFIG_FILE}; give the folder "
                        "printed on the last line of `python -m robustbench_fvae.run`)")
-    rec = records.load_run(path)
-    train = rec.config.get("config", {}).get("train", {})
-    if "derived" in rec.config or train.get("algorithm") in DERIVED_ALGORITHMS:
+    rec = view.load_run(path)
+    if rec.derived:
+        train = rec.config.get("config", {}).get("train", {})
         parent = (rec.config.get("derived") or {}).get("parent_dir", "its parent")
         raise DFRError(f"{path} is a {train.get('algorithm', 'derived')} run itself; give the "
                        f"run it was derived from ({parent})")
@@ -335,7 +335,7 @@ def run_dfr(parent_dir: str | Path, *, out: str | Path | None = None, seed: int 
             wait: bool = False, log: Callable[[str], None] = _print) -> DFRResult:
     """Make (or find) the DFR run of the finished run ``parent_dir``; see the module docstring.
     Idempotent: a finished DFR run is not redone unless ``force``. One process writes a DFR run
-    at a time: another live one holding it raises :class:`records.RunInUseError`, or with
+    at a time: another live one holding it raises :class:`store.RunInUseError`, or with
     ``wait`` is waited for (as ``run --wait``)."""
     parent_dir = Path(parent_dir)
     parent = check_parent(parent_dir)
@@ -348,23 +348,20 @@ def run_dfr(parent_dir: str | Path, *, out: str | Path | None = None, seed: int 
     digest = derived_hash(parent_hash, settings)
     out_root = Path(out) if out is not None else default_out(parent_dir)
     rdir = out_root / str(parent.dataset) / str(parent.method) / digest
-    if records.is_done(rdir) and not force:
-        log(f"already done: {rdir} (use --force to redo)")
-        return DFRResult(rdir, records.read_json(rdir / records.METRICS_FILE), skipped=True)
-    with records.run_lock(rdir, wait=wait, log=log):
-        if records.is_done(rdir) and not force:
-            log(f"already done: {rdir} (use --force to redo)")
-            return DFRResult(rdir, records.read_json(rdir / records.METRICS_FILE), skipped=True)
-        if rdir.exists():  # --force, or the leftovers of a killed DFR run
-            shutil.rmtree(rdir)
-        metrics = _run_held(parent, rdir, out_root, settings, digest, seed=seed, refits=refits,
-                            c_grid=c_grid, device=device, batch_size=batch_size, log=log)
-    return DFRResult(rdir, metrics)
+    # resume=False: a DFR run has no checkpoint; a killed one's leftovers are removed.
+    job = store.run_job(
+        rdir, lambda: _run_held(parent, rdir, out_root, settings, digest, seed=seed,
+                                refits=refits, c_grid=c_grid, device=device,
+                                batch_size=batch_size, log=log),
+        force=force, wait=wait, resume=False, redo="redo", log=log)
+    return DFRResult(job.run_dir, job.metrics, skipped=job.skipped)
 
 
-def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: dict[str, Any],
+def _run_held(parent: view.RunRecord, rdir: Path, out_root: Path, settings: dict[str, Any],
               digest: str, *, seed: int, refits: int, c_grid: Sequence[float], device: str,
               batch_size: int | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """The body of :func:`run_dfr` (see store.run_job): fit, write the record's files but
+    metrics.json and ``done``, return the metrics."""
     import torch
 
     from .data import is_replica
@@ -394,7 +391,7 @@ def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: d
     with torch.inference_mode():
         parent_prob = torch.softmax(head(torch.from_numpy(feats["test"]).to(dev)).float(),
                                     dim=-1).cpu().numpy()
-    recorded = records.read_predictions(records.predictions_path(parent.path, "test"))
+    recorded = schema.read_predictions(schema.predictions_path(parent.path, "test"))
     agreement = float(np.mean(parent_prob.argmax(1) == recorded["pred"]))
     prob_gap = float(np.abs(parent_prob - recorded["prob"]).max())
     if agreement < 0.99:
@@ -430,7 +427,7 @@ def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: d
     config = {k: v for k, v in parent.config.items() if k not in ("environment", "derived")}
     # This record is written now, epochs counted from 1 (the parent's were converted on reading),
     # so it carries the current version even when the parent's record is older.
-    config["record_version"] = records.RECORD_VERSION
+    config["record_version"] = schema.RECORD_VERSION
     config["config_hash"] = digest
     config["config"] = dict(config.get("config", {}), out=str(out_root), device=str(dev))
     config["config"]["train"] = dict(config["config"].get("train", {}), algorithm=ALGORITHM)
@@ -440,7 +437,7 @@ def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: d
         "parent_selected_epoch": pm.get("selected_epoch"), "settings": settings,
         "chosen_C": fit.chosen_c,
         "selection": "worst-group accuracy on held-out validation half"}
-    config["environment"] = records.environment_info(device=str(dev))
+    config["environment"] = schema.environment_info(device=str(dev))
     alarms = [f"constant predictor on {s}" for s, (_, pred) in outputs.items()
               if constant_predictor(pred)]
     metrics: dict[str, Any] = {
@@ -474,15 +471,13 @@ def _run_held(parent: records.RunRecord, rdir: Path, out_root: Path, settings: d
         metrics["counterfactual"] = counterfactual
 
     rdir.mkdir(parents=True, exist_ok=True)
-    records.write_json_atomic(rdir / records.CONFIG_FILE, config)
+    write_json_atomic(rdir / schema.CONFIG_FILE, config)
     for name, split in (("val", val), ("test", test)):
         prob, pred = outputs[name]
-        records.write_predictions_csv(records.predictions_path(rdir, name), np.arange(len(split)),
-                                      split.y, split.a, split.g, pred, prob)
+        schema.write_predictions_csv(schema.predictions_path(rdir, name), np.arange(len(split)),
+                                     split.y, split.a, split.g, pred, prob)
     _write_head(rdir / HEAD_FILE, fit)
-    records.write_json_atomic(rdir / records.METRICS_FILE, metrics)
-    records.mark_done(rdir)
-    return metrics
+    return metrics  # written to metrics.json by store.run_job
 
 
 def _write_head(path: Path, fit: DFRFit) -> None:
@@ -496,7 +491,7 @@ def _write_head(path: Path, fit: DFRFit) -> None:
                           "num_classes": str(fit.head.num_classes),
                           "scores": "p(class 1) = sigmoid(F @ coef.T + intercept) for 2 "
                                     "classes; one-vs-rest sigmoids normalised otherwise"})
-    records.write_bytes_atomic(path, data)
+    write_bytes_atomic(path, data)
 
 
 # ---------------------------------------------------------------- command line

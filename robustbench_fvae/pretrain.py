@@ -61,7 +61,7 @@ from .data.silhouettes import (
     reserved_source_instances,
     silhouette_alpha,
 )
-from .records import exclusive_lock
+from .record.io import exclusive_lock
 from .stems import (
     OFFLINE_ARCH,
     OFFLINE_BACKBONE,
@@ -443,7 +443,7 @@ def _save_atomic(backbone: nn.Module, path: Path, summary: dict) -> None:
     """Write the JSON, then the weights, each atomically (weights last: they mark 'done')."""
     from safetensors.torch import save
 
-    from .records import write_bytes_atomic, write_json_atomic
+    from .record.io import write_bytes_atomic, write_json_atomic
 
     state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
     write_json_atomic(path.with_suffix(".json"), summary)

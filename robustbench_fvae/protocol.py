@@ -55,8 +55,8 @@ def search_results(spec_path: str | Path, datasets: Sequence[str] | None = None,
                    ) -> tuple[Any, list]:
     """The spec and the RunResults of its finished runs (of ``datasets`` and ``methods``,
     None: all); a ValueError names what is missing when a planned run of those is not done."""
-    from robustbench_fvae import records
     from robustbench_fvae.analysis.aggregate import run_results
+    from robustbench_fvae.record import store, view
 
     spec, runs = _planned_runs(spec_path, data_root)
     chosen = [r for r in runs if (datasets is None or r.dataset in datasets)
@@ -65,13 +65,13 @@ def search_results(spec_path: str | Path, datasets: Sequence[str] | None = None,
         raise ValueError(f"{spec_path} has no runs of {', '.join(methods or ['any method'])} "
                          f"on {', '.join(datasets or ['any dataset'])}; its methods: "
                          f"{', '.join(spec.methods)}; its datasets: {', '.join(spec.datasets)}")
-    missing = [r for r in chosen if not records.is_done(r.run_dir)]
+    missing = [r for r in chosen if not store.is_done(r.run_dir)]
     if missing:
         raise ValueError(f"{len(missing)} of {len(chosen)} search run(s) are not finished (e.g. "
                          f"{missing[0].describe()}); finish them with `python -m "
                          f"robustbench_fvae.sweep {spec_path}`, or pick where the search is "
                          "complete with --datasets / --methods")
-    results, skipped = run_results([records.load_run(r.run_dir) for r in chosen])
+    results, skipped = run_results([view.load_run(r.run_dir) for r in chosen])
     if skipped:
         raise ValueError(f"cannot read search run {skipped[0][0]}: {skipped[0][1]}")
     return spec, results
@@ -99,7 +99,7 @@ def finals(search_spec: str | Path = SEARCH_SPEC, *, datasets: Sequence[str] | N
     """Write the final spec (both rules' picks × FINAL_SEEDS) and, when the control dataset is
     among the picked ones, the controls spec. Returns the files written."""
     from robustbench_fvae.analysis.picks import pick_configurations
-    from robustbench_fvae.records import write_text_atomic
+    from robustbench_fvae.record.io import write_text_atomic
     from robustbench_fvae.selection import RULES
 
     spec, results = search_results(search_spec, datasets, data_root, methods)
@@ -168,7 +168,7 @@ def _earlier_cells(final_path: str | Path, picked: set[tuple[str, str]]
 
 
 def _write_controls(spec: Any, picks: dict, search_spec: str | Path, path: str | Path) -> Path:
-    from robustbench_fvae.records import write_text_atomic
+    from robustbench_fvae.record.io import write_text_atomic
 
     cells: dict[str, list[dict[str, Any]]] = {}
     earlier = _earlier_cells(path, picked=set()).get(CONTROL_DATASET, {})
@@ -201,8 +201,8 @@ def publish(results_dir: str | Path = RESULTS_DIR, *, specs: dict[str, str] | No
             data_root: str | None = None, log=print) -> dict[str, int]:
     """Copy every finished run of each stage's spec (that exists) into
     ``results_dir/<stage>/``; returns ``{stage: runs published}``."""
-    from robustbench_fvae import records
     from robustbench_fvae.publish import publish_runs
+    from robustbench_fvae.record import store, view
 
     specs = specs or {"search": SEARCH_SPEC, "final": FINAL_SPEC, "controls": CONTROLS_SPEC}
     counts = {}
@@ -211,11 +211,11 @@ def publish(results_dir: str | Path = RESULTS_DIR, *, specs: dict[str, str] | No
             log(f"{stage}: {path} not written yet, nothing to publish")
             continue
         _, runs = _planned_runs(path, data_root)
-        done = [r.run_dir for r in runs if records.is_done(r.run_dir)]
+        done = [r.run_dir for r in runs if store.is_done(r.run_dir)]
         dest = Path(results_dir) / stage
         published = publish_runs(done, dest, predictions=stage != "search")
         # a record the spec no longer plans would change the picks: the folder mirrors the spec
-        stale = [rec.path for rec in records.iter_runs(dest)
+        stale = [rec.path for rec in view.iter_runs(dest)
                  if rec.path not in set(published)] if dest.is_dir() else []
         for path_ in stale:
             shutil.rmtree(path_)
@@ -243,14 +243,14 @@ def pick_runs(spec_path: str | Path, search_spec: str | Path, rule: str, *,
               data_root: str | None = None) -> list[Path]:
     """The finished runs of ``spec_path`` (the final spec) that ran ``rule``'s pick of the
     search, for ``datasets`` × ``methods`` (None: all), in spec order."""
-    from robustbench_fvae import records
     from robustbench_fvae.analysis.aggregate import run_results
     from robustbench_fvae.analysis.picks import matches_pick, pick_configurations
+    from robustbench_fvae.record import store, view
 
     _, search = search_results(search_spec, datasets, data_root, methods)
     picks = pick_configurations(search, rule)
     _, runs = _planned_runs(spec_path, data_root)
-    done = [records.load_run(r.run_dir) for r in runs if records.is_done(r.run_dir)
+    done = [view.load_run(r.run_dir) for r in runs if store.is_done(r.run_dir)
             and (datasets is None or r.dataset in datasets)
             and (methods is None or r.method in methods)]
     results, _ = run_results(done)

@@ -7,7 +7,7 @@ when asked, its validation and test predictions as ``predictions_<split>.csv.gz`
 class columns exact, the probabilities rounded to :data:`PROB_DECIMALS` decimals (accuracies,
 worst-group accuracy and their bootstrap intervals recompute exactly; ECE to that rounding), so
 that a results folder of a few hundred runs stays a few MB. ``report`` reads a published folder
-as any runs folder; :func:`robustbench_fvae.records.read_predictions` reads the ``.gz`` files.
+as any runs folder; :func:`robustbench_fvae.record.schema.read_predictions` reads the ``.gz`` files.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from robustbench_fvae import records
+from robustbench_fvae.record import schema, view
+from robustbench_fvae.record.io import write_bytes_atomic
 
-PUBLISHED_FILES = (records.CONFIG_FILE, records.METRICS_FILE, records.HISTORY_FILE,
-                   records.DONE_FILE)
+PUBLISHED_FILES = (schema.CONFIG_FILE, schema.METRICS_FILE, schema.HISTORY_FILE,
+                   schema.DONE_FILE)
 PROB_DECIMALS = 3
 # What `probe` wrote (robustbench_fvae/analysis/probes.py, evidence.py) that the latents page
 # reads: tables only, no figures.
@@ -34,13 +35,13 @@ PROBE_FILES = ("probe.json", "probes.csv", "sensitivity.csv", "information.csv",
 def packed_predictions(path: Path) -> bytes:
     """The gzip bytes of predictions CSV ``path`` with probabilities at PROB_DECIMALS decimals
     (deterministic: no file name or time in the gzip header)."""
-    pred = records.read_predictions(path)
+    pred = schema.read_predictions(path)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     k = pred["prob"].shape[1]
-    writer.writerow([*records.PREDICTION_COLUMNS, *(f"prob_{i}" for i in range(k))])
+    writer.writerow([*schema.PREDICTION_COLUMNS, *(f"prob_{i}" for i in range(k))])
     for i in range(len(pred["index"])):
-        writer.writerow([*(int(pred[c][i]) for c in records.PREDICTION_COLUMNS),
+        writer.writerow([*(int(pred[c][i]) for c in schema.PREDICTION_COLUMNS),
                          *(f"{p:.{PROB_DECIMALS}f}" for p in pred["prob"][i])])
     return gzip.compress(buf.getvalue().encode("utf-8"), compresslevel=9, mtime=0)
 
@@ -48,19 +49,19 @@ def packed_predictions(path: Path) -> bytes:
 def publish_run(run_dir: str | Path, dest_root: str | Path, *, predictions: bool) -> Path:
     """Copy finished run ``run_dir`` to ``dest_root/<dataset>/<method>/<hash>/``; returns the
     copy. Refuses (ValueError) a run that is not done. Files already there are replaced."""
-    rec = records.load_run(run_dir)
+    rec = view.load_run(run_dir)
     if not rec.done:
-        raise ValueError(f"{run_dir} is not a finished run (no {records.DONE_FILE} marker); "
+        raise ValueError(f"{run_dir} is not a finished run (no {schema.DONE_FILE} marker); "
                          "finish it before publishing")
     dest = Path(dest_root) / str(rec.dataset) / str(rec.method) / Path(run_dir).name
     dest.mkdir(parents=True, exist_ok=True)
     for name in PUBLISHED_FILES:
-        if name != records.DONE_FILE:
+        if name != schema.DONE_FILE:
             shutil.copyfile(Path(run_dir) / name, dest / name)
     if predictions:
-        for split in records.PREDICTION_SPLITS:
-            source = records.predictions_path(run_dir, split)
-            records.write_bytes_atomic(dest / f"predictions_{split}.csv.gz",
+        for split in schema.PREDICTION_SPLITS:
+            source = schema.predictions_path(run_dir, split)
+            write_bytes_atomic(dest / f"predictions_{split}.csv.gz",
                                        packed_predictions(source))
     probed = Path(run_dir) / PROBE_DIR
     if (probed / "probe.json").is_file():
@@ -69,7 +70,7 @@ def publish_run(run_dir: str | Path, dest_root: str | Path, *, predictions: bool
             if (probed / name).is_file():
                 shutil.copyfile(probed / name, dest / PROBE_DIR / name)
     # the marker last, copied as it was: a half-copied run is never read as finished
-    shutil.copyfile(Path(run_dir) / records.DONE_FILE, dest / records.DONE_FILE)
+    shutil.copyfile(Path(run_dir) / schema.DONE_FILE, dest / schema.DONE_FILE)
     return dest
 
 

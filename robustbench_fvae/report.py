@@ -31,16 +31,11 @@ from pathlib import Path
 import robustbench_fvae
 from robustbench_fvae.analysis import tables
 from robustbench_fvae.analysis.aggregate import (
-    SPLITS,
-    Collection,
     CurvePoint,
     GroupRow,
     ReportError,
     RunResult,
     aggregate,
-    collect_runs,
-    jtt_stage1_hashes,
-    resume_command,
     robustness_curves,
     run_results,
 )
@@ -50,7 +45,14 @@ from robustbench_fvae.analysis.comparisons import (
 )
 from robustbench_fvae.cli import EXIT_OK, ArgumentParser, command, fail
 from robustbench_fvae.methods import method_names
-from robustbench_fvae.records import write_text_atomic
+from robustbench_fvae.record.io import write_text_atomic
+from robustbench_fvae.record.view import (
+    SPLITS,
+    Collection,
+    collect_runs,
+    jtt_stage1_hashes,
+    resume_command,
+)
 from robustbench_fvae.selection import RULES
 
 REPORT_DIRNAME = "report"

@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: see :mod:`robustbench_fvae.cli` (0 done, 1 failure, 2 bad input, 143
     SIGTERM)."""
     args = build_parser().parse_args(argv)
-    from .records import RunInUseError
+    from .record.store import RunInUseError
     from .training import Preempted, TrainingError, run
 
     try:

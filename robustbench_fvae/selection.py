@@ -1,7 +1,7 @@
 """Model selection over a run's evaluation history (DomainBed style), as pure functions.
 
 A history is a list of records ``{"epoch": int, "step": int, "train": {...}, "val": M,
-"test": M}`` (one per evaluation, see records.py). Each rule names the validation metric it reads
+"test": M}`` (one per evaluation, see record.schema). Each rule names the validation metric it reads
 and its direction; the selected record is the best one by that metric; ties go to the better
 validation average accuracy (``val_wg`` only: worst-group ties are common, and the average uses
 no group labels), then to the earliest ``(epoch, step)``. Records without the metric (or with a

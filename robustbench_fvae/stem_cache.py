@@ -50,7 +50,7 @@ from torchvision.transforms import functional as TF
 from .data.base import GroupSplit
 from .data.registry import is_replica
 from .data.transforms import CenterCropShortSide
-from .records import exclusive_lock
+from .record.io import exclusive_lock
 from .stems import OFFLINE_BACKBONE, FrozenMobileNetV2Stem
 
 CACHE_DIR = "stem_features"

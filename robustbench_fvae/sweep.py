@@ -21,7 +21,6 @@ from typing import Any
 
 import yaml
 
-from robustbench_fvae import records
 from robustbench_fvae.cli import (
     BAD_INPUT_ERRORS,
     EXIT_BAD_INPUT,
@@ -33,6 +32,7 @@ from robustbench_fvae.cli import (
     command,
     fail,
 )
+from robustbench_fvae.record import store
 from robustbench_fvae.sweeps.spec import SpecError, slurm_section
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       wait=True if cluster == "local" else args.wait)
         # Slurm jobs submitted and not waited for: the DFR step comes with a later launch
         waited = args.launcher != "slurm" or args.wait or not results and all(
-            records.is_done(r.run_dir) for r in runs)
+            store.is_done(r.run_dir) for r in runs)
         if spec.dfr and waited:
             dfr_failed = [h for h, code in launch_dfr(spec, runs, threads=args.threads).items()
                           if code != 0]

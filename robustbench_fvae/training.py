@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,7 +33,6 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from . import records
 from .adapters import count_parameters
 from .algorithms import (
     GROUP_LABELS_IN_TRAINING,
@@ -74,6 +71,17 @@ from .metrics import (
     evaluate_split,
 )
 from .progress import progress_bar
+from .record import schema, store, view
+from .record.io import (
+    RecordError,
+    RecordNotFoundError,
+    append_jsonl,
+    read_json,
+    write_bytes_atomic,
+    write_folder_atomic,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from .selection import RULES, select_epoch, should_stop_all, stopping_epoch
 from .stem_cache import StemCacheError, cached_splits, counterfactual_inputs, resolve_stem_cache
 
@@ -240,22 +248,6 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Non
     os.replace(tmp, path)
 
 
-def _write_folder_atomic(folder: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` fills a fresh sibling folder, which then replaces ``folder``: readers see
-    the old folder or the new one, never a half-written one."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write(str(tmp))
-        tmp.chmod(0o777 & ~records._current_umask())
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def linear_warmup_decay(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
     """LR multiplier per step: linear warm-up over ``warmup_frac`` of the steps, then linear decay
     to zero (the released schedule)."""
@@ -399,7 +391,7 @@ def run(cfg: RunConfig, *, force: bool = False, progress: bool = True,
     run is not redone unless ``force``; an unfinished one resumes from its checkpoint.
 
     One process trains a run directory at a time: while another live process holds it, this
-    raises :class:`records.RunInUseError` naming that process, or with ``wait`` waits for it to
+    raises :class:`store.RunInUseError` naming that process, or with ``wait`` waits for it to
     end (then finds the run done, or resumes it).
     """
     cfg = resolve_config(cfg)
@@ -413,32 +405,17 @@ def run(cfg: RunConfig, *, force: bool = False, progress: bool = True,
     if cfg.train.batch_size % dist.world_size:
         raise ConfigError(f"batch_size {cfg.train.batch_size} must be divisible by the "
                           f"{dist.world_size} data-parallel processes")
-    rdir = records.run_dir(cfg.out, cfg)
-    if records.is_done(rdir) and not force:
-        log(f"already done: {rdir} (use --force to rerun)")
-        return RunResult(rdir, records.read_json(rdir / records.METRICS_FILE), skipped=True)
-    with contextlib.ExitStack() as held:
-        failure = None
-        if dist.is_main:
-            try:
-                held.enter_context(records.run_lock(rdir, wait=wait, log=log))
-            except records.RunInUseError as err:
-                failure = err
-        if dist.any(failure is not None):  # every rank stops, not only rank 0
-            raise failure or records.RunInUseError(f"{rdir} is held by another process")
-        if records.is_done(rdir) and not force:  # finished by the holder we waited for
-            log(f"already done: {rdir} (use --force to rerun)")
-            return RunResult(rdir, records.read_json(rdir / records.METRICS_FILE),
-                             skipped=True)
-        return _run_held(cfg, rdir, dist, device_name, force, progress, log)
+    rdir = store.run_dir(cfg.out, cfg)
+    job = store.run_job(rdir, lambda: _run_held(cfg, rdir, dist, device_name, progress, log),
+                        force=force, wait=wait, log=log, ranks=dist)
+    return RunResult(job.run_dir, job.metrics, skipped=job.skipped)
 
 
-def _run_held(cfg: RunConfig, rdir: Path, dist: Distributed, device_name: str, force: bool,
-              progress: bool, log: Callable[[str], None]) -> RunResult:
-    """The body of :func:`run`, with the run directory held by this process."""
-    if force and rdir.exists() and dist.is_main:
-        shutil.rmtree(rdir)
-    dist.barrier()
+def _run_held(cfg: RunConfig, rdir: Path, dist: Distributed, device_name: str, progress: bool,
+              log: Callable[[str], None]) -> dict:
+    """The body of :func:`run` (see store.run_job): with the run directory held by this process,
+    train (or resume) the run, write its files but metrics.json and ``done``, return its
+    metrics."""
     device = resolve_device(device_name)
     workers = cfg.num_workers if cfg.num_workers is not None else (
         0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
@@ -450,10 +427,10 @@ def _run_held(cfg: RunConfig, rdir: Path, dist: Distributed, device_name: str, f
     check_eval_groups(splits)
     if dist.is_main:
         rdir.mkdir(parents=True, exist_ok=True)
-        records.write_json_atomic(rdir / records.CONFIG_FILE, records.config_record(
-            cfg, records.dataset_info_dict(splits["train"]),
-            records.environment_info(device=f"{device} x{dist.world_size}"
-                                     if dist.enabled else str(device))))
+        write_json_atomic(rdir / schema.CONFIG_FILE, schema.config_record(
+            cfg, schema.dataset_info_dict(splits["train"]),
+            schema.environment_info(device=f"{device} x{dist.world_size}"
+                                    if dist.enabled else str(device))))
     dist.barrier()
     params = count_parameters(model)
     log(f"{cfg.method} on {cfg.dataset} with {cfg.backbone}: {params['trainable']:,} trainable, "
@@ -463,9 +440,7 @@ def _run_held(cfg: RunConfig, rdir: Path, dist: Distributed, device_name: str, f
     trainer = _Trainer(cfg, model, splits, device, workers, rdir, progress, log, dist,
                        error_set=error_set)
     trainer.fit()
-    metrics = trainer.finish(params)
-    dist.barrier()
-    return RunResult(rdir, metrics)
+    return trainer.finish(params)
 
 
 def jtt_stage1_config(cfg: RunConfig) -> RunConfig:
@@ -498,13 +473,13 @@ def _jtt_error_set(cfg: RunConfig, rdir: Path, dist: Distributed, device: torch.
         per_group = {grp.name: int(np.sum(train.g[errors] == grp.g)) for grp in train.groups}
         if dist.is_main:
             rdir.mkdir(parents=True, exist_ok=True)
-            records.write_json_atomic(path, {
+            write_json_atomic(path, {
                 "stage1_run": str(first.run_dir), "stage1_hash": first.run_dir.name,
                 "n_train": len(train), "n_errors": len(errors), "errors_per_group": per_group,
                 "error_set": [int(i) for i in errors]})
         dist.barrier()
         log(f"JTT error set: {len(errors)} of {len(train)} training images ({per_group})")
-    info = records.read_json(path)
+    info = read_json(path)
     return [int(i) for i in info["error_set"]]
 
 
@@ -564,7 +539,7 @@ class _Trainer:
             save_checkpoint(self.checkpoint, self.model, self.optimizer, self.scheduler,
                             {**self._state(), "rng_cpu_ranks": [r[0] for r in rng],
                              "rng_cuda_ranks": [r[1] for r in rng] if cuda else [],
-                             "record_version": records.RECORD_VERSION})
+                             "record_version": schema.RECORD_VERSION})
 
     def _resume(self) -> None:
         ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
@@ -589,11 +564,11 @@ class _Trainer:
         if self.method.load_state is not None and ckpt.get("method"):
             self.method.load_state(self.model, ckpt["method"])
         if int(ckpt.get("record_version", 1)) < 2:
-            self.history, _ = records.epochs_from_one(self.history)
+            self.history, _ = schema.epochs_from_one(self.history)
         # history.jsonl may hold a line written after this checkpoint: rewrite it from the
         # checkpoint so no evaluation is listed twice.
         if self.dist.is_main:
-            records.write_jsonl_atomic(self.rdir / records.HISTORY_FILE, self.history)
+            write_jsonl_atomic(self.rdir / schema.HISTORY_FILE, self.history)
         self.log(f"resuming from checkpoint: epoch {self.epoch + 1}, step {self.step_in_epoch} "
                  f"of {self.steps_per_epoch}")
 
@@ -701,7 +676,7 @@ class _Trainer:
             record["algorithm"] = summary
         self.history.append(record)
         if self.dist.is_main:
-            records.append_jsonl(self.rdir / records.HISTORY_FILE, record)
+            append_jsonl(self.rdir / schema.HISTORY_FILE, record)
         val, test = record["val"], record["test"]
         self.log(f"epoch {self.epoch + 1}/{t.epochs}: train CE {record['train'].get('ce', 0):.4f}"
                  f" | val WG {val['worst_group_acc']:.3f} avg {val['avg_acc']:.3f}"
@@ -717,15 +692,15 @@ class _Trainer:
     def _write_selected(self, outputs) -> None:
         for split, (prob, pred) in outputs.items():
             s = self.splits[split]
-            records.write_predictions_csv(records.predictions_path(self.rdir, split),
-                                          np.arange(len(s)), s.y, s.a, s.g, pred, prob)
-        # Bytes written atomically by records (fsync, rename, the umask's permissions), not
+            schema.write_predictions_csv(schema.predictions_path(self.rdir, split),
+                                         np.arange(len(s)), s.y, s.a, s.g, pred, prob)
+        # Bytes written atomically by record.io (fsync, rename, the umask's permissions), not
         # save_file, which creates the file readable by its owner only.
-        records.write_bytes_atomic(self.rdir / WEIGHTS_FILE, save_safetensors(
+        write_bytes_atomic(self.rdir / WEIGHTS_FILE, save_safetensors(
             trainable_state(self.model),
             metadata={"epoch": str(self.epoch + 1), "method": self.cfg.method}))
         if self.method.save_pretrained is not None:
-            _write_folder_atomic(self.rdir / PRETRAINED_DIR,
+            write_folder_atomic(self.rdir / PRETRAINED_DIR,
                                 lambda folder: self.method.save_pretrained(self.model, folder))
 
     def finish(self, params: dict[str, int]) -> dict:
@@ -760,10 +735,7 @@ class _Trainer:
             self.cfg.train.eval_batch_size, self.workers, self.device, self.dist)
         if counterfactual is not None:
             metrics["counterfactual"] = counterfactual
-        if self.dist.is_main:
-            records.write_json_atomic(self.rdir / records.METRICS_FILE, metrics)
-            records.mark_done(self.rdir)
-        return metrics
+        return metrics  # written to metrics.json by store.run_job
 
 
 def built_versions(cfg: RunConfig) -> dict[str, str | int | None]:
@@ -777,7 +749,7 @@ def built_versions(cfg: RunConfig) -> dict[str, str | int | None]:
 
 
 def check_rebuildable(cfg: RunConfig, git_commit: str | None = None) -> None:
-    """Raise :class:`records.RecordError` when this checkout would rebuild a different backbone or
+    """Raise :class:`RecordError` when this checkout would rebuild a different backbone or
     replica than the one a finished run trained on: its adapter weights would then load into the
     wrong model and every number derived from them (probes, DFR) would be silently wrong.
 
@@ -789,11 +761,11 @@ def check_rebuildable(cfg: RunConfig, git_commit: str | None = None) -> None:
     for key, current in built_versions(cfg).items():
         recorded = getattr(cfg, key)
         if recorded is None and current is not None:
-            raise records.RecordError(
+            raise RecordError(
                 f"this run's record has no {key} (it predates it), so its model cannot be "
                 f"rebuilt safely with this checkout; rerun it, or check out {where}")
         if recorded != current:
-            raise records.RecordError(
+            raise RecordError(
                 f"this run trained on {key} {recorded!r}, but this checkout builds {current!r}; "
                 f"its weights would load into a different model: rerun it, or check out {where}")
 
@@ -806,11 +778,11 @@ def load_trained_model(run_dir: str | Path, device: str = "cpu"):
 
     Returns ``(model, cfg, splits)`` with eval-mode model and transforms set on the splits.
     """
-    record = records.load_run(run_dir)
+    record = view.load_run(run_dir)
     weights = Path(run_dir) / WEIGHTS_FILE
     if not weights.is_file():
-        raise records.RecordNotFoundError(f"{weights} not found: the run has not selected an "
-                                          "epoch yet (run it to completion first)")
+        raise RecordNotFoundError(f"{weights} not found: the run has not selected an "
+                                  "epoch yet (run it to completion first)")
     cfg = record.run_config
     check_rebuildable(cfg, record.config.get("environment", {}).get("git_commit"))
     model, splits, _ = build_model_and_data(cfg, torch.device(device))
@@ -824,7 +796,7 @@ def load_initial_model(run_dir: str | Path, device: str = "cpu") -> nn.Module:
     its seed, exactly as the run built it (``torch.manual_seed(seed)`` then
     :func:`build_model_and_data`), in eval mode. For the parameters' displacement and the
     probes' initialisation control."""
-    record = records.load_run(run_dir)
+    record = view.load_run(run_dir)
     cfg = record.run_config
     check_rebuildable(cfg, record.config.get("environment", {}).get("git_commit"))
     state = torch.random.get_rng_state()

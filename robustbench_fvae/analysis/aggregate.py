@@ -1,9 +1,11 @@
 """Collect finished runs and aggregate their selected-epoch metrics over seeds (DESIGN §6–§7).
 
-Pipeline: :func:`collect_runs` (read every run record under a folder; finished, unfinished and
-unreadable runs are told apart) → :func:`run_results` (one :class:`RunResult` per finished run:
-the metrics of the epoch chosen by a selection rule) → :func:`aggregate` (one
-:class:`GroupRow` per dataset × method × differing settings, statistics over seeds).
+Pipeline: :func:`~robustbench_fvae.record.view.collect_runs` (read every run record under a
+folder; finished, unfinished and unreadable runs are told apart) → :func:`run_results` (one
+:class:`RunResult` per finished run: the metrics of the epoch chosen by a selection rule) →
+:func:`aggregate` (one :class:`GroupRow` per dataset × method × differing settings, statistics
+over seeds). How one run's record is read (settings, selection, algorithm) is
+:mod:`robustbench_fvae.record.view`'s.
 
 Conventions:
 
@@ -24,7 +26,6 @@ Conventions:
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,15 +39,38 @@ from scipy import stats as scipy_stats
 from robustbench_fvae.config import (
     ALGORITHMS,
     DERIVED_ALGORITHMS,
-    RunConfig,
 )
-from robustbench_fvae.methods import find_method, method_order
-from robustbench_fvae.records import RecordNotFoundError, RunRecord, iter_runs, load_run
-from robustbench_fvae.selection import RULES, get_rule, select_epoch
+from robustbench_fvae.methods import method_order
 
-# The scalar metrics of one evaluated split, in table order (see metrics.py for definitions).
-METRICS = ("worst_group_acc", "avg_acc", "adj_avg_acc", "mean_group_acc", "disparity",
-           "adj_disparity", "ece")
+# Collection, collect_runs, RunsDirNotFoundError, default_spurious_strength,
+# jtt_stage1_hashes, resume_command and validation_scores moved to record.view; they are
+# imported here under their old path too (``name as name``: re-exported).
+from robustbench_fvae.record.view import (
+    CURVE_METRICS,
+    METRICS,
+    SPLITS,
+    SPURIOUS_STRENGTH_SETTING,
+    RunRecord,
+    alarms_at,
+    counterfactual_metric,
+    is_derived,
+    provenance,
+    relevant_settings,
+    run_settings,
+    selected,
+    spurious_strength,
+    to_float,
+    training_curve,
+)
+from robustbench_fvae.record.view import Collection as Collection
+from robustbench_fvae.record.view import RunsDirNotFoundError as RunsDirNotFoundError
+from robustbench_fvae.record.view import collect_runs as collect_runs
+from robustbench_fvae.record.view import default_spurious_strength as default_spurious_strength
+from robustbench_fvae.record.view import jtt_stage1_hashes as jtt_stage1_hashes
+from robustbench_fvae.record.view import resume_command as resume_command
+from robustbench_fvae.record.view import validation_scores as validation_scores
+from robustbench_fvae.selection import RULES, get_rule
+
 METRIC_LABELS = {
     "worst_group_acc": "WG",
     "avg_acc": "Avg",
@@ -60,7 +84,6 @@ METRIC_LABELS = {
 HIGHER_IS_BETTER = {"worst_group_acc": True, "avg_acc": True, "adj_avg_acc": True,
                     "mean_group_acc": True, "disparity": False, "adj_disparity": False,
                     "ece": False}
-SPLITS = ("test", "val")
 # Dataset order of the paper's Table 5 (Animals, Waterbirds, CelebA), real before replicas.
 DATASET_ORDER = ("animals", "waterbirds", "celeba", "synth-animals", "synth-waterbirds",
                  "synth-celeba")
@@ -68,171 +91,12 @@ DATASET_ORDER = ("animals", "waterbirds", "celeba", "synth-animals", "synth-wate
 EXTRA_METRICS = ("core_only_acc", "background_reliance")
 METRIC_LABELS.update({"core_only_acc": "Core-only", "background_reliance": "Bg. reliance"})
 HIGHER_IS_BETTER.update({"core_only_acc": True, "background_reliance": False})
-# Where a run's recorded config holds the spurious strength RHO (flat dotted name, see
-# run_settings); runs recorded without it count as the dataset default (None).
-SPURIOUS_STRENGTH_SETTING = "train.spurious_strength"
-# Per-epoch metrics of the training curves: (split, metric) pairs read from history.jsonl.
-CURVE_METRICS = (("val", "worst_group_acc"), ("val", "avg_acc"), ("test", "worst_group_acc"),
-                 ("test", "avg_acc"))
-# Config fields that never name a row: where/how a run happens, and the seed (averaged over).
-_IGNORED_SETTINGS = frozenset({*RunConfig.UNHASHED, "train.seed", "method", "dataset"})
-# The training algorithm is part of the row's name ("lora + groupdro"), not one of its settings.
-ALGORITHM_SETTING = "train.algorithm"
-# Where a run records its early-stopping patience (re-selection emulates it, see _selected).
-PATIENCE_SETTING = "train.patience"
-# Prefix of the settings a DFR run adds from its ``derived.settings`` (e.g. ``dfr_refits``).
-DERIVED_PREFIX = "derived.dfr_"
 # Table order of the training algorithms; a derived run (DFR) follows its parent's algorithm.
 ALGORITHM_ORDER = (*ALGORITHMS, *DERIVED_ALGORITHMS)
 
 
 class ReportError(ValueError):
     """The runs cannot be reported (no finished run, bad option)."""
-
-
-class RunsDirNotFoundError(RecordNotFoundError):
-    """The runs folder given to the report does not exist."""
-
-
-# --------------------------------------------------------------------------- collecting
-
-
-@dataclass
-class Collection:
-    """What was found under a runs folder."""
-
-    root: Path
-    finished: list[RunRecord] = field(default_factory=list)
-    unfinished: list[RunRecord] = field(default_factory=list)
-    # (run directory, reason) of runs whose files could not be read or lack required content
-    unreadable: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def _metrics_problem(metrics: Any) -> str | None:
-    """Why a finished run's ``metrics.json`` cannot be reported, or None when it can."""
-    if not isinstance(metrics, Mapping):
-        return "metrics.json is missing although the run is marked done"
-    for split in SPLITS:
-        m = metrics.get(split)
-        if not isinstance(m, Mapping):
-            return f"metrics.json has no {split!r} object"
-        missing = [k for k in (*METRICS, "groups") if k not in m]
-        if missing:
-            return f"metrics.json {split!r} lacks {missing}"
-    if "selection" not in metrics:
-        return "metrics.json has no 'selection'"
-    return None
-
-
-def collect_runs(runs_dir: str | Path) -> Collection:
-    """Read every run directory under ``runs_dir`` and sort them into finished / unfinished /
-    unreadable. Each unreadable run is also reported with a ``UserWarning`` naming it."""
-    root = Path(runs_dir)
-    if not root.is_dir():
-        what = "runs folder is a file" if root.exists() else "runs folder not found"
-        raise RunsDirNotFoundError(
-            f"{what}: {root} (expected the --out folder of "
-            "`python -m robustbench_fvae.run`/`sweep`, holding <dataset>/<method>/<hash>/ runs)")
-    found = Collection(root=root)
-    seen: dict[str, Path] = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        records = list(iter_runs(root))
-    prefix = "skipping unreadable run "
-    for w in caught:
-        text = str(w.message)
-        if not text.startswith(prefix):  # not ours to interpret: pass it on unchanged
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-            continue
-        # iter_runs says "skipping unreadable run <dir>: <reason>"
-        head, _, reason = text.partition(": ")
-        found.unreadable.append((Path(head.removeprefix(prefix).strip()), reason or text))
-    for rec in records:
-        if not rec.done:
-            found.unfinished.append(rec)
-            continue
-        problem = _metrics_problem(rec.metrics)
-        if problem is None and (not rec.dataset or not rec.method):
-            problem = "config.json lacks config.dataset or config.method"
-        if problem is None and rec.config_hash in seen:
-            problem = f"same config hash {rec.config_hash} as {seen[rec.config_hash]} (a copy?)"
-        if problem is not None:
-            found.unreadable.append((rec.path, problem))
-            continue
-        seen[str(rec.config_hash)] = rec.path
-        found.finished.append(rec)
-    for path, reason in found.unreadable:
-        warnings.warn(f"skipping unreadable run {path}: {reason}", UserWarning, stacklevel=2)
-    return found
-
-
-# JTT's record of its error set (algorithms.JTT_ERROR_FILE; not imported from there because
-# that module pulls in torch): it names the stage-1 ERM run the error set came from.
-JTT_ERROR_FILE = "jtt_error_set.json"
-
-
-def jtt_stage1_hashes(runs: Iterable[RunRecord]) -> dict[str, Path]:
-    """``{stage-1 hash: JTT run}`` for every JTT run among ``runs``: JTT's identification
-    model is an ordinary ERM run record (``jtt_epochs`` epochs, no early stopping), a step of
-    JTT rather than a result of its own, so the report does not show it as an ERM row."""
-    out: dict[str, Path] = {}
-    for rec in runs:
-        path = rec.path / JTT_ERROR_FILE
-        if _recorded_algorithm(rec) != "jtt" or not path.is_file():
-            continue
-        try:
-            stage1 = json.loads(path.read_text()).get("stage1_hash")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if stage1:
-            out[str(stage1)] = rec.path
-    return out
-
-
-def resume_command(rec: RunRecord) -> str:
-    """The ``python -m robustbench_fvae.run`` command that resumes (or re-creates) run ``rec``:
-    its stored, resolved settings as flags (only those that differ from the defaults). For an
-    unfinished derived run, the ``python -m robustbench_fvae.dfr`` command that redoes it."""
-    if is_derived(rec):
-        return _derived_command(rec)
-    cfg = rec.config.get("config", {})
-    # JSON round trip so that tuples in the defaults compare equal to the lists read from disk
-    default = json.loads(json.dumps(RunConfig().to_dict()))
-    flags: list[str] = []
-    sections = [(cfg, default)]
-    sections += [(cfg.get(k, {}), default.get(k, {})) for k in ("adapter", "train")]
-    for values, defaults in sections:
-        for key, value in values.items():
-            if key in ("adapter", "train") or value is None or value == defaults.get(key):
-                continue
-            if isinstance(value, (list, tuple)):
-                value = ",".join(map(str, value))
-            flags.append(f"--{key.replace('_', '-')} {value}")
-    base = f"--method {cfg.get('method')} --dataset {cfg.get('dataset')}"
-    rest = [f for f in flags if not f.startswith(("--method ", "--dataset "))]
-    return " ".join(["python -m robustbench_fvae.run", base, *rest])
-
-
-def _derived_command(rec: RunRecord) -> str:
-    """``python -m robustbench_fvae.dfr PARENT_DIR`` with the recorded DFR settings that differ
-    from dfr's defaults and the output folder the run is in (so it lands in the same
-    derived-run folder)."""
-    from robustbench_fvae import dfr  # numpy only; the record names what it ran
-
-    derived = rec.config.get("derived") or {}
-    settings = derived.get("settings") or {}
-    flags = []
-    if settings.get("seed", 0) != 0:
-        flags.append(f"--seed {settings['seed']}")
-    if settings.get("refits", dfr.DEFAULT_REFITS) != dfr.DEFAULT_REFITS:
-        flags.append(f"--refits {settings['refits']}")
-    grid = settings.get("c_grid")
-    if grid is not None and [float(c) for c in grid] != [float(c) for c in dfr.C_GRID]:
-        flags.append("--c-grid " + ",".join(f"{float(c):g}" for c in grid))
-    # where the run lives (OUT/<dataset>/<method>/<hash>), even if its folder was moved
-    flags.append(f"--out {rec.path.parents[2]}")
-    return " ".join(["python -m robustbench_fvae.dfr",
-                     str(derived.get("parent_dir", "PARENT_RUN_DIR")), *flags])
 
 
 # --------------------------------------------------------------------------- per-run results
@@ -281,259 +145,6 @@ class RunResult:
         return spurious_strength(self.settings)
 
 
-def _flatten(prefix: str, obj: Mapping[str, Any], out: dict[str, Any]) -> None:
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            _flatten(f"{name}.", value, out)
-        else:
-            out[name] = tuple(value) if isinstance(value, list) else value
-
-
-def run_settings(rec: RunRecord) -> dict[str, Any]:
-    """The settings of a run that could name its row: flat ``{"adapter.beta": 10.0, …}``.
-
-    The seed and where/how fields are left out; ``adapter.beta`` of the FVAE family is resolved
-    (None → the method's default) so that an explicit default and an omitted one compare equal.
-    """
-    cfg = rec.config.get("config", {})
-    flat: dict[str, Any] = {}
-    _flatten("", cfg, flat)
-    method = cfg.get("method")
-    registered = find_method(method)
-    for name, value in (registered.defaults.items() if registered else ()):
-        if flat.get(f"adapter.{name}") is None:
-            flat[f"adapter.{name}"] = value
-    # A record written before a setting existed (the spurious strength, the training algorithm)
-    # ran at that setting's default: fill it in, so that it shares a row with newer runs that
-    # record the default explicitly.
-    for key, value in _default_settings().items():
-        flat.setdefault(key, value)
-    if flat.get(SPURIOUS_STRENGTH_SETTING) is None:  # newer records hold the resolved value
-        flat[SPURIOUS_STRENGTH_SETTING] = default_spurious_strength(cfg.get("dataset"))
-    derived = rec.config.get("derived")
-    if isinstance(derived, Mapping) and isinstance(derived.get("settings"), Mapping):
-        for key, value in derived["settings"].items():
-            flat[f"{DERIVED_PREFIX}{key}"] = tuple(value) if isinstance(value, list) else value
-    return {k: v for k, v in flat.items() if k not in _IGNORED_SETTINGS}
-
-
-def relevant_settings(settings: Mapping[str, Any], algorithm: str) -> dict[str, Any]:
-    """``settings`` without the algorithm itself and without the hyperparameters of algorithms
-    the run did not use (``train.groupdro_eta`` of a JTT run is a default nobody chose)."""
-    used = set(algorithm.split("+"))
-    out = {}
-    for key, value in settings.items():
-        if key == ALGORITHM_SETTING:
-            continue
-        owner = next((a for a in ALGORITHM_ORDER if key.startswith(f"train.{a}_")), None)
-        if owner is not None and owner not in used:
-            continue
-        out[key] = value
-    return out
-
-
-def _default_settings() -> dict[str, Any]:
-    """The flat settings of a default RunConfig, as they read back from JSON."""
-    flat: dict[str, Any] = {}
-    _flatten("", json.loads(json.dumps(RunConfig().to_dict())), flat)
-    return flat
-
-
-def default_spurious_strength(dataset: Any) -> float | None:
-    """The spurious strength ρ a run of ``dataset`` trains at by default: the replica's own (the
-    real dataset's); None for a real or unknown dataset."""
-    from robustbench_fvae.data import data_defaults
-
-    try:
-        return data_defaults(dataset)["spurious_strength"]
-    except ValueError:
-        return None
-
-
-def spurious_strength(settings: Mapping[str, Any]) -> float | None:
-    """RHO of a run from its :func:`run_settings` (None: not a replica).
-
-    The one place that knows where the knob lives in the record (see SPURIOUS_STRENGTH_SETTING).
-    """
-    value = settings.get(SPURIOUS_STRENGTH_SETTING)
-    if value is None:
-        return None
-    out = _float(value)
-    return out if math.isfinite(out) else None
-
-
-def counterfactual_metric(metrics: Mapping[str, Any] | None, split_metrics: Mapping[str, Any],
-                          name: str, *, at_own_epoch: bool) -> float:
-    """Core-only accuracy or background reliance of a run, NaN when not recorded.
-
-    Read from the reported split's metrics when they hold it, else from ``metrics.json``'s
-    ``counterfactual`` object — measured at the run's own selected epoch only, so it counts for
-    the report only when the reported epoch is that one (``at_own_epoch``).
-    """
-    if name in split_metrics:
-        return _float(split_metrics[name])
-    block = (metrics or {}).get("counterfactual")
-    if at_own_epoch and isinstance(block, Mapping) and name in block:
-        return _float(block[name])
-    return math.nan
-
-
-def training_curve(rec: RunRecord) -> list[dict[str, Any]]:
-    """The per-epoch validation and test metrics of ``rec`` (CURVE_METRICS), from its history,
-    epochs as recorded; records without an epoch number are left out."""
-    points = []
-    for record in rec.history:
-        epoch = record.get("epoch")
-        if not isinstance(epoch, int) or isinstance(epoch, bool):
-            continue
-        point: dict[str, Any] = {"epoch": epoch}
-        for split, metric in CURVE_METRICS:
-            m = record.get(split)
-            value = _float(m.get(metric)) if isinstance(m, Mapping) else math.nan
-            point.setdefault(split, {})[metric] = value
-        points.append(point)
-    return sorted(points, key=lambda p: p["epoch"])
-
-
-def _float(value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return out
-
-
-def is_derived(rec: RunRecord) -> bool:
-    """True for a derived run (DFR): fitted on a finished parent, no training of its own."""
-    train = (rec.config.get("config") or {}).get("train") or {}
-    return "derived" in rec.config or train.get("algorithm") in DERIVED_ALGORITHMS
-
-
-def run_patience(rec: RunRecord) -> int | None:
-    """The early-stopping patience the run trained with (None: not recorded, no emulation)."""
-    value = ((rec.config.get("config") or {}).get("train") or {}).get("patience")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _selected(rec: RunRecord, select: str | None) -> tuple[str, int | None, Mapping, Mapping]:
-    """(rule, epoch, val M, test M) of ``rec`` under ``select`` (None: the run's own rule).
-
-    Re-selecting from ``history.jsonl`` emulates early stopping on ``select`` alone with the
-    run's own patience (the runner trains until every rule's patience is spent, so the history
-    holds what that rule alone would have seen), as the runner's ``other_selections`` do.
-    A DFR run was fitted at its parent's selected epoch: it serves ``select`` only when that is
-    its parent's rule.
-    """
-    metrics = rec.metrics or {}
-    own = str(metrics.get("selection"))
-    if is_derived(rec):
-        parent_rule = (rec.config.get("derived") or {}).get("parent_selection")
-        if select is not None and select != parent_rule:
-            raise ValueError(f"a derived ({own}) run is fitted at its parent's epoch selected by "
-                             f"{parent_rule}, and has no epochs of its own to re-select by "
-                             f"{select}")
-        return own, metrics.get("selected_epoch"), metrics["val"], metrics["test"]
-    if select is None or select == own:
-        return own, metrics.get("selected_epoch"), metrics["val"], metrics["test"]
-    other = (metrics.get("other_selections") or {}).get(select)
-    if isinstance(other, Mapping) and isinstance(other.get("test"), Mapping) \
-            and isinstance(other.get("val"), Mapping):
-        return select, other.get("selected_epoch"), other["val"], other["test"]
-    # ValueError when the history cannot serve it
-    chosen = select_epoch(rec.history, select, run_patience(rec))
-    for split in SPLITS:
-        if not isinstance(chosen.get(split), Mapping):
-            raise ValueError(f"the history record of epoch {chosen.get('epoch')} has no "
-                             f"{split} metrics")
-    return select, chosen.get("epoch"), chosen["val"], chosen["test"]
-
-
-def validation_scores(rec: RunRecord) -> dict[str, float]:
-    """``{rule: the validation metric the rule maximises, at the epoch it selects}`` for every
-    rule the run can serve (NaN otherwise): what ``--best-by`` ranks settings by."""
-    out = {}
-    for name, rule in RULES.items():
-        try:
-            val = _selected(rec, name)[2]
-        except (ValueError, KeyError):
-            out[name] = math.nan
-            continue
-        out[name] = _float(val.get(rule.metric)) if isinstance(val, Mapping) else math.nan
-    return out
-
-
-def _recorded_algorithm(rec: RunRecord) -> str:
-    """The training algorithm a (non-derived) run recorded; records from before the field
-    existed trained with ERM."""
-    train = (rec.config.get("config") or {}).get("train") or {}
-    return str(train.get("algorithm") or "erm")
-
-
-def _training_labels(rec: RunRecord, algorithm: str) -> tuple[str, ...]:
-    """The splits whose group labels trained a non-derived run, as its metrics.json records
-    (``algorithm.group_labels_in_training``); older records trained with ERM (none)."""
-    block = (rec.metrics or {}).get("algorithm")
-    if isinstance(block, Mapping) and "group_labels_in_training" in block:
-        split = block.get("group_labels_in_training")
-        return (str(split),) if split else ()
-    if algorithm == "erm":
-        return ()
-    from robustbench_fvae.algorithms import GROUP_LABELS_IN_TRAINING  # imports torch
-
-    split = GROUP_LABELS_IN_TRAINING.get(algorithm)
-    return (split,) if split else ()
-
-
-def _parent_of(rec: RunRecord, by_hash: Mapping[str, RunRecord]) -> RunRecord | None:
-    """The finished run a derived run was made from: among the reported runs, else read from
-    the ``derived.parent_dir`` it names; None when neither is there."""
-    derived = rec.config.get("derived") or {}
-    parent = by_hash.get(str(derived.get("parent_hash")))
-    if parent is not None:
-        return parent
-    try:
-        parent = load_run(derived.get("parent_dir") or "")
-    except (ValueError, OSError):
-        return None
-    return parent if parent.metrics else None
-
-
-def _provenance(rec: RunRecord, by_hash: Mapping[str, RunRecord]
-                ) -> tuple[str, tuple[str, ...], bool, dict[str, float]]:
-    """(algorithm chain, group-label splits used in training, whether selection read
-    validation group labels, validation scores) of a run; for a derived run, its parent's
-    training algorithm and labels come first."""
-    selection = str((rec.metrics or {}).get("selection"))
-    if not is_derived(rec):
-        algorithm = _recorded_algorithm(rec)
-        return (algorithm, _training_labels(rec, algorithm), selection == "val_wg",
-                validation_scores(rec))
-    own = str((rec.config.get("config") or {}).get("train", {}).get("algorithm") or "dfr")
-    parent = _parent_of(rec, by_hash)
-    if parent is None:
-        warnings.warn(f"the parent of derived run {rec.path} is not among the reported runs nor "
-                      f"at {(rec.config.get('derived') or {}).get('parent_dir')}: its training "
-                      f"algorithm is unknown (shown as ERM) and it cannot be ranked by "
-                      "--best-by", UserWarning, stacklevel=3)
-        return own, ("val",), True, {name: math.nan for name in RULES}
-    base = _recorded_algorithm(parent)
-    chain = own if base == "erm" else f"{base}+{own}"
-    splits = tuple(dict.fromkeys((*_training_labels(parent, base), "val")))
-    # DFR chooses C by worst-group accuracy on held-out validation images: group labels
-    return chain, splits, True, validation_scores(parent)
-
-
-def _alarms(rec: RunRecord, epoch: int | None) -> list[str]:
-    """Sanity alarms (e.g. "constant predictor on test") raised at the reported epoch."""
-    for record in rec.history:
-        if record.get("epoch") == epoch and "alarms" in record:
-            return [str(a) for a in record.get("alarms") or []]
-    metrics = rec.metrics or {}
-    if epoch == metrics.get("selected_epoch"):
-        return [str(a) for a in metrics.get("alarms") or []]
-    return []
-
 
 def run_results(
     runs: Iterable[RunRecord], select: str | None = None, split: str = "test"
@@ -558,7 +169,7 @@ def run_results(
     skipped: list[tuple[Path, str]] = []
     for rec in runs:
         try:
-            rule, epoch, val, test = _selected(rec, select)
+            rule, epoch, val, test = selected(rec, select)
         except (ValueError, KeyError) as err:
             skipped.append((rec.path, f"cannot select by {select}: {err}"))
             continue
@@ -570,16 +181,16 @@ def run_results(
         params = (rec.metrics or {}).get("params") or {}
         own_epoch = (rec.metrics or {}).get("selected_epoch")
         at_own = split == "test" and epoch == own_epoch
-        algorithm, trained_on, selection_labels, scores = _provenance(rec, by_hash)
+        algorithm, trained_on, selection_labels, scores = provenance(rec, by_hash)
         results.append(RunResult(
             path=rec.path, dataset=str(rec.dataset), method=str(rec.method), seed=rec.seed,
             config_hash=str(rec.config_hash), selection=rule,
             selected_epoch=None if epoch is None else int(epoch), split=split,
-            metrics={k: _float(m[k]) for k in METRICS},
+            metrics={k: to_float(m[k]) for k in METRICS},
             groups=[dict(gr) for gr in m["groups"]],
             params={k: int(v) for k, v in params.items() if isinstance(v, (int, float))},
             settings=relevant_settings(run_settings(rec), algorithm),
-            alarms=_alarms(rec, epoch),
+            alarms=alarms_at(rec, epoch),
             extra={k: counterfactual_metric(rec.metrics, m, k, at_own_epoch=at_own)
                    for k in EXTRA_METRICS},
             curve=training_curve(rec),

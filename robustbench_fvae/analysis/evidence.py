@@ -68,7 +68,7 @@ def measure_evidence(model, initial_model, splits: dict, twins: dict, layers: Se
     ``splits[s][indices[s]]`` for ``s`` in val and test; ``twins`` maps twin kinds to splits in
     test's order (may be empty: the twin interventions are then skipped). Returns
     ``{"summary": rows of information_summary.csv, "interventions": rows}``."""
-    from .. import records
+    from ..record.io import write_csv_atomic
 
     units, summary, sizes = [], [], None
     means = None
@@ -85,9 +85,9 @@ def measure_evidence(model, initial_model, splits: dict, twins: dict, layers: Se
             sizes, means = measured["sizes"], measured["means"]
     displacement = parameter_displacement(model, initial_model, layers)
     sizes = [{**r, **displacement[r["layer"]]} for r in sizes]
-    records.write_csv_atomic(out_dir / "information.csv", INFORMATION_COLUMNS, units)
-    records.write_csv_atomic(out_dir / "information_summary.csv", SUMMARY_COLUMNS, summary)
-    records.write_csv_atomic(out_dir / "updates.csv", UPDATE_COLUMNS, sizes)
+    write_csv_atomic(out_dir / "information.csv", INFORMATION_COLUMNS, units)
+    write_csv_atomic(out_dir / "information_summary.csv", SUMMARY_COLUMNS, summary)
+    write_csv_atomic(out_dir / "updates.csv", UPDATE_COLUMNS, sizes)
     test = splits["test"]
     idx = indices["test"]
     log(f"interventions on {len(idx)} test images"
@@ -96,7 +96,7 @@ def measure_evidence(model, initial_model, splits: dict, twins: dict, layers: Se
                                         batch_size=batch_size, device=device, seed=seed,
                                         progress=progress)
     rows = intervention_rows(test.y[idx], test.g[idx], clean, logits, layers, seed=seed)
-    records.write_csv_atomic(out_dir / "interventions.csv", INTERVENTION_COLUMNS, rows)
+    write_csv_atomic(out_dir / "interventions.csv", INTERVENTION_COLUMNS, rows)
     log("\ninterventions (paired against the unmodified model on the same test images; 95 % "
         "intervals)\n" + format_intervention_table(rows))
     return {"summary": summary, "interventions": rows, "sizes": sizes}

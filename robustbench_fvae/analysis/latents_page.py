@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from robustbench_fvae import records
 from robustbench_fvae.analysis.aggregate import Stat, run_results, summarize
 from robustbench_fvae.analysis.picks import matches_pick, pick_configurations
 from robustbench_fvae.analysis.statistics import (
@@ -29,6 +28,8 @@ from robustbench_fvae.analysis.statistics import (
 )
 from robustbench_fvae.analysis.tables import Table, to_markdown
 from robustbench_fvae.methods import find_method, method_label, method_order
+from robustbench_fvae.record import view
+from robustbench_fvae.record.io import write_text_atomic
 
 PAGE = "docs/latents.md"
 PAGE_LINK = "docs/latents.md"
@@ -82,8 +83,8 @@ def load_probed_runs(results_dir: str | Path) -> list[ProbedRun]:
     """The probed final runs of the ``val_wg`` picks in ``results_dir`` (published by
     ``protocol publish``), in dataset, method, seed order."""
     root = Path(results_dir)
-    search = list(records.iter_runs(root / "search")) if (root / "search").is_dir() else []
-    final = list(records.iter_runs(root / "final")) if (root / "final").is_dir() else []
+    search = list(view.iter_runs(root / "search")) if (root / "search").is_dir() else []
+    final = list(view.iter_runs(root / "final")) if (root / "final").is_dir() else []
     if not search or not final:
         return []
     picks = pick_configurations(run_results(search)[0], RULE)
@@ -516,10 +517,10 @@ def write_latents_page(results_dir: str | Path, page: str | Path = PAGE,
 
     text, block = build_latents_page(results_dir, _link(page, readme))
     new_readme = with_block(Path(readme), block, (README_BEGIN, README_END)) if readme else None
-    records.write_text_atomic(page, text)
+    write_text_atomic(page, text)
     written = [Path(page)]
     if readme:
-        records.write_text_atomic(readme, new_readme)
+        write_text_atomic(readme, new_readme)
         written.append(Path(readme))
     return written
 

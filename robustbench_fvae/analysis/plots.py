@@ -32,7 +32,7 @@ from robustbench_fvae.analysis.aggregate import (
     epoch_curves,
     sort_key,
 )
-from robustbench_fvae.records import write_bytes_atomic
+from robustbench_fvae.record.io import write_bytes_atomic
 
 DPI = 130
 # Percent axes run from -PAD to 100 + PAD so a marker at 0 % or 100 % is not cut by the frame.

@@ -326,7 +326,7 @@ METRIC_NOTE = ("acc = group-balanced test accuracy: the mean, over the test spli
 def write_probes_csv(rows: Sequence[dict], path: str | Path) -> Path:
     """``probes.csv``: columns :data:`CSV_COLUMNS` (DESIGN §7's ``layer, latent, target, acc``
     first), written atomically."""
-    from ..records import write_csv_atomic
+    from ..record.io import write_csv_atomic
 
     return write_csv_atomic(path, CSV_COLUMNS, rows)
 
@@ -472,10 +472,10 @@ def probe_run(run_dir: str | Path, *, layers: str | Sequence[str] | None = None,
 
 def _loss_parts_figure(run_dir: Path, out_dir: Path, what: str) -> list[Path]:
     """``loss_parts.png`` from the run's per-layer training loss parts, when it logged them."""
-    from .. import records
+    from ..record import view
     from .probe_plot import layer_loss_plot
 
-    record = records.load_run(run_dir)
+    record = view.load_run(run_dir)
     selected = (record.metrics or {}).get("selected_epoch")
     path = layer_loss_plot(record.history, selected, out_dir / "loss_parts.png",
                            f"{what}: the FVAE loss parts per adapted layer")
@@ -599,7 +599,7 @@ def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir:
                      extra_figures: Sequence[Path] = ()) -> ProbeOutput:
     """Fit and score the probes of ``sets`` (``fit`` and ``test``), print the table, write
     probes.csv, probes.png, the t-SNE figures and probe.json (``meta`` first) to ``out_dir``."""
-    from .. import records
+    from ..record.io import write_json_atomic
     from .latents import LATENT_KINDS
     from .probe_plot import probe_accuracy_plot
 
@@ -626,7 +626,7 @@ def _probe_and_write(sets: dict[str, LatentSet], test_split, what: str, out_dir:
     if "core_only" in sets:
         sensitivity = _write_sensitivity(sets, out_dir, what, pool, log)
         figures.append(out_dir / "sensitivity.png")
-    records.write_json_atomic(out_dir / "probe.json", {
+    write_json_atomic(out_dir / "probe.json", {
         **meta, "latents": [k for k in LATENT_KINDS if any(r["latent"] == k for r in rows)],
         "pool": pool, "max_images": max_images, "seed": seed, "tsne_max": tsne_max,
         "fit_split": fit.split, "weighting": weighting,
@@ -724,16 +724,16 @@ def _tsne_figures(test: LatentSet, class_names, attribute_names, tsne_max: int, 
 
 def check_finished_run(run_dir: Path) -> None:
     """Refuse anything but a finished run directory, with a one-line reason and the fix."""
-    from .. import records
+    from ..record import schema, store
 
     if not run_dir.is_dir():
         raise ProbeError(f"run directory not found: {run_dir}; pass the path printed on the last "
                          "line of `python -m robustbench_fvae.run …`")
-    if not (run_dir / records.CONFIG_FILE).is_file():
-        raise ProbeError(f"{run_dir} is not a run directory (no {records.CONFIG_FILE}); pass one "
+    if not (run_dir / schema.CONFIG_FILE).is_file():
+        raise ProbeError(f"{run_dir} is not a run directory (no {schema.CONFIG_FILE}); pass one "
                          "run's folder OUT/<dataset>/<method>/<hash>, as printed on the last line "
                          "of `python -m robustbench_fvae.run …`")
-    if not records.is_done(run_dir):
-        raise ProbeError(f"{run_dir} is not a finished run (no '{records.DONE_FILE}' marker); "
+    if not store.is_done(run_dir):
+        raise ProbeError(f"{run_dir} is not a finished run (no '{schema.DONE_FILE}' marker); "
                          "finish it by re-running its `python -m robustbench_fvae.run …` command "
                          "(it resumes from its checkpoint)")

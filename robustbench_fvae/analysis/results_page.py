@@ -20,7 +20,6 @@ from pathlib import Path
 
 import yaml
 
-from robustbench_fvae import records
 from robustbench_fvae.analysis.aggregate import (
     GroupRow,
     RunResult,
@@ -49,6 +48,8 @@ from robustbench_fvae.analysis.tables import (
     to_markdown,
 )
 from robustbench_fvae.methods import method_label
+from robustbench_fvae.record import view
+from robustbench_fvae.record.io import write_text_atomic
 from robustbench_fvae.selection import RULES
 from robustbench_fvae.sweeps.budget import FINAL_SEEDS, SEARCH_DRAWS, SEARCH_SPEC
 
@@ -68,12 +69,12 @@ class Stage:
     """The finished runs of one protocol stage."""
 
     name: str
-    runs: list[records.RunRecord]
+    runs: list[view.RunRecord]
 
 
 def load_stage(results_dir: Path, name: str) -> Stage:
     folder = results_dir / name
-    runs = sorted((r for r in records.iter_runs(folder) if r.done), key=lambda r: str(r.path)) \
+    runs = sorted((r for r in view.iter_runs(folder) if r.done), key=lambda r: str(r.path)) \
         if folder.is_dir() else []
     return Stage(name, runs)
 
@@ -101,7 +102,7 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def final_rows(final: Sequence[records.RunRecord], picks: dict[tuple[str, str], Pick],
+def final_rows(final: Sequence[view.RunRecord], picks: dict[tuple[str, str], Pick],
                rule: str) -> tuple[list[GroupRow], list[str]]:
     """The rows of ``rule``'s table — per dataset × method, the final runs of its pick, each at
     the epoch ``rule`` selects — and notes on picks that have no final run."""
@@ -202,7 +203,7 @@ def _per_seed(results: Sequence[RunResult], method: str, metric: str,
     return out
 
 
-def controls_section(final: Sequence[records.RunRecord], controls: Sequence[records.RunRecord],
+def controls_section(final: Sequence[view.RunRecord], controls: Sequence[view.RunRecord],
                      picks: dict[tuple[str, str], Pick]) -> list[str]:
     """Does the set-up decide the answer? FVAE-LoRA − LoRA under each arm, and its change."""
     methods = (REFERENCE, CONTROL_METHOD)
@@ -486,11 +487,11 @@ def write_page(results_dir: str | Path, page: str | Path,
     text, figures, block = build_page(results_dir, folder.name, link)
     new_readme = with_block(Path(readme), block) if readme else None
     written = [Path(page)]
-    records.write_text_atomic(page, text)
+    write_text_atomic(page, text)
     for name, fig in figures.items():
         written.append(save_png(fig, folder / name))
     if readme:
-        records.write_text_atomic(readme, new_readme)
+        write_text_atomic(readme, new_readme)
         written.append(Path(readme))
     return written
 

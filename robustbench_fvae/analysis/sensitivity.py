@@ -102,7 +102,7 @@ def sensitivity_rows(codes: dict[tuple[str, str], np.ndarray],
 
 def write_sensitivity_csv(rows: Sequence[dict], path: str | Path) -> Path:
     """``sensitivity.csv`` with :data:`SENSITIVITY_COLUMNS`, written atomically."""
-    from ..records import write_csv_atomic
+    from ..record.io import write_csv_atomic
 
     return write_csv_atomic(path, SENSITIVITY_COLUMNS, rows)
 

@@ -69,7 +69,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..records import exclusive_lock
+from ..record.io import exclusive_lock
+from ..replica_defaults import REPLICA_DEFAULT_STRENGTH
 from .base import SPLITS, DatasetError
 from .silhouettes import (
     background_swapped_scene,
@@ -224,7 +225,7 @@ SPECS: dict[str, ReplicaSpec] = {
         background=("land", "water"),
         tone="dark",
         group_stride=2,
-        default_strength=0.95,
+        default_strength=REPLICA_DEFAULT_STRENGTH["synth-waterbirds"],
         majority=(0, 1),
         lean=(1.0, 1.0),
     ),
@@ -237,9 +238,9 @@ SPECS: dict[str, ReplicaSpec] = {
         background=("light", "dark"),
         tone="mid",
         group_stride=2,
-        # Real CelebA train: 22880 of 24267 blond faces are female (0.943); not-blond faces are
-        # 71629 of 138503 female (0.517), a lean of (0.517 − ½)/(0.943 − ½) of blond's.
-        default_strength=0.943,
+        default_strength=REPLICA_DEFAULT_STRENGTH["synth-celeba"],
+        # Real CelebA train: not-blond faces are 71629 of 138503 female (0.517), a lean of
+        # (0.517 − ½)/(0.943 − ½) of blond's (0.943: 22880 of 24267 blond faces are female).
         majority=(0, 0),
         lean=((71629 / 138503 - 0.5) / (0.943 - 0.5), 1.0),
     ),
@@ -252,7 +253,7 @@ SPECS: dict[str, ReplicaSpec] = {
         background=("land", "water", "indoor", "outdoor"),
         tone="dark",
         group_stride=4,
-        default_strength=0.952,  # SpuCo: 10000 of 10500 per class on the majority background
+        default_strength=REPLICA_DEFAULT_STRENGTH["synth-animals"],
         majority=(0, 1, 2, 3),
         lean=(1.0, 1.0, 1.0, 1.0),
     ),

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from robustbench_fvae import records
+from robustbench_fvae.record import store
 from robustbench_fvae.sweeps.spec import LOG_FILE, PlannedRun, SweepSpec, dfr_run_dir, run_flags
 from robustbench_fvae.sweeps.state import SweepState, pid_alive, process_start_time, tail
 
@@ -84,7 +84,7 @@ def _header(log, text: str) -> None:
 
 def _check_landed(run: PlannedRun) -> str | None:
     """After exit 0: None if the run's done marker is where the sweep expects it, else why not."""
-    if records.is_done(run.run_dir):
+    if store.is_done(run.run_dir):
         return None
     lines = tail(run.log_path, 1)
     landed = lines[-1] if lines else "?"
@@ -107,7 +107,7 @@ def prepare_offline_assets(runs: Sequence[PlannedRun], log: Callable[[str], None
     )
     from robustbench_fvae.data.registry import ensure_replica, get_spec, replica_info
 
-    todo = [r for r in runs if not records.is_done(r.run_dir)]
+    todo = [r for r in runs if not store.is_done(r.run_dir)]
     try:
         for dataset, root, rho in dict.fromkeys(
                 (r.dataset, r.config.data_root, r.config.train.spurious_strength) for r in todo):
@@ -140,7 +140,7 @@ def launch_local(spec: SweepSpec, runs: Sequence[PlannedRun], state: SweepState,
     current = state.load()
     todo, busy = [], []
     for run in runs:
-        if records.is_done(run.run_dir):
+        if store.is_done(run.run_dir):
             continue
         entry = current.get(run.hash, {})
         if entry.get("host") == socket.gethostname() and not entry.get("finished", 0) >= \
@@ -289,8 +289,8 @@ def launch_dfr(spec: SweepSpec, runs: Sequence[PlannedRun], *, threads: int | No
     run is a feature pass over val and test plus small fits: minutes at most). Output goes to
     the parent's ``log.txt``. Returns ``{parent hash: exit code}`` of the DFR runs started;
     runs that did not finish are left out (their failure is reported by the launch)."""
-    done = [r for r in runs if records.is_done(r.run_dir)]
-    todo = [r for r in done if not records.is_done(dfr_run_dir(r))]
+    done = [r for r in runs if store.is_done(r.run_dir)]
+    todo = [r for r in done if not store.is_done(dfr_run_dir(r))]
     log(f"sweep {spec.name}: DFR step: {len(done)} finished run(s), "
         f"{len(done) - len(todo)} with a DFR run already, {len(todo)} to make"
         + (f" ({len(runs) - len(done)} run(s) not finished: no DFR for them)"
@@ -356,7 +356,7 @@ class RunTask:
                 time.sleep(0.5)
         code = self._proc.returncode
         error = None
-        if code == 0 and not records.is_done(task["run_dir"]):
+        if code == 0 and not store.is_done(task["run_dir"]):
             error = (f"the run exited 0 but {task['run_dir']} has no done marker; the sweep and "
                      "the runner disagree on the run hash")
         state.update(task["hash"], finished=time.time(), exit_code=code, error=error)
@@ -455,7 +455,7 @@ def submit_submitit(spec: SweepSpec, runs: Sequence[PlannedRun], state: SweepSta
     import submitit
 
     resources = dict(spec.slurm if resources is None else resources)
-    todo = [r for r in runs if not records.is_done(r.run_dir)]
+    todo = [r for r in runs if not store.is_done(r.run_dir)]
     log(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already done, "
         f"{len(todo)} to submit ({'submitit local executor' if cluster == 'local' else 'Slurm'})")
     if not todo:

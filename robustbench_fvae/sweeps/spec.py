@@ -55,7 +55,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-from robustbench_fvae import records
 from robustbench_fvae.config import (
     AdapterConfig,
     ConfigError,
@@ -66,6 +65,7 @@ from robustbench_fvae.config import (
     flat_setting_names,
 )
 from robustbench_fvae.methods import get_method, method_names
+from robustbench_fvae.record import store
 
 TOP_LEVEL_KEYS = ("description", "methods", "datasets", "seeds", "settings", "grid", "random",
                   "per_method", "per_dataset", "cells", "slurm", "dfr")
@@ -610,7 +610,7 @@ def expand(spec: SweepSpec, *, out: str | Path | None = None,
                         continue
                     seen.add(digest)
                     runs.append(PlannedRun(method, dataset, seed, t_index, settings, cfg, digest,
-                                           records.run_dir(cfg.out, cfg)))
+                                           store.run_dir(cfg.out, cfg)))
     return runs
 
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from robustbench_fvae import records
+from robustbench_fvae.record import schema, store
+from robustbench_fvae.record.io import write_json_atomic
 
 STATE_DIR = ".sweeps"
 STATUSES = ("done", "running", "queued", "failed", "missing")
@@ -126,7 +127,7 @@ class SweepState:
             entry = dict(data.get(run_hash, {}))
             entry.update(fields)
             data[run_hash] = entry
-            records.write_json_atomic(self.path, data)
+            write_json_atomic(self.path, data)
         return entry
 
     def update_many(self, entries: dict[str, dict[str, Any]]) -> None:
@@ -135,7 +136,7 @@ class SweepState:
             data = self.load()
             for run_hash, fields in entries.items():
                 data[run_hash] = {**data.get(run_hash, {}), **fields}
-            records.write_json_atomic(self.path, data)
+            write_json_atomic(self.path, data)
 
 
 # ---------------------------------------------------------------- status
@@ -177,14 +178,14 @@ def run_status(run_dir: Path, entry: dict[str, Any] | None,
                host: str | None = None) -> RunStatus:
     """Classify one run from its ``done`` marker and its state entry (see module docstring)."""
     entry = entry or {}
-    if records.is_done(run_dir):
+    if store.is_done(run_dir):
         return RunStatus("done", "", entry)
     host = host or socket.gethostname()
     started, finished = entry.get("started"), entry.get("finished")
     submitted = entry.get("submitted")
     latest = max((t for t in (submitted, started, finished) if t), default=None)
     if latest is None:
-        if (Path(run_dir) / records.CONFIG_FILE).is_file():
+        if (Path(run_dir) / schema.CONFIG_FILE).is_file():
             return RunStatus("missing", "unfinished run not launched by this sweep", entry)
         return RunStatus("missing", "never started", entry)
     job = entry.get("job_id")

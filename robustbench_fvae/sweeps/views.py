@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from robustbench_fvae import records
+from robustbench_fvae.record import store
 from robustbench_fvae.sweeps.spec import (
     PlannedRun,
     SweepSpec,
@@ -100,7 +100,7 @@ def format_plan(spec: SweepSpec, runs: Sequence[PlannedRun], statuses: Sequence[
 
 def _dfr_line(runs: Sequence[PlannedRun]) -> str:
     """The DFR step of a ``dfr: true`` spec: how many DFR runs exist of how many."""
-    made = sum(records.is_done(dfr_run_dir(r)) for r in runs)
+    made = sum(store.is_done(dfr_run_dir(r)) for r in runs)
     return (f"then DFR on each finished run (python -m robustbench_fvae.dfr RUN_DIR --wait, a "
             f"derived run beside it): {made} of {len(runs)} DFR runs done")
 
