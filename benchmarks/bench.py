@@ -85,7 +85,7 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("fvae_over_lora_train", "<=", 1.10),
     ("fvae_over_lora_eval", "<=", 1.02),
     ("released_over_ours_module_train", ">=", 1.5),
-    ("fvae_over_lora_saved_activation_bytes", "<=", 1.3),  # DESIGN §8
+    ("fvae_over_lora_saved_activation_bytes", "<=", 1.3),  # docs/design.md, Performance
 )
 # Ratios also reported paired (within-round): (JSON key, group, numerator, denominator).
 _PAIRED = (

@@ -1,5 +1,5 @@
 """Training algorithms, orthogonal to the adapter method: which training images each epoch visits
-and how their task losses combine into one objective (DESIGN §6).
+and how their task losses combine into one objective (docs/design.md, Metrics).
 
 * ``erm`` — a seeded permutation of the training split per epoch; mean cross-entropy.
 * ``reweight`` — ERM's order; each image's cross-entropy weighted by ``w_g ∝ 1/n_g`` (n_g = its

@@ -1,4 +1,5 @@
-"""Pretrained ViT backbones: the real one through timm, and our small offline one (DESIGN §4).
+"""Pretrained ViT backbones: the real one through timm, and our small offline one
+(docs/backbones.md).
 
 * :data:`REAL_BACKBONE` ``vit_base_patch16_224.orig_in21k`` is google/vit-base-patch16-224-in21k
   in timm (beware the alias ``vit_base_patch16_224_in21k``: a different, AugReg checkpoint).
@@ -138,7 +139,7 @@ def backbone_data_config(model: nn.Module) -> DataConfig:
 
 
 def backbone_digest(name: str, weights: str | Path | None = None) -> str | None:
-    """A short digest of the weights a run starts from, for the run hash (DESIGN §4):
+    """A short digest of the weights a run starts from, for the run hash (docs/backbones.md):
 
     * ``weights`` given: ``sha256:<16 hex>`` of the file's bytes;
     * the offline backbone: ``key:<12 hex>``, the cache key of

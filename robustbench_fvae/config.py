@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class AdapterConfig:
-    """Settings of the adapted layers (DESIGN §3). Ignored fields are kept for the record.
+    """Settings of the adapted layers (docs/methods.md). Ignored fields are kept for the record.
 
     ``alpha``/``beta``/``delta`` weigh reconstruction, KL(q1‖p1) and the repulsive term G in the
     per-layer loss ``ℓ = α·R + β·K1 (+ β·K2 for the VAE2LAT family) − δ·G (FVAE-LoRA only)``.

@@ -17,7 +17,8 @@ Sufficient for Robustness to Spurious Correlations", ICLR 2023; the DFR^Tr_Val p
    group-balanced subsample with its own scaler; their coefficients and intercepts, mapped back
    to raw feature space, are averaged into one linear head that predicts val and test.
 
-It writes a run record of its own (DESIGN §7) beside its parent, ``OUT/<dataset>/<method>/<hash>``,
+It writes a run record of its own (docs/design.md) beside its parent,
+``OUT/<dataset>/<method>/<hash>``,
 with ``config.train.algorithm = "dfr"`` and a ``derived`` object naming the parent. DFR *trains*
 on the validation split with its group labels: its validation numbers are not a selection
 signal. See docs/dfr.md.

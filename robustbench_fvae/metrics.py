@@ -1,4 +1,5 @@
-"""Group-robustness metrics as pure functions of numpy arrays (DESIGN §6). No torch here.
+"""Group-robustness metrics as pure functions of numpy arrays (docs/design.md, Metrics).
+No torch here.
 
 Conventions used everywhere in this module:
 
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-# Keys of one evaluated split's metrics ("M" in DESIGN §7), in the order they are written.
+# Keys of one evaluated split's metrics (docs/design.md, Run records), in the order written.
 METRIC_KEYS = (
     "worst_group_acc", "avg_acc", "adj_avg_acc", "mean_group_acc", "disparity", "adj_disparity",
     "ece", "groups",
@@ -202,7 +203,7 @@ def evaluate_split(
     allow_empty: bool = False,
     n_bins: int = 15,
 ) -> dict[str, Any]:
-    """All metrics of one evaluated split: DESIGN §7's ``M``.
+    """All metrics of one evaluated split: docs/design.md (Run records): ``M``.
 
     Arrays ``y, a, g, pred`` have shape (N,), ``prob`` (N, K). Returns ``{"worst_group_acc",
     "avg_acc", "adj_avg_acc", "mean_group_acc", "disparity", "adj_disparity", "ece", "groups"}``.

@@ -2,7 +2,8 @@
 
     python -m robustbench_fvae.pretrain [--cache-dir DIR] [--force] [--epochs N] [--seed N]
 
-It plays the role of ImageNet-21k pretraining for the offline replicas (DESIGN §4). The backbone
+It plays the role of ImageNet-21k pretraining for the offline replicas
+(docs/backbones.md). The backbone
 is a small timm ViT whose patch embedding is a *frozen* ImageNet MobileNetV2 stem
 (:mod:`robustbench_fvae.stems`); what is pretrained here is everything after the stem: the 1x1
 projection to tokens, the position embedding, the class token, the transformer blocks (where the

@@ -140,7 +140,7 @@ def build_report(
             raise ReportError(f"unknown --best-by rule {best_by!r}; accepted: {', '.join(RULES)}")
         if select is not None and select != best_by:
             raise ReportError(f"--best-by {best_by} with --select {select}: settings and epochs "
-                              "are chosen by the same rule (DESIGN §6); drop --select or make "
+                              "are chosen by the same rule (docs/design.md); drop --select or make "
                               "it the same")
         select = best_by
     found = collect_runs(runs_dir)

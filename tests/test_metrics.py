@@ -1,4 +1,4 @@
-"""Metric definitions against hand-computed values and scikit-learn (DESIGN §6)."""
+"""Metric definitions against hand-computed values and scikit-learn (docs/design.md, Metrics)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Run records (DESIGN §7): atomic writers, readers, recomputation, and model selection."""
+"""Run records (docs/design.md): atomic writers, readers, recomputation, and model selection."""
 
 from __future__ import annotations
 

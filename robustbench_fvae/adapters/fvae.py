@@ -4,7 +4,7 @@ One :class:`FVAEAdapter` replaces LoRA's ``A x`` by the code ``z1`` of a VAE wit
 ``q1(z1|x)`` for the task and ``q2(z2|x)`` for the rest, a decoder ``p(x|z1, z2)`` that reconstructs
 the layer input, priors ``p1 = N(0, I)`` and ``p2 = N(μ_p2·1, I)``. The adapted output is
 ``W x + s_B · B z1``. All Gaussian terms are closed form and per token (no d×d matrices). The three
-methods share these modules; only :class:`FVAEObjective` differs (DESIGN §3).
+methods share these modules; only :class:`FVAEObjective` differs (docs/methods.md).
 """
 
 from __future__ import annotations

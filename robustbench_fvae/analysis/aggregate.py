@@ -1,4 +1,5 @@
-"""Collect finished runs and aggregate their selected-epoch metrics over seeds (DESIGN §6–§7).
+"""Collect finished runs and aggregate their selected-epoch metrics over seeds
+(docs/design.md).
 
 Pipeline: :func:`~robustbench_fvae.record.view.collect_runs` (read every run record under a
 folder; finished, unfinished and unreadable runs are told apart) → :func:`run_results` (one

@@ -1,4 +1,5 @@
-"""Per-image latent codes of a trained run's adapted layers, for probes and t-SNE (DESIGN §3, §7).
+"""Per-image latent codes of a trained run's adapted layers, for probes and t-SNE
+(docs/methods.md, docs/design.md).
 
 For each chosen adapted layer (named ``"<module>:<key>"`` as by
 :func:`robustbench_fvae.adapters.adapted_layers`, e.g. ``"blocks.3.attn.qkv:q"``) the model is run

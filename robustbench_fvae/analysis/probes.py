@@ -1,5 +1,5 @@
 """Linear probes: how linearly decodable the label ``y`` and the spurious attribute ``a`` are from
-a latent code (DESIGN §7: ``probes.csv`` with columns ``layer, latent, target, acc``).
+a latent code (``probes.csv`` with columns ``layer, latent, target, acc``, docs/design.md).
 
 A probe is ``StandardScaler → LogisticRegression``, both fitted with per-sample weights on the
 latents of the *fit split* (``train`` by default; ``val``, DFR-style, is a split the adapter never
@@ -324,7 +324,8 @@ METRIC_NOTE = ("acc = group-balanced test accuracy: the mean, over the test spli
 
 
 def write_probes_csv(rows: Sequence[dict], path: str | Path) -> Path:
-    """``probes.csv``: columns :data:`CSV_COLUMNS` (DESIGN §7's ``layer, latent, target, acc``
+    """``probes.csv``: columns :data:`CSV_COLUMNS` (docs/design.md:
+    ``layer, latent, target, acc``
     first), written atomically."""
     from ..record.io import write_csv_atomic
 

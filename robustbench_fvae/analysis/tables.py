@@ -143,7 +143,8 @@ def table_notes(rows: Sequence[GroupRow]) -> list[str]:
 
 
 def group_label_notes(rows: Sequence[GroupRow]) -> list[str]:
-    """Notes on group labels (DESIGN §6: a row that used them says so), DFR and --best-by."""
+    """Notes on group labels (a row that used them says so, docs/design.md), DFR and
+    --best-by."""
     notes = [
         "Group labels = which split's group labels a row used and for what: 'train (training)' "
         "= GroupDRO, ReSample, ReWeight train with the training split's group labels; 'val "

@@ -1,4 +1,4 @@
-"""Animals = SpuCoAnimals (Joshi et al.), read straight from its folders (DESIGN §5).
+"""Animals = SpuCoAnimals (Joshi et al.), read straight from its folders (docs/datasets.md).
 
 On disk::
 

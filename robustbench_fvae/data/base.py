@@ -1,4 +1,4 @@
-"""The dataset contract every benchmark dataset follows (WILDS-like, DESIGN §5).
+"""The dataset contract every benchmark dataset follows (WILDS-like, docs/datasets.md).
 
 A *split* is a map-style torch dataset of ``(image, y, a)`` items that also knows its class,
 attribute and group names, each sample's group index ``g``, and the training split's group counts

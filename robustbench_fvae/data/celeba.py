@@ -1,4 +1,4 @@
-"""CelebA (blond hair vs gender) in the WILDS/Kaggle layout, read through ``wilds`` (DESIGN §5).
+"""CelebA (blond hair vs gender) in the WILDS/Kaggle layout, read through ``wilds`` (docs/datasets.md).
 
 On disk: ``<base>/celebA_v1.0/`` with ``RELEASE_v1.0.txt``, ``list_attr_celeba.csv`` (``image_id``
 + attribute columns in {-1, 1}, of which ``Blond_Hair`` and ``Male`` are used),

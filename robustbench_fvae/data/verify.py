@@ -1,4 +1,4 @@
-"""Check a dataset folder against its layout and known group counts (DESIGN §5).
+"""Check a dataset folder against its layout and known group counts (docs/datasets.md).
 
 :func:`verify_dataset` checks, in order: the layout (folders, release markers, CSV columns), the
 CSV values, that every referenced image exists, that a sample of images per split opens, and the

@@ -1,4 +1,4 @@
-"""Waterbirds in the WILDS layout, read through the ``wilds`` package (DESIGN §5).
+"""Waterbirds in the WILDS layout, read through the ``wilds`` package (docs/datasets.md).
 
 On disk: ``<base>/waterbirds_v1.0/`` with ``RELEASE_v1.0.txt``, ``metadata.csv`` (columns
 ``img_filename, y, split, place`` and usually ``img_id, place_filename``) and the images at

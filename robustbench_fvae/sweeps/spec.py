@@ -1,4 +1,4 @@
-"""Sweep spec files: parsing, validation and expansion into runs (DESIGN §7).
+"""Sweep spec files: parsing, validation and expansion into runs (docs/design.md, Run records).
 
 A spec is a YAML mapping; only ``methods``, ``datasets`` and ``seeds`` are required::
 
