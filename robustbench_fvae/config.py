@@ -20,6 +20,13 @@ DERIVED_ALGORITHMS = ("dfr",)
 GROUPDRO_SAMPLERS = ("natural", "balanced")
 
 
+# What a None epochs / batch_size / eval_batch_size becomes: CPU-sized numbers for the offline
+# replicas, the released code's for real data (the rest of a dataset's defaults, its data recipe,
+# is in its spec: robustbench_fvae/data/registry.py; a method's, in robustbench_fvae/methods/).
+SYNTH_DEFAULTS = {"epochs": 5, "batch_size": 64, "eval_batch_size": 256}
+REAL_DEFAULTS = {"epochs": 50, "batch_size": 64, "eval_batch_size": 64}
+
+
 class ConfigError(ValueError):
     """A setting is unknown, out of range, or makes the objective meaningless."""
 
@@ -76,7 +83,8 @@ class TrainConfig:
     seed: int = 0
     # The data recipe (hashed): augmentation recipe (data/transforms.py: paper, standard, flip,
     # none) and, for synth-* replicas only, the spurious strength rho = fraction of each class's
-    # training images on its majority background. None: the dataset's default (training.py).
+    # training images on its majority background. None: the dataset's default
+    # (robustbench_fvae/engine/model.py).
     augment: str | None = None
     spurious_strength: float | None = None
     # The training algorithm, orthogonal to the method (robustbench_fvae/algorithms.py): erm,
@@ -105,14 +113,14 @@ class RunConfig:
     num_workers: int | None = None
     checkpoint_every: int = 0
     threads: int | None = None
-    # Filled by training.resolve_config: what the weights and the data were built from
+    # Filled by engine.model.resolve_config: what the weights and the data were built from
     # (backbones.backbone_digest; the replica builder's version for synth-*), so that a changed
     # backbone or replica never counts as the same run. Given explicitly, they are checked.
     backbone_digest: str | None = None
     replica_version: int | None = None
     # The offline backbone's frozen stem read from features computed once per replica image and
     # view (robustbench_fvae/stem_cache.py): auto (on wherever it applies), on, off. Resolved
-    # to on/off by training.resolve_config; hashed only when on, so the hashes of runs that
+    # to on/off by engine.model.resolve_config; hashed only when on, so the hashes of runs that
     # compute the stem per batch (every run recorded before the cache) are unchanged.
     stem_cache: str = "auto"
 

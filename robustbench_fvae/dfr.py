@@ -366,10 +366,10 @@ def _run_held(parent: view.RunRecord, rdir: Path, out_root: Path, settings: dict
     import torch
 
     from .data import is_replica
+    from .engine.model import load_trained_model, resolve_device
     from .methods.setup import classifier_head
     from .metrics import constant_predictor, counterfactual_record, evaluate_split
     from .stem_cache import counterfactual_inputs
-    from .training import load_trained_model, resolve_device
 
     dev = resolve_device(device)
     model, cfg, splits = load_trained_model(parent.path, device=str(dev))

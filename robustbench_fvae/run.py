@@ -26,7 +26,9 @@ from .cli import (
 from .config import (
     ALGORITHMS,
     GROUPDRO_SAMPLERS,
+    REAL_DEFAULTS,
     SELECTION_RULES,
+    SYNTH_DEFAULTS,
     AdapterConfig,
     RunConfig,
     TrainConfig,
@@ -36,7 +38,6 @@ from .data import dataset_names
 from .data.transforms import AUGMENT_RECIPES
 from .methods import method_names
 from .stem_cache import STEM_CACHE_CHOICES
-from .training import REAL_DEFAULTS, SYNTH_DEFAULTS
 
 DATASETS = tuple(dataset_names())
 HELP = {
@@ -219,8 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: see :mod:`robustbench_fvae.cli` (0 done, 1 failure, 2 bad input, 143
     SIGTERM)."""
     args = build_parser().parse_args(argv)
+    from .engine.checkpoint import Preempted, TrainingError
+    from .jobs.train import run
     from .record.store import RunInUseError
-    from .training import Preempted, TrainingError, run
 
     try:
         cfg = config_from_args(args)

@@ -414,7 +414,7 @@ def probe_run(run_dir: str | Path, *, layers: str | Sequence[str] | None = None,
     import torch
 
     from ..adapters import adapted_layers
-    from ..training import load_initial_model, load_trained_model, resolve_device
+    from ..engine.model import load_initial_model, load_trained_model, resolve_device
     from .latents import extract_latents, select_layers, stratified_subsample
 
     _check_probe_settings(pool, max_images, tsne_max, fit_split, weighting)
@@ -500,7 +500,7 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
     import torch
 
     from ..config import RunConfig
-    from ..training import build_model_and_data, resolve_config, resolve_device
+    from ..engine.model import build_model_and_data, resolve_config, resolve_device
     from .latents import extract_block_features
 
     _check_probe_settings(pool, max_images, tsne_max, fit_split, weighting)
