@@ -26,8 +26,8 @@ later ones winning: ``settings`` < the trial's grid/random values < ``per_datase
 ``per_method[method]``. Every run is resolved with
 :func:`robustbench_fvae.engine.model.resolve_config` (dataset/method defaults filled, everything
 checked) and named by its config hash, exactly as the run CLI names it; runs with equal hashes
-are merged. Random draw ``i`` of setting ``name`` comes from a generator seeded by ``(hparam_seed, i, crc32(name))``: the same for every seed, method and
-dataset of a trial, and unchanged when other settings are added to the space. ``random.per_method``
+are merged. Random draw ``i`` of setting ``name`` comes from a generator seeded by
+``(hparam_seed, i, crc32(name))``: the same for every seed, method and dataset of a trial, and unchanged when other settings are added to the space. ``random.per_method``
 gives a method its own distributions (added to ``random.space``, replacing a setting of the
 same name): every method still gets ``n`` draws, so methods searched this way share one search
 budget whatever the size of their spaces. ``cells`` lists, per dataset and method, explicit
