@@ -25,15 +25,15 @@ Expansion is ``methods × datasets × (grid points × random draws) × seeds``; 
 later ones winning: ``settings`` < the trial's grid/random values < ``per_dataset[dataset]`` <
 ``per_method[method]``. Every run is resolved with
 :func:`robustbench_fvae.engine.model.resolve_config` (dataset/method defaults filled, everything
-checked) and named by its config hash, exactly as the run CLI names it; runs with equal hashes
-are merged. Random draw ``i`` of setting ``name`` comes from a generator seeded by
-``(hparam_seed, i, crc32(name))``: the same for every seed, method and dataset of a trial, and unchanged when other settings are added to the space. ``random.per_method``
-gives a method its own distributions (added to ``random.space``, replacing a setting of the
-same name): every method still gets ``n`` draws, so methods searched this way share one search
-budget whatever the size of their spaces. ``cells`` lists, per dataset and method, explicit
-configurations (the trials of that pair, e.g. the ones a search chose, written by
-``python -m robustbench_fvae.protocol finals``); a method × dataset pair without an entry has no
-runs, and ``cells`` excludes ``grid`` and ``random``.
+checked) and named by its config hash, exactly as the run CLI names it; runs with equal hashes are
+merged. Random draw ``i`` of setting ``name`` comes from a generator seeded by ``(hparam_seed, i,
+crc32(name))``: the same for every seed, method and dataset of a trial, and unchanged when other
+settings are added to the space. ``random.per_method`` gives a method its own distributions (added
+to ``random.space``, replacing a setting of the same name): every method still gets ``n`` draws, so
+methods searched this way share one search budget whatever the size of their spaces. ``cells``
+lists, per dataset and method, explicit configurations (the trials of that pair, e.g. the ones a
+search chose, written by ``python -m robustbench_fvae.protocol finals``); a method × dataset pair
+without an entry has no runs, and ``cells`` excludes ``grid`` and ``random``.
 
 Values are coerced to the type the run's flag has (``beta: 1`` → 1.0), so a spec and the
 equivalent ``python -m robustbench_fvae.run`` command line give the same hash. Relative paths
