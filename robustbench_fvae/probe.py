@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.no_evidence:
         parser.error("--no-evidence goes with RUN_DIR; --dataset probes a frozen backbone")
     # Imported late so that --help and argument errors are instant.
-    from .analysis.probes import probe_backbone, probe_run
+    from .analysis.probe_runs import probe_backbone, probe_run
 
     common = dict(pool=args.pool, max_images=args.max_images or None, out=args.out,
                   device=args.device, tsne_max=args.tsne_max, seed=args.seed,

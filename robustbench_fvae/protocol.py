@@ -268,7 +268,7 @@ def probe_picks(final_spec: str | Path = FINAL_SPEC, search_spec: str | Path = S
     probe folders."""
     import json
 
-    from robustbench_fvae.analysis.probes import probe_run
+    from robustbench_fvae.analysis.probe_runs import probe_run
 
     methods = list(methods) if methods else latent_methods()
     runs = pick_runs(final_spec, search_spec, rule, datasets=datasets, methods=methods,
