@@ -26,9 +26,7 @@ from .cli import (
 from .config import (
     ALGORITHMS,
     GROUPDRO_SAMPLERS,
-    REAL_DEFAULTS,
     SELECTION_RULES,
-    SYNTH_DEFAULTS,
     AdapterConfig,
     RunConfig,
     TrainConfig,
@@ -40,81 +38,14 @@ from .methods import method_names
 from .stem_cache import STEM_CACHE_CHOICES
 
 DATASETS = tuple(dataset_names())
-HELP = {
-    "method": f"adaptation method (required): {', '.join(method_names())}",
-    "dataset": "dataset (required): real ones read from --data-root, synth-* offline "
-               "replicas built there on first use",
-    "backbone": "timm model name (default: our offline ViT for synth-*, "
-                "vit_base_patch16_224.orig_in21k otherwise)",
-    "weights": "local pretrained weights file (.safetensors/.pth) for the backbone",
-    "data_root": "folder holding the datasets (replicas under DIR/synth)",
-    "out": "output folder; the run goes to OUT/<dataset>/<method>/<hash>",
-    "device": "auto, cpu, cuda or cuda:N",
-    "num_workers": "data loader workers (default: 0 on CPU, min(8, cores) on CUDA)",
-    "checkpoint_every": "also checkpoint every N steps (0: at epoch ends only)",
-    "threads": "CPU threads for torch (default: torch's own choice, all cores)",
-    "backbone_digest": "filled in by the run (a digest of the backbone's weights, in the hash); "
-                       "given, the run refuses to start unless this machine's backbone has it",
-    "replica_version": "filled in by the run for synth-* (the replica builder's version, in the "
-                       "hash); given, it is checked the same way",
-    "stem_cache": "offline backbone on synth-*: read the frozen stem's output from features "
-                  "computed once per replica image and view (auto: wherever the recipe is "
-                  "flip or none; on; off: compute it every batch) (default: auto)",
-    "rank": "rank r of LoRA = size of z1 and z2",
-    "targets": "comma-separated: q, k, v (slices of fused qkv) or Linear names (proj, fc1…)",
-    "lora_alpha": "LoRA scaling numerator (delta = alpha/r * BAx)",
-    "lora_dropout": "dropout on the LoRA input",
-    "alpha": "FVAE weight of the reconstruction term R",
-    "beta": "FVAE weight of KL(q1||p1) (and of KL(q2||p2) for vae2lat/bvae2lat); "
-            "default 1, 10 for bvae2lat",
-    "delta": "FVAE weight of the repulsive term G (fvae only)",
-    "mu_p2": "mean of the z2 prior N(mu_p2, I)",
-    "encoder_hidden": "hidden width of each FVAE encoder",
-    "decoder_hidden": "hidden width of the FVAE decoder",
-    "decoder_layers": "hidden layers of the FVAE decoder",
-    "fvae_dropout": "dropout inside the FVAE encoders and decoder",
-    "b_init_std": "std of the FVAE B init (normal)",
-    "output_scale": "FVAE output scale s_B (delta = s_B * B z1)",
-    "logvar_clamp": "FVAE log-variance clamp (+-)",
-    "lambda_task": "weight of the cross-entropy in the FVAE-family loss",
-    "lambda_fvae": "weight of the mean per-layer FVAE loss",
-    "peft_options": "peft-* methods: a field of the method's peft config on top of its "
-                    "defaults (docs/methods.md), value read as YAML, e.g. r=8, use_dora=true, "
-                    "target_modules=[qkv,fc1]; repeat the flag for more",
-    "epochs": f"max epochs (default: {SYNTH_DEFAULTS['epochs']} synth-*, "
-              f"{REAL_DEFAULTS['epochs']} real)",
-    "batch_size": f"training batch (default {SYNTH_DEFAULTS['batch_size']})",
-    "eval_batch_size": f"evaluation batch (default: {SYNTH_DEFAULTS['eval_batch_size']} synth-*, "
-                       f"{REAL_DEFAULTS['eval_batch_size']} real)",
-    "lr": "AdamW learning rate (default: 5e-3; 1e-4 for full)",
-    "weight_decay": "AdamW weight decay (not on biases, norms, 1-D scales)",
-    "warmup_frac": "fraction of steps of linear warm-up, then linear decay",
-    "grad_clip": "gradient norm clipping (0: off)",
-    "patience": "early stopping: training stops once every selection rule (val_wg and "
-                "val_avg) has gone N epochs without improving; each rule selects as if it had "
-                "stopped alone (0: off)",
-    "select": "model selection: val_wg (uses val group labels) or val_avg (does not) "
-              "(default: val_wg)",
-    "seed": "random seed",
-    "augment": "training augmentation recipe: paper, standard, flip or none (default: the "
-               "dataset's, see docs/datasets.md)",
-    "spurious_strength": "synth-* only: fraction of each class's training images on its "
-                         "majority background (default: the real dataset's own)",
-    "algorithm": "training algorithm, any with any method: erm, groupdro, resample, reweight, "
-                 "jtt (see docs/algorithms.md) (default: erm)",
-    "groupdro_eta": "GroupDRO step size of the group weights q <- q*exp(eta*loss_g)",
-    "groupdro_adjustment": "GroupDRO generalisation adjustment C (adds C/sqrt(n_g) to the "
-                           "group losses in the q update; 0: off)",
-    "groupdro_sampler": "GroupDRO batches: natural (ERM's order) or balanced (group-balanced "
-                        "draws, the released code's reweight_groups) (default: natural)",
-    "jtt_epochs": "JTT stage-1 ERM epochs T (default: 1 on synth-*, JTT paper's otherwise)",
-    "jtt_upweight": "JTT upweight lambda: each error image is seen lambda+1 times per epoch "
-                    "(default: 20 on synth-*, JTT paper's otherwise)",
-}
+# Help texts live on the config's fields (config.setting); the method's lists the registry.
+HELP = {"method": f"adaptation method (required): {', '.join(method_names())}"}
 CHOICES = {"method": method_names(), "select": SELECTION_RULES, "dataset": DATASETS,
            "algorithm": ALGORITHMS, "groupdro_sampler": GROUPDRO_SAMPLERS,
            "augment": AUGMENT_RECIPES, "stem_cache": STEM_CACHE_CHOICES}
 REQUIRED = ("method", "dataset")
+FIELD_HELP = {f.name: f.metadata.get("help", "")
+              for cls in (RunConfig, AdapterConfig, TrainConfig) for f in dataclasses.fields(cls)}
 METAVARS = {int: "N", float: "X", str: "TEXT"}
 NAMED_METAVARS = {"backbone": "NAME", "weights": "FILE", "data_root": "DIR", "out": "DIR",
                   "device": "DEVICE", "targets": "LIST"}
@@ -131,7 +62,7 @@ def _flag_type(annotation) -> type:
 def _help(name: str, default) -> str:
     """The flag's help with its default, stated once (help texts that explain a default that
     depends on the dataset or method say so themselves)."""
-    text = HELP.get(name, "")
+    text = HELP.get(name) or FIELD_HELP.get(name, "")
     if name in REQUIRED or "default" in text or default is None:
         return text
     return f"{text} (default: {default})"
@@ -156,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             if field.name == "peft_options":
                 group.add_argument("--peft-option", dest="peft_options", action="append",
-                                   default=None, metavar="KEY=VALUE", help=HELP["peft_options"])
+                                   default=None, metavar="KEY=VALUE",
+                                   help=FIELD_HELP["peft_options"])
                 continue
             default = getattr(defaults, field.name)
             if field.name == "targets":
