@@ -376,16 +376,17 @@ def test_cli_help_lists_every_setting(capsys):
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("algorithm", ["erm", "groupdro"])
-def test_two_process_ddp_matches_one_process(env, tmp_path, algorithm):
+@pytest.mark.parametrize(("method", "algorithm"), [("lora", "erm"), ("lora", "groupdro"),
+                                                   ("peft-lora", "erm")])
+def test_two_process_ddp_matches_one_process(env, tmp_path, method, algorithm):
     """torchrun with 2 CPU processes (gloo): each rank takes half of every batch and gradients
     are averaged, so with no dropout a LoRA run follows the single-process run; evaluation is
     sharded and gathered back in order, and only rank 0 writes the record. GroupDRO's group
     losses and weights are taken over the global batch, so they follow the single process too."""
-    single = tiny_cfg(env, tmp_path / "one", method="lora", epochs=2, algorithm=algorithm)
+    single = tiny_cfg(env, tmp_path / "one", method=method, epochs=2, algorithm=algorithm)
     single.adapter.lora_dropout = 0.0
     reference = run(single, progress=False, log=quiet)
-    cfg = tiny_cfg(env, tmp_path / "two", method="lora", epochs=2, algorithm=algorithm)
+    cfg = tiny_cfg(env, tmp_path / "two", method=method, epochs=2, algorithm=algorithm)
     cfg.adapter.lora_dropout = 0.0
     args = cli_args(cfg, "--lora-dropout", "0", "--algorithm", algorithm)
     env_vars = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{ROOT}", RBF_TEST_THREADS="1",
