@@ -8,8 +8,6 @@ average each column is. CSV files keep fractions in [0, 1] and full precision; u
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,16 +17,22 @@ from robustbench_fvae.analysis.aggregate import (
     EXTRA_METRICS,
     HIGHER_IS_BETTER,
     METRIC_LABELS,
-    METRICS,
     CurvePoint,
     GroupRow,
     RunResult,
     Stat,
-    group_labels_text,
     selection_description,
     sort_key,
 )
-from robustbench_fvae.analysis.comparisons import ALPHA, Comparison, run_worst_group_interval
+from robustbench_fvae.analysis.comparisons import ALPHA, Comparison
+from robustbench_fvae.analysis.csv_tables import (  # noqa: F401  (re-exported CSV writers)
+    curve_records,
+    group_records,
+    run_records,
+    settings_text,
+    summary_records,
+    to_csv,
+)
 from robustbench_fvae.analysis.statistics import binomial_half_width
 from robustbench_fvae.methods import find_method, method_label
 
@@ -91,10 +95,6 @@ def extra_metrics_shown(rows: Sequence[GroupRow]) -> list[str]:
 
 def count(n: int | None) -> str:
     return f"{n:,}" if isinstance(n, int) else ""
-
-
-def settings_text(settings: dict[str, str]) -> str:
-    return "; ".join(f"{k}={v}" for k, v in settings.items())
 
 
 def chosen_text(row: GroupRow) -> str:
@@ -336,110 +336,6 @@ def comparisons_table(comparisons: Sequence[Comparison], title: str = "") -> Tab
                  notes=notes, numeric={3, 4, 5, 6, 7, 8})
 
 
-# --------------------------------------------------------------------------- Markdown
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def to_markdown(table: Table, level: int = 2) -> str:
-    """GitHub-flavoured Markdown: a heading, the table (best cells in bold), notes as a list."""
-    lines = [f"{'#' * level} {table.title}", ""]
-    lines.append("| " + " | ".join(_md_cell(h) for h in table.header) + " |")
-    lines.append("|" + "|".join("---:" if j in table.numeric else ":---"
-                                for j in range(len(table.header))) + "|")
-    for i, row in enumerate(table.rows):
-        cells = [f"**{_md_cell(c)}**" if (i, j) in table.bold and c else _md_cell(c)
-                 for j, c in enumerate(row)]
-        lines.append("| " + " | ".join(cells) + " |")
-    if table.notes:
-        lines.append("")
-        lines.extend(f"- {n}" for n in table.notes)
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- CSV
-
-
-def summary_records(rows: Sequence[GroupRow]) -> list[dict[str, object]]:
-    """The rows of ``table.csv``: fractions, with mean/std/ci95 of every metric."""
-    out = []
-    for r in rows:
-        choice = r.choice
-        rec: dict[str, object] = {
-            "dataset": r.dataset, "method": r.method, "algorithm": r.algorithm,
-            "settings": settings_text(r.settings) if choice is None else choice.chosen,
-            "label": r.label, "spurious_strength": r.rho, "selection": r.selection,
-            "split": r.split, "group_labels": r.group_labels,
-            "group_labels_training": "+".join(r.group_labels_training),
-            "group_labels_selection": r.group_labels_selection,
-            "best_by": choice.rule if choice else "",
-            "best_by_score": choice.score if choice else None,
-            # every candidate setting compared: "text: score (n runs)", best first
-            "best_by_candidates": " | ".join(f"{t or 'only one'}: {v!r} ({n})"
-                                             for t, v, n in choice.candidates)
-            if choice else "",
-            "n_configs": len(choice.candidates) if choice else None,
-            "n_seeds": r.n,
-            "seeds": " ".join("" if s is None else str(s) for s in r.seeds),
-        }
-        for m in (*METRICS, *EXTRA_METRICS):
-            s = r.stats[m]
-            rec[f"{m}_mean"], rec[f"{m}_std"], rec[f"{m}_ci95"] = s.mean, s.std, s.ci95
-        for k in ("trainable", "inference", "frozen"):
-            rec[f"{k}_params"] = r.params.get(k)
-        out.append(rec)
-    return out
-
-
-def group_records(rows: Sequence[GroupRow]) -> list[dict[str, object]]:
-    """The rows of ``groups.csv``: per-group accuracy (fractions) of every row."""
-    return [{"dataset": r.dataset, "method": r.method, "algorithm": r.algorithm,
-             "settings": settings_text(r.settings), "label": r.label, "selection": r.selection,
-             "split": r.split, "g": gs.g,
-             "group": gs.name, "n_samples": gs.n_samples, "n_seeds": gs.acc.n,
-             "acc_mean": gs.acc.mean, "acc_std": gs.acc.std, "acc_ci95": gs.acc.ci95}
-            for r in rows for gs in r.groups]
-
-
-def run_records(results: Sequence[RunResult]) -> list[dict[str, object]]:
-    """The rows of ``runs.csv``: one per run, its metrics as fractions, with the
-    group-stratified bootstrap 95 % interval of its worst-group accuracy."""
-    out = []
-    for r in results:
-        wg_low, wg_high = run_worst_group_interval(r)
-        rec: dict[str, object] = {
-            "dataset": r.dataset, "method": r.method, "algorithm": r.algorithm,
-            "settings": settings_text(r.row_settings),
-            "label": r.label, "spurious_strength": r.rho, "seed": r.seed,
-            "group_labels": group_labels_text(r.group_labels_training, r.group_labels_selection),
-            **{f"val_score_{k}": v for k, v in r.val_scores.items()},
-            "selection": r.selection, "selected_epoch": r.selected_epoch, "split": r.split,
-            **r.metrics, "wg_boot_low": wg_low, "wg_boot_high": wg_high, **r.extra,
-            "trainable_params": r.params.get("trainable"),
-            "inference_params": r.params.get("inference"),
-            "alarms": "; ".join(r.alarms), "config_hash": r.config_hash, "run_dir": str(r.path),
-        }
-        out.append(rec)
-    return out
-
-
-def curve_records(points: Sequence[CurvePoint]) -> list[dict[str, object]]:
-    """The rows of ``curves.csv``: one per dataset × line × RHO, fractions with mean, sample
-    std and 95 % t-interval half-width over seeds of each plotted metric."""
-    out = []
-    for p in points:
-        rec: dict[str, object] = {"dataset": p.dataset, "method": p.method, "label": p.label,
-                                  "rho": p.rho, "n_seeds": p.n,
-                                  "seeds": " ".join("" if s is None else str(s) for s in p.seeds)}
-        for m in CURVE_POINT_METRICS:
-            s = p.stats[m]
-            rec[f"{m}_mean"], rec[f"{m}_std"], rec[f"{m}_ci95"] = s.mean, s.std, s.ci95
-        out.append(rec)
-    return out
-
-
 def curves_table(points: Sequence[CurvePoint], dataset: str) -> Table:
     """Robustness curve numbers of one dataset: lines × RHO, metrics as mean ± std (%)."""
     points = [p for p in points if p.dataset == dataset]
@@ -462,18 +358,27 @@ def curves_table(points: Sequence[CurvePoint], dataset: str) -> Table:
                  rows=body, notes=notes, numeric=set(range(1, len(header))))
 
 
-def to_csv(records: Sequence[dict[str, object]]) -> str:
-    """CSV text; floats with full (round-trip) precision, NaN/None as empty cells."""
-    if not records:
-        return ""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
-    writer.writeheader()
-    for rec in records:
-        writer.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v))
-                             else repr(v) if isinstance(v, float) else v)
-                         for k, v in rec.items()})
-    return buf.getvalue()
+# --------------------------------------------------------------------------- Markdown
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(table: Table, level: int = 2) -> str:
+    """GitHub-flavoured Markdown: a heading, the table (best cells in bold), notes as a list."""
+    lines = [f"{'#' * level} {table.title}", ""]
+    lines.append("| " + " | ".join(_md_cell(h) for h in table.header) + " |")
+    lines.append("|" + "|".join("---:" if j in table.numeric else ":---"
+                                for j in range(len(table.header))) + "|")
+    for i, row in enumerate(table.rows):
+        cells = [f"**{_md_cell(c)}**" if (i, j) in table.bold and c else _md_cell(c)
+                 for j, c in enumerate(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if table.notes:
+        lines.append("")
+        lines.extend(f"- {n}" for n in table.notes)
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- LaTeX

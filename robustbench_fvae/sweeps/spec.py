@@ -43,39 +43,35 @@ equivalent ``python -m robustbench_fvae.run`` command line give the same hash. R
 from __future__ import annotations
 
 import itertools
-import math
-import types
-import typing
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
-from robustbench_fvae.config import (
-    AdapterConfig,
-    ConfigError,
-    RunConfig,
-    TrainConfig,
-    config_from_settings,
-    config_hash,
-    flat_setting_names,
-)
-from robustbench_fvae.methods import get_method, method_names
+from robustbench_fvae.config import ConfigError, RunConfig, config_from_settings, config_hash
+from robustbench_fvae.methods import method_names
 from robustbench_fvae.record import store
+from robustbench_fvae.sweeps.search import (  # noqa: F401  (re-exported)
+    DISTRIBUTIONS,
+    RANDOM_KEYS,
+    REGISTERED_SPACE,
+    Distribution,
+    RandomSearch,
+    _random_search,
+)
+from robustbench_fvae.sweeps.settings import (  # noqa: F401  (re-exported)
+    AXIS_SETTINGS,
+    SETTING_TYPES,
+    SpecError,
+    _settings_mapping,
+    coerce_setting,
+)
 
 TOP_LEVEL_KEYS = ("description", "methods", "datasets", "seeds", "settings", "grid", "random",
                   "per_method", "per_dataset", "cells", "slurm", "dfr")
 REQUIRED_KEYS = ("methods", "datasets", "seeds")
-RANDOM_KEYS = ("n", "hparam_seed", "space", "per_method")
-# random.space: registered — each method draws from its own registered search space.
-REGISTERED_SPACE = "registered"
-DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
-# Set by the methods / datasets / seeds lists, never by settings, grid or overrides.
-AXIS_SETTINGS = {"method": "methods", "dataset": "datasets", "seed": "seeds"}
 # Resources of the Slurm launcher. The first group are submitit's cluster-independent names; the
 # others are passed to Slurm through submitit (``slurm_<key>``), see launchers.slurm_parameters.
 SLURM_GENERIC_KEYS = ("timeout_min", "mem_gb", "cpus_per_task", "gpus_per_node")
@@ -83,241 +79,6 @@ SLURM_SPECIFIC_KEYS = ("partition", "account", "qos", "constraint", "array_paral
                        "exclude", "nodelist", "comment", "mail_type", "mail_user", "setup",
                        "additional_parameters", "max_num_timeout", "signal_delay_s", "job_name")
 SLURM_KEYS = SLURM_GENERIC_KEYS + SLURM_SPECIFIC_KEYS
-
-
-class SpecError(ValueError):
-    """A sweep spec is malformed; the one-line message names the key and what is accepted."""
-
-
-# ---------------------------------------------------------------- setting types
-
-
-def _setting_types() -> dict[str, Any]:
-    hints: dict[str, Any] = {}
-    for cls in (RunConfig, AdapterConfig, TrainConfig):
-        hints.update(typing.get_type_hints(cls))
-    return {name: hints[name] for name in flat_setting_names()}
-
-
-SETTING_TYPES = _setting_types()
-
-
-def _scalar_kind(annotation: Any) -> tuple[type, bool]:
-    """``(scalar type, accepts None)`` of a field annotation: ``float | None`` → (float, True)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        kinds = [a for a in args if a is not type(None)]
-        return kinds[0], type(None) in args
-    if origin is tuple:
-        return tuple, False
-    return annotation, False
-
-
-def coerce_setting(key: str, value: Any, where: str) -> Any:
-    """``value`` converted to the type the run flag ``--key`` parses to, or a SpecError.
-
-    ``where`` names the place in the spec for the message (e.g. ``grid.lr``). YAML reads ``1e-4``
-    (no dot) as text; such text is accepted for numeric settings.
-    """
-    if key in AXIS_SETTINGS:
-        raise SpecError(f"{where}: {key!r} cannot be set here; it comes from the top-level "
-                        f"{AXIS_SETTINGS[key]!r} list")
-    if key not in SETTING_TYPES:
-        try:  # config_from_settings' error lists every accepted name
-            config_from_settings({key: value})
-        except ConfigError as err:
-            raise SpecError(f"{where}: {err}") from None
-        raise SpecError(f"{where}: unknown setting {key!r}")  # pragma: no cover - defensive
-    kind, optional = _scalar_kind(SETTING_TYPES[key])
-    if value is None:
-        if optional:
-            return None
-        raise SpecError(f"{where}: {key} cannot be null")
-    if kind is tuple:  # targets: "q,k" or [q, k]
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
-            raise SpecError(f"{where}: {key} expects a list of layer names or 'q,k', got {value!r}")
-        names = tuple(t.strip() for t in items if t.strip())
-        if not names:
-            raise SpecError(f"{where}: {key} must name at least one layer")
-        return names
-    if isinstance(value, bool):
-        raise SpecError(f"{where}: {key} expects {kind.__name__}, got a boolean ({value})")
-    if kind is int:
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise SpecError(f"{where}: {key} expects an integer, got {value!r}")
-    if kind is float:
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise SpecError(f"{where}: {key} expects a number, got {value!r}")
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        raise SpecError(f"{where}: {key} expects text, got {value!r}")
-    raise SpecError(f"{where}: {key} has an unsupported type {kind}")  # pragma: no cover
-
-
-def _settings_mapping(data: Any, where: str) -> dict[str, Any]:
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise SpecError(f"{where}: expected a mapping of run settings (e.g. epochs: 8), "
-                        f"got {type(data).__name__}")
-    return {str(k): coerce_setting(str(k), v, f"{where}.{k}") for k, v in data.items()}
-
-
-# ---------------------------------------------------------------- random search
-
-
-@dataclass(frozen=True)
-class Distribution:
-    """One setting's random-search distribution: ``kind`` in DISTRIBUTIONS, ``args`` its values."""
-
-    name: str
-    kind: str
-    args: tuple
-
-    def sample(self, rng: np.random.Generator) -> Any:
-        if self.kind == "choice":
-            return self.args[int(rng.integers(len(self.args)))]
-        lo, hi = self.args
-        if self.kind == "int_uniform":
-            return int(rng.integers(lo, hi + 1))  # bounds inclusive
-        if self.kind == "uniform":
-            value = rng.uniform(lo, hi)
-        else:  # log_uniform
-            value = math.exp(rng.uniform(math.log(lo), math.log(hi)))
-        # 4 significant digits: readable flags, configs and tables; clipped back into [lo, hi].
-        return min(max(float(f"{value:.4g}"), lo), hi)
-
-
-def _distribution(name: str, data: Any, where: str) -> Distribution:
-    accepted = ", ".join(f"{{{d}: ...}}" for d in DISTRIBUTIONS)
-    if not isinstance(data, Mapping) or len(data) != 1:
-        raise SpecError(f"{where}: expected one distribution, one of {accepted}; got {data!r}")
-    kind, args = next(iter(data.items()))
-    if kind not in DISTRIBUTIONS:
-        raise SpecError(f"{where}: unknown distribution {kind!r}; accepted: "
-                        f"{', '.join(DISTRIBUTIONS)}")
-    if kind == "choice":
-        if not isinstance(args, list) or not args:
-            raise SpecError(f"{where}.choice: expected a non-empty list of values")
-        values = tuple(coerce_setting(name, v, f"{where}.choice") for v in args)
-        return Distribution(name, kind, values)
-    if not isinstance(args, list) or len(args) != 2:
-        raise SpecError(f"{where}.{kind}: expected [low, high], got {args!r}")
-    setting_kind, _ = _scalar_kind(SETTING_TYPES[name])
-    if kind == "int_uniform":
-        if setting_kind not in (int, float):
-            raise SpecError(f"{where}.{kind}: {name} is not numeric; use choice")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in args):
-            raise SpecError(f"{where}.{kind}: expected integer bounds [low, high], got {args!r}")
-        lo, hi = args
-    else:
-        if setting_kind is not float:
-            raise SpecError(f"{where}.{kind}: {name} is not a real-valued setting; use "
-                            "int_uniform or choice")
-        lo, hi = (coerce_setting(name, v, f"{where}.{kind}") for v in args)
-    if not lo < hi:
-        raise SpecError(f"{where}.{kind}: low must be < high, got [{lo}, {hi}]")
-    if kind == "log_uniform" and lo <= 0:
-        raise SpecError(f"{where}.{kind}: bounds must be > 0, got [{lo}, {hi}]")
-    return Distribution(name, kind, (lo, hi))
-
-
-@dataclass(frozen=True)
-class RandomSearch:
-    """``n`` draws from ``space`` (with a method's ``per_method`` distributions over it), seeded
-    by ``hparam_seed`` only (never by the trial seed)."""
-
-    n: int
-    hparam_seed: int
-    space: tuple[Distribution, ...]
-    per_method: dict[str, tuple[Distribution, ...]] = field(default_factory=dict)
-
-    def method_space(self, method: str | None = None) -> tuple[Distribution, ...]:
-        """The distributions ``method`` draws from: its own, then the shared ones it lacks."""
-        own = self.per_method.get(method, ()) if method is not None else ()
-        names = {d.name for d in own}
-        return tuple(d for d in self.space if d.name not in names) + tuple(own)
-
-    def draws(self, method: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for i in range(self.n):
-            draw = {}
-            for dist in self.method_space(method):
-                # One stream per (draw, setting): a setting's values do not move when another
-                # setting is added to or removed from the space.
-                rng = np.random.default_rng([self.hparam_seed, i, zlib.crc32(dist.name.encode())])
-                draw[dist.name] = coerce_setting(dist.name, dist.sample(rng), f"random.{dist.name}")
-            out.append(draw)
-        return out
-
-
-def _random_search(data: Any) -> RandomSearch | None:
-    if data is None:
-        return None
-    if not isinstance(data, Mapping):
-        raise SpecError("random: expected a mapping with keys n, hparam_seed, space")
-    unknown = sorted(set(data) - set(RANDOM_KEYS))
-    if unknown:
-        raise SpecError(f"random: unknown key(s) {unknown}; accepted: {', '.join(RANDOM_KEYS)} "
-                        "(distributions go under random.space)")
-    n, seed, space = data.get("n"), data.get("hparam_seed", 0), data.get("space")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise SpecError(f"random.n: expected a positive integer (number of draws), got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise SpecError(f"random.hparam_seed: expected a non-negative integer, got {seed!r}")
-    per_method_data = data.get("per_method") or {}
-    if space == REGISTERED_SPACE:
-        # Each method's own space from the method registry (robustbench_fvae/methods/), the one
-        # table of search spaces; per_method entries still replace a method's distributions.
-        registered = {m: dict(get_method(m).search_space) for m in method_names()}
-        for method, method_space in (per_method_data or {}).items():
-            if isinstance(method_space, Mapping) and method in registered:
-                registered[method].update(method_space)
-        per_method_data = {**per_method_data, **{m: sp for m, sp in registered.items() if sp}}
-        space = {}
-    if space is None and per_method_data:
-        space = {}
-    if not isinstance(space, Mapping) or (not space and not per_method_data):
-        raise SpecError("random.space: expected `registered` (each method's own space from the "
-                        "method registry) or a non-empty mapping setting → distribution, e.g. "
-                        "{lr: {log_uniform: [1.0e-4, 1.0e-2]}}")
-    if not isinstance(per_method_data, Mapping):
-        raise SpecError("random.per_method: expected a mapping method → {setting: distribution}")
-    per_method = {}
-    for method, method_space in per_method_data.items():
-        if method not in method_names():
-            raise SpecError(f"random.per_method: unknown method {method!r}; expected one of "
-                            f"{', '.join(method_names())}")
-        if not isinstance(method_space, Mapping) or not method_space:
-            raise SpecError(f"random.per_method.{method}: expected a non-empty mapping setting "
-                            "→ distribution")
-        per_method[str(method)] = _distributions(method_space, f"random.per_method.{method}")
-    return RandomSearch(n, seed, _distributions(space, "random.space"), per_method)
-
-
-def _distributions(space: Mapping, where: str) -> tuple[Distribution, ...]:
-    dists = []
-    for name, dist in space.items():
-        name = str(name)
-        if name in AXIS_SETTINGS or name not in SETTING_TYPES:
-            coerce_setting(name, None, f"{where}.{name}")  # raises the naming SpecError
-        dists.append(_distribution(name, dist, f"{where}.{name}"))
-    return tuple(dists)
 
 
 # ---------------------------------------------------------------- the spec
