@@ -49,14 +49,13 @@ from .cli import (
     fail,
     positive_int,
 )
-from .config import canonical_json
+from .config import DFR_C_GRID, DFR_REFITS, canonical_json
 from .record import schema, store, view
 from .record.io import write_bytes_atomic, write_json_atomic
 
 ALGORITHM = "dfr"
-# The C grid of the original Waterbirds/CelebA DFR^Tr_Val runs (dfr_evaluate_spurious.py).
-C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
-DEFAULT_REFITS = 20
+C_GRID = DFR_C_GRID
+DEFAULT_REFITS = DFR_REFITS
 # Bumped when the protocol changes what it computes, so old derived runs are not "already done".
 PROTOCOL_VERSION = 1
 HEAD_FILE = "dfr_head.safetensors"

@@ -382,13 +382,3 @@ def format_table(rows: Sequence[dict]) -> str:
 
 def _count(value, dim) -> str:
     return "-" if isinstance(value, float) and math.isnan(value) else f"{int(value)}/{dim}"
-
-
-def __getattr__(name: str):
-    # The run-level entry points moved to probe_runs.py; their old path keeps working (lazily:
-    # probe_runs imports this module).
-    if name in ("ProbeOutput", "probe_run", "probe_backbone", "check_finished_run"):
-        from . import probe_runs
-
-        return getattr(probe_runs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

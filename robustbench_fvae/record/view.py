@@ -548,17 +548,17 @@ def _derived_command(rec: RunRecord) -> str:
     """``python -m robustbench_fvae.dfr PARENT_DIR`` with the recorded DFR settings that differ
     from dfr's defaults and the output folder the run is in (so it lands in the same
     derived-run folder)."""
-    from robustbench_fvae import dfr  # numpy only; the record names what it ran
+    from robustbench_fvae.config import DFR_C_GRID, DFR_REFITS
 
     derived = rec.config.get("derived") or {}
     settings = derived.get("settings") or {}
     flags = []
     if settings.get("seed", 0) != 0:
         flags.append(f"--seed {settings['seed']}")
-    if settings.get("refits", dfr.DEFAULT_REFITS) != dfr.DEFAULT_REFITS:
+    if settings.get("refits", DFR_REFITS) != DFR_REFITS:
         flags.append(f"--refits {settings['refits']}")
     grid = settings.get("c_grid")
-    if grid is not None and [float(c) for c in grid] != [float(c) for c in dfr.C_GRID]:
+    if grid is not None and [float(c) for c in grid] != [float(c) for c in DFR_C_GRID]:
         flags.append("--c-grid " + ",".join(f"{float(c):g}" for c in grid))
     # where the run lives (OUT/<dataset>/<method>/<hash>), even if its folder was moved
     flags.append(f"--out {rec.path.parents[2]}")
