@@ -27,20 +27,20 @@ from typing import Any
 import yaml
 
 from robustbench_fvae.cli import EXIT_OK, ArgumentParser, add_data_root_option, command, fail
-from robustbench_fvae.sweeps.budget import CONTROLS_SPEC, FINAL_SEEDS, FINAL_SPEC, SEARCH_SPEC
+from robustbench_fvae.sweeps.budget import (
+    CONTROL_ARMS,
+    CONTROL_DATASET,
+    CONTROL_METHODS,
+    CONTROLS_SPEC,
+    FINAL_SEEDS,
+    FINAL_SPEC,
+    SEARCH_SPEC,
+)
 
 RESULTS_DIR = "results/protocol"
 PAGE = "docs/results.md"
 LATENTS_PAGE = "docs/latents.md"
 STAGES = ("search", "final", "controls")
-# The set-up controls (issue: does the set-up decide the answer?), on this replica, for these
-# methods at their val_wg picks: each a change of the picked configuration.
-CONTROL_DATASET = "synth-waterbirds"
-CONTROL_METHODS = ("lora", "fvae")
-CONTROL_ARMS: dict[str, dict[str, Any]] = {
-    "long": {"epochs": 20, "patience": 5},
-    "targets_qv": {"targets": "q,v"},
-}
 
 
 def _planned_runs(spec_path: str | Path, data_root: str | None = None) -> tuple[Any, list]:
@@ -50,13 +50,33 @@ def _planned_runs(spec_path: str | Path, data_root: str | None = None) -> tuple[
     return spec, expand(spec, data_root=data_root)
 
 
+def published_path(run: Any, stage: str, results_dir: str | Path = RESULTS_DIR) -> Path:
+    """Where planned run ``run`` of ``stage`` is (or would be) published."""
+    return Path(results_dir) / stage / run.dataset / run.method / run.hash
+
+
+def finished_record(run: Any, stage: str, results_dir: str | Path = RESULTS_DIR
+                    ) -> Path | None:
+    """The finished record of planned run ``run``: its own run directory when done there, else
+    its published copy under ``results_dir/stage`` (a fresh clone has only those), else None.
+    The published copy has no weights: enough for picks and pages, not for ``probe``."""
+    from robustbench_fvae.record import store
+
+    if store.is_done(run.run_dir):
+        return Path(run.run_dir)
+    copy = published_path(run, stage, results_dir)
+    return copy if store.is_done(copy) else None
+
+
 def search_results(spec_path: str | Path, datasets: Sequence[str] | None = None,
-                   data_root: str | None = None, methods: Sequence[str] | None = None
-                   ) -> tuple[Any, list]:
+                   data_root: str | None = None, methods: Sequence[str] | None = None,
+                   results_dir: str | Path = RESULTS_DIR) -> tuple[Any, list]:
     """The spec and the RunResults of its finished runs (of ``datasets`` and ``methods``,
-    None: all); a ValueError names what is missing when a planned run of those is not done."""
+    None: all), each read from its run directory or, where it is not there, from its published
+    copy in ``results_dir/search``; a ValueError names what is missing when a planned run of
+    those is in neither."""
     from robustbench_fvae.analysis.aggregate import run_results
-    from robustbench_fvae.record import store, view
+    from robustbench_fvae.record import view
 
     spec, runs = _planned_runs(spec_path, data_root)
     chosen = [r for r in runs if (datasets is None or r.dataset in datasets)
@@ -65,13 +85,14 @@ def search_results(spec_path: str | Path, datasets: Sequence[str] | None = None,
         raise ValueError(f"{spec_path} has no runs of {', '.join(methods or ['any method'])} "
                          f"on {', '.join(datasets or ['any dataset'])}; its methods: "
                          f"{', '.join(spec.methods)}; its datasets: {', '.join(spec.datasets)}")
-    missing = [r for r in chosen if not store.is_done(r.run_dir)]
+    found = {r.hash: finished_record(r, "search", results_dir) for r in chosen}
+    missing = [r for r in chosen if found[r.hash] is None]
     if missing:
         raise ValueError(f"{len(missing)} of {len(chosen)} search run(s) are not finished (e.g. "
                          f"{missing[0].describe()}); finish them with `python -m "
                          f"robustbench_fvae.sweep {spec_path}`, or pick where the search is "
                          "complete with --datasets / --methods")
-    results, skipped = run_results([view.load_run(r.run_dir) for r in chosen])
+    results, skipped = run_results([view.load_run(found[r.hash]) for r in chosen])
     if skipped:
         raise ValueError(f"cannot read search run {skipped[0][0]}: {skipped[0][1]}")
     return spec, results
@@ -81,11 +102,12 @@ def _trial(spec: Any, pick: Any) -> dict[str, Any]:
     """The searched settings of ``pick`` as spec values (floats exact, targets as text)."""
     names = [d.name for d in spec.random.method_space(pick.method)] if spec.random else []
     names += [k for k in spec.grid if k not in names]
-    out = {}
-    for name in names:
-        value = pick.value(name)
-        out[name] = ",".join(value) if isinstance(value, (tuple, list)) else value
-    return out
+    return {name: _spec_value(pick.value(name)) for name in names}
+
+
+def _spec_value(value: Any) -> Any:
+    """A setting as a spec writes it (targets as text, ``q,v``)."""
+    return ",".join(value) if isinstance(value, (tuple, list)) else value
 
 
 def _spec_text(header: Sequence[str], body: dict[str, Any]) -> str:
@@ -176,8 +198,8 @@ def _write_controls(spec: Any, picks: dict, search_spec: str | Path, path: str |
              "edit by hand.", "",
              f"The set-up controls: {', '.join(CONTROL_METHODS)} on {CONTROL_DATASET} at their "
              "val_wg picks, each changed in one way:",
-             *(f"  {arm}: {', '.join(f'{k}={v}' for k, v in change.items())}"
-               for arm, change in CONTROL_ARMS.items()),
+             *(f"  {arm.name}: {', '.join(f'{k}={_spec_value(v)}' for k, v in arm.change)}"
+               for arm in CONTROL_ARMS),
              "The default arm (5 epochs, targets q,k) and the last-epoch arm are the final runs "
              "of runs/protocol-final.yaml."]
     for method in CONTROL_METHODS:
@@ -187,7 +209,8 @@ def _write_controls(spec: Any, picks: dict, search_spec: str | Path, path: str |
                 cells[method] = earlier[method]
             continue
         trial = _trial(spec, pick)
-        cells[method] = [{**trial, **change} for change in CONTROL_ARMS.values()]
+        cells[method] = [{**trial, **{k: _spec_value(v) for k, v in arm.change}}
+                         for arm in CONTROL_ARMS]
     settings = {k: v for k, v in spec.settings.items() if k != "out"}
     settings["out"] = _out_folder(path)
     body = {"description": "The offline protocol's set-up controls (docs/protocol.md).",
@@ -213,16 +236,20 @@ def publish(results_dir: str | Path = RESULTS_DIR, *, specs: dict[str, str] | No
         _, runs = _planned_runs(path, data_root)
         done = [r.run_dir for r in runs if store.is_done(r.run_dir)]
         dest = Path(results_dir) / stage
-        published = publish_runs(done, dest, predictions=stage != "search")
-        # a record the spec no longer plans would change the picks: the folder mirrors the spec
+        publish_runs(done, dest, predictions=stage != "search")
+        # a record the spec no longer plans would change the picks: the folder mirrors the spec.
+        # A planned run published earlier (on another machine) stays, finished here or not.
+        planned = {published_path(r, stage, results_dir).resolve() for r in runs}
         stale = [rec.path for rec in view.iter_runs(dest)
-                 if rec.path not in set(published)] if dest.is_dir() else []
+                 if Path(rec.path).resolve() not in planned] if dest.is_dir() else []
         for path_ in stale:
             shutil.rmtree(path_)
             log(f"{stage}: removed {path_} (not a run of {path})")
-        counts[stage] = len(done)
+        kept = sum(1 for r in runs if not store.is_done(r.run_dir)
+                   and store.is_done(published_path(r, stage, results_dir)))
+        counts[stage] = len(done) + kept
         log(f"{stage}: published {len(done)} of {len(runs)} planned run(s) of {path} to "
-            f"{Path(results_dir) / stage}")
+            f"{dest}" + (f"; {kept} published earlier kept" if kept else ""))
     return counts
 
 
@@ -241,10 +268,11 @@ PROBE_MAX_IMAGES = 1000
 def pick_runs(spec_path: str | Path, search_spec: str | Path, rule: str, *,
               datasets: Sequence[str] | None = None, methods: Sequence[str] | None = None,
               data_root: str | None = None) -> list[Path]:
-    """The finished runs of ``spec_path`` (the final spec) that ran ``rule``'s pick of the
-    search, for ``datasets`` × ``methods`` (None: all), in spec order."""
+    """The finished runs of ``spec_path`` that ran ``rule``'s pick of the search — the final
+    spec's runs of the pick, or a controls spec's runs of the pick changed by a control arm —
+    for ``datasets`` × ``methods`` (None: all), in spec order."""
     from robustbench_fvae.analysis.aggregate import run_results
-    from robustbench_fvae.analysis.picks import matches_pick, pick_configurations
+    from robustbench_fvae.analysis.picks import control_arm, matches_pick, pick_configurations
     from robustbench_fvae.record import store, view
 
     _, search = search_results(search_spec, datasets, data_root, methods)
@@ -255,7 +283,8 @@ def pick_runs(spec_path: str | Path, search_spec: str | Path, rule: str, *,
             and (methods is None or r.method in methods)]
     results, _ = run_results(done)
     return [Path(r.path) for r in results
-            if matches_pick(r, picks.get((r.dataset, r.method)))]
+            if matches_pick(r, picks.get((r.dataset, r.method)))
+            or control_arm(r, picks.get((r.dataset, r.method))) is not None]
 
 
 def probe_picks(final_spec: str | Path = FINAL_SPEC, search_spec: str | Path = SEARCH_SPEC, *,

@@ -266,6 +266,44 @@ def test_finals_publish_and_page(protocol_tree, capsys):
     assert long.endswith("not in the records yet |")
 
 
+def test_a_fresh_clone_picks_from_and_keeps_the_published_records(protocol_tree, capsys):
+    """On a machine with only the committed results/ (no runs/ folders): the picks come from the
+    published search records, and publishing what ran here keeps what ran elsewhere."""
+    import shutil
+
+    from robustbench_fvae.protocol import main, publish, search_results
+
+    assert main(["finals", "--spec", "search.yaml", "--out", "final.yaml",
+                 "--controls-out", "controls.yaml"]) == 0
+    finals = expand(load_spec("final.yaml"))
+    for run in finals:
+        write_planned(run, val_wg=0.6, test_wg=0.6)
+    specs = {"search": "search.yaml", "final": "final.yaml", "controls": "controls.yaml"}
+    assert publish("results/protocol", specs=specs, log=lambda _: None) == {
+        "search": 4, "final": 10, "controls": 0}
+    before = sorted(str(p) for p in Path("results").rglob("*"))
+    shutil.rmtree("runs")  # the fresh clone: the search's and the finals' run folders gone
+    shutil.rmtree("final")
+    _, results = search_results("search.yaml")
+    assert len(results) == 4 and all("results/protocol/search" in str(r.path) for r in results)
+    assert main(["finals", "--spec", "search.yaml", "--out", "final2.yaml",
+                 "--controls-out", "controls2.yaml"]) == 0
+    assert load_spec("final2.yaml").cells == load_spec("final.yaml").cells
+    write_planned(finals[0], val_wg=0.6, test_wg=0.6)  # one final rerun here
+    log: list[str] = []
+    assert publish("results/protocol", specs=specs, log=log.append) == {
+        "search": 4, "final": 10, "controls": 0}
+    assert sorted(str(p) for p in Path("results").rglob("*")) == before
+    assert "published 1 of 10 planned run(s) of final.yaml" in log[1] and \
+        "9 published earlier kept" in log[1]
+    # a published record that the spec does not plan is still removed
+    stray = Path("results/protocol/final/synth-waterbirds/lora/000000000000")
+    shutil.copytree(next(stray.parent.iterdir()), stray)
+    publish("results/protocol", specs=specs, log=log.append)
+    assert not stray.exists()
+    capsys.readouterr()
+
+
 def test_finals_refuse_an_incomplete_search_in_one_line(protocol_tree, capsys):
     from robustbench_fvae.protocol import main
 
@@ -399,3 +437,23 @@ def test_latents_page_from_published_probe_tables(protocol_tree, capsys):
     assert "old" not in Path("README.md").read_text()
     Path("docs/latents.md").write_text(text.replace("0.400", "0.401"))
     assert "differs" in check_latents_page("results/protocol", "docs/latents.md")
+
+    # the control arms' runs of the picks are probed (pick_runs on the controls spec), published
+    # and shown as sections of their own
+    controls = expand(load_spec("controls.yaml"))
+    for run in controls:
+        write_planned(run, val_wg=0.6, test_wg=0.6)
+    picked = pick_runs("controls.yaml", "search.yaml", "val_wg")
+    assert sorted(map(str, picked)) == sorted(str(r.run_dir) for r in controls)
+    for path in picked:
+        rec = records.load_run(path)
+        if rec.config["config"]["adapter"]["targets"] == ["q", "v"]:
+            _write_probe_tables(path, rec.method, rec.config["config"]["train"]["seed"])
+    publish("results/protocol", specs={"search": "search.yaml", "final": "final.yaml",
+                                       "controls": "controls.yaml"}, log=lambda _: None)
+    text, block = build_latents_page("results/protocol")
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert sections == ["## synth-waterbirds",
+                        "## synth-waterbirds, 5 epochs, targets q,v, selected epoch"]
+    assert "**synth-waterbirds, 5 epochs, targets q,v, selected epoch** (the val_wg picks" \
+        in block

@@ -15,6 +15,7 @@ from typing import Any
 
 from robustbench_fvae.analysis.aggregate import RunResult, choose_best, setting_text
 from robustbench_fvae.config import flat_setting_names
+from robustbench_fvae.sweeps.budget import CONTROL_ARMS, ControlArm
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,6 @@ def pick_configurations(results: Sequence[RunResult], rule: str
     return out
 
 
-
 def matches_pick(result: RunResult, pick: Pick | None, changed: frozenset[str] = frozenset()
                  ) -> bool:
     """Whether ``result`` ran ``pick``'s configuration, apart from the flat settings
@@ -68,3 +68,14 @@ def matches_pick(result: RunResult, pick: Pick | None, changed: frozenset[str] =
         return False
     keys = (set(result.settings) | set(pick.settings)) - changed
     return all(result.settings.get(k) == pick.settings.get(k) for k in keys)
+
+
+def control_arm(result: RunResult, pick: Pick | None) -> ControlArm | None:
+    """The set-up control (:data:`CONTROL_ARMS`) that ``result`` ran on ``pick``'s
+    configuration, or None (not a control run of that pick)."""
+    for arm in CONTROL_ARMS:
+        changed = {flat_key(name): value for name, value in arm.change}
+        if matches_pick(result, pick, frozenset(changed)) and all(
+                result.settings.get(k) == v for k, v in changed.items()):
+            return arm
+    return None

@@ -35,7 +35,7 @@ from robustbench_fvae.analysis.comparisons import (
     compare_to_reference,
     run_worst_group_interval,
 )
-from robustbench_fvae.analysis.picks import Pick, matches_pick, pick_configurations
+from robustbench_fvae.analysis.picks import Pick, control_arm, matches_pick, pick_configurations
 from robustbench_fvae.analysis.statistics import holm_adjust, holm_levels, paired_difference
 from robustbench_fvae.analysis.tables import (
     Table,
@@ -51,11 +51,16 @@ from robustbench_fvae.methods import method_label
 from robustbench_fvae.record import view
 from robustbench_fvae.record.io import write_text_atomic
 from robustbench_fvae.selection import RULES
-from robustbench_fvae.sweeps.budget import FINAL_SEEDS, SEARCH_DRAWS, SEARCH_SPEC
+from robustbench_fvae.sweeps.budget import (
+    CONTROL_ARMS,
+    CONTROL_DATASET,
+    FINAL_SEEDS,
+    SEARCH_DRAWS,
+    SEARCH_SPEC,
+)
 
 REFERENCE = "lora"
 PAGE_LINK = "docs/results.md"
-CONTROL_DATASET = "synth-waterbirds"
 CONTROL_METHOD = "fvae"
 CONTROL_METRICS = ("worst_group_acc", "avg_acc")
 
@@ -213,19 +218,12 @@ def controls_section(final: Sequence[view.RunRecord], controls: Sequence[view.Ru
     ctrl, _ = run_results(controls, select="val_wg")
     ctrl = [r for r in ctrl if r.dataset == CONTROL_DATASET and r.method in methods]
 
-    def arm(changed: set[str], wanted: dict[str, object]) -> list[RunResult]:
-        return [r for r in ctrl if matches_pick(r, picks.get((r.dataset, r.method)),
-                                            frozenset(changed))
-                and all(r.settings.get(k) == v for k, v in wanted.items())]
-
     arms = {
         "5 epochs, q,k, selected epoch (default)": (default, False),
         "5 epochs, q,k, last epoch": (default, True),
-        "20 epochs (patience 5), q,k, selected epoch": (
-            arm({"train.epochs", "train.patience"}, {"train.epochs": 20, "train.patience": 5}),
-            False),
-        "5 epochs, targets q,v, selected epoch": (
-            arm({"adapter.targets"}, {"adapter.targets": ("q", "v")}), False),
+        **{arm.label: ([r for r in ctrl
+                        if control_arm(r, picks.get((r.dataset, r.method))) == arm], False)
+           for arm in CONTROL_ARMS},
     }
     if not ctrl:
         return ["The control runs (runs/protocol-controls.yaml) are not in the results yet; "

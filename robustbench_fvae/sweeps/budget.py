@@ -7,6 +7,9 @@ mistakes one for the other (the confusion of DomainBed issue 37).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from robustbench_fvae.sweeps.spec import SweepSpec
 
 # Stage 1: random draws of every method's space, per replica (runs/protocol-search.yaml).
@@ -18,6 +21,32 @@ SEARCH_SEED = 0
 SEARCH_SPEC = "runs/protocol-search.yaml"
 FINAL_SPEC = "runs/protocol-final.yaml"
 CONTROLS_SPEC = "runs/protocol-controls.yaml"
+
+
+@dataclass(frozen=True)
+class ControlArm:
+    """One set-up control: the ``val_wg`` pick of each of :data:`CONTROL_METHODS` on
+    :data:`CONTROL_DATASET`, changed in the run settings ``change`` (flags with ``_``)."""
+
+    name: str
+    label: str  # how tables name the set-up
+    change: tuple[tuple[str, Any], ...]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.change)
+
+
+# Stage 4 (does the set-up decide the answer?), written to CONTROLS_SPEC by `protocol finals`;
+# the default arm and the last-epoch arm are the final runs themselves.
+CONTROL_DATASET = "synth-waterbirds"
+CONTROL_METHODS = ("lora", "fvae")
+CONTROL_ARMS = (
+    ControlArm("long", "20 epochs (patience 5), q,k, selected epoch",
+               (("epochs", 20), ("patience", 5))),
+    ControlArm("targets_qv", "5 epochs, targets q,v, selected epoch",
+               (("targets", ("q", "v")),)),
+)
 
 
 def budget_warnings(spec: SweepSpec) -> list[str]:
