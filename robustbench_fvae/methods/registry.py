@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from robustbench_fvae.config import RunConfig
 
-TRAINS = ("adapters", "all", "head")
+TRAINS = ("adapters", "all", "biases", "head")
 
 
 @dataclass(frozen=True)
