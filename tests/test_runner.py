@@ -181,6 +181,22 @@ def test_every_method_runs(env, tmp_path, method):
     assert ("R" in history[0]["train"]) == (method in ("vae2lat", "bvae2lat"))
 
 
+def test_bitfit_trains_the_biases_alone(env, tmp_path):
+    """The method that is one file of robustbench_fvae/methods/ (nothing else names it): run
+    accepts it, only bias terms and the head change, and it resumes its record."""
+    from safetensors.torch import load_file
+
+    from robustbench_fvae.methods import method_modules, method_names
+
+    assert "bitfit" in method_modules() and method_names()[-1] == "bitfit"
+    result = run(tiny_cfg(env, tmp_path, method="bitfit", epochs=1), progress=False, log=quiet)
+    trained = load_file(str(result.run_dir / "adapter.safetensors"))
+    head = {n for n in trained if n.startswith("head.")}
+    assert head and trained.keys() - head and all(
+        n.endswith(".bias") for n in trained.keys() - head)
+    assert result.metrics["params"]["trainable"] == sum(t.numel() for t in trained.values())
+
+
 # 32 training images, batch 4: 8 steps per epoch; 2 epochs; a checkpoint every 2 steps. A kill
 # after step 10 hits a step checkpoint in the middle of epoch 2; after step 11 it falls between
 # two, so the resumed run redoes step 11.
