@@ -9,6 +9,9 @@ TORCH_INDEX ?=
 TORCH_PKGS := torch==2.14.1 torchvision==0.29.1
 # The demo writes to its own folder, so it never joins a sweep's rows in a report.
 DEMO_OUT ?= runs/demo
+# make test: the suite on TEST_WORKERS processes (pytest-xdist; each test module stays in one
+# process, so its module-scoped fixtures are built once). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 # make stress-test: the process-level tests STRESS_N times beside STRESS_HOGS busy CPU loops.
 STRESS_N ?= 10
 STRESS_HOGS ?= 2
@@ -33,7 +36,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m robustbench_fvae.run --method fvae --dataset synth-waterbirds --out $(DEMO_OUT)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
 	$(VENV)/bin/ruff check .
 
 stress-test: $(STAMP)
