@@ -225,6 +225,10 @@ def test_finals_publish_and_page(protocol_tree, capsys):
     text, figures, block = build_page("results/protocol", "results")
     assert block.startswith("<!-- results:begin -->") and \
         "| synth-waterbirds | FVAE-LoRA | 66.0 [59.2, 72.8] (5) | 66.0 [59.2, 72.8] (5) |" in block
+    # the answer in one sentence per rule, from the same comparisons, on the page and the block
+    answer = next(line for line in block.splitlines() if line.startswith(
+        "**The answer, selection val_wg:** of 3 paired comparisons with LoRA (1 method × WG"))
+    assert "synth-waterbirds FVAE-LoRA − LoRA WG +10.0 [+10.0, +10.0] points" in answer
     Path("README.md").write_text("# r\n\n<!-- results:begin -->\nold\n<!-- results:end -->\nend\n")
     assert set(figures) == {"forest_val_wg.png", "forest_val_avg.png"}
     assert "## Selection by val_wg" in text and "## Selection by val_avg" in text
