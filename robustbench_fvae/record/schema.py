@@ -231,6 +231,18 @@ def _git_commit(repo_dir: Path) -> dict[str, Any]:
         return {"git_commit": None, "git_dirty": None}
 
 
+def _cpu_model() -> str | None:
+    """The processor's model name (Linux: /proc/cpuinfo), else platform's guess, else None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment_info(device: str | None = None) -> dict[str, Any]:
     """Package versions, git commit of the project (None if unavailable), host and device.
 
@@ -251,6 +263,9 @@ def environment_info(device: str | None = None) -> dict[str, Any]:
         **_git_commit(repo_dir),
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
+        # CPU kernels round differently from one processor to another: a rerun elsewhere can
+        # differ in the last bits (docs/protocol.md), so the record says where it ran.
+        "cpu": _cpu_model(),
         "device": device,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
