@@ -461,3 +461,14 @@ def test_latents_page_from_published_probe_tables(protocol_tree, capsys):
                         "## synth-waterbirds, 5 epochs, targets q,v, selected epoch"]
     assert "**synth-waterbirds, 5 epochs, targets q,v, selected epoch** (the val_wg picks" \
         in block
+
+
+def test_intervals_of_non_negative_quantities_are_clipped_at_zero():
+    """A t-interval is symmetric; a KL, a count or a flip rate is not: the latents page clips
+    the lower end at 0 where the quantity cannot go below it, and nowhere else."""
+    from robustbench_fvae.analysis.aggregate import summarize
+    from robustbench_fvae.analysis.latents_page import _num
+
+    stat = summarize([0.0, 0.0, 0.0, 0.0, 1.0])  # mean 0.2, t-interval [-0.36, 0.76]
+    assert _num(stat) == "0.20 [-0.36, 0.76]"
+    assert _num(stat, floor=0.0) == "0.20 [0.00, 0.76]"

@@ -141,14 +141,19 @@ def _label(method: str) -> str:
     return method_label(method).replace(r"$\beta$", "β")
 
 
-def _num(stat: Stat, scale: float = 1.0, digits: int = 2, signed: bool = False) -> str:
-    """``"0.94 [0.61, 1.27]"``: mean and 95 % t-interval over seeds, times ``scale``."""
+def _num(stat: Stat, scale: float = 1.0, digits: int = 2, signed: bool = False,
+         floor: float | None = None) -> str:
+    """``"0.94 [0.61, 1.27]"``: mean and 95 % t-interval over seeds, times ``scale``; the
+    interval's lower end is clipped at ``floor`` for a quantity that cannot go below it (a KL,
+    a count, a norm ratio: the t-interval is symmetric, the quantity is not)."""
     if not math.isfinite(stat.mean):
         return "–"
     sign = "+" if signed else ""
     text = f"{scale * stat.mean:{sign}.{digits}f}"
     if math.isfinite(stat.ci95):
         low, high = scale * (stat.mean - stat.ci95), scale * (stat.mean + stat.ci95)
+        if floor is not None:
+            low = max(low, floor)
         text += f" [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
     return text
 
@@ -189,20 +194,21 @@ def information_table(dataset: str, runs: Sequence[ProbedRun]) -> Table:
                             == 1.0 for run in group)
             body.append([_label(method), _short(layer), str(len(group)),
                          _num(_over(group, "information_summary", "data", latent="z1",
-                                    **where), digits=3),
+                                    **where), digits=3, floor=0.0),
                          _num(_over(group, "information_summary", "active_units", latent="z1",
-                                    **where), digits=1),
+                                    **where), digits=1, floor=0.0),
                          _num(_over(group, "information_summary", "mi_estimate", latent="z1",
-                                    **where), digits=3),
+                                    **where), digits=3, floor=0.0),
                          f"{collapsed}/{len(group)}",
                          _num(_over(group, "information_summary", "data", latent="z2",
-                                    **where), digits=2)])
+                                    **where), digits=2, floor=0.0)])
     return Table(
         title=f"{dataset}: information per token (test)",
         header=["Method", "Slice", "Seeds", "z1 data KL (nats)", "z1 active units",
                 "z1 MI estimate (nats)", "z1 collapsed", "z2 data KL (nats)"],
         rows=body, numeric={2, 3, 4, 5, 7},
-        notes=["data KL = ½ Var over test tokens of the posterior mean, summed over the 16 units"
+        notes=["Intervals are clipped at 0 (every column is non-negative).",
+               "data KL = ½ Var over test tokens of the posterior mean, summed over the 16 units"
                " (the part of KL(q‖p) that moves with the input); active units = units with at "
                "least 0.01 nats; collapsed = the slice's data KL under 0.01 nats (seeds with it"
                "); MI = minibatch Monte-Carlo estimate of I(x_token; z1) on 2048 tokens, capped "
@@ -215,11 +221,11 @@ def updates_table(dataset: str, runs: Sequence[ProbedRun]) -> Table:
         for layer in _layers(group):
             body.append([_label(method), _short(layer),
                          _num(_over(group, "updates", "update_ratio_median", layer=layer), 100,
-                              2),
+                              2, floor=0.0),
                          _num(_over(group, "updates", "image_update_ratio_median", layer=layer),
-                              100, 2),
+                              100, 2, floor=0.0),
                          _num(_over(group, "updates", "relative_displacement", layer=layer), 1,
-                              2)])
+                              2, floor=0.0)])
     return Table(
         title=f"{dataset}: how large the updates are",
         header=["Method", "Slice", "‖update‖ / ‖Wx+b‖ (%)", "image-dependent part (%)",
@@ -229,7 +235,7 @@ def updates_table(dataset: str, runs: Sequence[ProbedRun]) -> Table:
                "layer's output on the slice; the image-dependent part subtracts the update's "
                "per-position mean over test images. The displacement compares the slice's "
                "trained parameters with their initialisation rebuilt from the run's seed (LoRA's"
-               " B starts at zero, so its θ0 is A alone)."])
+               " B starts at zero, so its θ0 is A alone). Intervals are clipped at 0."])
 
 
 def interventions_table(dataset: str, runs: Sequence[ProbedRun]) -> Table:
@@ -243,8 +249,10 @@ def interventions_table(dataset: str, runs: Sequence[ProbedRun]) -> Table:
                          _num(_over(group, "interventions", "delta_wg", **where), 100, 1, True),
                          _num(_over(group, "interventions", "delta_avg", **where), 100, 1,
                               True),
-                         _num(_over(group, "interventions", "flip_rate", **where), 100, 1),
-                         _num(_over(group, "interventions", "margin_change", **where), 1, 3)])
+                         _num(_over(group, "interventions", "flip_rate", **where), 100, 1,
+                              floor=0.0),
+                         _num(_over(group, "interventions", "margin_change", **where), 1, 3,
+                              floor=0.0)])
     return Table(
         title=f"{dataset}: interventions on every adapted slice at once",
         header=["Method", "Update replaced by", "Seeds", "Δ WG (pts)", "Δ avg (pts)",
@@ -470,13 +478,14 @@ def headline(dataset: str, runs: Sequence[ProbedRun], diffs: Sequence[Difference
             continue
         def get(column, kind, group=group):
             return _over(group, "interventions", column, target="all", intervention=kind)
+        flips = {kind: _num(get("flip_rate", kind), 100, 1, floor=0.0)
+                 for kind in ("zero", "background_swapped")}
         lines.append(f"{_label(method)}: replacing every update by zero changes test WG by "
                      f"{_num(get('delta_wg', 'zero'), 100, 1, True)} points and flips "
-                     f"{_num(get('flip_rate', 'zero'), 100, 1)} % of the predictions; by its "
+                     f"{flips['zero']} % of the predictions; by its "
                      "value on the background-swapped twin, WG by "
                      f"{_num(get('delta_wg', 'background_swapped'), 100, 1, True)} points, "
-                     f"flips {_num(get('flip_rate', 'background_swapped'), 100, 1)} % "
-                     f"({len(group)} seeds).")
+                     f"flips {flips['background_swapped']} % ({len(group)} seeds).")
     declared = [d for d in diffs if d.declared]
     if diffs:
         lines.append(f"Paired against LoRA ({len(diffs)} comparisons of flips and Δ WG under "
