@@ -158,7 +158,7 @@ def verdict_lines(comparisons: Sequence[Comparison]) -> list[str]:
     for c in comparisons:
         if c.metric != "worst_group_acc":
             continue
-        name = method_label(c.method).replace(r"$\beta$", "β")
+        name = _plain_label(c.method)
         interval = _signed_interval(c.mean_diff, c.holm_ci_low, c.holm_ci_high)
         if c.declared:
             word = "higher" if c.mean_diff > 0 else "lower"
@@ -175,6 +175,12 @@ METRIC_WORDS = {"worst_group_acc": "WG", "avg_acc": "average", "disparity": "dis
 
 def _plain_label(method: str) -> str:
     return method_label(method).replace(r"$\beta$", "β")
+
+
+def _difference_text(c: Comparison, low: float, high: float) -> str:
+    """``"synth-animals FVAE-LoRA − LoRA WG +8.3 [+1.2, +15.5]"`` (points)."""
+    return (f"{c.dataset} {_plain_label(c.method)} − LoRA {METRIC_WORDS.get(c.metric, c.metric)} "
+            f"{_signed_interval(c.mean_diff, low, high)}")
 
 
 def answer_lines(comparisons_by_rule: dict[str, Sequence[Comparison]], *, brief: bool = False
@@ -195,9 +201,7 @@ def answer_lines(comparisons_by_rule: dict[str, Sequence[Comparison]], *, brief:
                 f"{len(declared)} {'is' if len(declared) == 1 else 'are'} declared")
         if declared:
             text += ": " + "; ".join(
-                f"{c.dataset} {_plain_label(c.method)} − LoRA "
-                f"{METRIC_WORDS.get(c.metric, c.metric)} "
-                f"{_signed_interval(c.mean_diff, c.holm_ci_low, c.holm_ci_high)} points"
+                _difference_text(c, c.holm_ci_low, c.holm_ci_high) + " points"
                 for c in declared) + "."
         else:
             text += ": no difference from LoRA is shown at this power."
@@ -208,10 +212,7 @@ def answer_lines(comparisons_by_rule: dict[str, Sequence[Comparison]], *, brief:
                      "(listed on the page): candidates for a powered follow-up, not differences.")
         elif loose:
             text += (f" Before the adjustment {len(loose)} more interval(s) exclude zero ("
-                     + "; ".join(f"{c.dataset} {_plain_label(c.method)} "
-                                 f"{METRIC_WORDS.get(c.metric, c.metric)} "
-                                 f"{_signed_interval(c.mean_diff, c.ci_low, c.ci_high)}"
-                                 for c in loose)
+                     + "; ".join(_difference_text(c, c.ci_low, c.ci_high) for c in loose)
                      + "): not differences under the protocol's rule, candidates for a "
                        "powered follow-up.")
         lines += [text, ""]
