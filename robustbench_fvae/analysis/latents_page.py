@@ -20,6 +20,7 @@ from pathlib import Path
 
 from robustbench_fvae.analysis.aggregate import Stat, run_results, summarize
 from robustbench_fvae.analysis.picks import control_arm, matches_pick, pick_configurations
+from robustbench_fvae.analysis.results_page import load_stage
 from robustbench_fvae.analysis.statistics import (
     PairedDifference,
     holm_adjust,
@@ -28,7 +29,6 @@ from robustbench_fvae.analysis.statistics import (
 )
 from robustbench_fvae.analysis.tables import Table, to_markdown
 from robustbench_fvae.methods import find_method, method_label, method_order
-from robustbench_fvae.record import view
 from robustbench_fvae.record.io import write_text_atomic
 from robustbench_fvae.sweeps.budget import CONTROL_ARMS
 
@@ -86,22 +86,18 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _stage(root: Path, name: str) -> list[view.RunRecord]:
-    return list(view.iter_runs(root / name)) if (root / name).is_dir() else []
-
-
 def load_probed_runs(results_dir: str | Path) -> list[ProbedRun]:
     """The probed final runs of the ``val_wg`` picks in ``results_dir`` (published by
     ``protocol publish``), then the probed control runs of those picks (each with its set-up),
     in dataset, set-up, method, seed order."""
     root = Path(results_dir)
-    search, final = _stage(root, "search"), _stage(root, "final")
+    search, final = load_stage(root, "search").runs, load_stage(root, "final").runs
     if not search or not final:
         return []
     picks = pick_configurations(run_results(search)[0], RULE)
     out = []
     for stage in ("final", "controls"):
-        results, skipped = run_results(_stage(root, stage))
+        results, skipped = run_results(load_stage(root, stage).runs)
         if skipped:
             raise LatentsPageError(f"cannot read {stage} run {skipped[0][0]}: {skipped[0][1]}")
         for r in results:
