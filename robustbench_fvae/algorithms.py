@@ -49,7 +49,7 @@ JTT_SYNTH_DEFAULT = (1, 20)
 
 # What a table says about the group labels an algorithm trains with.
 GROUP_LABELS_IN_TRAINING = {"erm": None, "jtt": None, "reweight": "train", "resample": "train",
-                            "groupdro": "train", "dfr": "val"}
+                            "groupdro": "train"}
 
 
 def jtt_defaults(dataset: str) -> tuple[int, int]:
@@ -62,10 +62,9 @@ def jtt_defaults(dataset: str) -> tuple[int, int]:
 def validate_algorithm(t: TrainConfig) -> None:
     """Refuse unknown algorithms and out-of-range hyperparameters (one-line ConfigErrors)."""
     if t.algorithm not in ALGORITHMS:
-        hint = " (dfr is made from a finished run: python -m robustbench_fvae.dfr RUN_DIR)" \
-            if t.algorithm == "dfr" else ""
-        raise ConfigError(f"unknown algorithm {t.algorithm!r}; accepted: "
-                          f"{', '.join(ALGORITHMS)}{hint}")
+        raise ConfigError(f"unknown algorithm {t.algorithm!r}; accepted: {', '.join(ALGORITHMS)}"
+                          " (a derived run, such as DFR, is made from a finished run by its own "
+                          "command: python -m robustbench_fvae.dfr RUN_DIR)")
     if not (t.groupdro_eta > 0 and math.isfinite(t.groupdro_eta)):
         raise ConfigError(f"groupdro_eta must be a positive number, got {t.groupdro_eta}")
     if not (t.groupdro_adjustment >= 0 and math.isfinite(t.groupdro_adjustment)):

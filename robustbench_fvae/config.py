@@ -14,14 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SELECTION_RULES = ("val_wg", "val_avg")
-# Training algorithms of `run`; "dfr" is a derived run made from a finished one by `dfr`.
+# Training algorithms of `run`. A derived run (DFR) is made from a finished run by its own
+# command and keeps its settings in its own module (robustbench_fvae/dfr.py).
 ALGORITHMS = ("erm", "groupdro", "resample", "reweight", "jtt")
-DERIVED_ALGORITHMS = ("dfr",)
 GROUPDRO_SAMPLERS = ("natural", "balanced")
-# DFR's defaults (a derived run, robustbench_fvae/dfr.py): the C grid of the original
-# Waterbirds/CelebA DFR^Tr_Val runs (dfr_evaluate_spurious.py) and the balanced refits averaged.
-DFR_C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
-DFR_REFITS = 20
 
 
 # What a None epochs / batch_size / eval_batch_size becomes: CPU-sized numbers for the offline

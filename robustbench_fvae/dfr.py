@@ -49,20 +49,29 @@ from .cli import (
     fail,
     positive_int,
 )
-from .config import DFR_C_GRID, DFR_REFITS, canonical_json
+from .config import canonical_json
 from .record import schema, store, view
+from .record.derived import DerivedFacts
 from .record.io import write_bytes_atomic, write_json_atomic
 
 ALGORITHM = "dfr"
-C_GRID = DFR_C_GRID
-DEFAULT_REFITS = DFR_REFITS
+# The C grid of the original Waterbirds/CelebA DFR^Tr_Val runs (dfr_evaluate_spurious.py) and
+# the balanced refits averaged.
+C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+DEFAULT_REFITS = 20
+DEFAULT_SEED = 0
 # Bumped when the protocol changes what it computes, so old derived runs are not "already done".
 PROTOCOL_VERSION = 1
 HEAD_FILE = "dfr_head.safetensors"
-SELECTION_DESCRIPTION = ("DFR: last layer retrained on group-balanced subsets of the validation "
-                         "split; C chosen by worst-group accuracy on a held-out validation half")
+SELECTION_DESCRIPTION = ("the parent run's selected epoch, its last layer refitted on the "
+                         "validation split with C chosen by worst-group accuracy on a held-out "
+                         "validation half (uses validation group labels)")
 USES_GROUP_LABELS = ["training (validation split)",
                      "selection (C by worst-group accuracy on a held-out validation half)"]
+TABLE_NOTE = ("the parent run's model at its selected epoch with the last layer retrained on "
+              "group-balanced subsets of the validation split (Kirichenko et al. 2023); the "
+              "validation split is its training data, so its validation numbers are in-sample "
+              "and not a selection signal. It has no training curve of its own.")
 VAL_NOTE = ("val: DFR trained its last layer on this split (group-balanced subsets, with its "
             "group labels) and chose C on it; these validation numbers are in-sample, not a "
             "selection signal")
@@ -208,7 +217,8 @@ def fit_l1_head(features: np.ndarray, y: np.ndarray, c: float, num_classes: int,
 
 
 def fit_dfr(features: np.ndarray, y: np.ndarray, g: np.ndarray, num_classes: int, *,
-            c_grid: Sequence[float] = C_GRID, refits: int = DEFAULT_REFITS, seed: int = 0
+            c_grid: Sequence[float] = C_GRID, refits: int = DEFAULT_REFITS,
+            seed: int = DEFAULT_SEED
             ) -> DFRFit:
     """DFR^Tr_Val on validation features ``features`` (N, D) with labels ``y`` (N,) and groups
     ``g`` (N,): choose C on a held-out half, then average ``refits`` group-balanced refits on
@@ -280,7 +290,7 @@ def penultimate_features(model, split, *, batch_size: int, device, num_workers: 
 
 
 def dfr_settings(*, c_grid: Sequence[float] = C_GRID, refits: int = DEFAULT_REFITS,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = DEFAULT_SEED) -> dict[str, Any]:
     """The hashed settings of a DFR run (recorded as ``derived.settings``)."""
     return {"protocol": "DFR^Tr_Val (Kirichenko et al. 2023)",
             "protocol_version": PROTOCOL_VERSION, "c_grid": [float(c) for c in c_grid],
@@ -288,6 +298,23 @@ def dfr_settings(*, c_grid: Sequence[float] = C_GRID, refits: int = DEFAULT_REFI
             "multiclass": "one-vs-rest", "standardize": "StandardScaler per training subsample",
             "tune_split": "random half of each validation group held out",
             "balance": "every group subsampled to the smallest group's size"}
+
+
+def derived_facts(*, seed: int = DEFAULT_SEED, refits: int = DEFAULT_REFITS,
+                  c_grid: Sequence[float] = C_GRID) -> DerivedFacts:
+    """How reports show a DFR run and how it is redone (its flags that differ from the defaults;
+    the parent folder and ``--out`` are added by the reader): written into its record."""
+    args: list[str] = []
+    if seed != DEFAULT_SEED:
+        args += ["--seed", str(seed)]
+    if refits != DEFAULT_REFITS:
+        args += ["--refits", str(refits)]
+    if [float(c) for c in c_grid] != [float(c) for c in C_GRID]:
+        args += ["--c-grid", ",".join(f"{float(c):g}" for c in c_grid)]
+    return DerivedFacts(algorithm=ALGORITHM, label="DFR", group_labels_in_training="val",
+                        group_labels_in_selection=True,
+                        selection_description=SELECTION_DESCRIPTION, note=TABLE_NOTE,
+                        command="python -m robustbench_fvae.dfr", args=tuple(args))
 
 
 def derived_hash(parent_hash: str, settings: dict[str, Any]) -> str:
@@ -329,7 +356,7 @@ def check_parent(parent_dir: str | Path) -> view.RunRecord:
     return rec
 
 
-def run_dfr(parent_dir: str | Path, *, out: str | Path | None = None, seed: int = 0,
+def run_dfr(parent_dir: str | Path, *, out: str | Path | None = None, seed: int = DEFAULT_SEED,
             refits: int = DEFAULT_REFITS, c_grid: Sequence[float] = C_GRID,
             device: str = "auto", force: bool = False, batch_size: int | None = None,
             wait: bool = False, log: Callable[[str], None] = _print) -> DFRResult:
@@ -432,7 +459,8 @@ def _run_held(parent: view.RunRecord, rdir: Path, out_root: Path, settings: dict
     config["config"] = dict(config.get("config", {}), out=str(out_root), device=str(dev))
     config["config"]["train"] = dict(config["config"].get("train", {}), algorithm=ALGORITHM)
     config["derived"] = {
-        "algorithm": ALGORITHM, "parent_dir": str(parent.path.resolve()),
+        **derived_facts(seed=seed, refits=refits, c_grid=c_grid).record_fields(),
+        "parent_dir": str(parent.path.resolve()),
         "parent_hash": parent.config_hash, "parent_selection": pm.get("selection"),
         "parent_selected_epoch": pm.get("selected_epoch"), "settings": settings,
         "chosen_C": fit.chosen_c,
@@ -527,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="output folder; the DFR run goes to OUT/<dataset>/<method>/<hash> "
                              "(default: the parent's output folder)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="S",
                         help="seed of the validation halves, subsamples and fits (default: 0)")
     parser.add_argument("--refits", type=positive_int, default=DEFAULT_REFITS, metavar="N",
                         help=f"balanced refits averaged (default: {DEFAULT_REFITS})")

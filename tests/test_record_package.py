@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("module", ["robustbench_fvae.record", "robustbench_fvae.record.io",
                                     "robustbench_fvae.record.schema",
                                     "robustbench_fvae.record.store",
-                                    "robustbench_fvae.record.view", "robustbench_fvae.records",
+                                    "robustbench_fvae.record.view",
+                                    "robustbench_fvae.record.derived", "robustbench_fvae.records",
                                     # the rest of what reads records or configs
                                     "robustbench_fvae.config", "robustbench_fvae.selection",
                                     "robustbench_fvae.metrics", "robustbench_fvae.methods",
@@ -114,3 +115,27 @@ def test_view_answers_finished_derived_and_algorithm(tmp_path):
     assert parent.rho == 0.943 and old.rho is None
     assert parent.settings["adapter.beta"] == get_method("bvae2lat").defaults["beta"] == 10.0
     assert view.provenance(child, {"aaaaaaaaaaaa": parent})[0] == "groupdro+dfr"
+
+
+def test_derived_facts_read_from_the_record_and_upgraded_for_older_dfr_records(tmp_path):
+    from robustbench_fvae.record.derived import DerivedFacts, derived_facts, redo_command
+
+    facts = DerivedFacts(algorithm="afr", label="AFR", group_labels_in_training=None,
+                         group_labels_in_selection=False, selection_description="its own words",
+                         note="a note", command="python -m somewhere.afr", args=("--gamma", "4"))
+    block = {**facts.record_fields(), "parent_dir": "/runs/x/synth-waterbirds/lora/abc"}
+    assert derived_facts(json.loads(json.dumps(block))) == facts  # a JSON round trip
+    run_dir = tmp_path / "out" / "synth-waterbirds" / "lora" / "def"
+    assert redo_command(block, run_dir) == (
+        f"python -m somewhere.afr /runs/x/synth-waterbirds/lora/abc --gamma 4 "
+        f"--out {tmp_path / 'out'}")
+    # a DFR record written before derived runs described themselves: DFR's facts, and a redo
+    # command that names every recorded setting (the same settings, so the same hash)
+    old = {"algorithm": "dfr", "parent_dir": "/p", "settings": {
+        "seed": 1, "refits": 3, "c_grid": [1.0, 0.1], "penalty": "l1"}}
+    legacy = derived_facts(old)
+    assert (legacy.algorithm, legacy.label, legacy.group_labels_in_training) == ("dfr", "DFR",
+                                                                                 "val")
+    assert legacy.group_labels_in_selection and "not a selection signal" in legacy.note
+    assert redo_command(old, run_dir) == (f"python -m robustbench_fvae.dfr /p --seed 1 "
+                                          f"--refits 3 --c-grid 1,0.1 --out {tmp_path / 'out'}")

@@ -1252,6 +1252,52 @@ def test_an_unfinished_dfr_run_is_listed_with_the_dfr_command_that_redoes_it(rob
     assert (killed / "done").is_file() and not collect_runs(out).unfinished
 
 
+def test_a_derived_run_of_a_new_kind_is_shown_as_its_own_record_says(robust_runs, tmp_path):
+    """A new derived run (here "afr") is one module that writes its facts into its record:
+    the reports, tables and resume command read them, and no other file names it. Planted by
+    rewriting a real DFR record as the new module would have written it."""
+    import shutil
+
+    from robustbench_fvae.analysis.aggregate import resume_command
+    from robustbench_fvae.record.derived import DerivedFacts
+    from robustbench_fvae.record.io import read_json
+
+    out = tmp_path / "out"
+    shutil.copytree(robust_runs["out"], out, ignore=shutil.ignore_patterns("*.lock"))
+    source = next(out.rglob(robust_runs["runs"][("dfr", "erm", 0.05, 0)].name))
+    for key, path in robust_runs["runs"].items():  # keep one derived run: the new one
+        if key[0] == "dfr" and path.name != source.name:
+            shutil.rmtree(next(out.rglob(path.name)))
+    facts = DerivedFacts(algorithm="afr", label="AFR", group_labels_in_training="val",
+                         group_labels_in_selection=True,
+                         selection_description="the parent's epoch, its last layer reweighted",
+                         note="AFR's own note.", command="python -m elsewhere.afr",
+                         args=("--gamma", "4"))
+    config = read_json(source / "config.json")
+    config["derived"] = {**config["derived"], **facts.record_fields()}
+    config["config"]["train"]["algorithm"] = "afr"
+    config["config_hash"] = "afafafafafaf"
+    metrics = read_json(source / "metrics.json")
+    metrics["selection"] = "afr"
+    write_json_atomic(source / "config.json", config)
+    write_json_atomic(source / "metrics.json", metrics)
+    run_dir = source.rename(source.parent / "afafafafafaf")
+
+    rep = report_cli.build_report(out, tmp_path / "rep")
+    (row,) = [r for r in rep.rows if r.derived]
+    assert (row.label, row.algorithm, row.group_labels) == (
+        "linear + afr (lr=0.05)", "afr", "val (AFR training) + val (selection)")
+    md = (rep.out / "table.md").read_text()
+    assert "AFR rows (+ afr): AFR's own note." in md and "'val (AFR training)'" in md
+    assert "afr: the parent's epoch, its last layer reweighted" in md and "DFR" not in md
+    tex = (rep.out / "table.tex").read_text()
+    assert r"Linear probe + AFR$^\dagger$ (lr=0.05)" in tex and "AFR's own note." in tex
+    (run_dir / "done").unlink()
+    (unfinished,) = collect_runs(out).unfinished
+    parent = config["derived"]["parent_dir"]
+    assert resume_command(unfinished) == f"python -m elsewhere.afr {parent} --gamma 4 --out {out}"
+
+
 def test_default_spurious_strength_of_replicas_real_and_unknown_datasets():
     from robustbench_fvae.analysis.aggregate import default_spurious_strength
 

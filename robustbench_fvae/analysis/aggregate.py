@@ -37,15 +37,13 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
-from robustbench_fvae.config import (
-    ALGORITHMS,
-    DERIVED_ALGORITHMS,
-)
+from robustbench_fvae.config import ALGORITHMS
 from robustbench_fvae.methods import method_order
 
 # Collection, collect_runs, RunsDirNotFoundError, default_spurious_strength,
 # jtt_stage1_hashes, resume_command and validation_scores moved to record.view; they are
 # imported here under their old path too (``name as name``: re-exported).
+from robustbench_fvae.record.derived import DerivedFacts
 from robustbench_fvae.record.view import (
     CURVE_METRICS,
     METRICS,
@@ -93,7 +91,7 @@ EXTRA_METRICS = ("core_only_acc", "background_reliance")
 METRIC_LABELS.update({"core_only_acc": "Core-only", "background_reliance": "Bg. reliance"})
 HIGHER_IS_BETTER.update({"core_only_acc": True, "background_reliance": False})
 # Table order of the training algorithms; a derived run (DFR) follows its parent's algorithm.
-ALGORITHM_ORDER = (*ALGORITHMS, *DERIVED_ALGORITHMS)
+ALGORITHM_ORDER = ALGORITHMS
 
 
 class ReportError(ValueError):
@@ -131,6 +129,8 @@ class RunResult:
     # "erm", "groupdro", …; a DFR run: "dfr" on an ERM parent, else e.g. "groupdro+dfr"
     algorithm: str = "erm"
     derived: bool = False  # a derived run (DFR): no training history of its own
+    # how a derived run is shown, as its record says (its selection is named by its algorithm)
+    derived_facts: DerivedFacts | None = None
     # the splits whose group labels trained the run ("train": GroupDRO/ReSample/ReWeight,
     # "val": DFR) and whether its selection (epoch rule, DFR's C) read validation group labels
     group_labels_training: tuple[str, ...] = ()
@@ -195,7 +195,7 @@ def run_results(
             extra={k: counterfactual_metric(rec.metrics, m, k, at_own_epoch=at_own)
                    for k in EXTRA_METRICS},
             curve=training_curve(rec),
-            algorithm=algorithm, derived=is_derived(rec),
+            algorithm=algorithm, derived=is_derived(rec), derived_facts=rec.derived_facts,
             group_labels_training=trained_on,
             group_labels_selection=selection_labels if select is None or is_derived(rec)
             else select == "val_wg",
@@ -370,6 +370,8 @@ class GroupRow:
     rho: float | None = None  # spurious strength of the row's runs (None: dataset default)
     algorithm: str = "erm"  # see RunResult.algorithm
     derived: bool = False  # DFR rows: fitted on their parents, no training history
+    # {derived algorithm: its facts} of the row's derived runs (see derived_of)
+    derived_facts: dict[str, DerivedFacts] = field(default_factory=dict)
     group_labels_training: tuple[str, ...] = ()  # see RunResult
     group_labels_selection: bool = False
     choice: Choice | None = None  # with --best-by: how this row's setting was chosen
@@ -382,7 +384,8 @@ class GroupRow:
     def group_labels(self) -> str:
         """Which group labels the row used and what for, e.g. ``"train (training) + val
         (selection)"``, ``"val (DFR training) + val (selection)"``, ``"none"``."""
-        return group_labels_text(self.group_labels_training, self.group_labels_selection)
+        return group_labels_text(self.group_labels_training, self.group_labels_selection,
+                                 self.derived_facts)
 
     @property
     def seeds_text(self) -> str:
@@ -390,13 +393,15 @@ class GroupRow:
         return ", ".join("?" if s is None else str(s) for s in self.seeds)
 
 
-def group_labels_text(training: Sequence[str], selection: bool) -> str:
-    """The group-label column of a table (see :attr:`GroupRow.group_labels`)."""
+def group_labels_text(training: Sequence[str], selection: bool,
+                      derived: Mapping[str, DerivedFacts] | None = None) -> str:
+    """The group-label column of a table (see :attr:`GroupRow.group_labels`); a split that a
+    derived run among ``derived`` trains on is named with it (``"val (DFR training)"``)."""
     parts = []
-    if "train" in training:
-        parts.append("train (training)")
-    if "val" in training:
-        parts.append("val (DFR training)")
+    for split in training:
+        owner = next((f.label for f in (derived or {}).values()
+                      if f.group_labels_in_training == split), None)
+        parts.append(f"{split} ({owner} training)" if owner else f"{split} (training)")
     if selection:
         parts.append("val (selection)")
     return " + ".join(parts) or "none"
@@ -414,7 +419,7 @@ def _algorithm_key(chain: str) -> tuple[int, ...]:
     """ERM, GroupDRO, ReSample, ReWeight, JTT, then the derived rows (DFR) in the order of
     their parents' algorithms."""
     parts = chain.split("+")
-    derived = parts[-1] in DERIVED_ALGORITHMS
+    derived = parts[-1] not in ALGORITHM_ORDER
     if derived and len(parts) == 1:
         parts = ["erm", *parts]  # "dfr" is DFR of an ERM run
     return (int(derived), *(ALGORITHM_ORDER.index(a) if a in ALGORITHM_ORDER
@@ -473,6 +478,7 @@ def aggregate(results: Sequence[RunResult], best_by: str | None = None) -> list[
                     for g in sorted(group_meta)],
             params=params, runs=runs, base_label=runs[0].base_label, rho=runs[0].rho,
             algorithm=algorithm, derived=any(r.derived for r in runs),
+            derived_facts=derived_of(runs),
             group_labels_training=tuple(dict.fromkeys(
                 s for r in runs for s in r.group_labels_training)),
             # hyperparameters chosen by validation worst-group accuracy read group labels too
@@ -498,6 +504,7 @@ class CurvePoint:
     stats: dict[str, Stat]  # CURVE_POINT_METRICS
     split: str = "test"
     selection: str = ""  # the row's selection rule(s), for the table notes
+    derived_facts: dict[str, DerivedFacts] = field(default_factory=dict)  # see GroupRow
 
     @property
     def n(self) -> int:
@@ -523,7 +530,8 @@ def robustness_curves(rows: Sequence[GroupRow]) -> list[CurvePoint]:
             points.append(CurvePoint(dataset=dataset, method=r.method, label=r.base_label,
                                      rho=r.rho, seeds=list(r.seeds),
                                      stats={k: r.stats[k] for k in CURVE_POINT_METRICS},
-                                     split=r.split, selection=r.selection))
+                                     split=r.split, selection=r.selection,
+                                     derived_facts=r.derived_facts))
     return points
 
 
@@ -557,18 +565,28 @@ def epoch_curves(row: GroupRow) -> dict[tuple[str, str], list[EpochStat]]:
     return out
 
 
-def selection_description(rule: str) -> str:
-    """Human description of a selection rule name (or of several joined by '/')."""
+def derived_of(items: Iterable[Any]) -> dict[str, DerivedFacts]:
+    """``{algorithm: facts}`` of the derived runs among ``items`` (RunResults: their own facts;
+    GroupRows or CurvePoints: the facts they carry)."""
+    out: dict[str, DerivedFacts] = {}
+    for item in items:
+        facts = item.derived_facts
+        if isinstance(facts, DerivedFacts):
+            out.setdefault(facts.algorithm, facts)
+        elif isinstance(facts, Mapping):
+            for name, value in facts.items():
+                out.setdefault(name, value)
+    return out
+
+
+def selection_description(rule: str, derived: Mapping[str, DerivedFacts] | None = None) -> str:
+    """Human description of a selection rule name (or of several joined by '/'); a derived
+    run's selection (named by its algorithm) as its record describes it, from ``derived``
+    (:func:`derived_of` the rows shown)."""
     parts = []
     for name in rule.split("/"):
         spec = RULES.get(name)
-        text = spec.description if spec else DERIVED_SELECTION.get(name)
+        facts = (derived or {}).get(name)
+        text = spec.description if spec else facts.selection_description if facts else None
         parts.append(f"{name}: {text}" if text else name)
     return "; ".join(parts)
-
-
-# What the ``selection`` of a derived run's metrics.json means (docs/dfr.md).
-DERIVED_SELECTION = {
-    "dfr": "the parent run's selected epoch, its last layer refitted on the validation split "
-           "with C chosen by worst-group accuracy on a held-out validation half (uses "
-           "validation group labels)"}

@@ -16,6 +16,7 @@ from robustbench_fvae.analysis.aggregate import (
     CurvePoint,
     GroupRow,
     RunResult,
+    derived_of,
     group_labels_text,
 )
 from robustbench_fvae.analysis.comparisons import run_worst_group_interval
@@ -76,7 +77,8 @@ def run_records(results: Sequence[RunResult]) -> list[dict[str, object]]:
             "dataset": r.dataset, "method": r.method, "algorithm": r.algorithm,
             "settings": settings_text(r.row_settings),
             "label": r.label, "spurious_strength": r.rho, "seed": r.seed,
-            "group_labels": group_labels_text(r.group_labels_training, r.group_labels_selection),
+            "group_labels": group_labels_text(r.group_labels_training, r.group_labels_selection,
+                                              derived_of([r])),
             **{f"val_score_{k}": v for k, v in r.val_scores.items()},
             "selection": r.selection, "selected_epoch": r.selected_epoch, "split": r.split,
             **r.metrics, "wg_boot_low": wg_low, "wg_boot_high": wg_high, **r.extra,

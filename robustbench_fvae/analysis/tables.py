@@ -21,6 +21,7 @@ from robustbench_fvae.analysis.aggregate import (
     GroupRow,
     RunResult,
     Stat,
+    derived_of,
     selection_description,
     sort_key,
 )
@@ -39,8 +40,9 @@ from robustbench_fvae.methods import find_method, method_label
 # Columns of the main human table (adj_disparity stays in the CSV only, to keep it readable).
 TABLE_METRICS = ("worst_group_acc", "avg_acc", "adj_avg_acc", "mean_group_acc", "disparity",
                  "ece")
+# Paper names of the training algorithms (a derived run's name is in its record: its facts' label).
 ALGORITHM_NAMES = {"groupdro": "GroupDRO", "resample": "ReSample", "reweight": "ReWeight",
-                   "jtt": "JTT", "dfr": "DFR"}
+                   "jtt": "JTT"}
 DATASET_NAMES = {"waterbirds": "Waterbirds", "celeba": "CelebA", "animals": "Animals",
                  "synth-waterbirds": "Waterbirds (synthetic)",
                  "synth-celeba": "CelebA (synthetic)", "synth-animals": "Animals (synthetic)"}
@@ -115,7 +117,8 @@ def table_notes(rows: Sequence[GroupRow]) -> list[str]:
     """The notes every human table carries: selection rule, split, averages, statistics."""
     rule, split = split_rules(rows)
     notes = [
-        f"Metrics on the {split} split at the epoch selected by {selection_description(rule)}.",
+        f"Metrics on the {split} split at the epoch selected by "
+        f"{selection_description(rule, derived_of(rows))}.",
         "WG = worst-group accuracy. Avg = avg_acc, the plain sample-mean accuracy over the split. "
         "Adj. avg = adj_avg_acc, group accuracies weighted by the training split's group counts "
         "(WILDS convention). Mean-group = mean_group_acc, the unweighted mean of the group "
@@ -143,21 +146,19 @@ def table_notes(rows: Sequence[GroupRow]) -> list[str]:
 
 
 def group_label_notes(rows: Sequence[GroupRow]) -> list[str]:
-    """Notes on group labels (a row that used them says so, docs/design.md), DFR and
-    --best-by."""
+    """Notes on group labels (a row that used them says so, docs/design.md), the derived runs
+    (each as its record describes it) and --best-by."""
+    derived = derived_of(rows)
+    trained_on = "".join(f"'{f.group_labels_in_training} ({f.label} training)' = {f.label} "
+                         f"trains on the {f.group_labels_in_training} split with its group "
+                         "labels; " for f in derived.values() if f.group_labels_in_training)
     notes = [
         "Group labels = which split's group labels a row used and for what: 'train (training)' "
-        "= GroupDRO, ReSample, ReWeight train with the training split's group labels; 'val "
-        "(DFR training)' = DFR retrains the last layer on the validation split with its group "
-        "labels; 'val (selection)' = the epoch (rule val_wg), DFR's C or the hyperparameters "
-        "(--best-by val_wg) were chosen by validation worst-group accuracy; 'none' = class "
-        "labels only (ERM and JTT selected by val_avg)."]
-    if any(r.derived for r in rows):
-        notes.append("DFR rows (+ dfr): the parent run's model at its selected epoch with the "
-                     "last layer retrained on group-balanced subsets of the validation split "
-                     "(Kirichenko et al. 2023); the validation split is its training data, so "
-                     "its validation numbers are in-sample and not a selection signal. It has "
-                     "no training curve of its own.")
+        "= GroupDRO, ReSample, ReWeight train with the training split's group labels; "
+        f"{trained_on}'val (selection)' = the epoch (rule val_wg), a derived run's own choices "
+        "or the hyperparameters (--best-by val_wg) were chosen by validation worst-group "
+        "accuracy; 'none' = class labels only (ERM and JTT selected by val_avg)."]
+    notes += [f"{f.label} rows (+ {name}): {f.note}" for name, f in derived.items()]
     chosen = [r for r in rows if r.choice is not None]
     if chosen:
         rule = chosen[0].choice.rule
@@ -170,8 +171,8 @@ def group_label_notes(rows: Sequence[GroupRow]) -> list[str]:
             f"(DomainBed style): per dataset × method × algorithm (and RHO), out of {span} "
             f"setting(s) run (Configs), the one with the best seed-mean {metric} at each "
             f"run's epoch selected by {rule}; ties go to the setting whose text sorts first. "
-            "DFR rows follow the parent setting with the best parents' validation score (DFR's own "
-            "validation numbers are not used). Every candidate's score is in table.csv.")
+            "Derived rows follow the parent setting with the best parents' validation score "
+            "(their own validation numbers are not used). Every candidate's score is in table.csv.")
     return notes
 
 
@@ -348,9 +349,9 @@ def curves_table(points: Sequence[CurvePoint], dataset: str) -> Table:
     rules = "/".join(sorted({part for p in points for part in p.selection.split("/") if part}))
     split = "/".join(sorted({p.split for p in points}))
     notes = [f"Metrics on the {split} split at the epoch selected by "
-             f"{selection_description(rules)}. WG = worst-group accuracy; Avg = avg_acc, the "
-             "plain sample-mean accuracy; Core-only = class-balanced accuracy on the test images "
-             "redrawn on a neutral background.",
+             f"{selection_description(rules, derived_of(points))}. WG = worst-group accuracy; "
+             "Avg = avg_acc, the plain sample-mean accuracy; Core-only = class-balanced "
+             "accuracy on the test images redrawn on a neutral background.",
              "RHO = spurious strength: the fraction of each class's training images on its "
              "majority background (validation and test stay balanced). Values in percent, mean ± "
              "sample std over seeds; WG 95 % CI = t-interval of the mean. Numbers in curves.csv."]
@@ -398,7 +399,9 @@ def latex_method_name(row: GroupRow) -> str:
     name = method_label(row.method) if find_method(row.method) else latex_escape(row.method)
     for algorithm in row.algorithm.split("+"):
         if algorithm != "erm":
-            name += " + " + ALGORITHM_NAMES.get(algorithm, latex_escape(algorithm))
+            facts = row.derived_facts.get(algorithm)
+            shown = facts.label if facts else ALGORITHM_NAMES.get(algorithm, algorithm)
+            name += " + " + latex_escape(shown)
     if row.group_labels_training:  # marked: trained with group labels (see the caption)
         name += r"$^\dagger$"
     shown = dict(row.settings)
@@ -422,19 +425,21 @@ def _latex_cell(stat: Stat, bold: bool) -> str:
 
 
 def latex_group_label_caption(rows: Sequence[GroupRow]) -> str:
-    """The caption sentences on group labels, DFR and --best-by (LaTeX-safe)."""
+    """The caption sentences on group labels, the derived runs and --best-by (LaTeX-safe)."""
     text = ""
+    derived = derived_of(rows)
     trained = [r for r in rows if r.group_labels_training]
     if trained:
+        own = "".join(f"; {latex_escape(f.label)}: of the {f.group_labels_in_training} split"
+                      for f in derived.values() if f.group_labels_in_training)
         text += (" $^\\dagger$ trained with group labels (GroupDRO, ReSample, ReWeight: of the "
-                 "training split; DFR: of the validation split).")
+                 f"training split{own}).")
     if any(r.group_labels_selection for r in rows):
         text += " Rows selected by validation worst-group accuracy used validation group labels."
     else:
         text += " No row used group labels for selection."
-    if any(r.derived for r in rows):
-        text += (" DFR retrains the last layer on the validation split: its validation "
-                 "numbers are not a selection signal.")
+    text += "".join(f" {latex_escape(f.label)} rows: {latex_escape(f.note)}"
+                    for f in derived.values())
     chosen = [r for r in rows if r.choice is not None]
     if chosen:
         rule = chosen[0].choice.rule
@@ -477,7 +482,8 @@ def to_latex(rows: Sequence[GroupRow], label: str = "tab:group-robustness") -> s
         f"$|\\mathrm{{WG}}-\\mathrm{{AVG}}|$ on the {latex_escape(split)} split, in \\%, "
         f"mean $\\pm$ sample standard deviation over {seeds_text}. "
         f"AVG is the plain sample-mean accuracy (avg\\_acc), not the train-weighted or "
-        f"group-mean average. Epoch selected by {latex_escape(selection_description(rule))}. "
+        f"group-mean average. Epoch selected by "
+        f"{latex_escape(selection_description(rule, derived_of(rows)))}. "
         f"Best per column in bold."
         + latex_group_label_caption(rows)
     )

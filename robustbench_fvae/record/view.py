@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robustbench_fvae.config import ALGORITHMS, DERIVED_ALGORITHMS, RunConfig
+from robustbench_fvae.config import ALGORITHMS, RunConfig
 from robustbench_fvae.methods import find_method
+from robustbench_fvae.record.derived import DerivedFacts, derived_facts, redo_command
 from robustbench_fvae.record.io import RecordError, RecordNotFoundError, read_json_file
 from robustbench_fvae.record.schema import (
     CONFIG_FILE,
@@ -53,10 +54,9 @@ _IGNORED_SETTINGS = frozenset({*RunConfig.UNHASHED, "train.seed", "method", "dat
 ALGORITHM_SETTING = "train.algorithm"
 # Where a run records its early-stopping patience (re-selection emulates it, see selected).
 PATIENCE_SETTING = "train.patience"
-# Prefix of the settings a DFR run adds from its ``derived.settings`` (e.g. ``dfr_refits``).
-DERIVED_PREFIX = "derived.dfr_"
-# The training algorithms, trained then derived: whose hyperparameters a setting is.
-_ALGORITHMS = (*ALGORITHMS, *DERIVED_ALGORITHMS)
+# A derived run's own settings (its ``derived.settings``) are named
+# ``derived.<algorithm>_<key>`` (e.g. ``derived.dfr_refits``).
+DERIVED_SETTING = "derived.{algorithm}_{key}"
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -106,10 +106,14 @@ class RunRecord:
     def algorithm(self) -> str:
         """The algorithm the run recorded: ``"erm"``, ``"groupdro"``, …, ``"dfr"``; for the
         whole chain of a derived run (``"groupdro+dfr"``) see :func:`provenance`."""
-        if self.derived:
-            own = (self.config.get("config") or {}).get("train", {}).get("algorithm")
-            return str(own or "dfr")
-        return recorded_algorithm(self)
+        facts = self.derived_facts
+        return facts.algorithm if facts is not None else recorded_algorithm(self)
+
+    @property
+    def derived_facts(self) -> DerivedFacts | None:
+        """How a derived run is shown and redone (its record says); None for a trained run."""
+        block = self.config.get("derived")
+        return derived_facts(block) if isinstance(block, Mapping) else None
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -283,8 +287,10 @@ def run_settings(rec: RunRecord) -> dict[str, Any]:
         flat[SPURIOUS_STRENGTH_SETTING] = default_spurious_strength(cfg.get("dataset"))
     derived = rec.config.get("derived")
     if isinstance(derived, Mapping) and isinstance(derived.get("settings"), Mapping):
+        algorithm = derived_facts(derived).algorithm
         for key, value in derived["settings"].items():
-            flat[f"{DERIVED_PREFIX}{key}"] = tuple(value) if isinstance(value, list) else value
+            flat[DERIVED_SETTING.format(algorithm=algorithm, key=key)] = \
+                tuple(value) if isinstance(value, list) else value
     return {k: v for k, v in flat.items() if k not in _IGNORED_SETTINGS}
 
 
@@ -296,7 +302,7 @@ def relevant_settings(settings: Mapping[str, Any], algorithm: str) -> dict[str, 
     for key, value in settings.items():
         if key == ALGORITHM_SETTING:
             continue
-        owner = next((a for a in _ALGORITHMS if key.startswith(f"train.{a}_")), None)
+        owner = next((a for a in ALGORITHMS if key.startswith(f"train.{a}_")), None)
         if owner is not None and owner not in used:
             continue
         out[key] = value
@@ -371,9 +377,9 @@ def to_float(value: Any) -> float:
 
 
 def is_derived(rec: RunRecord) -> bool:
-    """True for a derived run (DFR): fitted on a finished parent, no training of its own."""
-    train = (rec.config.get("config") or {}).get("train") or {}
-    return "derived" in rec.config or train.get("algorithm") in DERIVED_ALGORITHMS
+    """True for a derived run (DFR): fitted on a finished parent, no training of its own; its
+    record has a ``derived`` block (robustbench_fvae/record/derived.py)."""
+    return "derived" in rec.config
 
 
 def run_patience(rec: RunRecord) -> int | None:
@@ -475,19 +481,21 @@ def provenance(rec: RunRecord, by_hash: Mapping[str, RunRecord]
         algorithm = recorded_algorithm(rec)
         return (algorithm, training_labels(rec, algorithm), selection == "val_wg",
                 validation_scores(rec))
-    own = rec.algorithm
+    facts = rec.derived_facts
+    assert facts is not None  # is_derived
+    own_labels = (facts.group_labels_in_training,) if facts.group_labels_in_training else ()
     parent = parent_of(rec, by_hash)
     if parent is None:
         warnings.warn(f"the parent of derived run {rec.path} is not among the reported runs nor "
                       f"at {(rec.config.get('derived') or {}).get('parent_dir')}: its training "
                       f"algorithm is unknown (shown as ERM) and it cannot be ranked by "
                       "--best-by", UserWarning, stacklevel=3)
-        return own, ("val",), True, {name: math.nan for name in RULES}
+        return (facts.algorithm, own_labels, facts.group_labels_in_selection,
+                {name: math.nan for name in RULES})
     base = recorded_algorithm(parent)
-    chain = own if base == "erm" else f"{base}+{own}"
-    splits = tuple(dict.fromkeys((*training_labels(parent, base), "val")))
-    # DFR chooses C by worst-group accuracy on held-out validation images: group labels
-    return chain, splits, True, validation_scores(parent)
+    chain = facts.algorithm if base == "erm" else f"{base}+{facts.algorithm}"
+    splits = tuple(dict.fromkeys((*training_labels(parent, base), *own_labels)))
+    return chain, splits, facts.group_labels_in_selection, validation_scores(parent)
 
 
 def alarms_at(rec: RunRecord, epoch: int | None) -> list[str]:
@@ -523,9 +531,9 @@ def jtt_stage1_hashes(runs: Iterable[RunRecord]) -> dict[str, Path]:
 def resume_command(rec: RunRecord) -> str:
     """The ``python -m robustbench_fvae.run`` command that resumes (or re-creates) run ``rec``:
     its stored, resolved settings as flags (only those that differ from the defaults). For an
-    unfinished derived run, the ``python -m robustbench_fvae.dfr`` command that redoes it."""
+    unfinished derived run, the command that redoes it, as its record states it."""
     if is_derived(rec):
-        return _derived_command(rec)
+        return redo_command(rec.config["derived"], rec.path)
     cfg = rec.config.get("config", {})
     # JSON round trip so that tuples in the defaults compare equal to the lists read from disk
     default = json.loads(json.dumps(RunConfig().to_dict()))
@@ -542,25 +550,3 @@ def resume_command(rec: RunRecord) -> str:
     base = f"--method {cfg.get('method')} --dataset {cfg.get('dataset')}"
     rest = [f for f in flags if not f.startswith(("--method ", "--dataset "))]
     return " ".join(["python -m robustbench_fvae.run", base, *rest])
-
-
-def _derived_command(rec: RunRecord) -> str:
-    """``python -m robustbench_fvae.dfr PARENT_DIR`` with the recorded DFR settings that differ
-    from dfr's defaults and the output folder the run is in (so it lands in the same
-    derived-run folder)."""
-    from robustbench_fvae.config import DFR_C_GRID, DFR_REFITS
-
-    derived = rec.config.get("derived") or {}
-    settings = derived.get("settings") or {}
-    flags = []
-    if settings.get("seed", 0) != 0:
-        flags.append(f"--seed {settings['seed']}")
-    if settings.get("refits", DFR_REFITS) != DFR_REFITS:
-        flags.append(f"--refits {settings['refits']}")
-    grid = settings.get("c_grid")
-    if grid is not None and [float(c) for c in grid] != [float(c) for c in DFR_C_GRID]:
-        flags.append("--c-grid " + ",".join(f"{float(c):g}" for c in grid))
-    # where the run lives (OUT/<dataset>/<method>/<hash>), even if its folder was moved
-    flags.append(f"--out {rec.path.parents[2]}")
-    return " ".join(["python -m robustbench_fvae.dfr",
-                     str(derived.get("parent_dir", "PARENT_RUN_DIR")), *flags])
