@@ -265,27 +265,6 @@ def fit_dfr(features: np.ndarray, y: np.ndarray, g: np.ndarray, num_classes: int
 # ---------------------------------------------------------------- features of a trained model
 
 
-def penultimate_features(model, split, *, batch_size: int, device, num_workers: int = 0
-                         ) -> np.ndarray:
-    """The input of ``model``'s classifier head for every image of ``split`` in order: (N, D)
-    float32. Float32 even on CUDA (no autocast): the retrained head deserves exact features."""
-    import torch
-
-    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
-        raise DFRError(f"{type(model).__name__} has no forward_features/forward_head: DFR reads "
-                       "the penultimate features of a timm model")
-    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers,
-                                         pin_memory=torch.device(device).type == "cuda")
-    model.eval()
-    chunks = [np.zeros((0, model.num_features), dtype=np.float32)]
-    with torch.inference_mode():
-        for images, _, _ in loader:
-            x = model.forward_features(images.to(device, non_blocking=True))
-            chunks.append(model.forward_head(x, pre_logits=True).float().cpu().numpy())
-    return np.concatenate(chunks)
-
-
 # ---------------------------------------------------------------- the derived run
 
 
@@ -392,6 +371,7 @@ def _run_held(parent: view.RunRecord, rdir: Path, out_root: Path, settings: dict
     import torch
 
     from .data import is_replica
+    from .engine.evaluate import penultimate_features
     from .engine.model import load_trained_model, resolve_device
     from .methods.setup import classifier_head
     from .metrics import constant_predictor, counterfactual_record, evaluate_split

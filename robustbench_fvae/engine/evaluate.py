@@ -124,3 +124,23 @@ def check_eval_groups(splits: dict[str, GroupSplit]) -> None:
             raise EmptyGroupError(
                 f"{splits[name].dataset_name} {name} split has no sample in group(s) {empty}: "
                 "worst-group accuracy is undefined; check the data with data_prep/verify.py")
+
+
+def penultimate_features(model: nn.Module, split: GroupSplit, *, batch_size: int, device,
+                         num_workers: int = 0) -> np.ndarray:
+    """The input of ``model``'s classifier head for every image of ``split`` in order: (N, D)
+    float32, what a last-layer derived run (DFR) refits on. Float32 even on CUDA (no autocast):
+    a retrained head deserves exact features."""
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        raise ValueError(f"{type(model).__name__} has no forward_features/forward_head: the "
+                         "penultimate features are read from a timm model")
+    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
+    model.eval()
+    chunks = [np.zeros((0, model.num_features), dtype=np.float32)]
+    with torch.inference_mode():
+        for images, _, _ in loader:
+            x = model.forward_features(images.to(device, non_blocking=True))
+            chunks.append(model.forward_head(x, pre_logits=True).float().cpu().numpy())
+    return np.concatenate(chunks)
