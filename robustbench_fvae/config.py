@@ -18,6 +18,8 @@ SELECTION_RULES = ("val_wg", "val_avg")
 # command and keeps its settings in its own module (robustbench_fvae/dfr.py).
 ALGORITHMS = ("erm", "groupdro", "resample", "reweight", "jtt")
 GROUPDRO_SAMPLERS = ("natural", "balanced")
+# How a run uses the frozen-stem feature cache (robustbench_fvae/stem_cache.py, docs/backbones.md).
+STEM_CACHE_CHOICES = ("auto", "on", "off")
 
 
 # What a None epochs / batch_size / eval_batch_size becomes: CPU-sized numbers for the offline

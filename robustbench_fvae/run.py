@@ -27,6 +27,7 @@ from .config import (
     ALGORITHMS,
     GROUPDRO_SAMPLERS,
     SELECTION_RULES,
+    STEM_CACHE_CHOICES,
     AdapterConfig,
     RunConfig,
     TrainConfig,
@@ -35,7 +36,6 @@ from .config import (
 from .data import dataset_names
 from .data.transforms import AUGMENT_RECIPES
 from .methods import method_names
-from .stem_cache import STEM_CACHE_CHOICES
 
 DATASETS = tuple(dataset_names())
 # Help texts live on the config's fields (config.setting); the method's lists the registry.

@@ -47,6 +47,7 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from .config import STEM_CACHE_CHOICES
 from .data.base import GroupSplit
 from .data.registry import is_replica
 from .data.transforms import CenterCropShortSide
@@ -58,7 +59,6 @@ CACHE_DIR = "stem_features"
 FORMAT_VERSION = 1
 # Recipes whose training transform is deterministic up to a horizontal flip.
 CACHEABLE_RECIPES = ("flip", "none")
-STEM_CACHE_CHOICES = ("auto", "on", "off")
 # Deterministic steps a cached view may contain (besides the flip it forces or leaves out).
 _DETERMINISTIC = (T.Resize, T.CenterCrop, CenterCropShortSide, T.ToTensor, T.Normalize)
 # Images per stem batch when computing the cache: at >= 64, oneDNN's result does not depend on

@@ -28,7 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
                                     "robustbench_fvae.metrics", "robustbench_fvae.methods",
                                     "robustbench_fvae.analysis.tables",
                                     "robustbench_fvae.analysis.statistics",
-                                    "robustbench_fvae.analysis.comparisons"])
+                                    "robustbench_fvae.analysis.comparisons",
+                                    # the commands parse their arguments before torch loads, so
+                                    # a typo or a bad path is answered in a second
+                                    "robustbench_fvae.data", "robustbench_fvae.run",
+                                    "robustbench_fvae.sweep", "robustbench_fvae.dfr",
+                                    "robustbench_fvae.protocol"])
 def test_importing_the_record_does_not_import_torch(module):
     code = (f"import sys; sys.path.insert(0, sys.argv[1]); import {module}; "
             "assert 'torch' not in sys.modules, 'torch imported'")

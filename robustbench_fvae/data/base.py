@@ -1,9 +1,10 @@
 """The dataset contract every benchmark dataset follows (WILDS-like, docs/datasets.md).
 
-A *split* is a map-style torch dataset of ``(image, y, a)`` items that also knows its class,
-attribute and group names, each sample's group index ``g``, and the training split's group counts
-(needed for the train-weighted average accuracy). Group indices follow WILDS where WILDS defines
-them; ``groups`` lists only the populated groups of the dataset's definition (Animals: 8 of 16).
+A *split* is a map-style dataset (what a torch DataLoader reads) of ``(image, y, a)`` items
+that also knows its class, attribute and group names, each sample's group index ``g``, and the
+training split's group counts (needed for the train-weighted average accuracy). Group indices
+follow WILDS where WILDS defines them; ``groups`` lists only the populated groups of the
+dataset's definition (Animals: 8 of 16).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 SPLITS = ("train", "val", "test")
@@ -33,8 +33,10 @@ class Group:
     name: str
 
 
-class GroupSplit(torch.utils.data.Dataset):
-    """One split of a group-labelled image dataset.
+class GroupSplit:
+    """One split of a group-labelled image dataset: a map-style dataset (``len`` and indexing,
+    all a torch DataLoader needs; not a torch subclass, so the data package imports without
+    torch and the commands parse their arguments before torch loads).
 
     Items are ``(image, y, a)``: ``image`` is whatever ``transform`` returns for a PIL RGB image
     (the PIL image itself when ``transform`` is None); ``y`` and ``a`` are Python ints.

@@ -35,7 +35,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from PIL import Image
-from torchvision import transforms as T
 
 AUGMENT_RECIPES = ("paper", "standard", "flip", "none")
 FAMILIES = ("waterbirds", "celeba", "animals")
@@ -50,7 +49,9 @@ class CenterCropShortSide:
     loader workers can use it."""
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return T.functional.center_crop(image, [min(image.size)] * 2)
+        from torchvision.transforms import functional
+
+        return functional.center_crop(image, [min(image.size)] * 2)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -75,6 +76,7 @@ def check_recipe(augment: str) -> str:
 
 def _geometry_eval(size: int, augment: str, family: str | None) -> list[Callable]:
     """The resize/crop steps of the evaluation transform (see the module docstring)."""
+    from torchvision import transforms as T  # here: the package imports without torch
     resized = int(size * 256 / 224)  # the classic ImageNet ratio between resize and crop
     if augment == "paper" or family is None or family == "animals":
         return [T.Resize(resized), T.CenterCrop(size)]
@@ -106,6 +108,7 @@ def make_transforms(
         raise ValueError(f"std values must be positive, got {list(std)}")
     check_recipe(augment)
     family = None if family is None else family_of(family)
+    from torchvision import transforms as T  # here: the package imports without torch
     size = int(image_size)
     tail = [T.ToTensor(), T.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std])]
     geometry = _geometry_eval(size, augment, family)
