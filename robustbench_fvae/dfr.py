@@ -289,7 +289,7 @@ def derived_facts(*, seed: int = DEFAULT_SEED, refits: int = DEFAULT_REFITS,
     if refits != DEFAULT_REFITS:
         args += ["--refits", str(refits)]
     if [float(c) for c in c_grid] != [float(c) for c in C_GRID]:
-        args += ["--c-grid", ",".join(f"{float(c):g}" for c in c_grid)]
+        args += ["--c-grid", ",".join(repr(float(c)) for c in c_grid)]  # exact: same hash
     return DerivedFacts(algorithm=ALGORITHM, label="DFR", group_labels_in_training="val",
                         group_labels_in_selection=True,
                         selection_description=SELECTION_DESCRIPTION, note=TABLE_NOTE,

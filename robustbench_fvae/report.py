@@ -246,15 +246,15 @@ def build_report(
                                        "test worst-group and average accuracy (%) per epoch "
                                        "(epoch 1 = after the first pass); lines = mean over "
                                        "seeds, bands = min–max over seeds, rings = each seed's "
-                                       "selected epoch; derived (DFR) rows have no training "
-                                       "history of their own and no line."))
+                                       "selected epoch; derived rows (such as DFR's) have no "
+                                       "training history of their own and no line."))
     n_unfinished, n_bad = len(found.unfinished), len(found.unreadable) + len(skipped)
     intro = [
         f"Runs folder: {found.root}. Reported: {len(results)} finished run(s) in {len(rows)} "
         f"row(s) over {len(datasets)} dataset(s); not reported: {n_unfinished} unfinished, "
         f"{n_bad} unreadable or unselectable.",
-        "Rows: dataset × method × training algorithm (lora, lora + groupdro, …; + dfr for DFR "
-        "runs derived from finished runs) × "
+        "Rows: dataset × method × training algorithm (lora, lora + groupdro, …; + dfr, or the "
+        "name of another derived run, for runs derived from finished runs) × "
         + (f"the setting chosen by --best-by {best_by} (the Setting column)." if best_by else
            "the settings that differ between runs (named in the label).")
         + " The Group labels column says which rows used group labels for training or "

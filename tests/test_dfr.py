@@ -384,3 +384,19 @@ def test_dfr_refuses_bad_input(parent_run, dfr_run, tmp_path, capsys):
             dfr.main([str(parent_run), *bad])
         assert stop.value.code == EXIT_BAD_INPUT
         assert "error:" in capsys.readouterr().err
+
+
+def test_dfr_writes_the_facts_its_older_records_are_read_with():
+    """Reports show old and new DFR records as one algorithm: the facts dfr.py writes now equal
+    the frozen ones that older records are upgraded with (record/derived.py), flags aside; the
+    redo flags name only what differs from the defaults, C values exactly."""
+    import dataclasses
+
+    from robustbench_fvae.record.derived import derived_facts
+
+    legacy = derived_facts({"algorithm": "dfr", "settings": dfr.dfr_settings()})
+    assert dataclasses.replace(dfr.derived_facts(), args=()) == \
+        dataclasses.replace(legacy, args=())
+    assert dfr.derived_facts().args == ()
+    assert dfr.derived_facts(seed=2, c_grid=(0.1234567,)).args == (
+        "--seed", "2", "--c-grid", "0.1234567")

@@ -13,7 +13,7 @@ import pytest
 
 from robustbench_fvae.methods import get_method
 from robustbench_fvae.record import schema, store, view
-from robustbench_fvae.record.io import write_json_atomic
+from robustbench_fvae.record.io import RecordError, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,4 +143,7 @@ def test_derived_facts_read_from_the_record_and_upgraded_for_older_dfr_records(t
                                                                                  "val")
     assert legacy.group_labels_in_selection and "not a selection signal" in legacy.note
     assert redo_command(old, run_dir) == (f"python -m robustbench_fvae.dfr /p --seed 1 "
-                                          f"--refits 3 --c-grid 1,0.1 --out {tmp_path / 'out'}")
+                                          f"--refits 3 --c-grid 1.0,0.1 --out {tmp_path / 'out'}")
+    # the upgrade is DFR's alone: another derived run that wrote no facts is an error, not DFR
+    with pytest.raises(RecordError, match="'afr' run lacks its facts"):
+        derived_facts({"algorithm": "afr", "parent_dir": "/p"})

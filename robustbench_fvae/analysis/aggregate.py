@@ -39,11 +39,12 @@ from scipy import stats as scipy_stats
 
 from robustbench_fvae.config import ALGORITHMS
 from robustbench_fvae.methods import method_order
+from robustbench_fvae.record.derived import DerivedFacts
+from robustbench_fvae.record.io import RecordError
 
 # Collection, collect_runs, RunsDirNotFoundError, default_spurious_strength,
 # jtt_stage1_hashes, resume_command and validation_scores moved to record.view; they are
 # imported here under their old path too (``name as name``: re-exported).
-from robustbench_fvae.record.derived import DerivedFacts
 from robustbench_fvae.record.view import (
     CURVE_METRICS,
     METRICS,
@@ -182,7 +183,11 @@ def run_results(
         params = (rec.metrics or {}).get("params") or {}
         own_epoch = (rec.metrics or {}).get("selected_epoch")
         at_own = split == "test" and epoch == own_epoch
-        algorithm, trained_on, selection_labels, scores = provenance(rec, by_hash)
+        try:
+            algorithm, trained_on, selection_labels, scores = provenance(rec, by_hash)
+        except RecordError as err:  # a derived run whose record does not describe it
+            skipped.append((rec.path, str(err)))
+            continue
         results.append(RunResult(
             path=rec.path, dataset=str(rec.dataset), method=str(rec.method), seed=rec.seed,
             config_hash=str(rec.config_hash), selection=rule,

@@ -40,12 +40,18 @@ from robustbench_fvae.methods import find_method, method_label
 # Columns of the main human table (adj_disparity stays in the CSV only, to keep it readable).
 TABLE_METRICS = ("worst_group_acc", "avg_acc", "adj_avg_acc", "mean_group_acc", "disparity",
                  "ece")
+# How the notes name the splits.
+SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
 # Paper names of the training algorithms (a derived run's name is in its record: its facts' label).
 ALGORITHM_NAMES = {"groupdro": "GroupDRO", "resample": "ReSample", "reweight": "ReWeight",
                    "jtt": "JTT"}
 DATASET_NAMES = {"waterbirds": "Waterbirds", "celeba": "CelebA", "animals": "Animals",
                  "synth-waterbirds": "Waterbirds (synthetic)",
                  "synth-celeba": "CelebA (synthetic)", "synth-animals": "Animals (synthetic)"}
+
+
+def _split_name(split: str | None) -> str:
+    return SPLIT_NAMES.get(str(split), str(split))
 
 
 # --------------------------------------------------------------------------- formatting
@@ -150,8 +156,9 @@ def group_label_notes(rows: Sequence[GroupRow]) -> list[str]:
     (each as its record describes it) and --best-by."""
     derived = derived_of(rows)
     trained_on = "".join(f"'{f.group_labels_in_training} ({f.label} training)' = {f.label} "
-                         f"trains on the {f.group_labels_in_training} split with its group "
-                         "labels; " for f in derived.values() if f.group_labels_in_training)
+                         f"trains on the {_split_name(f.group_labels_in_training)} "
+                         "split with its group labels; " for f in derived.values()
+                         if f.group_labels_in_training)
     notes = [
         "Group labels = which split's group labels a row used and for what: 'train (training)' "
         "= GroupDRO, ReSample, ReWeight train with the training split's group labels; "
@@ -430,7 +437,8 @@ def latex_group_label_caption(rows: Sequence[GroupRow]) -> str:
     derived = derived_of(rows)
     trained = [r for r in rows if r.group_labels_training]
     if trained:
-        own = "".join(f"; {latex_escape(f.label)}: of the {f.group_labels_in_training} split"
+        own = "".join(f"; {latex_escape(f.label)}: of the "
+                      f"{_split_name(f.group_labels_in_training)} split"
                       for f in derived.values() if f.group_labels_in_training)
         text += (" $^\\dagger$ trained with group labels (GroupDRO, ReSample, ReWeight: of the "
                  f"training split{own}).")

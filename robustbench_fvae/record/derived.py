@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from robustbench_fvae.record.io import RecordError
+
 
 @dataclass(frozen=True)
 class DerivedFacts:
@@ -62,8 +64,9 @@ _LEGACY_DFR = DerivedFacts(
 
 
 def derived_facts(block: Mapping[str, Any]) -> DerivedFacts:
-    """The :class:`DerivedFacts` of a record's ``derived`` block (older DFR records upgraded)."""
-    if "label" in block and "command" in block:
+    """The :class:`DerivedFacts` of a record's ``derived`` block (older DFR records upgraded);
+    a :class:`RecordError` for a block of another derived run that lacks its facts."""
+    if "label" in block and "command" in block and "algorithm" in block:
         split = block.get("group_labels_in_training")
         return DerivedFacts(
             algorithm=str(block.get("algorithm")), label=str(block["label"]),
@@ -72,6 +75,11 @@ def derived_facts(block: Mapping[str, Any]) -> DerivedFacts:
             selection_description=str(block.get("selection_description") or ""),
             note=str(block.get("note") or ""),
             command=str(block["command"]), args=tuple(str(a) for a in block.get("args") or ()))
+    if block.get("algorithm", _LEGACY_DFR.algorithm) != _LEGACY_DFR.algorithm:
+        raise RecordError(f"the derived block of a {block.get('algorithm')!r} run lacks its "
+                          "facts (label, command, ...): its module must write "
+                          "DerivedFacts.record_fields() into it (robustbench_fvae/record/"
+                          "derived.py)")
     settings = block.get("settings") or {}
     args = []
     if "seed" in settings:
@@ -79,7 +87,7 @@ def derived_facts(block: Mapping[str, Any]) -> DerivedFacts:
     if "refits" in settings:
         args += ["--refits", str(settings["refits"])]
     if settings.get("c_grid"):
-        args += ["--c-grid", ",".join(f"{float(c):g}" for c in settings["c_grid"])]
+        args += ["--c-grid", ",".join(repr(float(c)) for c in settings["c_grid"])]
     return DerivedFacts(**{**_LEGACY_DFR.record_fields(), "args": tuple(args)})
 
 
