@@ -62,7 +62,11 @@ def test_paired_difference_is_the_paired_t_test():
     assert wide[0] < d.ci_low and wide[1] > d.ci_high
     same = statistics.paired_difference([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
     assert (same.mean_diff, same.p_value, same.ci_low) == (0.0, 1.0, 0.0)
-    assert math.isnan(statistics.paired_difference([0.6, 0.7], [0.5, 0.6]).p_value)
+    # equal nonzero differences: the exact sign test, not a t-test of zero spread (p = 0)
+    assert statistics.paired_difference([0.6, 0.7], [0.5, 0.6]).p_value == pytest.approx(0.5)
+    three = statistics.paired_difference([0.6, 0.7, 0.8], [0.5, 0.6, 0.7])
+    assert three.p_value == pytest.approx(0.25) and three.ci_low == three.ci_high
+    assert statistics.paired_difference([0.6] * 6, [0.5] * 6).p_value == pytest.approx(1 / 32)
     assert math.isnan(statistics.paired_difference([0.5], [0.4]).p_value)
 
 

@@ -60,6 +60,11 @@ def bootstrap_worst_group_interval(counts: Sequence[int], accuracies: Sequence[f
     return float(low), float(high)
 
 
+# Below this spread (fractions) paired differences count as equal: accuracies are ratios of
+# image counts, so real spreads are at least 1/N of a split, far above float rounding.
+ZERO_SPREAD = 1e-9
+
+
 @dataclass(frozen=True)
 class PairedDifference:
     """Mean of per-seed differences ``method − reference`` with its t-interval and p-value."""
@@ -86,10 +91,11 @@ def paired_difference(method: Sequence[float], reference: Sequence[float]) -> Pa
     """Paired comparison of two equally long sequences (one value per seed, same order).
 
     The interval is the 95 % t-interval of the mean difference (ddof 1); the p-value the
-    two-sided paired-t test of a zero mean. With fewer than two pairs both are NaN; with
-    identical differences (zero spread) the interval is the point and p is 1 for a zero mean
-    and 0 otherwise (NaN with fewer than three pairs: two equal differences are too easily a
-    coincidence of discrete accuracies).
+    two-sided paired-t test of a zero mean. With fewer than two pairs both are NaN. With
+    identical differences (zero spread, which discrete accuracies make a real case) the t-test
+    is undefined: the interval is the point, and p is the exact two-sided sign test's,
+    ``min(1, 2 · 0.5^n)`` for a nonzero difference (1 for zero), so that n equal differences
+    are evidence only as far as n coin flips are: three are not (p = 0.25), six would be.
     """
     a = np.asarray(method, dtype=np.float64)
     b = np.asarray(reference, dtype=np.float64)
@@ -103,8 +109,8 @@ def paired_difference(method: Sequence[float], reference: Sequence[float]) -> Pa
     if n < 2:
         return PairedDifference(1, mean, math.nan, math.nan, math.nan, math.nan)
     std = float(d.std(ddof=1))
-    if std == 0.0:
-        p = math.nan if n < 3 else (1.0 if mean == 0.0 else 0.0)
+    if std <= ZERO_SPREAD:  # equal up to float rounding (0.7 − 0.6 ≠ 0.6 − 0.5 in floats)
+        p = 1.0 if abs(mean) <= ZERO_SPREAD else min(1.0, 2.0 * 0.5 ** n)
         return PairedDifference(n, mean, mean, mean, p, 0.0)
     se = std / math.sqrt(n)
     half = float(scipy_stats.t.ppf(0.975, n - 1)) * se
