@@ -205,12 +205,13 @@ def test_finals_publish_and_page(protocol_tree, capsys):
         {"lr": lora_pick.train.lr, "epochs": 20, "patience": 5},
         {"lr": lora_pick.train.lr, "targets": ("q", "v")}]
 
-    # final runs: FVAE-LoRA 10 points of WG above LoRA on every seed
+    # final runs: FVAE-LoRA 10 points of WG above LoRA on seeds 1-4, 20 on seed 5
     finals = expand(final)
     assert {r.seed for r in finals} == set(FINAL_SEEDS) and len(finals) == 10
     for run in finals:
         base = 0.5 + 0.1 * (run.seed % 2)
-        write_planned(run, val_wg=0.6, test_wg=base + (0.1 if run.method == "fvae" else 0.0))
+        gain = (0.2 if run.seed == 5 else 0.1) if run.method == "fvae" else 0.0
+        write_planned(run, val_wg=0.6, test_wg=base + gain)
     counts = publish("results/protocol", specs={"search": "search.yaml", "final": "final.yaml",
                                                 "controls": "controls.yaml"}, log=lambda _: None)
     assert counts == {"search": 4, "final": 10, "controls": 0}
@@ -228,15 +229,15 @@ def test_finals_publish_and_page(protocol_tree, capsys):
 
     text, figures, block = build_page("results/protocol", "results")
     assert block.startswith("<!-- results:begin -->") and \
-        "| synth-waterbirds | FVAE-LoRA | 66.0 [59.2, 72.8] (5) | 66.0 [59.2, 72.8] (5) |" in block
+        "| synth-waterbirds | FVAE-LoRA | 68.0 [57.6, 78.4] (5) | 68.0 [57.6, 78.4] (5) |" in block
     # the answer in one sentence per rule, from the same comparisons, on the page and the block
     answer = next(line for line in block.splitlines() if line.startswith(
         "**The answer, selection val_wg:** of 3 paired comparisons with LoRA (1 method × WG"))
-    assert "synth-waterbirds FVAE-LoRA − LoRA WG +10.0 [+10.0, +10.0] points" in answer
+    assert "synth-waterbirds FVAE-LoRA − LoRA WG +12.0 [+5.0, +19.0] points" in answer
     Path("README.md").write_text("# r\n\n<!-- results:begin -->\nold\n<!-- results:end -->\nend\n")
     assert set(figures) == {"forest_val_wg.png", "forest_val_avg.png"}
     assert "## Selection by val_wg" in text and "## Selection by val_avg" in text
-    assert "synth-waterbirds: FVAE-LoRA's WG is higher than LoRA's by +10.0 [+10.0, +10.0]" \
+    assert "synth-waterbirds: FVAE-LoRA's WG is higher than LoRA's by +12.0 [+5.0, +19.0]" \
         in text
     assert "| synth-waterbirds | FVAE-LoRA |" in text and "| 2 | 60.0 | 5 (1, 2, 3, 4, 5) |" \
         in text
@@ -249,26 +250,27 @@ def test_finals_publish_and_page(protocol_tree, capsys):
         "<!-- results:end -->\nend\n") and "old" not in readme
     assert "[docs/results.md](docs/results.md)" in readme
     assert check_page("results/protocol", "docs/results.md") is None
-    Path("README.md").write_text(readme.replace("66.0 [59.2", "67.0 [59.2"))
+    Path("README.md").write_text(readme.replace("68.0 [57.6", "69.0 [57.6"))
     assert "README.md's results block differs" in check_page("results/protocol",
                                                               "docs/results.md")
     Path("README.md").write_text(readme)
-    Path("docs/results.md").write_text(text.replace("+10.0", "+11.0"))
+    Path("docs/results.md").write_text(text.replace("+12.0", "+13.0"))
     assert "differs from what" in check_page("results/protocol", "docs/results.md")
     assert main(["page", "results/protocol", "--out", "docs/results.md", "--check"]) == 1
     capsys.readouterr()
 
-    # one control arm recorded (targets q,v): FVAE-LoRA 20 points above LoRA there, 10 by default
+    # one control arm recorded (targets q,v): FVAE-LoRA 30 points above LoRA there, 10-20 by
+    # default
     for run in expand(controls):
         if run.config.adapter.targets == ("q", "v"):
             base = 0.5 + 0.1 * (run.seed % 2)
-            write_planned(run, val_wg=0.6, test_wg=base + (0.2 if run.method == "fvae" else 0.0))
+            write_planned(run, val_wg=0.6, test_wg=base + (0.3 if run.method == "fvae" else 0.0))
     publish("results/protocol", specs={"search": "search.yaml", "final": "final.yaml",
                                        "controls": "controls.yaml"}, log=lambda _: None)
     text = build_page("results/protocol", "results")[0]
     qv = next(line for line in text.splitlines()
               if line.startswith("| 5 epochs, targets q,v, selected epoch | WG |"))
-    assert "| 5 | " in qv and "+20.0 [+20.0, +20.0] | +10.0 [+10.0, +10.0]" in qv and \
+    assert "| 5 | " in qv and "+30.0 [+30.0, +30.0] | +18.0 [" in qv and \
         qv.endswith("the difference changes |")
     long = next(line for line in text.splitlines() if line.startswith("| 20 epochs"))
     assert long.endswith("not in the records yet |")
@@ -330,7 +332,9 @@ def test_report_writes_comparisons_with_the_documented_columns(tmp_path):
     for seed in range(1, 6):
         base = 0.5 + 0.1 * (seed % 2)
         write_run(tmp_path, method="lora", seed=seed, test_accs=(accs(base),))
-        write_run(tmp_path, method="fvae", seed=seed, test_accs=(accs(base + 0.1),))
+        # 10 points better on average, with a spread (equal differences get the sign test)
+        write_run(tmp_path, method="fvae", seed=seed,
+                  test_accs=(accs(base + (0.2 if seed == 5 else 0.1)),))
         write_run(tmp_path, method="vae2lat", seed=seed,
                   test_accs=(accs(base + (0.1 if seed % 2 else -0.1)),))
     report = build_report(tmp_path, tmp_path / "report")
@@ -340,7 +344,7 @@ def test_report_writes_comparisons_with_the_documented_columns(tmp_path):
     assert COMPARISON_COLUMNS[:10] == ("dataset", "method", "reference", "metric", "n_pairs",
                                        "mean_diff", "ci_low", "ci_high", "p_value", "p_holm")
     wg = {r["method"]: r for r in rows if r["metric"] == "worst_group_acc"}
-    assert float(wg["fvae"]["mean_diff"]) == pytest.approx(0.1)
+    assert float(wg["fvae"]["mean_diff"]) == pytest.approx(0.12)
     assert wg["fvae"]["declared"] == "True" and wg["vae2lat"]["declared"] == "False"
     assert float(wg["vae2lat"]["p_holm"]) >= float(wg["vae2lat"]["p_value"])
     assert report.files["forest.png"].read_bytes().startswith(b"\x89PNG")
@@ -378,7 +382,7 @@ def _write_probe_tables(run_dir: Path, method: str, seed: int) -> None:
     folder = run_dir / "probe"
     folder.mkdir()
     layer = "blocks.3.attn.qkv:q"
-    flips = 0.05 * seed + (0.1 if method == "fvae" else 0.0)
+    flips = 0.05 * seed + (0.1 + 0.005 * (seed - 3) if method == "fvae" else 0.0)
     records.write_csv_atomic(folder / "interventions.csv", INTERVENTION_COLUMNS, [
         full(INTERVENTION_COLUMNS, {"target": "all", "scope": "all", "intervention": kind,
                                     "n": 80, "flip_rate": flips, "delta_wg": -0.01 * seed,
@@ -434,11 +438,13 @@ def test_latents_page_from_published_probe_tables(protocol_tree, capsys):
     # z1's data KL: 0 on seed 1, 0.5 on the four others; collapsed on one seed of five
     assert "| FVAE-LoRA | blocks.3 q | 5 | 0.400 [0.122, 0.678] | 3.2 [1.0, 5.4] |" in text
     assert "| 1/5 |" in text
-    # flips: LoRA 0.05·seed, FVAE-LoRA 10 points more on every seed → declared (Holm)
-    assert ("| FVAE-LoRA − LoRA: flips, background-swapped | 5 | +10.00 | [+10.00, +10.00] |"
-            in text) and "higher" in text
+    # flips: LoRA 0.05·seed, FVAE-LoRA 9-11 points more → declared (Holm); t-interval by hand
+    half = 100 * scipy_stats.t.ppf(0.975, 4) * np.std([-0.01, -0.005, 0, 0.005, 0.01],
+                                                      ddof=1) / math.sqrt(5)
+    assert (f"| FVAE-LoRA − LoRA: flips, background-swapped | 5 | +10.00 | "
+            f"[{10 - half:+.2f}, {10 + half:+.2f}] |" in text) and "higher" in text
     assert "FVAE-LoRA: replacing every update by zero changes test WG by -3.0" in block
-    assert "FVAE-LoRA − LoRA: flips, zero +10.0 [+10.0, +10.0] points" in block
+    assert "FVAE-LoRA − LoRA: flips, zero +10.0 [+" in block
     Path("README.md").write_text("# r\n<!-- latents:begin -->\nold\n<!-- latents:end -->\n")
     write_latents_page("results/protocol", "docs/latents.md")
     assert check_latents_page("results/protocol", "docs/latents.md") is None
