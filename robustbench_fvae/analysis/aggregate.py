@@ -53,7 +53,6 @@ from robustbench_fvae.record.view import (
     RunRecord,
     alarms_at,
     counterfactual_metric,
-    is_derived,
     provenance,
     relevant_settings,
     run_settings,
@@ -121,16 +120,14 @@ class RunResult:
     alarms: list[str] = field(default_factory=list)
     label: str = ""  # set by :func:`assign_labels`
     row_settings: dict[str, str] = field(default_factory=dict)
-    # the label without the spurious strength: one line of a robustness curve (assign_labels)
-    base_label: str = ""
+    base_label: str = ""  # without the spurious strength: one curve line (assign_labels)
     # core-only accuracy and background reliance (NaN when the run did not record them)
     extra: dict[str, float] = field(default_factory=dict)
     # one entry per history record: {"epoch": int, "val": {metric: value}, "test": {...}}
     curve: list[dict[str, Any]] = field(default_factory=list)
     # "erm", "groupdro", …; a DFR run: "dfr" on an ERM parent, else e.g. "groupdro+dfr"
     algorithm: str = "erm"
-    derived: bool = False  # a derived run (DFR): no training history of its own
-    # how a derived run is shown, as its record says (its selection is named by its algorithm)
+    # a derived run's facts, as its record says (its selection is named by its algorithm)
     derived_facts: DerivedFacts | None = None
     # the splits whose group labels trained the run ("train": GroupDRO/ReSample/ReWeight,
     # "val": DFR) and whether its selection (epoch rule, DFR's C) read validation group labels
@@ -139,6 +136,10 @@ class RunResult:
     # {rule: validation score the rule maximises, at the epoch it selects} (--best-by); a DFR
     # run carries its parent's (its own validation numbers are in-sample)
     val_scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def derived(self) -> bool:  # a derived run (DFR): no training history of its own
+        return self.derived_facts is not None
 
     @property
     def rho(self) -> float | None:
@@ -200,9 +201,9 @@ def run_results(
             extra={k: counterfactual_metric(rec.metrics, m, k, at_own_epoch=at_own)
                    for k in EXTRA_METRICS},
             curve=training_curve(rec),
-            algorithm=algorithm, derived=is_derived(rec), derived_facts=rec.derived_facts,
+            algorithm=algorithm, derived_facts=rec.derived_facts,
             group_labels_training=trained_on,
-            group_labels_selection=selection_labels if select is None or is_derived(rec)
+            group_labels_selection=selection_labels if select is None or rec.derived
             else select == "val_wg",
             val_scores=scores,
         ))
@@ -374,7 +375,6 @@ class GroupRow:
     base_label: str = ""  # the label without the spurious strength (one curve line)
     rho: float | None = None  # spurious strength of the row's runs (None: dataset default)
     algorithm: str = "erm"  # see RunResult.algorithm
-    derived: bool = False  # DFR rows: fitted on their parents, no training history
     # {derived algorithm: its facts} of the row's derived runs (see derived_of)
     derived_facts: dict[str, DerivedFacts] = field(default_factory=dict)
     group_labels_training: tuple[str, ...] = ()  # see RunResult
@@ -384,6 +384,10 @@ class GroupRow:
     @property
     def n(self) -> int:
         return len(self.runs)
+
+    @property
+    def derived(self) -> bool:  # a row of derived runs (DFR): no training history
+        return bool(self.derived_facts)
 
     @property
     def group_labels(self) -> str:
@@ -482,8 +486,7 @@ def aggregate(results: Sequence[RunResult], best_by: str | None = None) -> list[
             groups=[GroupStat(g, group_meta[g][0], group_meta[g][1], summarize(group_vals[g]))
                     for g in sorted(group_meta)],
             params=params, runs=runs, base_label=runs[0].base_label, rho=runs[0].rho,
-            algorithm=algorithm, derived=any(r.derived for r in runs),
-            derived_facts=derived_of(runs),
+            algorithm=algorithm, derived_facts=derived_of(runs),
             group_labels_training=tuple(dict.fromkeys(
                 s for r in runs for s in r.group_labels_training)),
             # hyperparameters chosen by validation worst-group accuracy read group labels too
