@@ -30,7 +30,8 @@ import torch  # noqa: E402
 
 from robustbench_fvae.cli import ArgumentParser, add_data_root_option, command, fail  # noqa: E402
 from robustbench_fvae.config import ConfigError, config_from_settings  # noqa: E402
-from robustbench_fvae.training import build_model_and_data, resolve_config, run  # noqa: E402
+from robustbench_fvae.config.resolve import resolve_config  # noqa: E402
+from robustbench_fvae.training import build_model_and_data, run  # noqa: E402
 
 COMPARED = ("val", "test", "counterfactual", "selected_epoch")
 

@@ -29,54 +29,19 @@ group labels only if the selection rule does).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import ALGORITHMS, GROUPDRO_SAMPLERS, ConfigError, TrainConfig
-from .data.registry import is_replica
+from .config import ConfigError, TrainConfig
 from .distributed import SINGLE_PROCESS, Distributed
 from .record.schema import JTT_ERROR_FILE as JTT_ERROR_FILE  # declared with the record files
-
-# JTT's (T, λ) from the JTT paper's tuned values (Waterbirds 60 epochs / 100, CelebA 1 / 50;
-# Animals is not in the paper: CelebA's); on the CPU-sized replicas (5 epochs by default) one
-# identification epoch and λ = 20 keep stage 2 within about 1.5× an ERM run.
-JTT_DEFAULTS = {"waterbirds": (60, 100), "celeba": (1, 50), "animals": (1, 50)}
-JTT_SYNTH_DEFAULT = (1, 20)
 
 # What a table says about the group labels an algorithm trains with.
 GROUP_LABELS_IN_TRAINING = {"erm": None, "jtt": None, "reweight": "train", "resample": "train",
                             "groupdro": "train"}
-
-
-def jtt_defaults(dataset: str) -> tuple[int, int]:
-    """``(jtt_epochs, jtt_upweight)`` defaults of a dataset."""
-    if is_replica(dataset):
-        return JTT_SYNTH_DEFAULT
-    return JTT_DEFAULTS.get(dataset, JTT_DEFAULTS["celeba"])
-
-
-def validate_algorithm(t: TrainConfig) -> None:
-    """Refuse unknown algorithms and out-of-range hyperparameters (one-line ConfigErrors)."""
-    if t.algorithm not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm {t.algorithm!r}; accepted: {', '.join(ALGORITHMS)}"
-                          " (a derived run, such as DFR, is made from a finished run by its own "
-                          "command: python -m robustbench_fvae.dfr RUN_DIR)")
-    if not (t.groupdro_eta > 0 and math.isfinite(t.groupdro_eta)):
-        raise ConfigError(f"groupdro_eta must be a positive number, got {t.groupdro_eta}")
-    if not (t.groupdro_adjustment >= 0 and math.isfinite(t.groupdro_adjustment)):
-        raise ConfigError(f"groupdro_adjustment must be >= 0, got {t.groupdro_adjustment}")
-    if t.groupdro_sampler not in GROUPDRO_SAMPLERS:
-        raise ConfigError(f"unknown groupdro_sampler {t.groupdro_sampler!r}; accepted: "
-                          f"{', '.join(GROUPDRO_SAMPLERS)}")
-    if t.algorithm == "jtt":
-        if t.jtt_epochs is None or t.jtt_epochs < 1:
-            raise ConfigError(f"jtt_epochs must be >= 1, got {t.jtt_epochs}")
-        if t.jtt_upweight is None or t.jtt_upweight < 0:
-            raise ConfigError(f"jtt_upweight must be >= 0, got {t.jtt_upweight}")
 
 
 def inverse_count_weights(counts: np.ndarray) -> np.ndarray:

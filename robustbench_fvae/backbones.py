@@ -25,32 +25,35 @@ import socket
 import threading
 from dataclasses import dataclass
 from difflib import get_close_matches
-from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from .data.registry import is_replica
-
-# One way only: backbones -> pretrain -> stems (pretrain never imports this module).
-from .pretrain import (
-    CACHE_ENV,
-    PretrainConfig,
-    ensure_offline_backbone,
-    offline_backbone_key,
-    offline_cache_dir,
-    offline_cache_path,
-)
-from .stems import (
+# What names the weights (torch-free, read by the config): backbone_identity. Building them, one
+# way only: backbones -> pretrain -> stems (pretrain never imports this module).
+from .backbone_identity import (
     OFFLINE_ARCH,
     OFFLINE_BACKBONE,
     OFFLINE_MEAN,
     OFFLINE_STD,
-    build_offline_vit,
-    file_sha256,
+    REAL_BACKBONE,
+    WEIGHT_SUFFIXES,
+    BackboneError,
+    PretrainConfig,
+    backbone_digest,
+    check_weights_file,
+    default_backbone,
+    offline_backbone_key,
 )
+from .pretrain import (
+    CACHE_ENV,
+    ensure_offline_backbone,
+    offline_cache_dir,
+    offline_cache_path,
+)
+from .stems import build_offline_vit
 
 __all__ = [
     "CACHE_ENV", "OFFLINE_ARCH", "OFFLINE_BACKBONE", "OFFLINE_MEAN", "OFFLINE_STD",
@@ -58,14 +61,6 @@ __all__ = [
     "backbone_digest", "build_offline_vit", "create_backbone", "default_backbone",
     "ensure_offline_backbone", "offline_backbone_key", "offline_cache_dir", "offline_cache_path",
 ]
-
-REAL_BACKBONE = "vit_base_patch16_224.orig_in21k"
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-
-
-class BackboneError(ValueError):
-    """Unknown backbone, unreadable/mismatched weights, or weights unavailable offline."""
-
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -75,11 +70,6 @@ class DataConfig:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-
-
-def default_backbone(dataset: str) -> str:
-    """The offline ViT for the offline replicas (``synth-*``), ViT-B/16 in21k otherwise."""
-    return OFFLINE_BACKBONE if is_replica(dataset) else REAL_BACKBONE
 
 
 def create_backbone(
@@ -106,7 +96,7 @@ def create_backbone(
     if int(num_classes) < 1:
         raise BackboneError(f"num_classes must be >= 1, got {num_classes}")
     if weights is not None:
-        weights = _check_weights_file(weights)
+        weights = check_weights_file(weights)
     if name == OFFLINE_BACKBONE:
         if model_kwargs:
             raise BackboneError(
@@ -136,37 +126,6 @@ def backbone_data_config(model: nn.Module) -> DataConfig:
     mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225)))
     return DataConfig(image_size=int(size[0]), mean=mean, std=std)
-
-
-def backbone_digest(name: str, weights: str | Path | None = None) -> str | None:
-    """A short digest of the weights a run starts from, for the run hash (docs/backbones.md):
-
-    * ``weights`` given: ``sha256:<16 hex>`` of the file's bytes;
-    * the offline backbone: ``key:<12 hex>``, the cache key of
-      :func:`~robustbench_fvae.pretrain.offline_backbone_key` (a digest of everything that
-      determines its weights; pretraining is seeded and deterministic on a CPU), known without
-      pretraining it;
-    * any other timm name: None (its pretrained tag already names the weights).
-    """
-    if weights is not None:
-        path = _check_weights_file(weights)
-        return "sha256:" + _file_digest(str(path.resolve()), *_file_stamp(path))[:16]
-    if name == OFFLINE_BACKBONE:
-        return "key:" + offline_backbone_key()
-    return None
-
-
-def _file_stamp(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
-
-
-@lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """SHA-256 of a file, memoised per (path, size, mtime): a sweep resolves many runs of one
-    weights file, and a ViT-B file takes about a second to hash."""
-    del size, mtime_ns  # part of the memo key only
-    return file_sha256(path)
 
 
 # ------------------------------------------------------------------------------ offline backbone
@@ -333,19 +292,6 @@ def _reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
 
 
 # ------------------------------------------------------------------------------- weight files
-
-
-def _check_weights_file(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise BackboneError(f"weights file {path} does not exist; pass an existing "
-                            f"{'/'.join(WEIGHT_SUFFIXES)} file with --weights FILE")
-    if path.suffix.lower() not in WEIGHT_SUFFIXES:
-        raise BackboneError(
-            f"weights file {path} has suffix {path.suffix!r}; expected one of "
-            f"{', '.join(WEIGHT_SUFFIXES)} (a safetensors file or a torch state dict)"
-        )
-    return path
 
 
 def _unwrap(obj: object, path: Path) -> dict:

@@ -33,14 +33,13 @@ new file and a new run hash, and never a stale one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +47,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .backbone_identity import (
+    OFFLINE_ARCH,
+    OFFLINE_BACKBONE,
+    OFFLINE_MEAN,
+    OFFLINE_STD,
+    OFFLINE_STEM_BLOCKS,
+    PRETRAIN_VERSION,
+    PretrainConfig,
+    offline_arch_summary,
+    offline_backbone_key,
+)
 from .cli import EXIT_OK, ArgumentParser, command
 from .data.silhouettes import (
     FAMILIES,
@@ -64,38 +74,13 @@ from .data.silhouettes import (
 )
 from .record.io import exclusive_lock
 from .stems import (
-    OFFLINE_ARCH,
-    OFFLINE_BACKBONE,
-    OFFLINE_MEAN,
-    OFFLINE_STD,
-    OFFLINE_STEM_BLOCKS,
     FrozenMobileNetV2Stem,
     build_offline_vit,
-    offline_arch_summary,
 )
 
-# Bumped whenever the source task or the training code changes what the weights are.
-PRETRAIN_VERSION = 2
 CACHE_ENV = "RBF_CACHE_DIR"
 SOURCE_SIZE = 64  # source scenes are drawn at the replicas' resolution, then resized like them
 MASK_CELLS = 4  # figure/ground targets per token: a MASK_CELLS x MASK_CELLS grid of its area
-
-
-@dataclass
-class PretrainConfig:
-    """Settings of the source task and its optimisation (in the cache key and the JSON summary)."""
-
-    seed: int = 0
-    epochs: int = 4
-    n_train: int = 8000  # generated training scenes (balanced over the ten classes)
-    n_test: int = 1000  # held-out scenes (held-out silhouette instances)
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_frac: float = 0.1
-    label_smoothing: float = 0.1
-    family_weight: float = 0.5  # weight of the auxiliary background-family loss
-    mask_weight: float = 5.0  # weight of the per-token figure/ground loss
 
 
 # ------------------------------------------------------------------------------ cache
@@ -110,15 +95,6 @@ def offline_cache_dir(cache_dir: str | Path | None = None) -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "robustbench_fvae"
-
-
-def offline_backbone_key(config: PretrainConfig | None = None) -> str:
-    """12 hex digits of SHA-256 over everything that determines the pretrained weights: the
-    architecture, the stem's weights file digest, the source-task recipe version and settings."""
-    spec = {"name": OFFLINE_BACKBONE, "version": PRETRAIN_VERSION,
-            "architecture": offline_arch_summary(), "config": asdict(config or PretrainConfig())}
-    text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def offline_cache_path(data_root: str | Path | None = None, *, cache_dir: str | Path | None = None,

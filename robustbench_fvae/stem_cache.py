@@ -28,10 +28,10 @@ batches of 64 images or more; smaller batches (an epoch's last partial batch) ca
 last bits (about 1e-11 here), which is the only difference between the two paths
 (tests/test_stem_cache.py checks features, runs and resume).
 
-When it applies (:func:`stem_cache_unavailable`): a ``synth-*`` replica, the offline backbone,
-and a training recipe whose only random step is a horizontal flip (``flip``, ``none``). Runs
-record ``stem_cache`` (``on``/``off``) in their config; ``on`` is part of the run hash, so a
-cached run is never mistaken for an uncached one.
+When it applies (``stem_cache_unavailable`` in robustbench_fvae/config/resolve.py): a
+``synth-*`` replica, the offline backbone, and a training recipe whose only random step is a
+horizontal flip (``flip``, ``none``). Runs record ``stem_cache`` (``on``/``off``) in their
+config; ``on`` is part of the run hash, so a cached run is never mistaken for an uncached one.
 """
 
 from __future__ import annotations
@@ -47,9 +47,7 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from .config import STEM_CACHE_CHOICES
 from .data.base import GroupSplit
-from .data.registry import is_replica
 from .data.transforms import CenterCropShortSide
 from .record.io import exclusive_lock
 from .stems import OFFLINE_BACKBONE, FrozenMobileNetV2Stem
@@ -57,8 +55,6 @@ from .stems import OFFLINE_BACKBONE, FrozenMobileNetV2Stem
 CACHE_DIR = "stem_features"
 # Bumped whenever the files' content or naming changes.
 FORMAT_VERSION = 1
-# Recipes whose training transform is deterministic up to a horizontal flip.
-CACHEABLE_RECIPES = ("flip", "none")
 # Deterministic steps a cached view may contain (besides the flip it forces or leaves out).
 _DETERMINISTIC = (T.Resize, T.CenterCrop, CenterCropShortSide, T.ToTensor, T.Normalize)
 # Images per stem batch when computing the cache: at >= 64, oneDNN's result does not depend on
@@ -68,33 +64,6 @@ BATCH = 256
 
 class StemCacheError(ValueError):
     """The stem cache cannot serve this run (one-line message naming the fix)."""
-
-
-def stem_cache_unavailable(dataset: str, backbone: str | None, augment: str | None) -> str | None:
-    """Why the stem cache cannot serve a run of ``dataset`` with ``backbone`` and recipe
-    ``augment`` (one line), or None when it can."""
-    if not is_replica(dataset):
-        return f"{dataset} is a real dataset (the stem cache is for the synth-* replicas)"
-    if backbone != OFFLINE_BACKBONE:
-        return f"backbone {backbone} has no frozen stem (only {OFFLINE_BACKBONE} has)"
-    if augment not in CACHEABLE_RECIPES:
-        return (f"recipe {augment!r} crops at random (the cache holds fixed views: "
-                f"{' or '.join(CACHEABLE_RECIPES)})")
-    return None
-
-
-def resolve_stem_cache(setting: str | None, dataset: str, backbone: str | None,
-                       augment: str | None) -> str:
-    """``on`` or ``off`` for a run: ``auto`` (or None) is ``on`` wherever the cache applies;
-    ``on`` where it does not is a :class:`StemCacheError` saying why."""
-    setting = "auto" if setting is None else setting
-    if setting not in STEM_CACHE_CHOICES:
-        raise StemCacheError(f"stem_cache must be one of {', '.join(STEM_CACHE_CHOICES)}, "
-                             f"got {setting!r}")
-    reason = stem_cache_unavailable(dataset, backbone, augment)
-    if setting == "on" and reason:
-        raise StemCacheError(f"--stem-cache on is not possible: {reason}; use auto or off")
-    return "off" if setting == "off" or reason else "on"
 
 
 def frozen_stem(model: torch.nn.Module) -> FrozenMobileNetV2Stem | None:

@@ -1,7 +1,8 @@
 """One benchmark run, as it was imported before the engine and the jobs got their own modules:
 the names below keep working for a release (tests and notebooks import them).
 
-The model and its config: :mod:`robustbench_fvae.engine.model`; data loading and evaluation:
+The config's resolution: :mod:`robustbench_fvae.config.resolve`; the model:
+:mod:`robustbench_fvae.engine.model`; data loading and evaluation:
 :mod:`robustbench_fvae.engine.evaluate`; checkpoints: :mod:`robustbench_fvae.engine.checkpoint`;
 the epoch loop: :mod:`robustbench_fvae.engine.loop`; the training job (``run``):
 :mod:`robustbench_fvae.jobs.train` (docs/design.md).
@@ -10,6 +11,7 @@ the epoch loop: :mod:`robustbench_fvae.engine.loop`; the training job (``run``):
 from __future__ import annotations
 
 from .config import REAL_DEFAULTS, SYNTH_DEFAULTS
+from .config.resolve import built_versions, dataset_defaults, jtt_stage1_config, resolve_config
 from .engine.checkpoint import (
     CHECKPOINT_FILE,
     PRETRAINED_DIR,
@@ -34,15 +36,12 @@ from .engine.evaluate import (
 from .engine.loop import LOSS_KEYS, Trainer
 from .engine.model import (
     build_model_and_data,
-    built_versions,
     check_rebuildable,
-    dataset_defaults,
     load_initial_model,
     load_trained_model,
-    resolve_config,
     resolve_device,
 )
-from .jobs.train import RunResult, jtt_stage1_config, run
+from .jobs.train import RunResult, run
 
 __all__ = [
     "CHECKPOINT_FILE", "LOSS_KEYS", "PRETRAINED_DIR", "REAL_DEFAULTS", "SYNTH_DEFAULTS",

@@ -14,9 +14,9 @@ from robustbench_fvae.algorithms import (
     balanced_draw,
     inverse_count_weights,
     make_algorithm,
-    validate_algorithm,
 )
 from robustbench_fvae.config import ConfigError, TrainConfig
+from robustbench_fvae.config.resolve import validate_algorithm
 from robustbench_fvae.selection import (
     select_epoch,
     should_stop_all,

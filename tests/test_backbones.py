@@ -251,10 +251,10 @@ def test_offline_backbone_loads_from_cache(tmp_path, monkeypatch):
 
 
 def test_run_hash_changes_with_the_backbone_weights(tmp_path, monkeypatch):
-    from robustbench_fvae import pretrain
+    from robustbench_fvae import backbone_identity
     from robustbench_fvae.config import ConfigError, RunConfig, config_hash
+    from robustbench_fvae.config.resolve import resolve_config
     from robustbench_fvae.data.synthetic import BUILDER_VERSION
-    from robustbench_fvae.training import resolve_config
 
     def run_hash(**settings) -> str:
         return config_hash(resolve_config(RunConfig(method="lora", dataset="synth-waterbirds",
@@ -276,7 +276,8 @@ def test_run_hash_changes_with_the_backbone_weights(tmp_path, monkeypatch):
     # it changes whenever the pretraining recipe does.
     before = run_hash()
     assert resolve_config(RunConfig()).backbone_digest == backbone_digest(OFFLINE_BACKBONE)
-    monkeypatch.setattr(pretrain, "PRETRAIN_VERSION", pretrain.PRETRAIN_VERSION + 1)
+    monkeypatch.setattr(backbone_identity, "PRETRAIN_VERSION",
+                        backbone_identity.PRETRAIN_VERSION + 1)
     assert run_hash() != before
     # A pinned digest that this machine does not have is refused, in one line.
     with pytest.raises(ConfigError, match="backbone_digest 'key:000' was asked for"):

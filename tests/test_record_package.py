@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
                                     "robustbench_fvae.record.view",
                                     "robustbench_fvae.record.derived", "robustbench_fvae.records",
                                     # the rest of what reads records or configs
-                                    "robustbench_fvae.config", "robustbench_fvae.selection",
+                                    "robustbench_fvae.config", "robustbench_fvae.config.resolve",
+                                    "robustbench_fvae.backbone_identity",
+                                    "robustbench_fvae.selection",
                                     "robustbench_fvae.metrics", "robustbench_fvae.methods",
                                     "robustbench_fvae.analysis.tables",
                                     "robustbench_fvae.analysis.statistics",
@@ -38,6 +40,22 @@ def test_importing_the_record_does_not_import_torch(module):
     code = (f"import sys; sys.path.insert(0, sys.argv[1]); import {module}; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code, str(ROOT)], check=True, timeout=120)
+
+
+def test_a_config_resolves_to_its_run_hash_without_torch():
+    """Resolution (defaults, checks, backbone digest, replica version) is the config's own job:
+    a sweep names every run, and a bad setting is refused, before any model code loads."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from robustbench_fvae.config import RunConfig, config_hash; "
+            "from robustbench_fvae.config.resolve import resolve_config; "
+            "cfg = resolve_config(RunConfig(method='fvae', dataset='synth-waterbirds', "
+            "train={'algorithm': 'jtt'})); "
+            "assert cfg.backbone_digest.startswith('key:') and cfg.train.jtt_epochs == 1; "
+            "assert cfg.stem_cache == 'on' and cfg.train.lr > 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(config_hash(cfg))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], check=True, timeout=120,
+                         capture_output=True, text=True).stdout.split()
+    assert len(out) == 1 and len(out[0]) == 12
 
 
 def test_data_imports_only_record_io():

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from robustbench_fvae.backbones import OFFLINE_BACKBONE, build_offline_vit
 from robustbench_fvae.config import ConfigError, RunConfig, config_from_settings, config_hash
+from robustbench_fvae.config.resolve import resolve_config, resolve_stem_cache
 from robustbench_fvae.data import counterfactual_splits, load_splits, make_transforms
 from robustbench_fvae.data.synthetic import build_replica, replica_dir
 from robustbench_fvae.run import main as run_main
@@ -24,11 +25,10 @@ from robustbench_fvae.stem_cache import (
     cached_splits,
     counterfactual_inputs,
     frozen_stem,
-    resolve_stem_cache,
     stem_digest,
 )
 from robustbench_fvae.stems import OFFLINE_ARCH, OFFLINE_MEAN, OFFLINE_STD, StemError
-from robustbench_fvae.training import SeededAugmentation, resolve_config, run
+from robustbench_fvae.training import SeededAugmentation, run
 
 SIZE = OFFLINE_ARCH["img_size"]
 

@@ -148,7 +148,8 @@ def probe_backbone(dataset: str, *, data_root: str = "data", backbone: str | Non
     import torch
 
     from ..config import RunConfig
-    from ..engine.model import build_model_and_data, resolve_config, resolve_device
+    from ..config.resolve import resolve_config
+    from ..engine.model import build_model_and_data, resolve_device
     from .latents import extract_block_features
 
     _check_probe_settings(pool, max_images, tsne_max, fit_split, weighting)

@@ -23,7 +23,7 @@ literature — Waterbirds: resize to a ``size·256/224`` square, centre-crop ``s
 SubpopBench); CelebA: centre-crop the short side (178 px of 178×218), resize to ``size``
 (GroupDRO, SubpopBench); Animals: resize the short side to ``size·256/224``, centre-crop (SpuCo).
 
-Defaults (``training.dataset_defaults``): real datasets ``paper`` (Table 5 of the paper is
+Defaults (``config.resolve.dataset_defaults``): real datasets ``paper`` (Table 5 of the paper is
 reproduced with its released recipe); replicas ``flip`` — a replica's nuisances (object position,
 scale, rotation, flip; background crop and tint) are already rendered into every image, and on
 a 64 px replica a crop can cut off most of the silhouette while the background, the spurious

@@ -1,9 +1,8 @@
-"""A run's model: its config resolved (dataset and method defaults, checks), the device, the
+"""A run's model from its resolved config (robustbench_fvae/config/resolve.py): the device, the
 model and splits built, and a finished run's model rebuilt from its record."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,104 +10,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..algorithms import (
-    jtt_defaults,
-    validate_algorithm,
-)
-from ..backbones import (
-    backbone_data_config,
-    backbone_digest,
-    create_backbone,
-    default_backbone,
-)
-from ..config import (
-    REAL_DEFAULTS,
-    SELECTION_RULES,
-    SYNTH_DEFAULTS,
-    ConfigError,
-    RunConfig,
-)
-from ..data import (
-    check_data_recipe,
-    data_defaults,
-    get_spec,
-    is_replica,
-    load_splits,
-    make_transforms,
-)
-from ..methods import validate_method
+from ..backbones import backbone_data_config, create_backbone
+from ..config import ConfigError, RunConfig
+from ..config.resolve import built_versions
+from ..data import get_spec, load_splits, make_transforms
 from ..methods.setup import prepare_model
 from ..record import view
-from ..record.io import (
-    RecordError,
-    RecordNotFoundError,
-)
-from ..stem_cache import StemCacheError, cached_splits, resolve_stem_cache
+from ..record.io import RecordError, RecordNotFoundError
+from ..stem_cache import cached_splits
 from .checkpoint import WEIGHTS_FILE, load_trainable_state
-
-
-def dataset_defaults(dataset: str) -> dict[str, int | float | str | None]:
-    """What a None training setting becomes: CPU-sized numbers for the replicas, the released
-    code's for real data, plus the data recipe (``augment``, ``spurious_strength``) of
-    :func:`robustbench_fvae.data.data_defaults`."""
-    try:
-        recipe = data_defaults(dataset)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return {**(SYNTH_DEFAULTS if is_replica(dataset) else REAL_DEFAULTS), **recipe}
-
-
-def resolve_config(cfg: RunConfig) -> RunConfig:
-    """Fill dataset- and method-dependent defaults and check every setting; returns a copy.
-
-    The run hash is taken over this resolved config, so an explicit default and an omitted one
-    name the same run.
-    """
-    cfg = RunConfig.from_dict(cfg.to_dict())
-    method = validate_method(cfg.method, cfg.adapter)
-    if cfg.train.select not in SELECTION_RULES:
-        raise ConfigError(f"unknown selection rule {cfg.train.select!r}; "
-                          f"accepted: {', '.join(SELECTION_RULES)}")
-    t = cfg.train
-    for key, value in dataset_defaults(cfg.dataset).items():
-        if getattr(t, key) is None:
-            setattr(t, key, value)
-    try:
-        t.augment, t.spurious_strength = check_data_recipe(cfg.dataset, t.augment,
-                                                           t.spurious_strength)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if t.lr is None:
-        t.lr = method.default_lr
-    if cfg.backbone is None:
-        cfg.backbone = default_backbone(cfg.dataset)
-    try:
-        cfg.stem_cache = resolve_stem_cache(cfg.stem_cache, cfg.dataset, cfg.backbone, t.augment)
-    except StemCacheError as err:
-        raise ConfigError(str(err)) from None
-    # The hash covers what the weights and the replica were built from (docs/backbones.md).
-    for key, value in built_versions(cfg).items():
-        if getattr(cfg, key) not in (None, value):
-            raise ConfigError(f"{key} {getattr(cfg, key)!r} was asked for, but this machine's "
-                              f"is {value!r}; drop the setting to run with it")
-        setattr(cfg, key, value)
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {getattr(t, key)}")
-    if not (t.lr > 0 and math.isfinite(t.lr)):
-        raise ConfigError(f"lr must be a positive number, got {t.lr}")
-    if not 0 <= t.warmup_frac < 1:
-        raise ConfigError(f"warmup_frac must be in [0, 1), got {t.warmup_frac}")
-    if t.weight_decay < 0 or t.grad_clip < 0 or t.patience < 0:
-        raise ConfigError("weight_decay, grad_clip and patience must be >= 0")
-    if t.algorithm == "jtt":
-        epochs, upweight = jtt_defaults(cfg.dataset)
-        t.jtt_epochs = epochs if t.jtt_epochs is None else t.jtt_epochs
-        t.jtt_upweight = upweight if t.jtt_upweight is None else t.jtt_upweight
-    validate_algorithm(t)
-    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise ConfigError(f"unknown device {cfg.device!r}; expected auto, cpu, cuda or cuda:N")
-    return cfg
 
 
 def resolve_device(name: str) -> torch.device:
@@ -141,16 +51,6 @@ def build_model_and_data(cfg: RunConfig, device: torch.device, progress: bool = 
         folder = get_spec(cfg.dataset).data_dir(cfg.data_root, cfg.train.spurious_strength)
         splits = cached_splits(model, cfg.dataset, folder, splits, progress=progress, log=log)
     return model, splits, adapted
-
-
-def built_versions(cfg: RunConfig) -> dict[str, str | int | None]:
-    """What this checkout builds for ``cfg``: ``backbone_digest`` (backbones.backbone_digest) and
-    ``replica_version`` (the replica builder's version for ``synth-*``, else None); both are run
-    hash inputs."""
-    from ..data.synthetic import BUILDER_VERSION
-
-    return {"backbone_digest": backbone_digest(cfg.backbone, cfg.weights),
-            "replica_version": BUILDER_VERSION if is_replica(cfg.dataset) else None}
 
 
 def check_rebuildable(cfg: RunConfig, git_commit: str | None = None) -> None:

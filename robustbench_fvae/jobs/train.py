@@ -12,23 +12,16 @@ import numpy as np
 import torch
 
 from ..adapters import count_parameters
-from ..algorithms import (
-    JTT_ERROR_FILE,
-)
-from ..config import (
-    ConfigError,
-    RunConfig,
-)
+from ..algorithms import JTT_ERROR_FILE
+from ..config import ConfigError, RunConfig
+from ..config.resolve import jtt_stage1_config, resolve_config
 from ..distributed import Distributed, init_distributed
 from ..engine.checkpoint import CHECKPOINT_FILE, load_trainable_state
 from ..engine.evaluate import check_eval_groups, predict
 from ..engine.loop import Trainer, silent
-from ..engine.model import build_model_and_data, resolve_config, resolve_device
+from ..engine.model import build_model_and_data, resolve_device
 from ..record import schema, store
-from ..record.io import (
-    read_json,
-    write_json_atomic,
-)
+from ..record.io import read_json, write_json_atomic
 
 
 @dataclass
@@ -53,8 +46,6 @@ def run(cfg: RunConfig, *, force: bool = False, progress: bool = True,
     """
     cfg = resolve_config(cfg)
     if cfg.threads is not None:
-        if cfg.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {cfg.threads}")
         torch.set_num_threads(cfg.threads)
     dist, device_name = init_distributed(cfg.device)
     if not dist.is_main:
@@ -100,27 +91,17 @@ def _run_held(cfg: RunConfig, rdir: Path, dist: Distributed, device_name: str, p
     return trainer.finish(params)
 
 
-def jtt_stage1_config(cfg: RunConfig) -> RunConfig:
-    """JTT's identification run: ERM with the same settings for ``jtt_epochs`` epochs, no early
-    stopping (JTT uses the model at the end of its T epochs). An ordinary run record."""
-    stage1 = RunConfig.from_dict(cfg.to_dict())
-    t = stage1.train
-    t.epochs, t.patience, t.algorithm = cfg.train.jtt_epochs, 0, "erm"
-    t.jtt_epochs = t.jtt_upweight = None
-    return stage1
-
-
 def _jtt_error_set(cfg: RunConfig, rdir: Path, dist: Distributed, device: torch.device,
                    workers: int, progress: bool, log: Callable[[str], None]) -> list[int]:
     """JTT's error set: the training images that stage 1's final model misclassifies (eval
     transform). Computed once and kept in ``rdir/jtt_error_set.json``; a resumed run reads it."""
     path = rdir / JTT_ERROR_FILE
     if not path.is_file():
-        stage1 = jtt_stage1_config(cfg)
+        stage1 = resolve_config(jtt_stage1_config(cfg))
         log(f"JTT stage 1: ERM for {stage1.train.epochs} epoch(s)")
         first = run(stage1, progress=progress, log=log, wait=True)
         with torch.random.fork_rng(devices=[]):
-            model, splits, _ = build_model_and_data(resolve_config(stage1), device)
+            model, splits, _ = build_model_and_data(stage1, device)
         ckpt = torch.load(first.run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         load_trainable_state(model, ckpt["model"])  # the final epoch's model, not the selected
         train = splits["train"]

@@ -24,7 +24,7 @@ A spec is a YAML mapping; only ``methods``, ``datasets`` and ``seeds`` are requi
 Expansion is ``methods × datasets × (grid points × random draws) × seeds``; a run's settings are,
 later ones winning: ``settings`` < the trial's grid/random values < ``per_dataset[dataset]`` <
 ``per_method[method]``. Every run is resolved with
-:func:`robustbench_fvae.engine.model.resolve_config` (dataset/method defaults filled, everything
+:func:`robustbench_fvae.config.resolve.resolve_config` (dataset/method defaults filled, everything
 checked) and named by its config hash, exactly as the run CLI names it; runs with equal hashes are
 merged. Random draw ``i`` of setting ``name`` comes from a generator seeded by ``(hparam_seed, i,
 crc32(name))``: the same for every seed, method and dataset of a trial, and unchanged when other
@@ -343,7 +343,7 @@ def expand(spec: SweepSpec, *, out: str | Path | None = None,
     ``out`` / ``data_root`` override the spec's settings (they are not part of the hash). A
     setting combination the runner would refuse raises a SpecError naming the run.
     """
-    from robustbench_fvae.engine.model import resolve_config  # heavy (torch, timm): only here
+    from robustbench_fvae.config.resolve import resolve_config
 
     base = dict(spec.settings)
     if out is not None:

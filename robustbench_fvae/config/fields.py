@@ -1,8 +1,9 @@
-"""The one typed configuration of a run, its validation, and its hash.
+"""The one typed configuration of a run: its fields with their help text, and its hash.
 
 Every setting a run depends on lives here and is written to ``config.json`` of the run. The run
 directory is named by :func:`config_hash`, a hash of the canonical config (DomainBed style), so the
 same settings always land in the same directory and a finished run is never redone by accident.
+Defaults: :mod:`.defaults`; resolution and checks: :mod:`.resolve`.
 """
 
 from __future__ import annotations
@@ -13,20 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-SELECTION_RULES = ("val_wg", "val_avg")
-# Training algorithms of `run`. A derived run (DFR) is made from a finished run by its own
-# command and keeps its settings in its own module (robustbench_fvae/dfr.py).
-ALGORITHMS = ("erm", "groupdro", "resample", "reweight", "jtt")
-GROUPDRO_SAMPLERS = ("natural", "balanced")
-# How a run uses the frozen-stem feature cache (robustbench_fvae/stem_cache.py, docs/backbones.md).
-STEM_CACHE_CHOICES = ("auto", "on", "off")
-
-
-# What a None epochs / batch_size / eval_batch_size becomes: CPU-sized numbers for the offline
-# replicas, the released code's for real data (the rest of a dataset's defaults, its data recipe,
-# is in its spec: robustbench_fvae/data/registry.py; a method's, in robustbench_fvae/methods/).
-SYNTH_DEFAULTS = {"epochs": 5, "batch_size": 64, "eval_batch_size": 256}
-REAL_DEFAULTS = {"epochs": 50, "batch_size": 64, "eval_batch_size": 64}
+from .defaults import REAL_DEFAULTS, SYNTH_DEFAULTS
 
 
 def setting(default: Any, help: str) -> Any:  # noqa: A002 - argparse's word
@@ -82,7 +70,7 @@ class AdapterConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and evaluation settings. ``None`` means: the dataset's default (see run.py)."""
+    """Optimisation and evaluation settings. ``None``: the dataset's default (config/resolve.py)."""
 
     epochs: int | None = setting(None,
         f"max epochs (default: {SYNTH_DEFAULTS['epochs']} synth-*, "
@@ -107,7 +95,7 @@ class TrainConfig:
     # The data recipe (hashed): augmentation recipe (data/transforms.py: paper, standard, flip,
     # none) and, for synth-* replicas only, the spurious strength rho = fraction of each class's
     # training images on its majority background. None: the dataset's default
-    # (robustbench_fvae/engine/model.py).
+    # (robustbench_fvae/config/resolve.py).
     augment: str | None = setting(None,
         "training augmentation recipe: paper, standard, flip or none (default: the "
         "dataset's, see docs/datasets.md)")
@@ -157,7 +145,7 @@ class RunConfig:
     checkpoint_every: int = setting(0, "also checkpoint every N steps (0: at epoch ends only)")
     threads: int | None = setting(None,
         "CPU threads for torch (default: torch's own choice, all cores)")
-    # Filled by engine.model.resolve_config: what the weights and the data were built from
+    # Filled by config.resolve.resolve_config: what the weights and the data were built from
     # (backbones.backbone_digest; the replica builder's version for synth-*), so that a changed
     # backbone or replica never counts as the same run. Given explicitly, they are checked.
     backbone_digest: str | None = setting(None,
@@ -168,7 +156,7 @@ class RunConfig:
         "hash); given, it is checked the same way")
     # The offline backbone's frozen stem read from features computed once per replica image and
     # view (robustbench_fvae/stem_cache.py): auto (on wherever it applies), on, off. Resolved
-    # to on/off by engine.model.resolve_config; hashed only when on, so the hashes of runs that
+    # to on/off by config.resolve.resolve_config; hashed only when on, so the hashes of runs that
     # compute the stem per batch (every run recorded before the cache) are unchanged.
     stem_cache: str = setting("auto",
         "offline backbone on synth-*: read the frozen stem's output from features "
@@ -214,74 +202,3 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:12]
 
 
-# ---------------------------------------------------------------- flat settings (CLI flags, specs)
-
-# Top-level run settings that a flag or a sweep spec may set, besides the adapter/train fields.
-RUN_FIELDS = ("method", "dataset", "backbone", "weights", "data_root", "out", "device",
-              "num_workers", "checkpoint_every", "threads", "backbone_digest",
-              "replica_version", "stem_cache")
-
-
-def flat_setting_names() -> dict[str, str]:
-    """Every settable name (a CLI flag with ``_`` for ``-``) → where it lives: run/adapter/train."""
-    names = {name: "run" for name in RUN_FIELDS}
-    names.update({f.name: "adapter" for f in dataclasses.fields(AdapterConfig)})
-    names.update({f.name: "train" for f in dataclasses.fields(TrainConfig)})
-    return names
-
-
-def config_from_settings(settings: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """A RunConfig from flat settings such as ``{"method": "fvae", "rank": 8, "epochs": 3}``.
-
-    Unknown keys are an error naming the accepted ones; ``targets`` may be a list or "q,k".
-    """
-    cfg = RunConfig.from_dict((base or RunConfig()).to_dict())
-    where = flat_setting_names()
-    for key, value in settings.items():
-        if key not in where:
-            raise ConfigError(f"unknown setting {key!r}; accepted: {', '.join(sorted(where))}")
-        if key == "peft_options":
-            value = parse_peft_options(value)
-        elif key == "targets" and isinstance(value, str):
-            value = tuple(t.strip() for t in value.split(",") if t.strip())
-        elif key == "targets":
-            value = tuple(value)
-        target = {"run": cfg, "adapter": cfg.adapter, "train": cfg.train}[where[key]]
-        setattr(target, key, value)
-    return cfg
-
-
-def parse_peft_options(value: Any) -> dict[str, Any]:
-    """``peft_options`` from a mapping (a sweep spec) or ``KEY=VALUE`` texts (the repeated
-    ``--peft-option`` flag), values read as YAML: ``r=8`` → 8, ``use_dora=true`` → True,
-    ``target_modules=[qkv, fc1]`` → a list. None or empty: no options."""
-    import yaml
-
-    if value is None:
-        return {}
-    if isinstance(value, dict):
-        items = list(value.items())
-    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        items = []
-        for text in value:
-            key, sep, raw = text.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"peft option {text!r}: expected KEY=VALUE, e.g. r=8 or "
-                                  "target_modules=[qkv,fc1]")
-            try:
-                items.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
-            except yaml.YAMLError:
-                raise ConfigError(f"peft option {text!r}: cannot read the value "
-                                  f"{raw!r} (numbers, true/false, text or [a, b])") from None
-    else:
-        raise ConfigError(f"peft_options: expected a mapping or KEY=VALUE texts, got {value!r}")
-    options = {}
-    for key, item in items:
-        if not isinstance(key, str) or not key.isidentifier():
-            raise ConfigError(f"peft option name {key!r} is not a field name")
-        if not isinstance(item, (str, int, float, bool, list)) or (
-                isinstance(item, list) and not all(isinstance(v, (str, int, float)) for v in item)):
-            raise ConfigError(f"peft option {key}: expected a number, true/false, text or a "
-                              f"list of them, got {item!r}")
-        options[key] = item
-    return dict(sorted(options.items()))
