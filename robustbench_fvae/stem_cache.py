@@ -18,6 +18,8 @@ the split's order. ``<replica folder>`` is the replica's data directory (``data/
 paths in order with each file's size and modification time, and the cache format. A rebuilt
 replica, another stem, another transform or another image order therefore never reads a stale
 file; it computes a new one (and removes the old file of the same dataset, split and view).
+Image paths enter the key resolved (symlinks followed), so checkouts that share one replica
+folder through a link share its cache instead of removing each other's files.
 
 **Exactness.** The cached path draws the same random flip decision from the same generator as
 ``torchvision.transforms.RandomHorizontalFlip`` does in the uncached path (one ``torch.rand(1)``
@@ -186,7 +188,9 @@ class StemFeatureCache:
         stats = []
         for path in split.paths:
             st = os.stat(path)
-            stats.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+            # realpath: a second checkout reaching the same replica through a symlink must name
+            # the same files, or each would remove the other's as stale while it is in use.
+            stats.append([os.path.realpath(path), st.st_size, st.st_mtime_ns])
         text = json.dumps({"format": FORMAT_VERSION, "stem": self.digest,
                            "transform": repr(transform), "images": stats})
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -120,6 +120,13 @@ def test_the_cache_is_keyed_by_stem_transform_and_images_and_never_stale(replica
     path = first.view_files["original"]
     assert path.parent == folder / CACHE_DIR / stem_digest(stem)
     assert cache.wrap(splits["val"], eval_tf).view_files == first.view_files  # found, reused
+    # The same replica reached through a symlink (another checkout's data/) is the same cache.
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    linked = load_splits("synth-waterbirds", tmp_path / "link", build_missing=False)
+    via_link = StemFeatureCache(stem, "synth-waterbirds", replica_dir("synth-waterbirds",
+                                                                      tmp_path / "link"))
+    assert via_link.wrap(linked["val"], eval_tf).view_files["original"].resolve() == path
+    assert path.is_file()
     # An image rewritten (new bytes, new mtime) gets a new file; the stale one is removed.
     image = Path(splits["val"].paths[0])
     image.write_bytes(image.read_bytes())
