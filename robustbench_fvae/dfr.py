@@ -27,32 +27,31 @@ signal. See docs/dfr.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
-import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cli import (
-    EXIT_OK,
-    ArgumentParser,
-    add_device_option,
-    add_lock_options,
-    command,
-    fail,
-    positive_int,
+from .cli import EXIT_OK, command, fail, positive_int
+from .jobs.last_layer import (
+    DerivedResult,
+    DerivedRunError,
+    HeadFit,
+    LastLayerRefit,
+    last_layer_parser,
+    run_last_layer,
+    summary_lines,
 )
-from .config import canonical_json
-from .record import schema, store, view
+from .progress import print_line
 from .record.derived import DerivedFacts
-from .record.io import write_bytes_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from .data.base import GroupSplit
 
 ALGORITHM = "dfr"
 # The C grid of the original Waterbirds/CelebA DFR^Tr_Val runs (dfr_evaluate_spurious.py) and
@@ -77,8 +76,8 @@ VAL_NOTE = ("val: DFR trained its last layer on this split (group-balanced subse
             "selection signal")
 
 
-class DFRError(ValueError):
-    """The parent is not a finished run DFR can start from (bad input, exit 2)."""
+class DFRError(DerivedRunError):
+    """DFR's settings or validation data cannot give a fit (bad input, exit 2)."""
 
 
 # ---------------------------------------------------------------- the fit (numpy features)
@@ -262,9 +261,6 @@ def fit_dfr(features: np.ndarray, y: np.ndarray, g: np.ndarray, num_classes: int
                   convergence_warnings=n_warn, refit_heads=heads)
 
 
-# ---------------------------------------------------------------- features of a trained model
-
-
 # ---------------------------------------------------------------- the derived run
 
 
@@ -296,210 +292,57 @@ def derived_facts(*, seed: int = DEFAULT_SEED, refits: int = DEFAULT_REFITS,
                         command="python -m robustbench_fvae.dfr", args=tuple(args))
 
 
-def derived_hash(parent_hash: str, settings: dict[str, Any]) -> str:
-    """First 12 hex digits of sha256(parent config hash + canonical JSON of the settings)."""
-    return hashlib.sha256((parent_hash + canonical_json(settings)).encode()).hexdigest()[:12]
+def dfr_refit(*, seed: int = DEFAULT_SEED, refits: int = DEFAULT_REFITS,
+              c_grid: Sequence[float] = C_GRID) -> LastLayerRefit:
+    """DFR as a kind of last-layer refit (robustbench_fvae/jobs/last_layer.py)."""
+    if refits < 1:
+        raise DFRError(f"refits must be >= 1, got {refits}")
+    if not c_grid or not all(np.isfinite(c) and c > 0 for c in c_grid):
+        raise DFRError(f"every C must be a positive number, got {list(c_grid)}")
 
+    def fit(features: np.ndarray, val: GroupSplit) -> HeadFit:
+        result = fit_dfr(features, val.y, val.g, val.num_classes, c_grid=c_grid,
+                         refits=refits, seed=seed)
+        head = result.head
+        return HeadFit(
+            predict_proba=head.predict_proba, n_params=head.n_params,
+            record={"chosen_C": result.chosen_c,
+                    "selection": "worst-group accuracy on held-out validation half"},
+            metrics={"chosen_C": result.chosen_c, "c_scores": result.c_scores,
+                     "refits": result.refits,
+                     "tune_images_per_group": result.tune_per_group,
+                     "refit_images_per_group": result.refit_per_group,
+                     "nonzero_coefficients": int(np.count_nonzero(head.coef)),
+                     "convergence_warnings": result.convergence_warnings},
+            files={HEAD_FILE: _head_bytes(result)})
 
-def default_out(parent_dir: Path) -> Path:
-    """The parent's output folder: ``OUT`` of ``OUT/<dataset>/<method>/<hash>``."""
-    return parent_dir.resolve().parents[2]
-
-
-@dataclass
-class DFRResult:
-    run_dir: Path
-    metrics: dict[str, Any]
-    skipped: bool = False
-
-
-def _print(message: str) -> None:
-    print(message, flush=True)
-
-
-def check_parent(parent_dir: str | Path) -> view.RunRecord:
-    """The parent's record, or :class:`DFRError` (exit 2) naming what is wrong with it."""
-    path = Path(parent_dir)
-    if not (path / schema.CONFIG_FILE).is_file():
-        raise DFRError(f"not a run directory: {path} (no {schema.CONFIG_FILE}; give the folder "
-                       "printed on the last line of `python -m robustbench_fvae.run`)")
-    rec = view.load_run(path)
-    if rec.derived:
-        train = rec.config.get("config", {}).get("train", {})
-        parent = (rec.config.get("derived") or {}).get("parent_dir", "its parent")
-        raise DFRError(f"{path} is a {train.get('algorithm', 'derived')} run itself; give the "
-                       f"run it was derived from ({parent})")
-    if not rec.done or rec.metrics is None:
-        raise DFRError(f"{path} is unfinished (no done marker): finish it first by rerunning "
-                       "its `python -m robustbench_fvae.run` command")
-    return rec
+    return LastLayerRefit(facts=derived_facts(seed=seed, refits=refits, c_grid=c_grid),
+                          settings=dfr_settings(c_grid=c_grid, refits=refits, seed=seed),
+                          uses_group_labels=list(USES_GROUP_LABELS), val_note=VAL_NOTE, fit=fit)
 
 
 def run_dfr(parent_dir: str | Path, *, out: str | Path | None = None, seed: int = DEFAULT_SEED,
             refits: int = DEFAULT_REFITS, c_grid: Sequence[float] = C_GRID,
             device: str = "auto", force: bool = False, batch_size: int | None = None,
-            wait: bool = False, log: Callable[[str], None] = _print) -> DFRResult:
-    """Make (or find) the DFR run of the finished run ``parent_dir``; see the module docstring.
-    Idempotent: a finished DFR run is not redone unless ``force``. One process writes a DFR run
-    at a time: another live one holding it raises :class:`store.RunInUseError`, or with
-    ``wait`` is waited for (as ``run --wait``)."""
-    parent_dir = Path(parent_dir)
-    parent = check_parent(parent_dir)
-    if refits < 1:
-        raise DFRError(f"refits must be >= 1, got {refits}")
-    if not c_grid or not all(np.isfinite(c) and c > 0 for c in c_grid):
-        raise DFRError(f"every C must be a positive number, got {list(c_grid)}")
-    settings = dfr_settings(c_grid=c_grid, refits=refits, seed=seed)
-    parent_hash = str(parent.config_hash or parent_dir.name)
-    digest = derived_hash(parent_hash, settings)
-    out_root = Path(out) if out is not None else default_out(parent_dir)
-    rdir = out_root / str(parent.dataset) / str(parent.method) / digest
-    # resume=False: a DFR run has no checkpoint; a killed one's leftovers are removed.
-    job = store.run_job(
-        rdir, lambda: _run_held(parent, rdir, out_root, settings, digest, seed=seed,
-                                refits=refits, c_grid=c_grid, device=device,
-                                batch_size=batch_size, log=log),
-        force=force, wait=wait, resume=False, redo="redo", log=log)
-    return DFRResult(job.run_dir, job.metrics, skipped=job.skipped)
+            wait: bool = False, log: Callable[[str], None] = print_line) -> DerivedResult:
+    """Make (or find) the DFR run of the finished run ``parent_dir``; see the module docstring
+    and :func:`robustbench_fvae.jobs.last_layer.run_last_layer`."""
+    return run_last_layer(parent_dir, dfr_refit(seed=seed, refits=refits, c_grid=c_grid),
+                          out=out, device=device, force=force, batch_size=batch_size,
+                          wait=wait, log=log)
 
 
-def _run_held(parent: view.RunRecord, rdir: Path, out_root: Path, settings: dict[str, Any],
-              digest: str, *, seed: int, refits: int, c_grid: Sequence[float], device: str,
-              batch_size: int | None, log: Callable[[str], None]) -> dict[str, Any]:
-    """The body of :func:`run_dfr` (see store.run_job): fit, write the record's files but
-    metrics.json and ``done``, return the metrics."""
-    import torch
-
-    from .data import is_replica
-    from .engine.evaluate import penultimate_features
-    from .engine.model import load_trained_model, resolve_device
-    from .methods.setup import classifier_head
-    from .metrics import constant_predictor, counterfactual_record, evaluate_split
-    from .stem_cache import counterfactual_inputs
-
-    dev = resolve_device(device)
-    model, cfg, splits = load_trained_model(parent.path, device=str(dev))
-    head = classifier_head(model)
-    if not isinstance(head, torch.nn.Linear):
-        raise DFRError(f"the run's classifier head is a {type(head).__name__}, not a Linear "
-                       "layer: DFR retrains a linear last layer")
-    bs = batch_size or cfg.train.eval_batch_size or 64
-    workers = cfg.num_workers if cfg.num_workers is not None else (
-        0 if dev.type == "cpu" else min(8, os.cpu_count() or 1))
-    start = time.perf_counter()
-    feats = {s: penultimate_features(model, splits[s], batch_size=bs, device=dev,
-                                     num_workers=workers) for s in ("val", "test")}
-    val, test = splits["val"], splits["test"]
-    log(f"DFR on {parent.path}: {feats['val'].shape[1]}-d penultimate features of "
-        f"{len(val)} val and {len(test)} test images; device {dev}")
-
-    # The parent's own head on these features must reproduce its recorded test predictions;
-    # anything less means the features are not what the head reads (or bf16 noise on CUDA).
-    with torch.inference_mode():
-        parent_prob = torch.softmax(head(torch.from_numpy(feats["test"]).to(dev)).float(),
-                                    dim=-1).cpu().numpy()
-    recorded = schema.read_predictions(schema.predictions_path(parent.path, "test"))
-    agreement = float(np.mean(parent_prob.argmax(1) == recorded["pred"]))
-    prob_gap = float(np.abs(parent_prob - recorded["prob"]).max())
-    if agreement < 0.99:
-        log(f"warning: the parent's head on the extracted features agrees with its recorded "
-            f"test predictions on only {agreement:.3f} of the images")
-
-    fit = fit_dfr(feats["val"], val.y, val.g, val.num_classes, c_grid=c_grid, refits=refits,
-                  seed=seed)
-    outputs = {}
-    for name in ("val", "test"):
-        prob = fit.head.predict_proba(feats[name])
-        outputs[name] = (prob, prob.argmax(axis=1))
-    info = parent.dataset_info
-    split_metrics = {
-        name: evaluate_split(split.y, split.a, split.g, outputs[name][1], outputs[name][0],
-                             info["groups"], info["train_group_counts"])
-        for name, split in (("val", val), ("test", test))}
-    counterfactual = None
-    if is_replica(cfg.dataset):
-        try:
-            twins = counterfactual_inputs(cfg.dataset, cfg.data_root, test,
-                                          cfg.train.spurious_strength)
-        except FileNotFoundError:  # a replica without counterfactual images (a test fixture)
-            twins = None
-        if twins is not None:
-            probs = {k: fit.head.predict_proba(penultimate_features(
-                model, twin, batch_size=bs, device=dev, num_workers=workers))
-                for k, twin in twins.items()}
-            counterfactual = counterfactual_record(twins, probs, test.attribute_names)
-    fit_time = time.perf_counter() - start
-
-    pm = parent.metrics or {}
-    config = {k: v for k, v in parent.config.items() if k not in ("environment", "derived")}
-    # This record is written now, epochs counted from 1 (the parent's were converted on reading),
-    # so it carries the current version even when the parent's record is older.
-    config["record_version"] = schema.RECORD_VERSION
-    config["config_hash"] = digest
-    config["config"] = dict(config.get("config", {}), out=str(out_root), device=str(dev))
-    config["config"]["train"] = dict(config["config"].get("train", {}), algorithm=ALGORITHM)
-    config["derived"] = {
-        **derived_facts(seed=seed, refits=refits, c_grid=c_grid).record_fields(),
-        "parent_dir": str(parent.path.resolve()),
-        "parent_hash": parent.config_hash, "parent_selection": pm.get("selection"),
-        "parent_selected_epoch": pm.get("selected_epoch"), "settings": settings,
-        "chosen_C": fit.chosen_c,
-        "selection": "worst-group accuracy on held-out validation half"}
-    config["environment"] = schema.environment_info(device=str(dev))
-    alarms = [f"constant predictor on {s}" for s, (_, pred) in outputs.items()
-              if constant_predictor(pred)]
-    metrics: dict[str, Any] = {
-        "selection": ALGORITHM,
-        "selection_description": SELECTION_DESCRIPTION,
-        "selected_epoch": pm.get("selected_epoch"),
-        "val": split_metrics["val"],
-        "test": split_metrics["test"],
-        "params": {"trainable": fit.head.n_params,
-                   "inference": int((pm.get("params") or {}).get("inference", 0))},
-        "uses_group_labels": list(USES_GROUP_LABELS),
-        "notes": VAL_NOTE,
-        "alarms": alarms,
-        "dfr": {
-            "chosen_C": fit.chosen_c, "c_scores": fit.c_scores, "refits": fit.refits,
-            "tune_images_per_group": fit.tune_per_group,
-            "refit_images_per_group": fit.refit_per_group,
-            "feature_dim": int(feats["val"].shape[1]),
-            "nonzero_coefficients": int(np.count_nonzero(fit.head.coef)),
-            "convergence_warnings": fit.convergence_warnings,
-            "parent_head_agreement_test": agreement,
-            "parent_head_max_prob_diff_test": prob_gap,
-        },
-        "parent": {"run_dir": str(parent.path.resolve()), "selection": pm.get("selection"),
-                   "selected_epoch": pm.get("selected_epoch"),
-                   "test_worst_group_acc": (pm.get("test") or {}).get("worst_group_acc"),
-                   "test_avg_acc": (pm.get("test") or {}).get("avg_acc")},
-        "train_time_s": round(fit_time, 2),
-    }
-    if counterfactual is not None:
-        metrics["counterfactual"] = counterfactual
-
-    rdir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(rdir / schema.CONFIG_FILE, config)
-    for name, split in (("val", val), ("test", test)):
-        prob, pred = outputs[name]
-        schema.write_predictions_csv(schema.predictions_path(rdir, name), np.arange(len(split)),
-                                     split.y, split.a, split.g, pred, prob)
-    _write_head(rdir / HEAD_FILE, fit)
-    return metrics  # written to metrics.json by store.run_job
-
-
-def _write_head(path: Path, fit: DFRFit) -> None:
+def _head_bytes(fit: DFRFit) -> bytes:
     """The averaged head on raw penultimate features (coef (1|K, D), intercept (1|K,)),
-    float64, atomically."""
+    float64, as safetensors bytes."""
     from safetensors.numpy import save
 
-    data = save({"coef": np.ascontiguousarray(fit.head.coef),
+    return save({"coef": np.ascontiguousarray(fit.head.coef),
                  "intercept": np.ascontiguousarray(fit.head.intercept)},
                 metadata={"algorithm": ALGORITHM, "chosen_C": repr(fit.chosen_c),
                           "num_classes": str(fit.head.num_classes),
                           "scores": "p(class 1) = sigmoid(F @ coef.T + intercept) for 2 "
                                     "classes; one-vs-rest sigmoids normalised otherwise"})
-    write_bytes_atomic(path, data)
 
 
 # ---------------------------------------------------------------- command line
@@ -517,24 +360,16 @@ def _c_grid(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m robustbench_fvae.dfr",
-        usage="%(prog)s RUN_DIR [--out DIR] [--seed S] [--refits N] [--device DEVICE] [options]",
-        description="Deep Feature Reweighting (Kirichenko et al. 2023, DFR^Tr_Val) as a derived "
-                    "run: retrain the last layer of a finished run on its frozen penultimate "
-                    "features, on group-balanced subsets of the validation split (L1 logistic "
-                    "regression, C by worst-group accuracy on a held-out validation half, "
-                    "refits averaged). Writes a run record OUT/<dataset>/<method>/<hash> with "
-                    "algorithm dfr; the last line printed is its directory. DFR trains on the "
-                    "validation group labels: its validation numbers are not a selection "
-                    "signal.",
-        epilog="Exit codes: 0 done (also already done), 1 runtime failure, 2 bad input.")
-    parser.add_argument("run_dir", metavar="RUN_DIR",
-                        help="a finished run's folder (the last line printed by "
-                             "robustbench_fvae.run); not a DFR run")
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="output folder; the DFR run goes to OUT/<dataset>/<method>/<hash> "
-                             "(default: the parent's output folder)")
+    parser = last_layer_parser(
+        "python -m robustbench_fvae.dfr",
+        "%(prog)s RUN_DIR [--out DIR] [--seed S] [--refits N] [--device DEVICE] [options]",
+        "Deep Feature Reweighting (Kirichenko et al. 2023, DFR^Tr_Val) as a derived run: "
+        "retrain the last layer of a finished run on its frozen penultimate features, on "
+        "group-balanced subsets of the validation split (L1 logistic regression, C by "
+        "worst-group accuracy on a held-out validation half, refits averaged). Writes a run "
+        "record OUT/<dataset>/<method>/<hash> with algorithm dfr; the last line printed is its "
+        "directory. DFR trains on the validation group labels: its validation numbers are not "
+        "a selection signal.", "DFR")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="S",
                         help="seed of the validation halves, subsamples and fits (default: 0)")
     parser.add_argument("--refits", type=positive_int, default=DEFAULT_REFITS, metavar="N",
@@ -542,34 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--c-grid", type=_c_grid, default=C_GRID, metavar="LIST",
                         help="comma-separated inverse L1 strengths C to choose from (default: "
                              f"{','.join(f'{c:g}' for c in C_GRID)})")
-    add_device_option(parser)
-    parser.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
-                        help="images per forward pass (default: the run's eval batch size)")
-    add_lock_options(parser, "this DFR run")
     return parser
 
 
 def format_summary(metrics: dict[str, Any]) -> str:
     """A short summary: chosen C, DFR's val/test numbers beside the parent's test numbers."""
-    d, p = metrics["dfr"], metrics.get("parent") or {}
-    lines = [f"chosen C {d['chosen_C']:g} (held-out val WG per C: "
-             + ", ".join(f"{s['C']:g}: {s['worst_group_acc']:.3f}" for s in d["c_scores"])
-             + f"); {d['refits']} refits of {d['refit_images_per_group']} images per group",
-             f"{'split':6} {'WG':>6} {'avg':>6} {'adj_avg':>7} {'mean_grp':>8} {'ECE':>6}"]
-    for split in ("val", "test"):
-        m = metrics[split]
-        lines.append(f"{split:6} {m['worst_group_acc']:6.3f} {m['avg_acc']:6.3f} "
-                     f"{m['adj_avg_acc']:7.3f} {m['mean_group_acc']:8.3f} {m['ece']:6.3f}"
-                     + ("  (trained on: not a selection signal)" if split == "val" else ""))
-    if isinstance(p.get("test_worst_group_acc"), (int, float)):
-        lines.append(f"parent test: WG {p['test_worst_group_acc']:.3f} avg "
-                     f"{p['test_avg_acc']:.3f} (selected by {p.get('selection')})")
-    cf = metrics.get("counterfactual")
-    if cf:
-        lines.append(f"counterfactual test: core-only acc {cf['core_only_acc']:.3f}, background "
-                     f"reliance {cf['background_reliance']:.3f}")
-    lines.extend(f"ALARM: {a}" for a in metrics.get("alarms", []))
-    return "\n".join(lines)
+    d = metrics["dfr"]
+    return "\n".join([f"chosen C {d['chosen_C']:g} (held-out val WG per C: "
+                      + ", ".join(f"{s['C']:g}: {s['worst_group_acc']:.3f}"
+                                  for s in d["c_scores"])
+                      + f"); {d['refits']} refits of {d['refit_images_per_group']} images per "
+                        "group", *summary_lines(metrics)])
 
 
 @command

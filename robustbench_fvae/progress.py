@@ -18,6 +18,12 @@ from tqdm.auto import tqdm
 LOG_INTERVAL_S = 60.0
 
 
+def print_line(message: str) -> None:
+    """A job's log line on stdout, flushed: a log file or a pipe sees each line when it
+    happens."""
+    print(message, flush=True)
+
+
 def is_terminal(stream: Any = None) -> bool:
     stream = sys.stderr if stream is None else stream
     try:

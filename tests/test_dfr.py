@@ -15,6 +15,7 @@ from sklearn.preprocessing import StandardScaler
 
 from robustbench_fvae import dfr, records
 from robustbench_fvae.cli import EXIT_BAD_INPUT, EXIT_OK
+from robustbench_fvae.jobs.last_layer import derived_hash
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -159,7 +160,7 @@ def test_dfr_cli_writes_a_derived_run_record(parent_run, dfr_run):
     # beside the parent: OUT/<dataset>/<method>/<hash>, hash over parent hash + settings
     assert rdir.parent == parent_run.parent and rdir != parent_run
     settings = dfr.dfr_settings()
-    assert rdir.name == dfr.derived_hash(parent.config_hash, settings)
+    assert rdir.name == derived_hash(parent.config_hash, settings)
     for name in ("config.json", "metrics.json", "predictions_val.csv", "predictions_test.csv",
                  dfr.HEAD_FILE, "done"):
         assert (rdir / name).is_file(), name

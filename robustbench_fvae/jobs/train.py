@@ -20,6 +20,7 @@ from ..engine.checkpoint import CHECKPOINT_FILE, load_trainable_state
 from ..engine.evaluate import check_eval_groups, predict
 from ..engine.loop import Trainer, silent
 from ..engine.model import build_model_and_data, resolve_device
+from ..progress import print_line
 from ..record import schema, store
 from ..record.io import read_json, write_json_atomic
 
@@ -31,12 +32,8 @@ class RunResult:
     skipped: bool = False
 
 
-def _print(message: str) -> None:
-    print(message, flush=True)  # flushed: a log file or a pipe sees each line when it happens
-
-
 def run(cfg: RunConfig, *, force: bool = False, progress: bool = True,
-        log: Callable[[str], None] = _print, wait: bool = False) -> RunResult:
+        log: Callable[[str], None] = print_line, wait: bool = False) -> RunResult:
     """Train and evaluate one run; write its record under ``cfg.out``. Idempotent: a finished
     run is not redone unless ``force``; an unfinished one resumes from its checkpoint.
 

@@ -378,7 +378,8 @@ def expand(spec: SweepSpec, *, out: str | Path | None = None,
 def dfr_run_dir(run: PlannedRun) -> Path:
     """Where the DFR run of ``run`` (default DFR settings) lives: beside it, named by
     robustbench_fvae.dfr's hash of the parent hash and its settings."""
-    from robustbench_fvae.dfr import derived_hash, dfr_settings
+    from robustbench_fvae.dfr import dfr_settings
+    from robustbench_fvae.jobs.last_layer import derived_hash
 
     return run.run_dir.parent / derived_hash(run.hash, dfr_settings())
 
