@@ -197,6 +197,35 @@ def test_bitfit_trains_the_biases_alone(env, tmp_path):
     assert result.metrics["params"]["trainable"] == sum(t.numel() for t in trained.values())
 
 
+def test_a_method_with_frozen_random_parts_reloads_to_its_predictions(env, tmp_path,
+                                                                       monkeypatch):
+    """A method registered in one file whose frozen part is random (LoRA-FA: A stays at its
+    init, only B trains): the weights file holds B alone, and the reloaded model rebuilds A
+    from the run's seed, so it reproduces the recorded predictions (probe and DFR read it)."""
+    from robustbench_fvae.methods import lora, registry
+    from robustbench_fvae.methods.setup import inject_slices
+    from robustbench_fvae.training import predict
+
+    def prepare(model, cfg):
+        layers = inject_slices(model, lora.make_lora, cfg.adapter)
+        for name, parameter in model.named_parameters():
+            if name.endswith("lora_A"):
+                parameter.requires_grad_(False)
+        return layers
+
+    method = registry.Method(name="lora-frozen-a", label="LoRA-FA", summary="A frozen",
+                             trains="adapters", default_lr=5e-3, prepare=prepare)
+    monkeypatch.setitem(registry._REGISTRY, method.name, method)
+    rdir = run(tiny_cfg(env, tmp_path, method=method.name, epochs=1), progress=False,
+               log=quiet).run_dir
+    torch.manual_seed(123)  # the caller's RNG state must not matter
+    model, _, splits = load_trained_model(rdir)
+    prob, pred = predict(model, splits["test"], 16, 0, torch.device("cpu"))
+    recorded = records.read_predictions(rdir / "predictions_test.csv")
+    assert (pred == recorded["pred"]).all()
+    assert abs(prob - recorded["prob"]).max() < 1e-5  # another A moved them by 5e-4 here
+
+
 # 32 training images, batch 4: 8 steps per epoch; 2 epochs; a checkpoint every 2 steps. A kill
 # after step 10 hits a step checkpoint in the middle of epoch 2; after step 11 it falls between
 # two, so the resumed run redoes step 11. One case per distinct resume path (each costs a

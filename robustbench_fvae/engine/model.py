@@ -79,7 +79,9 @@ def load_trained_model(run_dir: str | Path, device: str = "cpu"):
     """The trained model of a finished run (selected epoch's weights), its config and splits.
 
     Refuses (:func:`check_rebuildable`) when this checkout would rebuild another backbone or
-    replica than the run trained on.
+    replica than the run trained on. The model is built from the run's seed, as the run built
+    it, before the weights load: a method whose frozen parts are random (LoRA-FA's A, say) gets
+    them back, since the weights file holds the trained parameters only.
 
     Returns ``(model, cfg, splits)`` with eval-mode model and transforms set on the splits.
     """
@@ -90,7 +92,7 @@ def load_trained_model(run_dir: str | Path, device: str = "cpu"):
                                   "epoch yet (run it to completion first)")
     cfg = record.run_config
     check_rebuildable(cfg, record.config.get("environment", {}).get("git_commit"))
-    model, splits, _ = build_model_and_data(cfg, torch.device(device))
+    model, splits = _build_as_the_run_did(cfg, device)
     load_trainable_state(model, load_file(str(weights)))
     model.eval()
     return model, cfg, splits
@@ -104,11 +106,18 @@ def load_initial_model(run_dir: str | Path, device: str = "cpu") -> nn.Module:
     record = view.load_run(run_dir)
     cfg = record.run_config
     check_rebuildable(cfg, record.config.get("environment", {}).get("git_commit"))
+    model, _ = _build_as_the_run_did(cfg, device)
+    model.eval()
+    return model
+
+
+def _build_as_the_run_did(cfg: RunConfig, device: str):
+    """``build_model_and_data`` after ``torch.manual_seed(cfg.train.seed)``, as the training job
+    does, leaving the caller's global RNG where it was. Returns ``(model, splits)``."""
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(cfg.train.seed)
-        model, _, _ = build_model_and_data(cfg, torch.device(device))
+        model, splits, _ = build_model_and_data(cfg, torch.device(device))
     finally:
         torch.random.set_rng_state(state)
-    model.eval()
-    return model
+    return model, splits
