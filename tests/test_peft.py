@@ -264,3 +264,33 @@ def test_probe_refuses_a_peft_run_with_a_one_line_error(env, tmp_path, capsys):
     code = probe_main([str(result.run_dir), "--no-evidence", "--tsne-max", "0"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "peft-* methods" in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("method", ["peft-lora", "peft-rslora", "peft-pissa"])
+def test_probe_reads_the_code_of_peft_plain_lora_layers(env, tmp_path, capsys, method):
+    """peft's plain LoRA layers, rewritten as ours (the same base layer, A, B and scaling), are
+    the same function to float rounding; `probe` then reads their code A x, the update and its
+    interventions as it reads our LoRA's."""
+    import csv
+
+    from robustbench_fvae.probe import main as probe_main
+    from robustbench_fvae.training import load_trained_model
+
+    result = run(tiny_cfg(env, tmp_path, method), progress=False, log=quiet)
+    model, _, splits = load_trained_model(result.run_dir)
+    images = torch.stack([splits["test"][i][0] for i in range(8)])
+    with torch.no_grad():
+        before = model(images)
+        after = get_method(method).probe_form(model)(images)
+    assert any(type(m).__name__ == "AdaptedLinear" for m in model.modules())
+    assert torch.allclose(before, after, atol=1e-5), (before - after).abs().max()
+    out = tmp_path / "probe"
+    code = probe_main([str(result.run_dir), "--layers", "0", "--max-images", "10",
+                       "--tsne-max", "0", "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    with open(out / "probes.csv", newline="") as f:
+        latents = {(r["layer"], r["latent"]) for r in csv.DictReader(f)}
+    assert {("blocks.0.attn.qkv:all", "lora"), ("blocks.0.attn.qkv:all", "update"),
+            ("blocks.0.attn.qkv:all", "lora_init")} <= latents
+    with open(out / "interventions.csv", newline="") as f:
+        assert {r["intervention"] for r in csv.DictReader(f)} >= {"zero", "mean"}

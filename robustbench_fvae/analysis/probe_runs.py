@@ -63,13 +63,17 @@ def probe_run(run_dir: str | Path, *, layers: str | Sequence[str] | None = None,
 
     from ..adapters import adapted_layers
     from ..engine.model import load_initial_model, load_trained_model, resolve_device
+    from ..methods import get_method
     from .latents import extract_latents, select_layers, stratified_subsample
 
     _check_probe_settings(pool, max_images, tsne_max, fit_split, weighting)
     dev = resolve_device(device)
     model, cfg, splits = load_trained_model(run_dir, str(dev))
-    chosen = select_layers(list(adapted_layers(model)), layers)
     initial = load_initial_model(run_dir, str(dev))
+    form = get_method(cfg.method).probe_form  # a method built by another library (peft's LoRA)
+    if form is not None:
+        model, initial = form(model), form(initial)
+    chosen = select_layers(list(adapted_layers(model)), layers)
     # The train split comes with the augmenting transform; latents are read as at evaluation.
     splits["train"].transform = splits["test"].transform
     batch = batch_size or cfg.train.eval_batch_size or 64

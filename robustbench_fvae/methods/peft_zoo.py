@@ -51,9 +51,9 @@ PEFT_MODEL_ATTR = "_peft_model"
 class PeftEntry:
     """One peft method: ``config`` (the peft config class name), ``settings`` (its fields as
     ``{field: value}``; a value that is a str naming an adapter setting in ``FROM_ADAPTER`` is
-    read from the run's adapter config), ``codes`` (what ``probe`` reads: none yet, ``probe``
-    does not read peft's layers), and the search space (the learning rate unless said
-    otherwise)."""
+    read from the run's adapter config), ``codes`` (what ``probe`` reads: ``lora``, the code
+    ``A x``, for the methods whose layers are plain LoRA, read through :func:`peft_lora_as_ours`;
+    none for the others), and the search space (the learning rate unless said otherwise)."""
 
     config: str
     label: str
@@ -69,14 +69,15 @@ _LORA = {"r": RANK, "lora_alpha": LORA_ALPHA, "lora_dropout": LORA_DROPOUT,
          "target_modules": list(ATTENTION)}
 
 PEFT_METHODS: dict[str, PeftEntry] = {
-    "lora": PeftEntry("LoraConfig", "peft LoRA", "peft's LoRA on the whole fused qkv", _LORA),
+    "lora": PeftEntry("LoraConfig", "peft LoRA", "peft's LoRA on the whole fused qkv", _LORA,
+                      codes=("lora",)),
     "dora": PeftEntry("LoraConfig", "DoRA", "weight-decomposed LoRA (magnitude + direction)",
                       {**_LORA, "use_dora": True}),
     "rslora": PeftEntry("LoraConfig", "rsLoRA", "LoRA scaled by alpha/sqrt(r)",
-                        {**_LORA, "use_rslora": True}),
+                        {**_LORA, "use_rslora": True}, codes=("lora",)),
     "pissa": PeftEntry("LoraConfig", "PiSSA",
                        "LoRA initialised from the top-r singular vectors of W (W keeps the rest)",
-                       {**_LORA, "init_lora_weights": "pissa"}),
+                       {**_LORA, "init_lora_weights": "pissa"}, codes=("lora",)),
     "adalora": PeftEntry("AdaLoraConfig", "AdaLoRA",
                          "SVD-form LoRA whose ranks are pruned to a budget during training "
                          "(init_r = rank, target_r = rank/2)",
@@ -197,6 +198,42 @@ def save_peft(model: nn.Module, folder: str) -> None:
     peft_model_of(model).save_pretrained(folder)
 
 
+def peft_lora_as_ours(model: nn.Module) -> nn.Module:
+    """``model`` with each of peft's plain LoRA layers replaced, in place, by our
+    :class:`~robustbench_fvae.adapters.AdaptedLinear` holding the same LoRA (its ``base_layer``,
+    A, B and scaling) on the layer's whole output (key ``all``): the same function, in the form
+    that ``probe`` reads (``A x``, the update, interventions, the base layer's output). The
+    model is eval-only afterwards (the PeftModel no longer sees these layers). A layer that is
+    not plain LoRA (DoRA's magnitude, a LoRA bias, several adapters) is an error."""
+    import torch
+
+    from robustbench_fvae.adapters import AdaptedLinear, LoRAAdapter
+    from robustbench_fvae.adapters.inject import WHOLE_LAYER
+
+    peft = check_peft()
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, peft.tuners.lora.layer.Linear)]
+    for name, layer in layers:
+        keys = list(layer.lora_A)
+        if len(keys) != 1 or layer.use_dora.get(keys[0]) or getattr(layer, "lora_bias", {}).get(
+                keys[0]):
+            raise ConfigError(f"{name}: not a plain single LoRA (DoRA, a LoRA bias or several "
+                              "adapters): probe reads only peft's plain LoRA layers")
+        key = keys[0]
+        a, b = layer.lora_A[key].weight, layer.lora_B[key].weight
+        ours = LoRAAdapter(a.shape[1], b.shape[0], rank=a.shape[0], dropout=0.0)
+        with torch.no_grad():
+            ours.lora_A.copy_(a)
+            ours.lora_B.copy_(b)
+        ours.scaling = float(layer.scaling[key])
+        wrapper = AdaptedLinear(layer.base_layer)
+        wrapper.add_adapter(WHOLE_LAYER, ours.to(device=a.device, dtype=a.dtype), 0,
+                            b.shape[0])
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, wrapper.eval())
+    return model
+
+
 # ---------------------------------------------------------------- AdaLoRA's training hooks
 
 
@@ -269,6 +306,7 @@ def _register(name: str, entry: PeftEntry) -> None:
         name=PREFIX + name, label=entry.label, summary=entry.summary,
         trains="adapters", default_lr=5e-3, prepare=partial(_prepare, name),
         search_space=entry.search_space, codes=entry.codes,
+        probe_form=peft_lora_as_ours if entry.codes else None,
         validate=partial(_validate, name), accepts=("rank", "peft_options"),
         save_pretrained=save_peft,
         loss=_adalora_loss if adalora else None,

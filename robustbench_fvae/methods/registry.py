@@ -42,7 +42,9 @@ class Method:
     global_step)`` after each optimiser step, gradients still present; ``state(model)`` /
     ``load_state(model, state)``: training state outside the parameters, checkpointed for exact
     resume; ``save_pretrained(model, folder)``: the trained adapters in another library's own
-    format, written beside the run's weights.
+    format, written beside the run's weights; ``probe_form(model) -> model``: the trained model
+    with its layers in the form ``probe`` reads (our adapters), for a method built by another
+    library.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Method:
     state: Callable[[nn.Module], dict[str, Any]] | None = None
     load_state: Callable[[nn.Module, Mapping[str, Any]], None] | None = None
     save_pretrained: Callable[[nn.Module, str], None] | None = None
+    probe_form: Callable[[nn.Module], nn.Module] | None = None
 
     def __post_init__(self) -> None:
         if self.trains not in TRAINS:
