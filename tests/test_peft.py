@@ -257,13 +257,36 @@ def test_committed_methods_tables_are_current():
     assert main(["--check", "--root", str(ROOT)]) == 0
 
 
-def test_probe_refuses_a_peft_run_with_a_one_line_error(env, tmp_path, capsys):
-    from robustbench_fvae.probe import main as probe_main
+@pytest.mark.parametrize("method", ["peft-vera", "peft-dora", "peft-ia3"])
+def test_probe_reads_the_update_of_other_peft_methods_and_says_so(env, tmp_path, capsys, method):
+    """A peft method without an A x code: `probe` wraps each tuner layer so that its adapter's
+    output is the update (layer output − base output; the same model function), says so, and
+    measures the update, its interventions and the parameters' displacement."""
+    import csv
 
-    result = run(tiny_cfg(env, tmp_path, "peft-vera"), progress=False, log=quiet)
-    code = probe_main([str(result.run_dir), "--no-evidence", "--tsne-max", "0"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "peft-* methods" in err and len(err.splitlines()) == 1, err
+    from robustbench_fvae.probe import main as probe_main
+    from robustbench_fvae.training import load_trained_model
+
+    result = run(tiny_cfg(env, tmp_path, method), progress=False, log=quiet)
+    model, _, splits = load_trained_model(result.run_dir)
+    images = torch.stack([splits["test"][i][0] for i in range(8)])
+    with torch.no_grad():
+        before = model(images)
+        after = get_method(method).probe_form(model)(images)
+    assert torch.allclose(before, after, atol=1e-5), (before - after).abs().max()
+    out = tmp_path / "probe"
+    code = probe_main([str(result.run_dir), "--layers", "0", "--max-images", "10",
+                       "--tsne-max", "0", "--device", "cpu", "--no-progress", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "no code of its own: probing its adapted layers' update" in printed.out
+    with open(out / "probes.csv", newline="") as f:
+        latents = {r["latent"] for r in csv.DictReader(f)}
+    assert "update" in latents and "lora" not in latents
+    with open(out / "updates.csv", newline="") as f:
+        sizes = list(csv.DictReader(f))
+    assert sizes and all(float(r["update_ratio_median"]) >= 0 for r in sizes)
+    assert all(float(r["displacement"]) > 0 for r in sizes)  # the method's parameters moved
 
 
 @pytest.mark.parametrize("method", ["peft-lora", "peft-rslora", "peft-pissa"])

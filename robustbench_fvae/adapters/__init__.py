@@ -15,10 +15,12 @@ from .inject import (
     unmerge_adapters,
 )
 from .lora import LoRAAdapter
+from .update import LayerUpdate
 
 __all__ = [
     "LOSS_PARTS", "AdaptedLinear", "AdapterError", "FVAEAdapter", "FVAEObjective",
-    "GaussianDecoder", "GaussianEncoder", "LoRAAdapter", "adapted_layers", "collect_aux_loss",
+    "GaussianDecoder", "GaussianEncoder", "LayerUpdate", "LoRAAdapter", "adapted_layers",
+    "collect_aux_loss",
     "count_parameters", "inject_adapters", "merge_adapters", "record_latents", "set_eval_fusion",
     "unmerge_adapters",
 ]

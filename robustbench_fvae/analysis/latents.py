@@ -88,8 +88,8 @@ def select_layers(available: Sequence[str], spec: str | Sequence[str] | None) ->
 
         readable = [m for m in method_names() if get_method(m).codes]
         raise LayerError(f"the model has no adapted layers that probe reads: it reads the codes "
-                         f"of {', '.join(readable)}; full and linear have no adapters, and the "
-                         "other peft-* methods' layers are not plain LoRA")
+                         f"of {', '.join(readable)} and the update of the other peft-* methods; "
+                         "full, linear and bitfit have no adapters")
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         return default_layers(available)
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)

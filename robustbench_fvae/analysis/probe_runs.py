@@ -70,9 +70,12 @@ def probe_run(run_dir: str | Path, *, layers: str | Sequence[str] | None = None,
     dev = resolve_device(device)
     model, cfg, splits = load_trained_model(run_dir, str(dev))
     initial = load_initial_model(run_dir, str(dev))
-    form = get_method(cfg.method).probe_form  # a method built by another library (peft's LoRA)
-    if form is not None:
-        model, initial = form(model), form(initial)
+    method = get_method(cfg.method)
+    if method.probe_form is not None:  # a method built by another library (peft)
+        model, initial = method.probe_form(model), method.probe_form(initial)
+        if not method.codes:
+            log(f"{cfg.method} has no code of its own: probing its adapted layers' update "
+                "(layer output − base output) and the module input")
     chosen = select_layers(list(adapted_layers(model)), layers)
     # The train split comes with the augmenting transform; latents are read as at evaluation.
     splits["train"].transform = splits["test"].transform

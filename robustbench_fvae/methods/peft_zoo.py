@@ -198,13 +198,14 @@ def save_peft(model: nn.Module, folder: str) -> None:
     peft_model_of(model).save_pretrained(folder)
 
 
-def peft_lora_as_ours(model: nn.Module) -> nn.Module:
+def peft_lora_as_ours(model: nn.Module, strict: bool = True) -> nn.Module:
     """``model`` with each of peft's plain LoRA layers replaced, in place, by our
     :class:`~robustbench_fvae.adapters.AdaptedLinear` holding the same LoRA (its ``base_layer``,
     A, B and scaling) on the layer's whole output (key ``all``): the same function, in the form
     that ``probe`` reads (``A x``, the update, interventions, the base layer's output). The
-    model is eval-only afterwards (the PeftModel no longer sees these layers). A layer that is
-    not plain LoRA (DoRA's magnitude, a LoRA bias, several adapters) is an error."""
+    model is eval-only afterwards (the PeftModel no longer sees these layers). A LoRA layer that
+    is not plain (DoRA's magnitude, a LoRA bias, several adapters) is an error, or with
+    ``strict=False`` left as it is."""
     import torch
 
     from robustbench_fvae.adapters import AdaptedLinear, LoRAAdapter
@@ -217,6 +218,8 @@ def peft_lora_as_ours(model: nn.Module) -> nn.Module:
         keys = list(layer.lora_A)
         if len(keys) != 1 or layer.use_dora.get(keys[0]) or getattr(layer, "lora_bias", {}).get(
                 keys[0]):
+            if not strict:
+                continue
             raise ConfigError(f"{name}: not a plain single LoRA (DoRA, a LoRA bias or several "
                               "adapters): probe reads only peft's plain LoRA layers")
         key = keys[0]
@@ -232,6 +235,42 @@ def peft_lora_as_ours(model: nn.Module) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, wrapper.eval())
     return model
+
+
+def peft_updates_as_ours(model: nn.Module) -> nn.Module:
+    """``model`` with each of peft's tuner layers (any method) wrapped, in place, as our
+    :class:`~robustbench_fvae.adapters.AdaptedLinear` over its base layer with one
+    :class:`~robustbench_fvae.adapters.LayerUpdate` adapter, ``layer(x) − base_layer(x)`` (key
+    ``all``): no code to read, but the update ``probe`` measures and intervenes on, and the
+    method's own parameters for their displacement. Plain LoRA layers are read with their code
+    instead (:func:`peft_lora_as_ours`)."""
+    from torch import nn as torch_nn
+
+    from robustbench_fvae.adapters import AdaptedLinear, LayerUpdate
+    from robustbench_fvae.adapters.inject import WHOLE_LAYER
+
+    peft = check_peft()
+    tuner = peft.tuners.tuners_utils.BaseTunerLayer
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, tuner)]
+    for name, layer in layers:
+        base = layer.get_base_layer()
+        if not isinstance(base, torch_nn.Linear):
+            raise ConfigError(f"{name}: peft adapted a {type(base).__name__}; probe reads "
+                              "adapted Linear layers only")
+        own = {n: p for n, p in layer.named_parameters() if not n.startswith("base_layer.")}
+        ranks = [int(r) for r in getattr(layer, "r", {}).values()] if isinstance(
+            getattr(layer, "r", None), dict) else []
+        update = LayerUpdate(layer, base, own, rank=max([*ranks, 0]) or 16)
+        wrapper = AdaptedLinear(base)
+        wrapper.add_adapter(WHOLE_LAYER, update, 0, base.out_features)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, wrapper.eval())
+    return model
+
+
+def _probe_form(model: nn.Module) -> nn.Module:
+    """Plain LoRA layers with their code, every other tuner layer by its update."""
+    return peft_updates_as_ours(peft_lora_as_ours(model, strict=False))
 
 
 # ---------------------------------------------------------------- AdaLoRA's training hooks
@@ -306,7 +345,7 @@ def _register(name: str, entry: PeftEntry) -> None:
         name=PREFIX + name, label=entry.label, summary=entry.summary,
         trains="adapters", default_lr=5e-3, prepare=partial(_prepare, name),
         search_space=entry.search_space, codes=entry.codes,
-        probe_form=peft_lora_as_ours if entry.codes else None,
+        probe_form=_probe_form,
         validate=partial(_validate, name), accepts=("rank", "peft_options"),
         save_pretrained=save_peft,
         loss=_adalora_loss if adalora else None,
