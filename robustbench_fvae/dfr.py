@@ -21,7 +21,9 @@ It writes a run record of its own (docs/design.md) beside its parent,
 ``OUT/<dataset>/<method>/<hash>``,
 with ``config.train.algorithm = "dfr"`` and a ``derived`` object naming the parent. DFR *trains*
 on the validation split with its group labels: its validation numbers are not a selection
-signal. See docs/dfr.md.
+signal. See docs/dfr.md. The job around the fit (parent check, features, evaluation, the
+record) is the one of every last-layer refit, robustbench_fvae/jobs/last_layer.py; this module
+is DFR's fit and its command.
 """
 
 from __future__ import annotations

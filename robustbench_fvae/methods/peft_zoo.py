@@ -16,6 +16,10 @@ projections come from ``projection_prng_key``. AdaLoRA's rank schedule is set fr
 total step count when training starts (10 % warm-up ``tinit``, last 20 % ``tfinal``), its rank
 allocator steps after every optimiser step, its state is checkpointed for exact resume, and its
 orthogonality regulariser joins the loss (``orth_reg_weight``, peft's default 0.5).
+
+``probe`` reads a trained run through the method's ``probe_form``: plain LoRA layers (lora,
+rslora, pissa) as our LoRA with its code ``A x`` (:func:`peft_lora_as_ours`), every other tuner
+layer by its update ``layer(x) − base_layer(x)`` (:func:`peft_updates_as_ours`).
 """
 
 from __future__ import annotations
