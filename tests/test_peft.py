@@ -257,13 +257,10 @@ def test_committed_methods_tables_are_current():
     assert main(["--check", "--root", str(ROOT)]) == 0
 
 
-@pytest.mark.parametrize("method", ["peft-vera", "peft-dora", "peft-ia3"])
-def test_probe_reads_the_update_of_other_peft_methods_and_says_so(env, tmp_path, capsys, method):
-    """A peft method without an A x code: `probe` wraps each tuner layer so that its adapter's
-    output is the update (layer output − base output; the same model function), says so, and
-    measures the update, its interventions and the parameters' displacement."""
-    import csv
-
+def probed_peft_run(env, tmp_path, capsys, method):
+    """Train ``method`` on the tiny ViT, check that its probe form is the same function (atol
+    1e-5) with our AdaptedLinear layers in it, and probe it; returns (what probe printed, its
+    output folder)."""
     from robustbench_fvae.probe import main as probe_main
     from robustbench_fvae.training import load_trained_model
 
@@ -273,13 +270,25 @@ def test_probe_reads_the_update_of_other_peft_methods_and_says_so(env, tmp_path,
     with torch.no_grad():
         before = model(images)
         after = get_method(method).probe_form(model)(images)
+    assert any(type(m).__name__ == "AdaptedLinear" for m in model.modules())
     assert torch.allclose(before, after, atol=1e-5), (before - after).abs().max()
     out = tmp_path / "probe"
     code = probe_main([str(result.run_dir), "--layers", "0", "--max-images", "10",
                        "--tsne-max", "0", "--device", "cpu", "--no-progress", "--out", str(out)])
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    assert "no code of its own: probing its adapted layers' update" in printed.out
+    return printed.out, out
+
+
+@pytest.mark.parametrize("method", ["peft-vera", "peft-dora", "peft-ia3"])
+def test_probe_reads_the_update_of_other_peft_methods_and_says_so(env, tmp_path, capsys, method):
+    """A peft method without an A x code: `probe` wraps each tuner layer so that its adapter's
+    output is the update (layer output − base output; the same model function), says so, and
+    measures the update, its interventions and the parameters' displacement."""
+    import csv
+
+    printed, out = probed_peft_run(env, tmp_path, capsys, method)
+    assert "no code of its own: probing its adapted layers' update" in printed
     with open(out / "probes.csv", newline="") as f:
         latents = {r["latent"] for r in csv.DictReader(f)}
     assert "update" in latents and "lora" not in latents
@@ -296,21 +305,7 @@ def test_probe_reads_the_code_of_peft_plain_lora_layers(env, tmp_path, capsys, m
     interventions as it reads our LoRA's."""
     import csv
 
-    from robustbench_fvae.probe import main as probe_main
-    from robustbench_fvae.training import load_trained_model
-
-    result = run(tiny_cfg(env, tmp_path, method), progress=False, log=quiet)
-    model, _, splits = load_trained_model(result.run_dir)
-    images = torch.stack([splits["test"][i][0] for i in range(8)])
-    with torch.no_grad():
-        before = model(images)
-        after = get_method(method).probe_form(model)(images)
-    assert any(type(m).__name__ == "AdaptedLinear" for m in model.modules())
-    assert torch.allclose(before, after, atol=1e-5), (before - after).abs().max()
-    out = tmp_path / "probe"
-    code = probe_main([str(result.run_dir), "--layers", "0", "--max-images", "10",
-                       "--tsne-max", "0", "--device", "cpu", "--no-progress", "--out", str(out)])
-    assert code == 0, capsys.readouterr().err
+    _, out = probed_peft_run(env, tmp_path, capsys, method)
     with open(out / "probes.csv", newline="") as f:
         latents = {(r["layer"], r["latent"]) for r in csv.DictReader(f)}
     assert {("blocks.0.attn.qkv:all", "lora"), ("blocks.0.attn.qkv:all", "update"),

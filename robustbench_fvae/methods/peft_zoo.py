@@ -262,9 +262,9 @@ def peft_updates_as_ours(model: nn.Module) -> nn.Module:
             raise ConfigError(f"{name}: peft adapted a {type(base).__name__}; probe reads "
                               "adapted Linear layers only")
         own = {n: p for n, p in layer.named_parameters() if not n.startswith("base_layer.")}
-        ranks = [int(r) for r in getattr(layer, "r", {}).values()] if isinstance(
-            getattr(layer, "r", None), dict) else []
-        update = LayerUpdate(layer, base, own, rank=max([*ranks, 0]) or 16)
+        ranks = getattr(layer, "r", None)  # {adapter: r} where the method has a rank
+        rank = max(ranks.values(), default=0) if isinstance(ranks, dict) else 0
+        update = LayerUpdate(layer, base, own, rank=int(rank) or 16)
         wrapper = AdaptedLinear(base)
         wrapper.add_adapter(WHOLE_LAYER, update, 0, base.out_features)
         parent, _, child = name.rpartition(".")
