@@ -117,26 +117,29 @@ def _spec_text(header: Sequence[str], body: dict[str, Any]) -> str:
 
 def finals(search_spec: str | Path = SEARCH_SPEC, *, datasets: Sequence[str] | None = None,
            methods: Sequence[str] | None = None, final_path: str | Path = FINAL_SPEC,
-           controls_path: str | Path = CONTROLS_SPEC, data_root: str | None = None) -> list[Path]:
-    """Write the final spec (both rules' picks × FINAL_SEEDS) and, when the control dataset is
-    among the picked ones, the controls spec. Returns the files written."""
+           controls_path: str | Path | None = CONTROLS_SPEC, data_root: str | None = None,
+           rules: Sequence[str] | None = None) -> list[Path]:
+    """Write the final spec (the picks of ``rules``, None: every rule, × FINAL_SEEDS) and, when
+    the control dataset is among the picked ones and ``controls_path`` is not None, the
+    controls spec (from the val_wg picks). Returns the files written."""
     from robustbench_fvae.analysis.picks import pick_configurations
     from robustbench_fvae.record.io import write_text_atomic
-    from robustbench_fvae.selection import RULES
+    from robustbench_fvae.selection import RULES, get_rule
 
+    rules = list(RULES) if rules is None else [get_rule(r).name for r in rules]
     spec, results = search_results(search_spec, datasets, data_root, methods)
-    picks = {rule: pick_configurations(results, rule) for rule in RULES}
+    picks = {rule: pick_configurations(results, rule) for rule in rules}
     # picks of other datasets × methods written by an earlier call are kept (a replica or a
     # method picked first, the rest once their search is done)
     cells = _earlier_cells(final_path, picked={(d, m) for p in picks.values() for d, m in p})
     lines = [f"Written by `python -m robustbench_fvae.protocol finals` from the finished runs of "
              f"{search_spec}; do not edit by hand.", "",
-             "Each replica x method's configuration picked by seed-0 validation worst-group "
-             "accuracy (val_wg)", "and by validation average (val_avg), each rerun with seeds "
+             "Each replica x method's configuration picked by the best seed-0 validation score "
+             f"under {' and under '.join(rules)},", "each rerun with seeds "
              f"{', '.join(map(str, FINAL_SEEDS))}:"]
     for dataset in spec.datasets:
         for method in spec.methods:
-            for rule in RULES:
+            for rule in rules:
                 pick = picks[rule].get((dataset, method))
                 if pick is None:
                     continue
@@ -164,7 +167,7 @@ def finals(search_spec: str | Path = SEARCH_SPEC, *, datasets: Sequence[str] | N
         body["slurm"] = dict(spec.slurm)
     write_text_atomic(final_path, _spec_text(lines, body))
     written = [Path(final_path)]
-    if CONTROL_DATASET in cells:
+    if controls_path is not None and CONTROL_DATASET in cells and "val_wg" in picks:
         written.append(_write_controls(spec, picks["val_wg"], search_spec, controls_path))
     return written
 
@@ -339,10 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                      help="pick only for these methods (picks are per method: a later call "
                           "with more methods keeps these runs' hashes); default: all")
+    fin.add_argument("--rules", nargs="+", default=None, metavar="RULE",
+                     help="the selection rules whose picks are rerun (default: all, "
+                          "val_wg and val_avg); the controls come from the val_wg picks")
     fin.add_argument("--out", default=FINAL_SPEC, help=f"final spec to write (default "
                                                         f"{FINAL_SPEC})")
     fin.add_argument("--controls-out", default=CONTROLS_SPEC,
-                     help=f"controls spec to write (default {CONTROLS_SPEC})")
+                     help=f"controls spec to write (default {CONTROLS_SPEC}; 'none': no "
+                          "controls spec)")
     add_data_root_option(fin, None, "dataset folder (default: the spec's data_root)")
     pub = sub.add_parser("publish", help="copy the finished runs of the three specs to "
                                          f"{RESULTS_DIR}/")
@@ -395,8 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "finals":
             for path in finals(args.spec, datasets=args.datasets, methods=args.methods,
-                               final_path=args.out,
-                               controls_path=args.controls_out, data_root=args.data_root):
+                               final_path=args.out, rules=args.rules,
+                               controls_path=None if args.controls_out == "none"
+                               else args.controls_out, data_root=args.data_root):
                 print(f"wrote {path}")
         elif args.command == "probe":
             folders = probe_picks(args.spec, args.search_spec, rule=args.rule,

@@ -314,6 +314,36 @@ def test_a_fresh_clone_picks_from_and_keeps_the_published_records(protocol_tree,
     capsys.readouterr()
 
 
+def test_finals_of_one_rule_and_no_controls(protocol_tree, capsys):
+    """`--rules val_wg --controls-out none`: the val_wg picks alone, and no controls spec (the
+    peft zoo's finals, runs/protocol-peft-search.yaml)."""
+    from robustbench_fvae.protocol import main
+
+    # the val average now disagrees with WG for LoRA: draw 0 has the better average
+    for run in protocol_tree:
+        if run.method == "lora" and run.trial == 0:
+            write_run(Path(run.config.out), config=run.config, test_accs=(accs(0.5),),
+                      val_accs=([1.0, 0.5, 0.6, 1.0],))
+    assert main(["finals", "--spec", "search.yaml", "--out", "both.yaml",
+                 "--controls-out", "none"]) == 0
+    assert len(load_spec("both.yaml").cells["synth-waterbirds"]["lora"]) == 2
+    capsys.readouterr()
+    assert main(["finals", "--spec", "search.yaml", "--out", "wg.yaml",
+                 "--controls-out", "none", "--rules", "val_wg"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["wrote wg.yaml"]
+    text = Path("wg.yaml").read_text()
+    assert "under val_wg," in text and "val_avg" not in text
+    by_trial = {(r.method, r.trial): r.config for r in protocol_tree}
+    assert load_spec("wg.yaml").cells["synth-waterbirds"]["lora"] == [
+        {"lr": by_trial[("lora", 1)].train.lr}]
+    assert sorted(p.name for p in Path().glob("*.yaml")) == ["both.yaml", "search.yaml",
+                                                            "wg.yaml"]
+    assert main(["finals", "--spec", "search.yaml", "--out", "x.yaml", "--rules", "val_best"]
+                ) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown selection rule 'val_best'" in err
+
+
 def test_finals_refuse_an_incomplete_search_in_one_line(protocol_tree, capsys):
     from robustbench_fvae.protocol import main
 

@@ -373,6 +373,19 @@ def test_atomic_writes_have_ordinary_file_permissions(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+def test_an_atomic_write_never_replaces_what_is_not_a_file(tmp_path):
+    """A rename onto a folder, a pipe or a device (``--out /dev/null`` as root) would replace
+    it with a plain file; the writer refuses and leaves it as it was."""
+    folder, fifo = tmp_path / "spec.yaml", tmp_path / "pipe"
+    (folder / "inside").mkdir(parents=True)
+    os.mkfifo(fifo)
+    for path in (folder, fifo):
+        with pytest.raises(ValueError, match="exists and is not a regular file"):
+            records.write_json_atomic(path, {"a": 1})
+    assert (folder / "inside").is_dir() and fifo.is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "spec.yaml"]
+
+
 def test_csv_rows_in_column_order_and_a_bad_row_leaves_the_old_file(tmp_path):
     path = tmp_path / "out" / "t.csv"
     rows = [{"b": 1 / 3, "a": "z1", "c": float("nan")}, {"a": "z2", "b": float("inf"), "c": 7}]

@@ -36,7 +36,7 @@ from robustbench_fvae.sweeps.launchers import (  # noqa: E402
     launch_local,
     slurm_parameters,
 )
-from robustbench_fvae.sweeps.state import run_status  # noqa: E402
+from robustbench_fvae.sweeps.state import run_status, running_here  # noqa: E402
 from robustbench_fvae.training import SYNTH_DEFAULTS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -407,8 +407,10 @@ def test_status_classifies_runs_from_markers_state_and_pids(tmp_path, capsys):
             finished=now,
             exit_code=1,
         )
-        # 4: killed mid-way (started, pid gone), 5: SIGTERM-checkpointed, 6: queued on Slurm
-        state.update(runs[3].hash, host=os.uname().nodename, pid=2**22 + 17, started=now)
+        # 4: killed mid-way with its sweep (started, pid gone, finished still None), 5:
+        # SIGTERM-checkpointed, 6: queued on Slurm
+        state.update(runs[3].hash, host=os.uname().nodename, pid=2**22 + 17, started=now,
+                     finished=None, exit_code=None)
         state.update(runs[4].hash, host="x", started=now - 9, finished=now, exit_code=143)
         state.update(runs[5].hash, launcher="slurm", job_id="77_5", submitted=now)
         # 7: never started
@@ -423,6 +425,9 @@ def test_status_classifies_runs_from_markers_state_and_pids(tmp_path, capsys):
             "missing",
         ]
         assert "interrupted" in statuses[3].detail and "SIGTERM" in statuses[4].detail
+        # a launch skips only the run a live process here is running
+        assert [running_here(r.run_dir, state.load().get(r.hash)) for r in runs] == [
+            False, True, False, False, False, False, False]
         assert statuses[6].detail == "never started"
         assert sweep_main([str(path), "--status", "--tail", "4"]) == 0
         out = capsys.readouterr().out

@@ -103,9 +103,14 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename.
 
     Readers see either the old file or the complete new one, never a half-written file; on any
-    error the temp file is removed and the old file is left as it was.
+    error the temp file is removed and the old file is left as it was. A ``path`` that exists
+    and is not a regular file raises a ValueError.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        # A rename would replace it: a folder, or a device such as /dev/null (as root).
+        raise ValueError(f"cannot write {path}: it exists and is not a regular file; "
+                         "give the path of a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -30,7 +30,7 @@ from typing import Any
 
 from robustbench_fvae.record import store
 from robustbench_fvae.sweeps.spec import LOG_FILE, PlannedRun, SweepSpec, dfr_run_dir, run_flags
-from robustbench_fvae.sweeps.state import SweepState, pid_alive, process_start_time, tail
+from robustbench_fvae.sweeps.state import SweepState, process_start_time, running_here, tail
 
 # How long a run gets to write its checkpoint after SIGTERM before it is killed.
 STOP_GRACE_S = 120.0
@@ -142,9 +142,7 @@ def launch_local(spec: SweepSpec, runs: Sequence[PlannedRun], state: SweepState,
     for run in runs:
         if store.is_done(run.run_dir):
             continue
-        entry = current.get(run.hash, {})
-        if entry.get("host") == socket.gethostname() and not entry.get("finished", 0) >= \
-                entry.get("started", 0) and pid_alive(entry.get("pid"), entry.get("pid_start")):
+        if running_here(run.run_dir, current.get(run.hash)):
             busy.append(run)
             continue
         todo.append(run)

@@ -219,6 +219,14 @@ def run_status(run_dir: Path, entry: dict[str, Any] | None,
     return RunStatus("failed", f"exit code {code} at {_clock(finished)}", entry)
 
 
+def running_here(run_dir: Path, entry: dict[str, Any] | None) -> bool:
+    """True when a live process on this machine runs it now (another sweep process's run,
+    which a launch must not start twice); a run whose process is gone, however it stopped, is
+    not."""
+    return bool(entry) and entry.get("host") == socket.gethostname() \
+        and run_status(run_dir, entry).status == "running"
+
+
 def tail(path: str | Path, lines: int = 10) -> list[str]:
     """The last ``lines`` lines of a text file (progress-bar carriage returns folded)."""
     path = Path(path)
