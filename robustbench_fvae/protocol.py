@@ -383,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"published records (default {RESULTS_DIR})")
     page.add_argument("--out", default=PAGE, help=f"page to write (default {PAGE}); its "
                                                    "figures go to a folder beside it")
+    page.add_argument("--peft-results", default=None, metavar="DIR",
+                      help="the peft methods' published records, a section of the page "
+                           "(default results/protocol-peft when it exists; 'none': no section)")
     page.add_argument("--latents-out", default=LATENTS_PAGE,
                       help=f"the latents page to write (default {LATENTS_PAGE}), from the "
                            "probe tables of the published final runs")
@@ -422,17 +425,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 write_latents_page,
             )
             from robustbench_fvae.analysis.results_page import check_page, write_page
+            from robustbench_fvae.analysis.zoo_section import ZOO_RESULTS_DIR, zoo_sections
 
             readme = None if args.readme == "none" else args.readme
+            peft = args.peft_results or ZOO_RESULTS_DIR
+            sections = zoo_sections(None if peft == "none" else peft,
+                                    required=args.peft_results is not None)
             if args.check:
-                problem = (check_page(args.results, args.out, readme)
+                problem = (check_page(args.results, args.out, readme, sections)
                            or check_latents_page(args.results, args.latents_out, readme))
                 if problem:
                     print(problem, file=sys.stderr)
                     return 1
                 print(f"{args.out} and {args.latents_out} are up to date with {args.results}")
             else:
-                for path in (*write_page(args.results, args.out, readme),
+                for path in (*write_page(args.results, args.out, readme, sections),
                              *write_latents_page(args.results, args.latents_out, readme)):
                     print(f"wrote {path}")
     except Exception as err:  # noqa: BLE001 - bad input exits 2, anything else 1 (cli.py)

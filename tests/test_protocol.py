@@ -314,6 +314,78 @@ def test_a_fresh_clone_picks_from_and_keeps_the_published_records(protocol_tree,
     capsys.readouterr()
 
 
+def test_peft_section_ranks_the_zoo_against_the_main_protocols_lora(protocol_tree, capsys):
+    """The peft methods' records (their own search and finals, `publish --to`) become a section
+    of docs/results.md: ranked with LoRA and FVAE-LoRA of the main protocol, each compared with
+    LoRA by seed (Holm over the zoo's comparisons); a method whose search is incomplete is not
+    picked; the README block quotes the section's answer."""
+    from robustbench_fvae.analysis.results_page import build_page
+    from robustbench_fvae.analysis.zoo_section import ZOO_SEARCH_SPEC, zoo_sections
+    from robustbench_fvae.protocol import main, publish
+
+    # the main protocol: LoRA's finals at 0.5/0.6 WG by seed parity, FVAE-LoRA 0.1 higher
+    assert main(["finals", "--spec", "search.yaml", "--out", "final.yaml",
+                 "--controls-out", "none"]) == 0
+    for run in expand(load_spec("final.yaml")):
+        base = 0.5 + 0.1 * (run.seed % 2)
+        write_planned(run, val_wg=0.6, test_wg=base + (0.1 if run.method == "fvae" else 0.0))
+    publish("results/protocol", specs={"search": "search.yaml", "final": "final.yaml",
+                                       "controls": "none"}, log=lambda _: None)
+    # the zoo: peft-lora's and peft-vera's search complete (2 of 2), peft-ia3's not (1 of 2);
+    # peft-lora's val_avg pick (draw 0: higher average, lower WG) differs from its val_wg pick
+    methods = ["peft-lora", "peft-vera", "peft-ia3"]
+    zoo = {"methods": methods, "datasets": ["synth-waterbirds"], "seeds": [0],
+           "settings": {"epochs": 1, "out": "runs/zoo"},
+           "random": {"n": 2, "hparam_seed": 0, "per_method": {
+               m: {"lr": {"log_uniform": [1e-3, 1e-2]}} for m in methods}}}
+    Path(ZOO_SEARCH_SPEC).parent.mkdir(exist_ok=True)
+    Path(ZOO_SEARCH_SPEC).write_text(yaml.safe_dump(zoo))
+    for run in expand(load_spec(ZOO_SEARCH_SPEC))[:5]:
+        if (run.method, run.trial) == ("peft-lora", 0):
+            write_run(Path(run.config.out), config=run.config, test_accs=(accs(0.5),),
+                      val_accs=([1.0, 0.5, 0.6, 1.0],))
+        else:
+            write_planned(run, val_wg=0.5 + 0.1 * run.trial, test_wg=0.5)
+    assert main(["finals", "--spec", ZOO_SEARCH_SPEC, "--methods", "peft-lora", "peft-vera",
+                 "--out", "zoo-final.yaml", "--controls-out", "none", "--rules", "val_wg"]) == 0
+    for run in expand(load_spec("zoo-final.yaml")):  # peft-lora: 20 points above LoRA, 30 on
+        gain = (0.3 if run.seed == 5 else 0.2) if run.method == "peft-lora" else 0.0  # seed 5
+        write_planned(run, val_wg=0.6, test_wg=0.5 + 0.1 * (run.seed % 2) + gain)
+    publish("results/protocol-peft", log=lambda _: None,
+            specs={"search": ZOO_SEARCH_SPEC, "final": "zoo-final.yaml", "controls": "none"})
+
+    text, figures, block = build_page("results/protocol", "results", sections=zoo_sections())
+    section = text[text.index("## The peft library's methods against LoRA"):]
+    assert "the records in `results/protocol-peft/` (5 search runs, 10 final runs)" in section
+    wg_part = section[:section.index("### Selection by val_avg")]
+    ranked = [line for line in wg_part.splitlines() if line[:4] in ("| 1 ", "| 2 ", "| 3 ",
+                                                                     "| 4 ")]
+    assert [line.split(" | ")[1] for line in ranked] == ["peft LoRA", "FVAE-LoRA", "VeRA",
+                                                         "LoRA"]  # a tie keeps table order
+    assert ranked[0].split(" | ")[7].startswith("+22.0 [+") and \
+        ranked[0].split(" | ")[8] == "higher"
+    assert ranked[1].split(" | ")[8] == "compared in the main table"
+    assert ranked[2].split(" | ")[7:9] == ["+0.0 [+0.0, +0.0]", "no difference shown"]
+    assert "**The peft methods, selection val_wg:** of 6 paired comparisons with LoRA on " \
+        "synth-waterbirds (2 methods × WG" in section
+    assert "| IA3 | 1 of 2 | 0 | search incomplete: not picked |" in section
+    assert "| peft LoRA | 2 of 2 | 5 | finals run |" in section
+    # val_avg: VeRA's pick is the same draw (its runs are there), peft LoRA's is not
+    val_avg = section[section.index("### Selection by val_avg"):]
+    assert "*Partial:* 1 of 2 picks of val_avg have no final runs" in val_avg
+    assert "synth-waterbirds/peft-lora: the val_avg pick" in val_avg
+    assert "forest_peft_val_wg.png" in figures and "(results/forest_peft_val_wg.png)" in section
+    assert "**The peft methods, selection val_wg:**" in block and \
+        "peft methods, selection val_avg" not in block  # the README quotes complete tables
+    # without the section, the page is the main protocol's alone; a named folder must exist
+    assert "## The peft library" not in build_page("results/protocol", "results")[0]
+    with pytest.raises(ValueError, match="peft results folder not found: nowhere"):
+        zoo_sections("nowhere", required=True)
+    assert zoo_sections("nowhere") == []
+    assert main(["page", "--peft-results", "nowhere", "--check", "--readme", "none"]) == 2
+    assert "peft results folder not found" in capsys.readouterr().err
+
+
 def test_finals_of_one_rule_and_no_controls(protocol_tree, capsys):
     """`--rules val_wg --controls-out none`: the val_wg picks alone, and no controls spec (the
     peft zoo's finals, runs/protocol-peft-search.yaml)."""
@@ -390,9 +462,11 @@ def test_committed_results_page_matches_its_records(monkeypatch):
     results/protocol: regenerate it after publishing, never edit it by hand."""
     from robustbench_fvae.analysis.latents_page import check_latents_page
     from robustbench_fvae.analysis.results_page import check_page
+    from robustbench_fvae.analysis.zoo_section import zoo_sections
 
     monkeypatch.chdir(REPO)
-    assert check_page("results/protocol", "docs/results.md") is None
+    assert check_page("results/protocol", "docs/results.md",
+                      sections=zoo_sections(required=True)) is None
     assert check_latents_page("results/protocol", "docs/latents.md") is None
 
 

@@ -14,8 +14,8 @@ can compare the committed page with what this module would write.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -77,6 +77,20 @@ class Stage:
     runs: list[view.RunRecord]
 
 
+@dataclass
+class PageSection:
+    """A section another results folder adds to the page (e.g. the peft methods'): its
+    Markdown lines, its figures ``{file name: Figure}`` and the README block's lines."""
+
+    lines: list[str]
+    figures: dict[str, object] = field(default_factory=dict)
+    readme_lines: list[str] = field(default_factory=list)
+
+
+# Makes a section from the page's rows per rule and the figure folder (relative to the page).
+SectionMaker = Callable[[dict[str, list[GroupRow]], Path], PageSection]
+
+
 def load_stage(results_dir: Path, name: str) -> Stage:
     folder = results_dir / name
     runs = sorted((r for r in view.iter_runs(folder) if r.done), key=lambda r: str(r.path)) \
@@ -84,7 +98,7 @@ def load_stage(results_dir: Path, name: str) -> Stage:
     return Stage(name, runs)
 
 
-def _interval(stat: Stat) -> str:
+def interval_text(stat: Stat) -> str:
     """``"78.2 [75.5, 80.9]"``: a mean with its clipped 95 % t-interval, in percent."""
     if not math.isfinite(stat.mean):
         return "–"
@@ -92,7 +106,7 @@ def _interval(stat: Stat) -> str:
     return f"{pct(stat.mean)} {ci}" if ci else pct(stat.mean)
 
 
-def _signed_interval(mean: float, low: float, high: float) -> str:
+def signed_interval_text(mean: float, low: float, high: float) -> str:
     """``"+0.9 [-1.4, +3.3]"``: a difference in points with its interval."""
     if not math.isfinite(mean):
         return "–"
@@ -131,9 +145,9 @@ def answer_table(rows: Sequence[GroupRow], picks: dict[tuple[str, str], Pick], r
         pick = picks[(r.dataset, r.method)]
         body.append([r.dataset, method_label(r.method).replace(r"$\beta$", "β"),
                      pick.text or "only one", str(pick.n_configs), pct(pick.score),
-                     f"{r.n} ({r.seeds_text})", _interval(r.stats["worst_group_acc"]),
-                     _interval(r.stats["avg_acc"]), _interval(r.stats["disparity"]),
-                     _count(r.params.get("trainable")), _count(r.params.get("inference"))])
+                     f"{r.n} ({r.seeds_text})", interval_text(r.stats["worst_group_acc"]),
+                     interval_text(r.stats["avg_acc"]), interval_text(r.stats["disparity"]),
+                     count_text(r.params.get("trainable")), count_text(r.params.get("inference"))])
     notes = [f"Test metrics in percent at the epoch selected by "
              f"{selection_description(rule)}: mean over the final seeds and its 95 % "
              "t-interval (ddof 1), clipped to [0, 100].",
@@ -148,7 +162,7 @@ def answer_table(rows: Sequence[GroupRow], picks: dict[tuple[str, str], Pick], r
                  notes=notes, numeric={3, 4, 6, 7, 8, 9, 10})
 
 
-def _count(value: int | None) -> str:
+def count_text(value: int | None) -> str:
     return "—" if value is None else f"{value:,}"
 
 
@@ -158,8 +172,8 @@ def verdict_lines(comparisons: Sequence[Comparison]) -> list[str]:
     for c in comparisons:
         if c.metric != "worst_group_acc":
             continue
-        name = _plain_label(c.method)
-        interval = _signed_interval(c.mean_diff, c.holm_ci_low, c.holm_ci_high)
+        name = plain_label(c.method)
+        interval = signed_interval_text(c.mean_diff, c.holm_ci_low, c.holm_ci_high)
         if c.declared:
             word = "higher" if c.mean_diff > 0 else "lower"
             lines.append(f"- {c.dataset}: {name}'s WG is {word} than LoRA's by {interval} "
@@ -173,14 +187,14 @@ def verdict_lines(comparisons: Sequence[Comparison]) -> list[str]:
 METRIC_WORDS = {"worst_group_acc": "WG", "avg_acc": "average", "disparity": "disparity"}
 
 
-def _plain_label(method: str) -> str:
+def plain_label(method: str) -> str:
     return method_label(method).replace(r"$\beta$", "β")
 
 
-def _difference_text(c: Comparison, low: float, high: float) -> str:
+def difference_text(c: Comparison, low: float, high: float) -> str:
     """``"synth-animals FVAE-LoRA − LoRA WG +8.3 [+1.2, +15.5]"`` (points)."""
-    return (f"{c.dataset} {_plain_label(c.method)} − LoRA {METRIC_WORDS.get(c.metric, c.metric)} "
-            f"{_signed_interval(c.mean_diff, low, high)}")
+    return (f"{c.dataset} {plain_label(c.method)} − LoRA {METRIC_WORDS.get(c.metric, c.metric)} "
+            f"{signed_interval_text(c.mean_diff, low, high)}")
 
 
 def answer_lines(comparisons_by_rule: dict[str, Sequence[Comparison]], *, brief: bool = False
@@ -201,7 +215,7 @@ def answer_lines(comparisons_by_rule: dict[str, Sequence[Comparison]], *, brief:
                 f"{len(declared)} {'is' if len(declared) == 1 else 'are'} declared")
         if declared:
             text += ": " + "; ".join(
-                _difference_text(c, c.holm_ci_low, c.holm_ci_high) + " points"
+                difference_text(c, c.holm_ci_low, c.holm_ci_high) + " points"
                 for c in declared) + "."
         else:
             text += ": no difference from LoRA is shown at this power."
@@ -212,7 +226,7 @@ def answer_lines(comparisons_by_rule: dict[str, Sequence[Comparison]], *, brief:
                      "(listed on the page): candidates for a powered follow-up, not differences.")
         elif loose:
             text += (f" Before the adjustment {len(loose)} more interval(s) exclude zero ("
-                     + "; ".join(_difference_text(c, c.ci_low, c.ci_high) for c in loose)
+                     + "; ".join(difference_text(c, c.ci_low, c.ci_high) for c in loose)
                      + "): not differences under the protocol's rule, candidates for a "
                        "powered follow-up.")
         lines += [text, ""]
@@ -318,12 +332,12 @@ def _controls_table(arms: dict[str, tuple[list[RunResult], bool]]) -> list[str]:
                        else "too few seeds to compare")
         else:
             low, high = change.interval(level) if math.isfinite(level) else (math.nan, math.nan)
-            change_text = _signed_interval(change.mean_diff, low, high)
+            change_text = signed_interval_text(change.mean_diff, low, high)
             p_text = f"{ph:.3g}" if math.isfinite(ph) else ""
             verdict = ("the difference changes" if math.isfinite(ph) and ph < ALPHA
                        else "no change shown")
-        body.append([arm, label, str(len(seeds)), _interval(ref), _interval(mine),
-                     _signed_interval(d.mean_diff, d.ci_low, d.ci_high), change_text, p_text,
+        body.append([arm, label, str(len(seeds)), interval_text(ref), interval_text(mine),
+                     signed_interval_text(d.mean_diff, d.ci_low, d.ci_high), change_text, p_text,
                      verdict])
     notes = [f"synth-waterbirds, LoRA and FVAE-LoRA at their val_wg picks, seeds "
              f"{', '.join(map(str, FINAL_SEEDS))}; test metrics in percent (mean [95 % "
@@ -413,7 +427,7 @@ def readme_block(root: Path, counts: tuple[int, int, int], rows_by_rule: dict[st
         cells = []
         for rows in rows_by_rule.values():
             row = next((r for r in rows if (r.dataset, r.method) == (dataset, method)), None)
-            cells.append(f"{_interval(row.stats['worst_group_acc'])} ({row.n})" if row else "–")
+            cells.append(f"{interval_text(row.stats['worst_group_acc'])} ({row.n})" if row else "–")
         name = method_label(method).replace(r"$\beta$", "β")
         lines.append(f"| {dataset} | {name} | " + " | ".join(cells) + " |")
     for rule, vlines in verdicts.items():
@@ -422,11 +436,12 @@ def readme_block(root: Path, counts: tuple[int, int, int], rows_by_rule: dict[st
     return "\n".join(lines) + "\n"
 
 
-def build_page(results_dir: str | Path, figure_dir: str | Path, page_link: str = PAGE_LINK
-               ) -> tuple[str, dict[str, object], str]:
+def build_page(results_dir: str | Path, figure_dir: str | Path, page_link: str = PAGE_LINK,
+               sections: Sequence[SectionMaker] = ()) -> tuple[str, dict[str, object], str]:
     """The page's Markdown, its figures ``{file name: matplotlib Figure}`` and the README's
     block quoting it; figure links point into ``figure_dir`` (relative to the page's folder),
-    the README block links to ``page_link`` (relative to the README)."""
+    the README block links to ``page_link`` (relative to the README). Each of ``sections``
+    adds its section after the set-up controls."""
     root = Path(results_dir)
     if not root.is_dir():
         raise ResultsError(f"results folder not found: {root} (published records, written by "
@@ -486,8 +501,12 @@ def build_page(results_dir: str | Path, figure_dir: str | Path, page_link: str =
     every_row = [r for rows in rows_by_rule.values() for r in rows]
     lines += [to_markdown(noise_floor_table(every_row)),
               "## Does the set-up decide the answer?", "",
-              *controls_section(final.runs, controls.runs, all_picks["val_wg"]),
-              to_markdown(runs_table(rows_by_rule, root))]
+              *controls_section(final.runs, controls.runs, all_picks["val_wg"])]
+    added = [make(rows_by_rule, Path(figure_dir)) for make in sections]
+    for section in added:
+        lines += section.lines
+        figures.update(section.figures)
+    lines.append(to_markdown(runs_table(rows_by_rule, root)))
     reported = {r.dataset for r in every_row}
     full_search = SEARCH_DRAWS * len(_committed_search()[0])
     pending = [f"{d} (" + ("search complete, finals not in the records yet"
@@ -499,7 +518,8 @@ def build_page(results_dir: str | Path, figure_dir: str | Path, page_link: str =
     lines[at:at] = answer_lines(comparisons_by_rule)
     block = readme_block(root, (len(search.runs), len(final.runs), len(controls.runs)),
                          rows_by_rule, verdicts, page_link, pending,
-                         answer_lines(comparisons_by_rule, brief=True))
+                         [*answer_lines(comparisons_by_rule, brief=True),
+                          *(line for section in added for line in section.readme_lines)])
     return "\n".join(lines).rstrip() + "\n", figures, block
 
 
@@ -531,14 +551,15 @@ def page_link(page: str | Path, readme: Path) -> str:
 
 
 def write_page(results_dir: str | Path, page: str | Path,
-               readme: str | Path | None = "README.md") -> list[Path]:
-    """Write the page, its figures and (``readme`` not None) the README's quoting block;
-    returns the files written."""
+               readme: str | Path | None = "README.md", sections: Sequence[SectionMaker] = ()
+               ) -> list[Path]:
+    """Write the page (with ``sections``), its figures and (``readme`` not None) the README's
+    quoting block; returns the files written."""
     from robustbench_fvae.analysis.plots import save_png
 
     folder = figure_folder(page)
     link = page_link(page, Path(readme)) if readme else PAGE_LINK
-    text, figures, block = build_page(results_dir, folder.name, link)
+    text, figures, block = build_page(results_dir, folder.name, link, sections)
     new_readme = with_block(Path(readme), block) if readme else None
     written = [Path(page)]
     write_text_atomic(page, text)
@@ -551,11 +572,12 @@ def write_page(results_dir: str | Path, page: str | Path,
 
 
 def check_page(results_dir: str | Path, page: str | Path,
-               readme: str | Path | None = "README.md") -> str | None:
+               readme: str | Path | None = "README.md", sections: Sequence[SectionMaker] = ()
+               ) -> str | None:
     """None when ``page`` (and the README's block) hold what :func:`write_page` would write,
     else what differs."""
     link = page_link(page, Path(readme)) if readme else PAGE_LINK
-    text, _, block = build_page(results_dir, figure_folder(page).name, link)
+    text, _, block = build_page(results_dir, figure_folder(page).name, link, sections)
     fix = "regenerate it with `python -m robustbench_fvae.protocol page` (never edit it by hand)"
     path = Path(page)
     if not path.is_file():

@@ -1,0 +1,208 @@
+"""The peft library's methods against LoRA: the section of docs/results.md made from
+``results/protocol-peft/`` (``python -m robustbench_fvae.protocol page``).
+
+The zoo ran the protocol's search (runs/protocol-peft-search.yaml: the same 8 draws per method,
+search seed 0) and the finals of its picks (seeds 1–5) on synth-waterbirds only; LoRA and
+FVAE-LoRA are not rerun: their rows are the main protocol's final runs of the same dataset
+(``results/protocol/``), paired with the zoo's runs by seed. A method is picked only once its
+search is complete (a pick among fewer draws would have had less budget than LoRA's). Per
+selection rule the section gives: the methods ranked by mean test WG with intervals, each
+zoo method − LoRA paired difference (Holm-adjusted over the zoo's comparisons of that rule; the
+main table's FVAE-LoRA − LoRA stays in its own family), the forest plot and the runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from robustbench_fvae.analysis.aggregate import GroupRow, run_results
+from robustbench_fvae.analysis.comparisons import Comparison, compare_to_reference
+from robustbench_fvae.analysis.picks import Pick, pick_configurations
+from robustbench_fvae.analysis.results_page import (
+    PageSection,
+    ResultsError,
+    SectionMaker,
+    Stage,
+    count_text,
+    difference_text,
+    final_rows,
+    interval_text,
+    load_stage,
+    plain_label,
+    runs_table,
+    signed_interval_text,
+)
+from robustbench_fvae.analysis.tables import Table, comparisons_table, to_markdown, verdict
+from robustbench_fvae.selection import RULES
+from robustbench_fvae.sweeps.budget import FINAL_SEEDS, SEARCH_DRAWS
+
+ZOO_RESULTS_DIR = "results/protocol-peft"
+ZOO_SEARCH_SPEC = "runs/protocol-peft-search.yaml"
+REFERENCE = "lora"
+# The main protocol's methods shown beside the zoo (not rerun, not in the zoo's Holm family).
+BESIDE = ("lora", "fvae")
+
+
+def zoo_spec() -> tuple[list[str], list[str], int]:
+    """(methods, datasets, draws per method) of the committed zoo search spec (the page is made
+    from the repository root); without it, none known and SEARCH_DRAWS."""
+    path = Path(ZOO_SEARCH_SPEC)
+    if not path.is_file():
+        return [], [], SEARCH_DRAWS
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return (list(data.get("methods", [])), list(data.get("datasets", [])),
+            int((data.get("random") or {}).get("n", SEARCH_DRAWS)))
+
+
+def complete_picks(search: Stage, rule: str) -> tuple[dict[tuple[str, str], Pick], dict[str, int]]:
+    """The picks of ``rule`` among the methods whose search holds all its draws, and
+    ``{method: search runs found}`` for every method of the spec and the records."""
+    results, skipped = run_results(search.runs)
+    if skipped:
+        raise ResultsError(f"cannot read search run {skipped[0][0]}: {skipped[0][1]}")
+    methods, _, draws = zoo_spec()
+    found: dict[str, int] = dict.fromkeys(methods, 0)
+    for r in results:
+        found[r.method] = found.get(r.method, 0) + 1
+    complete = [r for r in results if found[r.method] >= draws]
+    return (pick_configurations(complete, rule) if complete else {}), found
+
+
+def status_table(found: dict[str, int], final: Stage) -> Table:
+    draws = zoo_spec()[2]
+    body = [[plain_label(m), f"{n} of {draws}",
+             str(n_final := sum(1 for r in final.runs if r.method == m)),
+             "finals run" if n_final else
+             ("search complete, finals not in the records yet" if n >= draws
+              else "search incomplete: not picked")]
+            for m, n in found.items()]
+    return Table(title="What the zoo's records hold", header=["Method", "Search runs",
+                                                             "Final runs", "Status"],
+                 rows=body, numeric={1, 2},
+                 notes=[f"Search = {draws} draws from each method's registered space "
+                        f"({ZOO_SEARCH_SPEC}); a method is picked only when all are in. Final "
+                        f"runs = its picks × seeds {', '.join(map(str, FINAL_SEEDS))}."])
+
+
+def ranking_table(rows: Sequence[GroupRow], beside: Sequence[GroupRow],
+                  picks: dict[tuple[str, str], Pick], comparisons: Sequence[Comparison],
+                  rule: str) -> Table:
+    """Every zoo row and the main protocol's LoRA and FVAE-LoRA rows, by mean test WG."""
+    wg = {c.label: c for c in comparisons if c.metric == "worst_group_acc"}
+    body = []
+    ordered = sorted([*rows, *beside], key=lambda r: -r.stats["worst_group_acc"].mean)
+    for rank, r in enumerate(ordered, start=1):
+        pick = picks.get((r.dataset, r.method))
+        if r in beside:
+            diff, word = "–", ("reference" if r.method == REFERENCE else
+                               "compared in the main table")
+        elif r.label in wg:
+            c = wg[r.label]
+            diff = signed_interval_text(c.mean_diff, c.holm_ci_low, c.holm_ci_high)
+            word = verdict(c)
+        else:
+            diff, word = "–", "too few seeds to compare"
+        body.append([str(rank), plain_label(r.method),
+                     "main protocol" if r in beside else (pick.text if pick else "–"),
+                     f"{r.n} ({r.seeds_text})", interval_text(r.stats["worst_group_acc"]),
+                     interval_text(r.stats["avg_acc"]), interval_text(r.stats["disparity"]),
+                     diff, word, count_text(r.params.get("trainable")),
+                     count_text(r.params.get("inference"))])
+    notes = ["Ranked by mean test WG (%, 95 % t-interval over the final seeds); a rank is not a "
+             "difference: only the WG − LoRA column, paired by seed and Holm-adjusted over the "
+             "zoo's comparisons of this rule, declares one (higher / lower).",
+             "LoRA and FVAE-LoRA: the main protocol's final runs of synth-waterbirds (the same "
+             "search budget and seeds), not rerun.",
+             "Trainable / Inference = parameters the optimiser updates (head included) and "
+             "parameters the evaluation path adds to the frozen backbone."]
+    return Table(title=f"The peft methods ranked by worst-group accuracy ({rule})",
+                 header=["Rank", "Method", "Picked setting", "Seeds", "WG [95% CI]",
+                         "Avg [95% CI]", "Disparity [95% CI]", "WG − LoRA [Holm CI]", "Verdict",
+                         "Trainable", "Inference"],
+                 rows=body, numeric={0, 3, 4, 5, 6, 7, 9, 10}, notes=notes)
+
+
+def answer_sentence(comparisons: Sequence[Comparison], rule: str) -> str:
+    """How many zoo − LoRA comparisons of ``rule`` there are and which are declared."""
+    declared = [c for c in comparisons if c.declared]
+    n_methods = len({c.method for c in comparisons})
+    text = (f"**The peft methods, selection {rule}:** of {len(comparisons)} paired comparisons "
+            f"with LoRA on synth-waterbirds ({n_methods} method{'s' if n_methods != 1 else ''} "
+            "× WG, average and disparity; "
+            f"Holm-adjusted over the {len(comparisons)}), {len(declared)} "
+            f"{'is' if len(declared) == 1 else 'are'} declared")
+    if declared:
+        return text + ": " + "; ".join(difference_text(c, c.holm_ci_low, c.holm_ci_high)
+                                       + " points" for c in declared) + "."
+    return text + ": no peft method differs from LoRA at this power."
+
+
+def zoo_section(zoo_dir: str | Path, main_rows: dict[str, list[GroupRow]],
+                figure_dir: str | Path) -> PageSection:
+    """The section from the zoo's records and the main protocol's rows (per rule)."""
+    from robustbench_fvae.analysis import plots
+
+    root = Path(zoo_dir)
+    search, final = load_stage(root, "search"), load_stage(root, "final")
+    _, datasets, _ = zoo_spec()
+    lines = ["## The peft library's methods against LoRA", "",
+             f"From the records in `{root}/` ({len(search.runs)} search runs, {len(final.runs)} "
+             f"final runs): every method of the `peft` library in the protocol, on "
+             f"{', '.join(datasets) or 'synth-waterbirds'} by the protocol of "
+             "[protocol.md](protocol.md#the-peft-librarys-methods). Which of them, if any, "
+             "resists the shortcut better than LoRA?", ""]
+    found: dict[str, int] = {}
+    section = PageSection(lines)
+    for rule in RULES:
+        picks, found = complete_picks(search, rule)
+        rows, missing = final_rows(final.runs, picks, rule)
+        if not rows:
+            continue
+        beside = [r for r in main_rows.get(rule, []) if r.method in BESIDE
+                  and r.dataset in {row.dataset for row in rows}]
+        if not any(r.method == REFERENCE for r in beside):
+            raise ResultsError(f"the main protocol's records hold no {REFERENCE} final runs "
+                               f"under {rule} to compare the peft methods with")
+        comparisons, notes = compare_to_reference(
+            [*rows, *(r for r in beside if r.method == REFERENCE)], REFERENCE)
+        partial = ([f"*Partial:* {len(missing)} of {len(picks)} picks of {rule} have no final "
+                    "runs in the records (listed below); the README quotes only complete "
+                    "tables.", ""] if missing else [])
+        lines += [f"### Selection by {rule}", "", *partial, answer_sentence(comparisons, rule),
+                  "", to_markdown(ranking_table(rows, beside, picks, comparisons, rule),
+                                  level=4)]
+        if not missing:
+            section.readme_lines += [answer_sentence(comparisons, rule), ""]
+        if comparisons:
+            name = f"forest_peft_{rule}.png"
+            section.figures[name] = plots.forest_figure(
+                comparisons, f"peft methods − LoRA, synth-waterbirds, selection {rule} (test)")
+            lines += [to_markdown(comparisons_table(
+                comparisons, f"Paired comparisons of the peft methods against LoRA ({rule})"),
+                level=4),
+                f"![peft methods − LoRA, {rule}]({Path(figure_dir) / name})", ""]
+        lines += [f"- {note}" for note in [*missing, *notes]]
+        runs = runs_table({rule: rows}, root)
+        runs.title = f"The peft methods' final runs ({rule})"
+        lines += [to_markdown(runs, level=4)]
+    lines += [to_markdown(status_table(found or complete_picks(search, "val_wg")[1], final),
+                          level=3)]
+    return section
+
+
+def zoo_sections(zoo_dir: str | Path | None = ZOO_RESULTS_DIR, *, required: bool = False
+                 ) -> list[SectionMaker]:
+    """The page sections of ``zoo_dir`` for :func:`results_page.build_page`: none when it is
+    None or (``required`` False) absent; ``required`` and absent raises a ResultsError."""
+    if zoo_dir is None:
+        return []
+    if not Path(zoo_dir).is_dir():
+        if required:
+            raise ResultsError(f"peft results folder not found: {zoo_dir} (published by "
+                               "`python -m robustbench_fvae.protocol publish --to DIR`; "
+                               "'none': no peft section)")
+        return []
+    return [lambda rows, figure_dir: zoo_section(zoo_dir, rows, figure_dir)]
