@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
                         help="only the runs on these datasets of the spec (e.g. to finish one "
                              "replica's search first); default: all")
+    parser.add_argument("--skip-published", default=None, metavar="DIR",
+                        help="leave out the runs whose finished record is published in DIR "
+                             "(<dataset>/<method>/<hash>/, e.g. results/protocol-peft/final): "
+                             "a fresh clone does not rerun what another machine published")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="override a Slurm resource of the spec's slurm section, e.g. "
                              "--slurm partition=gpu --slurm timeout_min=600 (repeatable)")
@@ -92,6 +96,22 @@ def slurm_overrides(items: Sequence[str]) -> dict[str, Any]:
             raise SpecError(f"--slurm expects KEY=VALUE, got {item!r}")
         out[key.strip()] = yaml.safe_load(value) if value.strip() else None
     return slurm_section(out)
+
+
+def skip_published(runs: Sequence[Any], folder: str) -> list[Any]:
+    """``runs`` without those whose record under ``folder/<dataset>/<method>/<hash>`` is done
+    (and not done here: a run finished here is reported as done anyway)."""
+    from pathlib import Path
+
+    if not Path(folder).is_dir():
+        raise SpecError(f"--skip-published {folder}: no such folder (a published stage, e.g. "
+                        "results/protocol-peft/final)")
+    kept = [r for r in runs if store.is_done(r.run_dir)
+            or not store.is_done(Path(folder) / r.dataset / r.method / r.hash)]
+    if len(kept) < len(runs):
+        print(f"{len(runs) - len(kept)} of {len(runs)} run(s) published in {folder}: left out",
+              flush=True)
+    return kept
 
 
 @command
@@ -125,6 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not runs:
                 raise SpecError(f"--datasets {' '.join(args.datasets)}: the spec has no runs "
                                 "there")
+        if args.skip_published:
+            runs = skip_published(runs, args.skip_published)
+            if not runs:
+                print(f"sweep {spec.name}: every run is published in {args.skip_published}; "
+                      "nothing to run")
+                return EXIT_OK
         for line in budget_warnings(spec):
             print(f"warning: {line}", file=sys.stderr, flush=True)
         state = SweepState(runs[0].config.out, spec.name)  # every run shares the out folder

@@ -473,6 +473,20 @@ def test_dry_run_lists_every_run_and_totals(tmp_path, capsys):
         for ln in out
     )
     assert not (tmp_path / "out" / ".sweeps").exists()  # nothing launched, no state written
+    # runs published elsewhere (a fresh clone's results/) are left out with --skip-published
+    published = tmp_path / "results" / "final"
+    for run in runs[:3]:
+        records.mark_done(published / run.dataset / run.method / run.hash)
+    assert sweep_main([str(path), "--dry-run", "--skip-published", str(published)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 of 24 run(s) published in ") and \
+        "totals: 21 runs — 1 done, 0 running, 0 failed, 20 missing" in out
+    for run in runs:
+        records.mark_done(published / run.dataset / run.method / run.hash)
+    assert sweep_main([str(path), "--skip-published", str(published)]) == 0
+    assert "23 of 24 run(s) published" in capsys.readouterr().out  # the one done here stays
+    assert sweep_main([str(path), "--dry-run", "--skip-published", str(tmp_path / "no")]) == 2
+    assert "--skip-published" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- real runs
