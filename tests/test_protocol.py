@@ -364,10 +364,16 @@ def test_peft_section_ranks_the_zoo_against_the_main_protocols_lora(protocol_tre
                                                          "LoRA"]  # a tie keeps table order
     assert ranked[0].split(" | ")[7].startswith("+22.0 [+") and \
         ranked[0].split(" | ")[8] == "higher"
-    assert ranked[1].split(" | ")[8] == "compared in the main table"
+    assert ranked[0].split(" | ")[9:11] == ["–", "reference"]
+    assert ranked[1].split(" | ")[7:11] == ["–", "in the main table", "–", "not in this family"]
     assert ranked[2].split(" | ")[7:9] == ["+0.0 [+0.0, +0.0]", "no difference shown"]
-    assert "**The peft methods, selection val_wg:** of 6 paired comparisons with LoRA on " \
+    assert ranked[2].split(" | ")[10] == "lower" and ranked[3].split(" | ")[10] == "lower"
+    assert "**The peft methods against LoRA, selection val_wg:** of 6 paired comparisons on " \
         "synth-waterbirds (2 methods × WG" in section
+    # the same targets: VeRA and LoRA (q,k) against peft LoRA (qkv)
+    assert "**The peft methods against peft LoRA, selection val_wg:** of 6 paired " \
+        "comparisons on synth-waterbirds (2 methods" in section and \
+        "synth-waterbirds LoRA − peft LoRA WG -22.0 [" in section
     assert "| IA3 | 1 of 2 | 0 | search incomplete: not picked |" in section
     assert "| peft LoRA | 2 of 2 | 5 | finals run |" in section
     # val_avg: VeRA's pick is the same draw (its runs are there), peft LoRA's is not
@@ -375,8 +381,8 @@ def test_peft_section_ranks_the_zoo_against_the_main_protocols_lora(protocol_tre
     assert "*Partial:* 1 of 2 picks of val_avg have no final runs" in val_avg
     assert "synth-waterbirds/peft-lora: the val_avg pick" in val_avg
     assert "forest_peft_val_wg.png" in figures and "(results/forest_peft_val_wg.png)" in section
-    assert "**The peft methods, selection val_wg:**" in block and \
-        "peft methods, selection val_avg" not in block  # the README quotes complete tables
+    assert "**The peft methods against LoRA, selection val_wg:**" in block and \
+        "against LoRA, selection val_avg" not in block  # the README quotes complete tables
     # without the section, the page is the main protocol's alone; a named folder must exist
     assert "## The peft library" not in build_page("results/protocol", "results")[0]
     with pytest.raises(ValueError, match="peft results folder not found: nowhere"):

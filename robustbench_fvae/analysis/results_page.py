@@ -193,7 +193,8 @@ def plain_label(method: str) -> str:
 
 def difference_text(c: Comparison, low: float, high: float) -> str:
     """``"synth-animals FVAE-LoRA − LoRA WG +8.3 [+1.2, +15.5]"`` (points)."""
-    return (f"{c.dataset} {plain_label(c.method)} − LoRA {METRIC_WORDS.get(c.metric, c.metric)} "
+    return (f"{c.dataset} {plain_label(c.method)} − {plain_label(c.reference)} "
+            f"{METRIC_WORDS.get(c.metric, c.metric)} "
             f"{signed_interval_text(c.mean_diff, low, high)}")
 
 

@@ -6,9 +6,11 @@ search seed 0) and the finals of its picks (seeds 1–5) on synth-waterbirds onl
 FVAE-LoRA are not rerun: their rows are the main protocol's final runs of the same dataset
 (``results/protocol/``), paired with the zoo's runs by seed. A method is picked only once its
 search is complete (a pick among fewer draws would have had less budget than LoRA's). Per
-selection rule the section gives: the methods ranked by mean test WG with intervals, each
-zoo method − LoRA paired difference (Holm-adjusted over the zoo's comparisons of that rule; the
-main table's FVAE-LoRA − LoRA stays in its own family), the forest plot and the runs.
+selection rule the section gives: the methods ranked by mean test WG with intervals; each peft
+method − LoRA paired difference (Holm-adjusted over the zoo's comparisons of that rule; the
+main table's FVAE-LoRA − LoRA stays in its own family); each peft method − peft LoRA, the same
+LoRA on the same targets (the whole qkv, where our LoRA adapts q and k), in a second family with
+LoRA − peft LoRA; the forest plot and the runs.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from robustbench_fvae.sweeps.budget import FINAL_SEEDS, SEARCH_DRAWS
 ZOO_RESULTS_DIR = "results/protocol-peft"
 ZOO_SEARCH_SPEC = "runs/protocol-peft-search.yaml"
 REFERENCE = "lora"
+LIKE = "peft-lora"  # the same LoRA on the peft methods' targets (the whole qkv)
 # The main protocol's methods shown beside the zoo (not rerun, not in the zoo's Holm family).
 BESIDE = ("lora", "fvae")
 
@@ -87,57 +90,70 @@ def status_table(found: dict[str, int], final: Stage) -> Table:
                         f"runs = its picks × seeds {', '.join(map(str, FINAL_SEEDS))}."])
 
 
+def _difference_cells(row: GroupRow, comparisons: Sequence[Comparison], reference: str
+                      ) -> list[str]:
+    """The row's WG − ``reference`` (Holm interval) and its verdict, as two cells."""
+    if row.method == reference:
+        return ["–", "reference"]
+    found = [c for c in comparisons if c.metric == "worst_group_acc" and c.label == row.label]
+    if not found:
+        return ["–", "not in this family" if comparisons else "–"]
+    c = found[0]
+    return [signed_interval_text(c.mean_diff, c.holm_ci_low, c.holm_ci_high), verdict(c)]
+
+
 def ranking_table(rows: Sequence[GroupRow], beside: Sequence[GroupRow],
-                  picks: dict[tuple[str, str], Pick], comparisons: Sequence[Comparison],
-                  rule: str) -> Table:
-    """Every zoo row and the main protocol's LoRA and FVAE-LoRA rows, by mean test WG."""
-    wg = {c.label: c for c in comparisons if c.metric == "worst_group_acc"}
+                  picks: dict[tuple[str, str], Pick], against_lora: Sequence[Comparison],
+                  against_like: Sequence[Comparison], rule: str) -> Table:
+    """Every zoo row and the main protocol's LoRA and FVAE-LoRA rows, by mean test WG, with
+    each one's WG difference from LoRA and from peft LoRA."""
     body = []
     ordered = sorted([*rows, *beside], key=lambda r: -r.stats["worst_group_acc"].mean)
     for rank, r in enumerate(ordered, start=1):
         pick = picks.get((r.dataset, r.method))
-        if r in beside:
-            diff, word = "–", ("reference" if r.method == REFERENCE else
-                               "compared in the main table")
-        elif r.label in wg:
-            c = wg[r.label]
-            diff = signed_interval_text(c.mean_diff, c.holm_ci_low, c.holm_ci_high)
-            word = verdict(c)
-        else:
-            diff, word = "–", "too few seeds to compare"
         body.append([str(rank), plain_label(r.method),
                      "main protocol" if r in beside else (pick.text if pick else "–"),
                      f"{r.n} ({r.seeds_text})", interval_text(r.stats["worst_group_acc"]),
                      interval_text(r.stats["avg_acc"]), interval_text(r.stats["disparity"]),
-                     diff, word, count_text(r.params.get("trainable")),
+                     *(["–", "in the main table"] if r in beside and r.method != REFERENCE
+                       else _difference_cells(r, against_lora, REFERENCE)),
+                     *_difference_cells(r, against_like, LIKE),
+                     count_text(r.params.get("trainable")),
                      count_text(r.params.get("inference"))])
     notes = ["Ranked by mean test WG (%, 95 % t-interval over the final seeds); a rank is not a "
-             "difference: only the WG − LoRA column, paired by seed and Holm-adjusted over the "
-             "zoo's comparisons of this rule, declares one (higher / lower).",
+             "difference: only the difference columns, paired by seed and Holm-adjusted over "
+             "their family of this rule, declare one (higher / lower).",
              "LoRA and FVAE-LoRA: the main protocol's final runs of synth-waterbirds (the same "
-             "search budget and seeds), not rerun.",
+             "search budget and seeds), not rerun. LoRA adapts the query and key slices of the "
+             "fused qkv (the released recipe); every peft method adapts the whole qkv, value "
+             "included (docs/methods.md). WG − LoRA therefore mixes the method with the "
+             "targets; WG − peft LoRA compares methods on the same targets (its family: every "
+             "other peft method, and LoRA, whose difference is then the targets' alone). "
+             "FVAE-LoRA − LoRA is in the main table's family.",
              "Trainable / Inference = parameters the optimiser updates (head included) and "
              "parameters the evaluation path adds to the frozen backbone."]
     return Table(title=f"The peft methods ranked by worst-group accuracy ({rule})",
                  header=["Rank", "Method", "Picked setting", "Seeds", "WG [95% CI]",
-                         "Avg [95% CI]", "Disparity [95% CI]", "WG − LoRA [Holm CI]", "Verdict",
-                         "Trainable", "Inference"],
-                 rows=body, numeric={0, 3, 4, 5, 6, 7, 9, 10}, notes=notes)
+                         "Avg [95% CI]", "Disparity [95% CI]", "WG − LoRA [Holm CI]", "vs LoRA",
+                         "WG − peft LoRA [Holm CI]", "vs peft LoRA", "Trainable", "Inference"],
+                 rows=body, numeric={0, 3, 4, 5, 6, 7, 9, 11, 12}, notes=notes)
 
 
-def answer_sentence(comparisons: Sequence[Comparison], rule: str) -> str:
-    """How many zoo − LoRA comparisons of ``rule`` there are and which are declared."""
+def answer_sentence(comparisons: Sequence[Comparison], rule: str, reference: str = REFERENCE
+                    ) -> str:
+    """How many comparisons with ``reference`` of ``rule`` there are and which are declared."""
     declared = [c for c in comparisons if c.declared]
     n_methods = len({c.method for c in comparisons})
-    text = (f"**The peft methods, selection {rule}:** of {len(comparisons)} paired comparisons "
-            f"with LoRA on synth-waterbirds ({n_methods} method{'s' if n_methods != 1 else ''} "
-            "× WG, average and disparity; "
-            f"Holm-adjusted over the {len(comparisons)}), {len(declared)} "
+    name = plain_label(reference)
+    text = (f"**The peft methods against {name}, selection {rule}:** of {len(comparisons)} "
+            f"paired comparisons on synth-waterbirds ({n_methods} "
+            f"method{'s' if n_methods != 1 else ''} × WG, average and disparity; Holm-adjusted "
+            f"over the {len(comparisons)}), {len(declared)} "
             f"{'is' if len(declared) == 1 else 'are'} declared")
     if declared:
         return text + ": " + "; ".join(difference_text(c, c.holm_ci_low, c.holm_ci_high)
                                        + " points" for c in declared) + "."
-    return text + ": no peft method differs from LoRA at this power."
+    return text + f": none differs from {name} at this power."
 
 
 def zoo_section(zoo_dir: str | Path, main_rows: dict[str, list[GroupRow]],
@@ -166,16 +182,22 @@ def zoo_section(zoo_dir: str | Path, main_rows: dict[str, list[GroupRow]],
         if not any(r.method == REFERENCE for r in beside):
             raise ResultsError(f"the main protocol's records hold no {REFERENCE} final runs "
                                f"under {rule} to compare the peft methods with")
-        comparisons, notes = compare_to_reference(
-            [*rows, *(r for r in beside if r.method == REFERENCE)], REFERENCE)
+        lora = [r for r in beside if r.method == REFERENCE]
+        comparisons, notes = compare_to_reference([*rows, *lora], REFERENCE)
+        like, like_notes = (compare_to_reference([*rows, *lora], LIKE)
+                            if any(r.method == LIKE for r in rows) else ([], []))
         partial = ([f"*Partial:* {len(missing)} of {len(picks)} picks of {rule} have no final "
                     "runs in the records (listed below); the README quotes only complete "
                     "tables.", ""] if missing else [])
-        lines += [f"### Selection by {rule}", "", *partial, answer_sentence(comparisons, rule),
-                  "", to_markdown(ranking_table(rows, beside, picks, comparisons, rule),
-                                  level=4)]
+        answers = [answer_sentence(comparisons, rule)]
+        if like:
+            answers.append(answer_sentence(like, rule, LIKE))
+        lines += [f"### Selection by {rule}", "", *partial,
+                  *(line for a in answers for line in (a, "")),
+                  to_markdown(ranking_table(rows, beside, picks, comparisons, like, rule),
+                              level=4)]
         if not missing:
-            section.readme_lines += [answer_sentence(comparisons, rule), ""]
+            section.readme_lines += [line for a in answers for line in (a, "")]
         if comparisons:
             name = f"forest_peft_{rule}.png"
             section.figures[name] = plots.forest_figure(
@@ -184,7 +206,11 @@ def zoo_section(zoo_dir: str | Path, main_rows: dict[str, list[GroupRow]],
                 comparisons, f"Paired comparisons of the peft methods against LoRA ({rule})"),
                 level=4),
                 f"![peft methods − LoRA, {rule}]({Path(figure_dir) / name})", ""]
-        lines += [f"- {note}" for note in [*missing, *notes]]
+        if like:
+            lines += [to_markdown(comparisons_table(
+                like, f"Paired comparisons against peft LoRA, the same targets ({rule})"),
+                level=4)]
+        lines += [f"- {note}" for note in dict.fromkeys([*missing, *notes, *like_notes])]
         runs = runs_table({rule: rows}, root)
         runs.title = f"The peft methods' final runs ({rule})"
         lines += [to_markdown(runs, level=4)]
