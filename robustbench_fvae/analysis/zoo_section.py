@@ -97,7 +97,8 @@ def _difference_cells(row: GroupRow, comparisons: Sequence[Comparison], referenc
         return ["–", "reference"]
     found = [c for c in comparisons if c.metric == "worst_group_acc" and c.label == row.label]
     if not found:
-        return ["–", "not in this family" if comparisons else "–"]
+        return ["–", "too few seeds to pair" if row.n < 2 else
+                "not in this family" if comparisons else "–"]
     c = found[0]
     return [signed_interval_text(c.mean_diff, c.holm_ci_low, c.holm_ci_high), verdict(c)]
 
