@@ -6,9 +6,10 @@ Reads ``RESULTS/search``, ``RESULTS/final`` and ``RESULTS/controls`` (run record
 selection rule's picks from the search records (:mod:`robustbench_fvae.analysis.picks`), finds
 the final runs of each pick, and writes, per rule: the table (mean and 95 % t-interval over
 seeds), the paired comparisons against LoRA (Holm-adjusted over the rule's table) and their
-forest plot; then the noise floor, every final run's bootstrap WG interval and the set-up
-controls. The text is deterministic (no dates, no paths outside the results folder), so a test
-can compare the committed page with what this module would write.
+forest plot; then the noise floor, the set-up controls, the sections of other results folders
+(:class:`PageSection`, e.g. :mod:`robustbench_fvae.analysis.zoo_section`) and every final run's
+bootstrap WG interval. The text is deterministic (no dates, no paths outside the results
+folder), so a test can compare the committed page with what this module would write.
 """
 
 from __future__ import annotations
