@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from robustbench_fvae.analysis.aggregate import GroupRow, run_results
+from robustbench_fvae.analysis.aggregate import GroupRow, RunResult, run_results
 from robustbench_fvae.analysis.comparisons import Comparison, compare_to_reference
 from robustbench_fvae.analysis.picks import Pick, pick_configurations
 from robustbench_fvae.analysis.results_page import (
@@ -60,22 +60,20 @@ def zoo_spec() -> tuple[list[str], list[str], int]:
             int((data.get("random") or {}).get("n", SEARCH_DRAWS)))
 
 
-def complete_picks(search: Stage, rule: str) -> tuple[dict[tuple[str, str], Pick], dict[str, int]]:
-    """The picks of ``rule`` among the methods whose search holds all its draws, and
-    ``{method: search runs found}`` for every method of the spec and the records."""
+def complete_search(search: Stage, methods: Sequence[str], draws: int
+                    ) -> tuple[list[RunResult], dict[str, int]]:
+    """The search results of the methods with all ``draws`` draws in, and
+    ``{method: search runs found}`` for ``methods`` and every method in the records."""
     results, skipped = run_results(search.runs)
     if skipped:
         raise ResultsError(f"cannot read search run {skipped[0][0]}: {skipped[0][1]}")
-    methods, _, draws = zoo_spec()
     found: dict[str, int] = dict.fromkeys(methods, 0)
     for r in results:
         found[r.method] = found.get(r.method, 0) + 1
-    complete = [r for r in results if found[r.method] >= draws]
-    return (pick_configurations(complete, rule) if complete else {}), found
+    return [r for r in results if found[r.method] >= draws], found
 
 
-def status_table(found: dict[str, int], final: Stage) -> Table:
-    draws = zoo_spec()[2]
+def status_table(found: dict[str, int], final: Stage, draws: int) -> Table:
     body = [[plain_label(m), f"{n} of {draws}",
              str(n_final := sum(1 for r in final.runs if r.method == m)),
              "finals run" if n_final else
@@ -164,17 +162,17 @@ def zoo_section(zoo_dir: str | Path, main_rows: dict[str, list[GroupRow]],
 
     root = Path(zoo_dir)
     search, final = load_stage(root, "search"), load_stage(root, "final")
-    _, datasets, _ = zoo_spec()
+    methods, datasets, draws = zoo_spec()
+    complete, found = complete_search(search, methods, draws)
     lines = ["## The peft library's methods against LoRA", "",
              f"From the records in `{root}/` ({len(search.runs)} search runs, {len(final.runs)} "
              f"final runs): every method of the `peft` library in the protocol, on "
              f"{', '.join(datasets) or 'synth-waterbirds'} by the protocol of "
              "[protocol.md](protocol.md#the-peft-librarys-methods). Which of them, if any, "
              "resists the shortcut better than LoRA?", ""]
-    found: dict[str, int] = {}
     section = PageSection(lines)
     for rule in RULES:
-        picks, found = complete_picks(search, rule)
+        picks = pick_configurations(complete, rule) if complete else {}
         rows, missing = final_rows(final.runs, picks, rule)
         if not rows:
             continue
@@ -215,8 +213,7 @@ def zoo_section(zoo_dir: str | Path, main_rows: dict[str, list[GroupRow]],
         runs = runs_table({rule: rows}, root)
         runs.title = f"The peft methods' final runs ({rule})"
         lines += [to_markdown(runs, level=4)]
-    lines += [to_markdown(status_table(found or complete_picks(search, "val_wg")[1], final),
-                          level=3)]
+    lines += [to_markdown(status_table(found, final, draws), level=3)]
     return section
 
 
