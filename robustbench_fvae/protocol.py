@@ -52,7 +52,9 @@ def _planned_runs(spec_path: str | Path, data_root: str | None = None) -> tuple[
 
 def published_path(run: Any, stage: str, results_dir: str | Path = RESULTS_DIR) -> Path:
     """Where planned run ``run`` of ``stage`` is (or would be) published."""
-    return Path(results_dir) / stage / run.dataset / run.method / run.hash
+    from robustbench_fvae.publish import published_dir
+
+    return published_dir(Path(results_dir) / stage, run.dataset, run.method, run.hash)
 
 
 def finished_record(run: Any, stage: str, results_dir: str | Path = RESULTS_DIR

@@ -46,6 +46,11 @@ def packed_predictions(path: Path) -> bytes:
     return gzip.compress(buf.getvalue().encode("utf-8"), compresslevel=9, mtime=0)
 
 
+def published_dir(dest_root: str | Path, dataset: str, method: str, run_hash: str) -> Path:
+    """Where a run is (or would be) published: ``dest_root/<dataset>/<method>/<hash>/``."""
+    return Path(dest_root) / dataset / method / run_hash
+
+
 def publish_run(run_dir: str | Path, dest_root: str | Path, *, predictions: bool) -> Path:
     """Copy finished run ``run_dir`` to ``dest_root/<dataset>/<method>/<hash>/``; returns the
     copy. Refuses (ValueError) a run that is not done. Files already there are replaced."""
@@ -53,7 +58,7 @@ def publish_run(run_dir: str | Path, dest_root: str | Path, *, predictions: bool
     if not rec.done:
         raise ValueError(f"{run_dir} is not a finished run (no {schema.DONE_FILE} marker); "
                          "finish it before publishing")
-    dest = Path(dest_root) / str(rec.dataset) / str(rec.method) / Path(run_dir).name
+    dest = published_dir(dest_root, str(rec.dataset), str(rec.method), Path(run_dir).name)
     dest.mkdir(parents=True, exist_ok=True)
     for name in PUBLISHED_FILES:
         if name != schema.DONE_FILE:

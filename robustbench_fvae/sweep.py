@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -101,13 +102,13 @@ def slurm_overrides(items: Sequence[str]) -> dict[str, Any]:
 def skip_published(runs: Sequence[Any], folder: str) -> list[Any]:
     """``runs`` without those whose record under ``folder/<dataset>/<method>/<hash>`` is done
     (and not done here: a run finished here is reported as done anyway)."""
-    from pathlib import Path
+    from robustbench_fvae.publish import published_dir
 
     if not Path(folder).is_dir():
         raise SpecError(f"--skip-published {folder}: no such folder (a published stage, e.g. "
                         "results/protocol-peft/final)")
     kept = [r for r in runs if store.is_done(r.run_dir)
-            or not store.is_done(Path(folder) / r.dataset / r.method / r.hash)]
+            or not store.is_done(published_dir(folder, r.dataset, r.method, r.hash))]
     if len(kept) < len(runs):
         print(f"{len(runs) - len(kept)} of {len(runs)} run(s) published in {folder}: left out",
               flush=True)
