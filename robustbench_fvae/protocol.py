@@ -434,12 +434,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             sections = zoo_sections(None if peft == "none" else peft,
                                     required=args.peft_results is not None)
             if args.check:
-                problem = (check_page(args.results, args.out, readme, sections)
+                sources = [str(peft)] if sections else []
+                problem = (check_page(args.results, args.out, readme, sections, sources)
                            or check_latents_page(args.results, args.latents_out, readme))
                 if problem:
                     print(problem, file=sys.stderr)
                     return 1
-                print(f"{args.out} and {args.latents_out} are up to date with {args.results}")
+                print(f"{args.out} and {args.latents_out} are up to date with "
+                      + " and ".join([args.results, *sources]))
             else:
                 for path in (*write_page(args.results, args.out, readme, sections),
                              *write_latents_page(args.results, args.latents_out, readme)):

@@ -251,11 +251,12 @@ def test_finals_publish_and_page(protocol_tree, capsys):
     assert "[docs/results.md](docs/results.md)" in readme
     assert check_page("results/protocol", "docs/results.md") is None
     Path("README.md").write_text(readme.replace("68.0 [57.6", "69.0 [57.6"))
-    assert "README.md's results block differs" in check_page("results/protocol",
-                                                              "docs/results.md")
+    assert "README.md's block between <!-- results:begin --> and <!-- results:end --> differs" \
+        in check_page("results/protocol", "docs/results.md")
     Path("README.md").write_text(readme)
     Path("docs/results.md").write_text(text.replace("+12.0", "+13.0"))
-    assert "differs from what" in check_page("results/protocol", "docs/results.md")
+    assert "docs/results.md differs from line " in check_page("results/protocol",
+                                                               "docs/results.md")
     assert main(["page", "results/protocol", "--out", "docs/results.md", "--check"]) == 1
     capsys.readouterr()
 
@@ -383,6 +384,15 @@ def test_peft_section_ranks_the_zoo_against_the_main_protocols_lora(protocol_tre
     assert "forest_peft_val_wg.png" in figures and "(results/forest_peft_val_wg.png)" in section
     assert "**The peft methods against LoRA, selection val_wg:**" in block and \
         "against LoRA, selection val_avg" not in block  # the README quotes complete tables
+    # a stale peft part: `page --check` names the line, its heading and the peft folder
+    Path("docs").mkdir(exist_ok=True)
+    Path("docs/results.md").write_text(text.replace("| IA3 | 1 of 2 |", "| IA3 | 2 of 2 |"))
+    line = text.splitlines().index(next(x for x in text.splitlines() if x.startswith("| IA3 |")))
+    assert main(["page", "--check", "--readme", "none"]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"docs/results.md differs from line {line + 1}, under 'What the zoo's records hold', "
+        "from what the records in results/protocol and results/protocol-peft give; "
+        "regenerate it with `python -m robustbench_fvae.protocol page`")
     # without the section, the page is the main protocol's alone; a named folder must exist
     assert "## The peft library" not in build_page("results/protocol", "results")[0]
     with pytest.raises(ValueError, match="peft results folder not found: nowhere"):

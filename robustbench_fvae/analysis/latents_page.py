@@ -19,6 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from robustbench_fvae.analysis.aggregate import Stat, run_results, summarize
+from robustbench_fvae.analysis.page_text import (
+    page_link,
+    stale_files,
+    with_block,
+)
 from robustbench_fvae.analysis.picks import control_arm, matches_pick, pick_configurations
 from robustbench_fvae.analysis.results_page import load_stage
 from robustbench_fvae.analysis.statistics import (
@@ -535,8 +540,6 @@ def write_latents_page(results_dir: str | Path, page: str | Path = PAGE,
                        readme: str | Path | None = "README.md") -> list[Path]:
     """Write the page and (``readme`` not None) the README's latents block; returns the files
     written."""
-    from robustbench_fvae.analysis.results_page import with_block
-
     text, block = build_latents_page(results_dir, _link(page, readme))
     new_readme = with_block(Path(readme), block, (README_BEGIN, README_END)) if readme else None
     write_text_atomic(page, text)
@@ -551,20 +554,9 @@ def check_latents_page(results_dir: str | Path, page: str | Path = PAGE,
                        readme: str | Path | None = "README.md") -> str | None:
     """None when the page and the README's latents block are what the records give, else what
     differs."""
-    from robustbench_fvae.analysis.results_page import with_block
-
     text, block = build_latents_page(results_dir, _link(page, readme))
-    fix = "regenerate it with `python -m robustbench_fvae.protocol page` (never edit it by hand)"
-    path = Path(page)
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        return f"{path} differs from what the records in {results_dir} give; {fix}"
-    if readme and with_block(Path(readme), block, (README_BEGIN, README_END)) != Path(
-            readme).read_text(encoding="utf-8"):
-        return f"{readme}'s latents block differs from what {results_dir} gives; {fix}"
-    return None
+    return stale_files(page, text, readme, block, (README_BEGIN, README_END), str(results_dir))
 
 
 def _link(page: str | Path, readme: str | Path | None) -> str:
-    from robustbench_fvae.analysis.results_page import page_link
-
     return page_link(page, Path(readme)) if readme else PAGE_LINK

@@ -36,6 +36,12 @@ from robustbench_fvae.analysis.comparisons import (
     compare_to_reference,
     run_worst_group_interval,
 )
+from robustbench_fvae.analysis.page_text import (
+    ResultsError,
+    page_link,
+    stale_files,
+    with_block,
+)
 from robustbench_fvae.analysis.picks import Pick, control_arm, matches_pick, pick_configurations
 from robustbench_fvae.analysis.statistics import holm_adjust, holm_levels, paired_difference
 from robustbench_fvae.analysis.tables import (
@@ -64,10 +70,6 @@ REFERENCE = "lora"
 PAGE_LINK = "docs/results.md"
 CONTROL_METHOD = "fvae"
 CONTROL_METRICS = ("worst_group_acc", "avg_acc")
-
-
-class ResultsError(ValueError):
-    """The results folder cannot make a page (missing, or no final runs)."""
 
 
 @dataclass
@@ -530,28 +532,6 @@ def figure_folder(page: str | Path) -> Path:
     return Path(page).with_suffix("")
 
 
-def with_block(readme: Path, block: str, markers: tuple[str, str] = (README_BEGIN, README_END)
-               ) -> str:
-    """The text of ``readme`` with the part between ``markers`` (both included) replaced by
-    ``block`` (which carries the markers itself)."""
-    text = readme.read_text(encoding="utf-8")
-    first, last = markers
-    begin, end = text.find(first), text.find(last)
-    if begin < 0 or end < begin:
-        raise ResultsError(f"{readme} has no {first} … {last} markers where the page is "
-                           "quoted; add them to the section that quotes the page")
-    rest = text[end + len(last):]
-    return text[:begin] + block + (rest[1:] if rest.startswith("\n") else rest)
-
-
-def page_link(page: str | Path, readme: Path) -> str:
-    """The page's path as the README links it (relative to the README's folder)."""
-    try:
-        return str(Path(page).resolve().relative_to(readme.resolve().parent))
-    except ValueError:
-        return str(page)
-
-
 def write_page(results_dir: str | Path, page: str | Path,
                readme: str | Path | None = "README.md", sections: Sequence[SectionMaker] = ()
                ) -> list[Path]:
@@ -562,7 +542,7 @@ def write_page(results_dir: str | Path, page: str | Path,
     folder = figure_folder(page)
     link = page_link(page, Path(readme)) if readme else PAGE_LINK
     text, figures, block = build_page(results_dir, folder.name, link, sections)
-    new_readme = with_block(Path(readme), block) if readme else None
+    new_readme = with_block(Path(readme), block, (README_BEGIN, README_END)) if readme else None
     written = [Path(page)]
     write_text_atomic(page, text)
     for name, fig in figures.items():
@@ -574,18 +554,11 @@ def write_page(results_dir: str | Path, page: str | Path,
 
 
 def check_page(results_dir: str | Path, page: str | Path,
-               readme: str | Path | None = "README.md", sections: Sequence[SectionMaker] = ()
-               ) -> str | None:
+               readme: str | Path | None = "README.md", sections: Sequence[SectionMaker] = (),
+               sources: Sequence[str] = ()) -> str | None:
     """None when ``page`` (and the README's block) hold what :func:`write_page` would write,
-    else what differs."""
+    else what differs; ``sources`` names the folders ``sections`` read, for that message."""
     link = page_link(page, Path(readme)) if readme else PAGE_LINK
     text, _, block = build_page(results_dir, figure_folder(page).name, link, sections)
-    fix = "regenerate it with `python -m robustbench_fvae.protocol page` (never edit it by hand)"
-    path = Path(page)
-    if not path.is_file():
-        return f"{path} does not exist; {fix}"
-    if path.read_text(encoding="utf-8") != text:
-        return f"{path} differs from what the records in {results_dir} give; {fix}"
-    if readme and with_block(Path(readme), block) != Path(readme).read_text(encoding="utf-8"):
-        return f"{readme}'s results block differs from what {results_dir} gives; {fix}"
-    return None
+    return stale_files(page, text, readme, block, (README_BEGIN, README_END),
+                       " and ".join([str(results_dir), *sources]))
