@@ -312,3 +312,32 @@ def test_probe_reads_the_code_of_peft_plain_lora_layers(env, tmp_path, capsys, m
             ("blocks.0.attn.qkv:all", "lora_init")} <= latents
     with open(out / "interventions.csv", newline="") as f:
         assert {r["intervention"] for r in csv.DictReader(f)} >= {"zero", "mean"}
+
+
+@pytest.mark.parametrize("method", PEFT)
+def test_each_peft_method_trains_under_bf16_autocast(env, method):
+    """The run's CUDA path is bf16 autocast; CPU autocast casts the same linear and matmul ops.
+    Each method's logits under it are bf16 and within bf16 rounding of the fp32 ones, and one
+    training step gives a finite loss and finite gradients on every trainable tensor, some of
+    them non-zero."""
+    torch.manual_seed(0)
+    model = timm.create_model(env["name"], num_classes=2)
+    prepare_model(model, tiny_cfg(env, "unused", method))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():  # many methods start as the identity: move them off it
+        start = model.eval()(x)
+        for name, p in model.named_parameters():
+            if p.requires_grad and "head" not in name:
+                p.add_(torch.randn_like(p), alpha=0.1)
+        reference = model(x)
+        assert (reference - start).abs().max() > 1e-4  # the adapted layers are on the path
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, rtol=0.05, atol=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model.train()(x).float(), y)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert math.isfinite(loss.item()) and grads and all(g is not None for g in grads)
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
