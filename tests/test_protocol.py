@@ -570,7 +570,15 @@ def test_latents_page_from_published_probe_tables(protocol_tree, capsys):
     assert check_latents_page("results/protocol", "docs/latents.md") is None
     assert "old" not in Path("README.md").read_text()
     Path("docs/latents.md").write_text(text.replace("0.400", "0.401"))
-    assert "differs" in check_latents_page("results/protocol", "docs/latents.md")
+    assert check_latents_page("results/protocol", "docs/latents.md").startswith(
+        "docs/latents.md differs from line ")
+    Path("docs/latents.md").write_text(text)
+    Path("README.md").write_text(Path("README.md").read_text().replace("+10.0 [+", "+11.0 [+"))
+    assert check_latents_page("results/protocol", "docs/latents.md").startswith(
+        "README.md's block between <!-- latents:begin --> and <!-- latents:end --> differs")
+    Path("docs/latents.md").unlink()
+    assert check_latents_page("results/protocol", "docs/latents.md").startswith(
+        "docs/latents.md does not exist; regenerate it with")
 
     # the control arms' runs of the picks are probed (pick_runs on the controls spec), published
     # and shown as sections of their own
