@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from robustbench_fvae.marked_block import replace_marked_block
+
 REGENERATE = ("regenerate it with `python -m robustbench_fvae.protocol page` "
               "(never edit it by hand)")
 
@@ -16,14 +18,11 @@ class ResultsError(ValueError):
 def with_block(readme: Path, block: str, markers: tuple[str, str]) -> str:
     """The text of ``readme`` with the part between ``markers`` (both included) replaced by
     ``block`` (which carries the markers itself)."""
-    text = readme.read_text(encoding="utf-8")
-    first, last = markers
-    begin, end = text.find(first), text.find(last)
-    if begin < 0 or end < begin:
-        raise ResultsError(f"{readme} has no {first} … {last} markers where the page is "
-                           "quoted; add them to the section that quotes the page")
-    rest = text[end + len(last):]
-    return text[:begin] + block + (rest[1:] if rest.startswith("\n") else rest)
+    new = replace_marked_block(readme.read_text(encoding="utf-8"), block, markers)
+    if new is None:
+        raise ResultsError(f"{readme} has no {markers[0]} … {markers[1]} markers where the page "
+                           "is quoted; add them to the section that quotes the page")
+    return new
 
 
 def page_link(page: str | Path, readme: Path) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from robustbench_fvae.config import AdapterConfig, RunConfig
+from robustbench_fvae.marked_block import replace_marked_block
 
 from .registry import get_method, method_names
 
@@ -113,12 +114,11 @@ def methods_block(rows: Sequence[MethodRow]) -> str:
 
 
 def with_methods_block(text: str, block: str, where: str) -> str:
-    begin, end = text.find(BEGIN), text.find(END)
-    if begin < 0 or end < begin:
+    new = replace_marked_block(text, block, (BEGIN, END))
+    if new is None:
         raise ValueError(f"{where} has no {BEGIN} … {END} markers; add them where the methods "
                          "table goes")
-    rest = text[end + len(END):]
-    return text[:begin] + block + (rest[1:] if rest.startswith("\n") else rest)
+    return new
 
 
 def stale_files(block: str, root: Path, files: Sequence[str] = TARGETS) -> list[str]:
